@@ -1,0 +1,222 @@
+"""One error root for StreamBus, and the Kafka error codes it answers with.
+
+Every error the broker can return to a client is a subclass of
+:class:`StreamBusError` carrying its Kafka error code in ``errno``; the
+code-to-class table is built from the subclasses, so adding a class is the
+only step needed to teach the broker a new code.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class StreamBusError(Exception):
+    """Root of every StreamBus error. ``errno`` is the Kafka error code sent to clients."""
+
+    errno: ClassVar[int] = -1
+    kafka_name: ClassVar[str] = "UNKNOWN_SERVER_ERROR"
+    retriable: ClassVar[bool] = False
+    description: ClassVar[str] = "The server experienced an unexpected error."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.description)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class UnknownServerError(StreamBusError):
+    errno = -1
+    kafka_name = "UNKNOWN_SERVER_ERROR"
+
+
+class OffsetOutOfRangeError(StreamBusError):
+    errno = 1
+    kafka_name = "OFFSET_OUT_OF_RANGE"
+    description = (
+        "The requested offset is not within the range of offsets maintained by the server."
+    )
+
+
+class CorruptRecordError(StreamBusError):
+    errno = 2
+    kafka_name = "CORRUPT_MESSAGE"
+    retriable = True
+    description = (
+        "The record batch failed its CRC check, has an invalid size, or is otherwise corrupt."
+    )
+
+
+class UnknownTopicOrPartitionError(StreamBusError):
+    errno = 3
+    kafka_name = "UNKNOWN_TOPIC_OR_PARTITION"
+    retriable = True
+    description = "This server does not host this topic-partition."
+
+
+class InvalidFetchSizeError(StreamBusError):
+    errno = 4
+    kafka_name = "INVALID_FETCH_SIZE"
+    description = "The requested fetch size is invalid."
+
+
+class NotLeaderOrFollowerError(StreamBusError):
+    errno = 6
+    kafka_name = "NOT_LEADER_OR_FOLLOWER"
+    retriable = True
+    description = "This server is not the leader for that topic-partition."
+
+
+class RequestTimedOutError(StreamBusError):
+    errno = 7
+    kafka_name = "REQUEST_TIMED_OUT"
+    retriable = True
+    description = "The request timed out."
+
+
+class MessageTooLargeError(StreamBusError):
+    errno = 10
+    kafka_name = "MESSAGE_TOO_LARGE"
+    description = (
+        "The request included a message larger than the max message size the server will accept."
+    )
+
+
+class InvalidTopicError(StreamBusError):
+    errno = 17
+    kafka_name = "INVALID_TOPIC_EXCEPTION"
+    description = "The request attempted to perform an operation on an invalid topic."
+
+
+class RecordListTooLargeError(StreamBusError):
+    errno = 18
+    kafka_name = "RECORD_LIST_TOO_LARGE"
+    description = (
+        "The request included message batch larger than the configured segment size on the server."
+    )
+
+
+class InvalidRequiredAcksError(StreamBusError):
+    errno = 21
+    kafka_name = "INVALID_REQUIRED_ACKS"
+    description = "Produce request specified an invalid value for required acks."
+
+
+class InvalidTimestampError(StreamBusError):
+    errno = 32
+    kafka_name = "INVALID_TIMESTAMP"
+    description = "The timestamp of the message is out of acceptable range."
+
+
+class UnsupportedVersionError(StreamBusError):
+    errno = 35
+    kafka_name = "UNSUPPORTED_VERSION"
+    description = "The version of API is not supported."
+
+
+class TopicAlreadyExistsError(StreamBusError):
+    errno = 36
+    kafka_name = "TOPIC_ALREADY_EXISTS"
+    description = "Topic with this name already exists."
+
+
+class InvalidPartitionsError(StreamBusError):
+    errno = 37
+    kafka_name = "INVALID_PARTITIONS"
+    description = "Number of partitions is below 1."
+
+
+class InvalidReplicationFactorError(StreamBusError):
+    errno = 38
+    kafka_name = "INVALID_REPLICATION_FACTOR"
+    description = "Replication factor is below 1 or larger than the number of available brokers."
+
+
+class InvalidConfigError(StreamBusError):
+    errno = 40
+    kafka_name = "INVALID_CONFIG"
+    description = "Configuration is invalid."
+
+
+class InvalidRequestError(StreamBusError):
+    errno = 42
+    kafka_name = "INVALID_REQUEST"
+    description = (
+        "This most likely occurs because of a request being malformed by the client library."
+    )
+
+
+class OutOfOrderSequenceNumberError(StreamBusError):
+    errno = 45
+    kafka_name = "OUT_OF_ORDER_SEQUENCE_NUMBER"
+    description = "The broker received an out of order sequence number."
+
+
+class DuplicateSequenceNumberError(StreamBusError):
+    errno = 46
+    kafka_name = "DUPLICATE_SEQUENCE_NUMBER"
+    description = "The broker received a duplicate sequence number."
+
+
+class InvalidProducerEpochError(StreamBusError):
+    errno = 47
+    kafka_name = "INVALID_PRODUCER_EPOCH"
+    description = "Producer attempted to produce with an old epoch."
+
+
+class KafkaStorageError(StreamBusError):
+    errno = 56
+    kafka_name = "KAFKA_STORAGE_ERROR"
+    retriable = True
+    description = "Disk error when trying to access log file on the disk."
+
+
+class UnknownProducerIdError(StreamBusError):
+    errno = 59
+    kafka_name = "UNKNOWN_PRODUCER_ID"
+    description = (
+        "The broker could not locate the producer metadata associated with the producer id."
+    )
+
+
+class UnsupportedCompressionTypeError(StreamBusError):
+    errno = 76
+    kafka_name = "UNSUPPORTED_COMPRESSION_TYPE"
+    description = "The requesting client does not support the compression type of given partition."
+
+
+class InvalidRecordError(StreamBusError):
+    errno = 87
+    kafka_name = "INVALID_RECORD"
+    description = "This record has failed the validation on broker and hence will be rejected."
+
+
+class FrameError(StreamBusError):
+    """A request frame that cannot be parsed: the connection that sent it is closed."""
+
+    errno = -1
+    kafka_name = "UNKNOWN_SERVER_ERROR"
+    description = "Malformed request frame."
+
+
+def _all_subclasses(cls: type[StreamBusError]) -> list[type[StreamBusError]]:
+    out: list[type[StreamBusError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERROR_BY_CODE: dict[int, type[StreamBusError]] = {
+    sub.errno: sub for sub in _all_subclasses(StreamBusError) if sub is not FrameError
+}
+
+
+def error_name(code: int) -> str:
+    """Kafka's name for an error code (``UNKNOWN_TOPIC_OR_PARTITION``), ``NONE`` for 0."""
+    if code == 0:
+        return "NONE"
+    cls = ERROR_BY_CODE.get(code)
+    return cls.kafka_name if cls is not None else f"ERROR_{code}"

@@ -1,0 +1,26 @@
+"""Immutable value types shared across the broker."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, NewType
+
+BrokerId = NewType("BrokerId", int)
+ProducerId = NewType("ProducerId", int)
+Offset = NewType("Offset", int)
+
+
+class TopicPartition(NamedTuple):
+    topic: str
+    partition: int
+
+
+class AppendResult(NamedTuple):
+    """What a partition log reports for one appended record batch."""
+
+    base_offset: int
+    last_offset: int
+    log_append_time_ms: int  # -1 unless the topic uses LogAppendTime
+    log_start_offset: int
+    record_count: int
+    payload_bytes: int  # key + value + header bytes of the batch's records
+    duplicate: bool  # an idempotent retry of a batch already stored

@@ -1,0 +1,120 @@
+"""Per-topic configuration, named the way Kafka names it.
+
+A :class:`TopicConfig` is immutable. Broker-wide defaults are one instance;
+a topic created with CreateTopics configs gets ``defaults.with_overrides(...)``
+and only the overrides are persisted, so changing a broker default reaches
+every topic that did not set the key itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from streambus.errors import InvalidConfigError
+
+_NEVER = 9223372036854775807  # Kafka's Long.MAX_VALUE: "never" for flush.* settings
+
+
+class CleanupPolicy(enum.Enum):
+    DELETE = "delete"
+    COMPACT = "compact"
+    COMPACT_DELETE = "compact,delete"
+
+    @property
+    def deletes(self) -> bool:
+        return self is not CleanupPolicy.COMPACT
+
+    @property
+    def compacts(self) -> bool:
+        return self is not CleanupPolicy.DELETE
+
+    @classmethod
+    def parse(cls, text: str) -> CleanupPolicy:
+        parts = sorted({p.strip() for p in text.split(",") if p.strip()})
+        try:
+            return cls(",".join(parts))
+        except ValueError:
+            raise InvalidConfigError(
+                f"cleanup.policy must be delete, compact or compact,delete, got {text!r}"
+            ) from None
+
+
+class TimestampType(enum.Enum):
+    CREATE_TIME = "CreateTime"
+    LOG_APPEND_TIME = "LogAppendTime"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TopicConfig:
+    retention_ms: int = 7 * 24 * 3600 * 1000  # -1: keep forever
+    retention_bytes: int = -1  # per partition; -1: no size limit
+    segment_bytes: int = 1024 * 1024 * 1024
+    segment_ms: int = 7 * 24 * 3600 * 1000
+    cleanup_policy: CleanupPolicy = CleanupPolicy.DELETE
+    max_message_bytes: int = 1048588  # largest record batch accepted
+    flush_messages: int = _NEVER  # fsync after this many messages
+    flush_ms: int = _NEVER  # fsync when the oldest unflushed message is this old
+    delete_retention_ms: int = 24 * 3600 * 1000  # how long compaction keeps tombstones
+    min_compaction_lag_ms: int = 0
+    index_interval_bytes: int = 4096
+    message_timestamp_type: TimestampType = TimestampType.CREATE_TIME
+
+    def with_overrides(self, kafka_configs: Mapping[str, str | None]) -> TopicConfig:
+        """A copy with Kafka-named overrides applied; unknown or invalid ones raise."""
+        changes: dict[str, Any] = {}
+        for key, raw in kafka_configs.items():
+            field = KAFKA_NAMES.get(key)
+            if field is None:
+                raise InvalidConfigError(f"unknown topic config {key!r}")
+            if raw is None:
+                continue
+            changes[field] = _parse(key, field, raw)
+        return dataclasses.replace(self, **changes)
+
+    def overrides_from(self, base: TopicConfig) -> dict[str, str]:
+        """The Kafka-named settings where this config differs from ``base``."""
+        out: dict[str, str] = {}
+        for key, field in KAFKA_NAMES.items():
+            mine, theirs = getattr(self, field), getattr(base, field)
+            if mine != theirs:
+                out[key] = _render(mine)
+        return out
+
+    def to_kafka(self) -> dict[str, str]:
+        return {key: _render(getattr(self, field)) for key, field in KAFKA_NAMES.items()}
+
+
+KAFKA_NAMES: dict[str, str] = {
+    f.name.replace("_", "."): f.name for f in dataclasses.fields(TopicConfig)
+}
+
+
+def _parse(key: str, field: str, raw: str) -> Any:
+    if field == "cleanup_policy":
+        return CleanupPolicy.parse(raw)
+    if field == "message_timestamp_type":
+        try:
+            return TimestampType(raw)
+        except ValueError:
+            raise InvalidConfigError(
+                f"{key} must be CreateTime or LogAppendTime, got {raw!r}"
+            ) from None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidConfigError(f"{key} must be an integer, got {raw!r}") from None
+    lowest = -1 if field in ("retention_ms", "retention_bytes") else 0
+    if field in ("segment_bytes", "max_message_bytes", "flush_messages", "segment_ms"):
+        lowest = 1
+    if value < lowest:
+        raise InvalidConfigError(f"{key} must be at least {lowest}, got {value}")
+    return value
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value)
