@@ -1,0 +1,402 @@
+"""Kafka record batches, format v2 (magic 2), as they travel and as they are stored.
+
+The broker stores the bytes a producer sent, unchanged except for the base
+offset (and, for LogAppendTime topics, the timestamps), so this module only
+validates and inspects batches; it never re-encodes one on the produce path.
+``build_batch`` exists for the compactor and for tests.
+
+Record layout inside a batch (after decompression of the records section)::
+
+    Record =>
+      Length => varint           # bytes of the record after this field
+      Attributes => int8         # unused, 0
+      TimestampDelta => varlong  # timestamp - batch baseTimestamp
+      OffsetDelta => varint      # offset - batch baseOffset
+      KeyLength => varint        # -1 for a null key
+      Key => bytes
+      ValueLength => varint      # -1 for a null value (a tombstone)
+      Value => bytes
+      HeadersCount => varint
+      Header => HeaderKeyLength varint, HeaderKey utf-8,
+                HeaderValueLength varint (-1: null), HeaderValue
+
+All varints are zigzag encoded, as in protobuf.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import crc32c
+from kafka import codec
+
+from streambus.errors import CorruptRecordError, InvalidRecordError, UnsupportedCompressionTypeError
+
+Buffer = bytes | bytearray | memoryview
+
+# Batch header, big-endian, 61 bytes:
+HEADER = struct.Struct(
+    ">"
+    "q"  # baseOffset: offset of the first record; assigned by the broker
+    "i"  # batchLength: bytes that follow this field (whole batch minus 12)
+    "i"  # partitionLeaderEpoch: not covered by the CRC
+    "b"  # magic: format version, always 2 here
+    "I"  # crc: CRC-32C (Castagnoli) of attributes .. end of batch
+    "h"  # attributes: bits 0-2 compression, 3 timestamp type, 4 transactional, 5 control
+    "i"  # lastOffsetDelta: last record's offset - baseOffset
+    "q"  # baseTimestamp: timestamp of the first record
+    "q"  # maxTimestamp: largest record timestamp (or the log append time)
+    "q"  # producerId: -1 unless the producer is idempotent or transactional
+    "h"  # producerEpoch
+    "i"  # baseSequence: sequence number of the first record, -1 if none
+    "i"  # recordsCount: number of records that follow
+)
+# The two fields every reader needs first: where the batch starts and how long it is.
+LOG_OVERHEAD = struct.Struct(">qi")  # baseOffset, batchLength
+_BASE_OFFSET = struct.Struct(">q")
+_CRC = struct.Struct(">I")
+_TIMESTAMPS = struct.Struct(">qq")  # baseTimestamp, maxTimestamp
+_ATTRIBUTES = struct.Struct(">h")
+
+CRC_OFFSET = 17  # crc field position within the header
+ATTRIBUTES_OFFSET = 21  # first byte the CRC covers
+TIMESTAMPS_OFFSET = 27  # baseTimestamp position
+MAGIC_OFFSET = 16
+# batchLength of a batch with no records: the header minus baseOffset and batchLength.
+MIN_BATCH_LENGTH = HEADER.size - LOG_OVERHEAD.size  # 49
+
+COMPRESSION_MASK = 0x07
+TIMESTAMP_TYPE_MASK = 0x08  # set: LogAppendTime
+TRANSACTIONAL_MASK = 0x10
+CONTROL_MASK = 0x20
+
+NO_TIMESTAMP = -1
+
+
+class BatchHeader(NamedTuple):
+    base_offset: int
+    batch_length: int
+    partition_leader_epoch: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    records_count: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole batch, baseOffset and batchLength included."""
+        return self.batch_length + LOG_OVERHEAD.size
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def compression(self) -> int:
+        return self.attributes & COMPRESSION_MASK
+
+    @property
+    def timestamp_type(self) -> int:
+        """0 for CreateTime, 1 for LogAppendTime."""
+        return (self.attributes & TIMESTAMP_TYPE_MASK) >> 3
+
+    @property
+    def is_transactional(self) -> bool:
+        return bool(self.attributes & TRANSACTIONAL_MASK)
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.attributes & CONTROL_MASK)
+
+
+class Record(NamedTuple):
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+def read_header(data: Buffer, pos: int) -> BatchHeader:
+    """The header at ``pos``, unchecked: callers that trust the bytes (the log's own
+    files after recovery) use this to walk batches without touching records."""
+    return BatchHeader._make(HEADER.unpack_from(data, pos))
+
+
+def check_batch(view: memoryview, pos: int) -> BatchHeader:
+    """Validate the batch starting at ``pos`` of ``view`` and return its header."""
+    remaining = len(view) - pos
+    if remaining < LOG_OVERHEAD.size:
+        raise CorruptRecordError(f"{remaining} trailing bytes at position {pos} are not a batch")
+    _, batch_length = LOG_OVERHEAD.unpack_from(view, pos)
+    if batch_length < MIN_BATCH_LENGTH:
+        raise CorruptRecordError(
+            f"batch length {batch_length} at position {pos} is below the minimum {MIN_BATCH_LENGTH}"
+        )
+    end = pos + LOG_OVERHEAD.size + batch_length
+    if end > len(view):
+        raise CorruptRecordError(
+            f"batch at position {pos} needs {end - pos} bytes, only {remaining} present"
+        )
+    magic = view[pos + MAGIC_OFFSET]
+    if magic != 2:
+        raise InvalidRecordError(f"magic byte {magic} not supported")
+    header = BatchHeader._make(HEADER.unpack_from(view, pos))
+    actual = crc32c.crc32c(view[pos + ATTRIBUTES_OFFSET : end])
+    if actual != header.crc:
+        raise CorruptRecordError(
+            f"batch at position {pos} failed its CRC check: "
+            f"expected {header.crc:#010x}, actual {actual:#010x}"
+        )
+    return header
+
+
+def parse_batches(data: Buffer) -> list[tuple[int, BatchHeader]]:
+    """(position, header) of every batch in ``data``, each checked for length, magic and CRC."""
+    view = memoryview(data)
+    out: list[tuple[int, BatchHeader]] = []
+    pos = 0
+    while pos < len(view):
+        header = check_batch(view, pos)
+        out.append((pos, header))
+        pos += header.size
+    return out
+
+
+_DECODERS: dict[int, tuple[str, Callable[[], bool], Callable[[bytes], bytes]]] = {
+    1: ("gzip", codec.has_gzip, codec.gzip_decode),
+    2: ("snappy", codec.has_snappy, codec.snappy_decode),
+    3: ("lz4", codec.has_lz4, codec.lz4_decode),  # None without an lz4 library
+    4: ("zstd", codec.has_zstd, codec.zstd_decode),
+}
+
+
+def _records_section(data: Buffer, pos: int, header: BatchHeader) -> tuple[Buffer, int, int]:
+    """(buffer, start, end) of the batch's records, decompressed if need be."""
+    start, end = pos + HEADER.size, pos + header.size
+    compression = header.compression
+    if compression == 0:
+        return data, start, end
+    entry = _DECODERS.get(compression)
+    if entry is None:
+        raise UnsupportedCompressionTypeError(f"unknown compression type {compression}")
+    name, available, decode = entry
+    if not available():
+        raise UnsupportedCompressionTypeError(f"{name} compression is not available on this broker")
+    try:
+        raw = decode(bytes(memoryview(data)[start:end]))
+    except Exception as exc:  # the codecs raise whatever their libraries raise
+        raise InvalidRecordError(f"cannot decompress {name} batch: {exc}") from exc
+    return raw, 0, len(raw)
+
+
+def _varint(buf: Buffer, i: int) -> tuple[int, int]:
+    """Zigzag varint at ``i``: (value, next position). IndexError if it runs off the end."""
+    b = buf[i]
+    if b < 0x80:
+        return (b >> 1) ^ -(b & 1), i + 1
+    result = b & 0x7F
+    shift = 7
+    while True:
+        i += 1
+        b = buf[i]
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (result >> 1) ^ -(result & 1), i + 1
+        shift += 7
+        if shift > 63:
+            raise InvalidRecordError("varint longer than 10 bytes")
+
+
+def _skip_varint(buf: Buffer, i: int) -> int:
+    while buf[i] & 0x80:
+        i += 1
+    return i + 1
+
+
+def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
+    """Key + value + header key + header value bytes of the batch's records (null counts 0).
+
+    Also the broker's structural check of the records: every length must stay
+    inside its record and the record count must match ``recordsCount``.
+    """
+    buf, i, end = _records_section(data, pos, header)
+    total = 0
+    varint = _varint
+    try:
+        for _ in range(header.records_count):
+            length, i = varint(buf, i)
+            record_end = i + length
+            if length <= 0 or record_end > end:
+                raise InvalidRecordError(f"record length {length} runs past the batch")
+            i = _skip_varint(buf, _skip_varint(buf, i + 1))  # attributes, timestamp, offset
+            size, i = varint(buf, i)  # key
+            if size > 0:
+                total += size
+                i += size
+            elif size < -1:
+                raise InvalidRecordError(f"record key length {size}")
+            size, i = varint(buf, i)  # value
+            if size > 0:
+                total += size
+                i += size
+            elif size < -1:
+                raise InvalidRecordError(f"record value length {size}")
+            count, i = varint(buf, i)
+            for _ in range(count):
+                size, i = varint(buf, i)
+                if size < 0:
+                    raise InvalidRecordError("record header key is null")
+                total += size
+                i += size
+                size, i = varint(buf, i)
+                if size > 0:
+                    total += size
+                    i += size
+            if i != record_end:
+                raise InvalidRecordError(f"record fields do not fill its length {length}")
+    except IndexError:
+        raise InvalidRecordError("record runs past the end of the batch") from None
+    if i != end:
+        raise InvalidRecordError(f"batch holds more data than its {header.records_count} records")
+    return total
+
+
+def _bytes_at(buf: Buffer, i: int) -> tuple[bytes | None, int]:
+    size, i = _varint(buf, i)
+    if size < 0:
+        return None, i
+    return bytes(buf[i : i + size]), i + size
+
+
+def iter_records(data: Buffer, pos: int, header: BatchHeader) -> Iterator[Record]:
+    """The records of one batch, decompressed; assumes ``payload_bytes`` accepted it."""
+    buf, i, end = _records_section(data, pos, header)
+    log_append = header.timestamp_type == 1
+    try:
+        for _ in range(header.records_count):
+            length, i = _varint(buf, i)
+            record_end = i + length
+            ts_delta, i = _varint(buf, i + 1)
+            offset_delta, i = _varint(buf, i)
+            key, i = _bytes_at(buf, i)
+            value, i = _bytes_at(buf, i)
+            count, i = _varint(buf, i)
+            headers: list[tuple[str, bytes | None]] = []
+            for _ in range(count):
+                hkey, i = _bytes_at(buf, i)
+                hvalue, i = _bytes_at(buf, i)
+                headers.append(((hkey or b"").decode("utf-8", "replace"), hvalue))
+            if i != record_end or i > end:
+                raise InvalidRecordError("record fields do not fill its length")
+            timestamp = header.max_timestamp if log_append else header.base_timestamp + ts_delta
+            yield Record(header.base_offset + offset_delta, timestamp, key, value, tuple(headers))
+    except IndexError:
+        raise InvalidRecordError("record runs past the end of the batch") from None
+
+
+def set_base_offset(buf: bytearray, pos: int, base_offset: int) -> None:
+    """Assign the batch's base offset; the CRC does not cover it, so it stays valid."""
+    _BASE_OFFSET.pack_into(buf, pos, base_offset)
+
+
+def _rewrite_crc(buf: bytearray, pos: int) -> None:
+    _, batch_length = LOG_OVERHEAD.unpack_from(buf, pos)
+    end = pos + LOG_OVERHEAD.size + batch_length
+    _CRC.pack_into(
+        buf, pos + CRC_OFFSET, crc32c.crc32c(memoryview(buf)[pos + ATTRIBUTES_OFFSET : end])
+    )
+
+
+def set_log_append_time(buf: bytearray, pos: int, timestamp_ms: int) -> None:
+    """Stamp the batch with the broker's clock (LogAppendTime topics) and fix the CRC.
+
+    Consumers read every record's timestamp from maxTimestamp once bit 3 is set;
+    baseTimestamp is overwritten too so the header tells one consistent story.
+    """
+    (attributes,) = _ATTRIBUTES.unpack_from(buf, pos + ATTRIBUTES_OFFSET)
+    _ATTRIBUTES.pack_into(buf, pos + ATTRIBUTES_OFFSET, attributes | TIMESTAMP_TYPE_MASK)
+    _TIMESTAMPS.pack_into(buf, pos + TIMESTAMPS_OFFSET, timestamp_ms, timestamp_ms)
+    _rewrite_crc(buf, pos)
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    value = (value << 1) ^ (value >> 63)  # zigzag
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _put_bytes(out: bytearray, data: bytes | None) -> None:
+    if data is None:
+        _put_varint(out, -1)
+    else:
+        _put_varint(out, len(data))
+        out += data
+
+
+def build_batch(
+    records: Sequence[tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes | None]], int]],
+    *,
+    base_offset: int = 0,
+    producer_id: int = -1,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
+    offset_deltas: Sequence[int] | None = None,
+) -> bytes:
+    """An uncompressed, CreateTime v2 batch of (key, value, headers, timestamp_ms) records.
+
+    ``offset_deltas`` (ascending, one per record) keeps the original offsets of
+    records that survived compaction; by default they are 0, 1, 2, ...
+    """
+    if not records:
+        raise ValueError("a batch needs at least one record")
+    deltas = list(range(len(records))) if offset_deltas is None else list(offset_deltas)
+    if len(deltas) != len(records):
+        raise ValueError("offset_deltas needs one entry per record")
+    base_ts = records[0][3]
+    body = bytearray()
+    record = bytearray()
+    for (key, value, headers, timestamp), delta in zip(records, deltas, strict=True):
+        record.clear()
+        record.append(0)  # attributes
+        _put_varint(record, timestamp - base_ts)
+        _put_varint(record, delta)
+        _put_bytes(record, key)
+        _put_bytes(record, value)
+        _put_varint(record, len(headers))
+        for hkey, hvalue in headers:
+            _put_bytes(record, hkey.encode())
+            _put_bytes(record, hvalue)
+        _put_varint(body, len(record))
+        body += record
+    buf = bytearray(HEADER.size)
+    HEADER.pack_into(
+        buf,
+        0,
+        base_offset,
+        MIN_BATCH_LENGTH + len(body),
+        -1,  # partitionLeaderEpoch
+        2,
+        0,  # crc, computed below
+        0,  # attributes
+        deltas[-1],
+        base_ts,
+        max(r[3] for r in records),
+        producer_id,
+        producer_epoch,
+        base_sequence,
+        len(records),
+    )
+    buf += body
+    _rewrite_crc(buf, 0)
+    return bytes(buf)

@@ -1,0 +1,432 @@
+"""The log of one partition: an ordered run of segments, only the last one written.
+
+Offsets are contiguous as assigned, but retention removes whole segments from
+the front and compaction removes records from closed segments, so a reader at
+any offset in [log_start_offset, log_end_offset) gets the first batch whose last
+offset is at or after it.
+
+Durability: ``append`` leaves the batch in the page cache (it survives a
+process kill); fsync follows flush.messages / flush.ms. A rolled segment is
+fsynced by the next ``flush``/``maybe_flush`` rather than inside the produce
+request that rolled it, and only the last segment is re-checked on open.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from streambus.errors import (
+    InvalidRecordError,
+    MessageTooLargeError,
+    OffsetOutOfRangeError,
+    RecordListTooLargeError,
+    StreamBusError,
+)
+from streambus.storage import cleaner
+from streambus.storage.batch import (
+    BatchHeader,
+    iter_records,
+    parse_batches,
+    payload_bytes,
+    read_header,
+    set_base_offset,
+    set_log_append_time,
+)
+from streambus.storage.producer_state import ProducerState
+from streambus.storage.segment import Segment, fsync_dir
+from streambus.structs import AppendResult
+from streambus.topic_config import TimestampType, TopicConfig
+
+log = logging.getLogger("streambus.storage")
+
+_SEGMENT_SUFFIX = ".log"
+_NAME_DIGITS = 20
+
+
+class PartitionLog:
+    def __init__(
+        self,
+        directory: Path,
+        config: TopicConfig,
+        segments: list[Segment],
+        clock: Callable[[], float],
+    ) -> None:
+        self.directory = directory
+        self._config = config
+        self._segments = segments
+        self._clock = clock
+        self._producers = ProducerState()
+        self._unflushed_messages = 0
+        self._first_unflushed_ms = -1
+        self._needs_sync: list[Segment] = []  # rolled, not yet fsynced
+        self._cleaned_up_to = -1  # first uncleanable offset of the last compaction
+        self._tombstones_due_ms = -1  # when a kept tombstone may be dropped
+        self._closed = False
+        self._bases: list[int] = []  # segment base offsets for bisect; cleared on any change
+        self._segments[-1].open_for_append()
+
+    @classmethod
+    def open(
+        cls, directory: Path, config: TopicConfig, *, clock: Callable[[], float] = time.time
+    ) -> PartitionLog:
+        directory.mkdir(parents=True, exist_ok=True)
+        now_ms = int(clock() * 1000)
+        for leftover in directory.glob("*.cleaned"):  # an interrupted compaction
+            leftover.unlink()
+        bases = sorted(
+            int(p.stem)
+            for p in directory.glob(f"*{_SEGMENT_SUFFIX}")
+            if len(p.stem) == _NAME_DIGITS and p.stem.isdigit()
+        )
+        interval = config.index_interval_bytes
+        if not bases:
+            segments = [Segment.create(directory, 0, interval, now_ms)]
+        else:
+            segments = [
+                Segment.load(directory, base, interval, now_ms, recover=base == bases[-1])
+                for base in bases
+            ]
+        plog = cls(directory, config, segments, clock)
+        plog._producers.rebuild(h for seg in segments for _, h in seg.iter_headers())
+        for segment in segments[:-1]:
+            segment.release_fd()  # most old segments are never read again
+        return plog
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def config(self) -> TopicConfig:
+        return self._config
+
+    def update_config(self, config: TopicConfig) -> None:
+        """New settings apply from the next append / maintenance run."""
+        self._config = config
+        self._cleaned_up_to = -1  # cleanup.policy or delete.retention.ms may have changed
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._segments[0].base_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        return self._segments[-1].next_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(seg.size for seg in self._segments)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def _active(self) -> Segment:
+        return self._segments[-1]
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # -- writing ---------------------------------------------------------------
+
+    def append(self, data: bytes | bytearray | memoryview) -> AppendResult:
+        """Store one record batch; a retried idempotent batch is answered, not stored."""
+        config = self._config
+        if len(data) > config.max_message_bytes:
+            raise MessageTooLargeError(
+                f"batch of {len(data)} bytes exceeds max.message.bytes {config.max_message_bytes}"
+            )
+        if len(data) > config.segment_bytes:
+            raise RecordListTooLargeError(
+                f"batch of {len(data)} bytes exceeds segment.bytes {config.segment_bytes}"
+            )
+        batches = parse_batches(data)
+        if len(batches) != 1:
+            raise InvalidRecordError(f"expected exactly one record batch, got {len(batches)}")
+        header = batches[0][1]
+        if header.is_control:
+            raise InvalidRecordError("clients may not write control batches")
+        if header.records_count < 1 or header.last_offset_delta != header.records_count - 1:
+            raise InvalidRecordError(
+                f"batch of {header.records_count} records has last offset delta "
+                f"{header.last_offset_delta}"
+            )
+        payload = payload_bytes(data, 0, header)
+        if config.cleanup_policy.compacts:
+            for record in iter_records(data, 0, header):
+                if record.key is None:
+                    raise InvalidRecordError("compacted topic cannot accept a record without key")
+        duplicate = self._producers.check(header)
+        if duplicate is not None:
+            return AppendResult(
+                duplicate.base_offset,
+                duplicate.last_offset,
+                -1,
+                self.log_start_offset,
+                header.records_count,
+                payload,
+                True,  # duplicate
+            )
+
+        now_ms = self._now_ms()
+        buf = bytearray(data)
+        base_offset = self.log_end_offset
+        set_base_offset(buf, 0, base_offset)
+        append_time_ms = -1
+        if config.message_timestamp_type is TimestampType.LOG_APPEND_TIME:
+            set_log_append_time(buf, 0, now_ms)
+            append_time_ms = now_ms
+        header = read_header(buf, 0)
+        self._maybe_roll(header, now_ms)
+        self._active.append(buf, header, now_ms)
+        self._producers.update(header, base_offset)
+
+        self._unflushed_messages += header.records_count
+        if self._first_unflushed_ms < 0:
+            self._first_unflushed_ms = now_ms
+        if (
+            self._unflushed_messages >= config.flush_messages
+            or now_ms - self._first_unflushed_ms >= config.flush_ms
+        ):
+            self.flush()
+        return AppendResult(
+            base_offset,
+            header.last_offset,
+            append_time_ms,
+            self.log_start_offset,
+            header.records_count,
+            payload,
+            False,  # duplicate
+        )
+
+    def _maybe_roll(self, header: BatchHeader, now_ms: int) -> None:
+        active = self._active
+        if active.size == 0:
+            return
+        if (
+            active.size + header.size > self._config.segment_bytes
+            or now_ms - active.created_ms >= self._config.segment_ms
+            or not active.fits(header.size, header.last_offset)
+        ):
+            self.roll(now_ms)
+
+    def roll(self, now_ms: int | None = None) -> None:
+        """Close the active segment and start a new one at log_end_offset."""
+        now_ms = self._now_ms() if now_ms is None else now_ms
+        active = self._active
+        active.seal()
+        self._needs_sync.append(active)
+        segment = Segment.create(
+            self.directory, active.next_offset, self._config.index_interval_bytes, now_ms
+        )
+        segment.open_for_append()
+        self._segments.append(segment)
+        self._bases.clear()
+        log.debug("%s: rolled to segment %d", self.directory, segment.base_offset)
+
+    def flush(self) -> None:
+        """fsync everything appended so far."""
+        for segment in self._needs_sync:
+            segment.flush()
+            segment.release_fd()
+        if self._needs_sync:
+            fsync_dir(self.directory)
+            self._needs_sync.clear()
+        self._active.flush()
+        self._unflushed_messages = 0
+        self._first_unflushed_ms = -1
+
+    def maybe_flush(self, now_ms: int) -> bool:
+        """fsync if flush.ms has passed since the oldest unflushed append, or a rolled
+        segment awaits its fsync. True if it flushed."""
+        due = self._first_unflushed_ms >= 0 and (
+            now_ms - self._first_unflushed_ms >= self._config.flush_ms
+        )
+        if due or self._needs_sync:
+            self.flush()
+            return True
+        return False
+
+    # -- reading ---------------------------------------------------------------
+
+    def _check_offset(self, offset: int) -> None:
+        if not self.log_start_offset <= offset <= self.log_end_offset:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} is outside [{self.log_start_offset}, {self.log_end_offset}]"
+            )
+
+    def _segment_index(self, offset: int) -> int:
+        if not self._bases:
+            self._bases = [seg.base_offset for seg in self._segments]
+        return max(bisect_right(self._bases, offset) - 1, 0)
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Whole batches from the one holding ``offset``; at most ``max_bytes`` except
+        that the first batch always comes whole, so a consumer can make progress."""
+        self._check_offset(offset)
+        if offset == self.log_end_offset:
+            return b""
+        chunks: list[bytes] = []
+        remaining = max_bytes
+        for segment in self._segments[self._segment_index(offset) :]:
+            position = segment.lookup(offset) if not chunks else 0
+            if position is None:  # compaction emptied the rest of this segment
+                continue
+            data = segment.read_batches(position, remaining, whole_first=not chunks)
+            if data:
+                chunks.append(data)
+                remaining -= len(data)
+            if remaining <= 0 or position + len(data) < segment.size:
+                break
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
+        """(offset, timestamp) of the first record stamped at or after ``timestamp_ms``."""
+        for segment in self._segments:
+            found = segment.find_timestamp(timestamp_ms)
+            if found is not None:
+                return self._first_record_at(segment, *found, timestamp_ms)
+        return None
+
+    def max_timestamp_offset(self) -> tuple[int, int] | None:
+        """(offset, timestamp) of the record with the largest timestamp (ListOffsets -3)."""
+        best: Segment | None = None
+        for segment in self._segments:
+            if segment.max_timestamp >= 0 and (
+                best is None or segment.max_timestamp > best.max_timestamp
+            ):
+                best = segment
+        if best is None:
+            return None
+        found = best.find_timestamp(best.max_timestamp)
+        return None if found is None else self._first_record_at(best, *found, best.max_timestamp)
+
+    def _first_record_at(
+        self, segment: Segment, position: int, header: BatchHeader, timestamp_ms: int
+    ) -> tuple[int, int]:
+        data = segment.read(position, header.size)
+        try:
+            for record in iter_records(data, 0, header):
+                if record.timestamp >= timestamp_ms:
+                    return record.offset, record.timestamp
+        except StreamBusError:  # e.g. a codec this broker lacks: the batch is close enough
+            pass
+        return header.base_offset, header.max_timestamp
+
+    def iter_headers(self) -> Iterator[BatchHeader]:
+        """Every stored batch header, oldest first."""
+        for segment in self._segments:
+            for _, header in segment.iter_headers():
+                yield header
+
+    # -- cleanup ---------------------------------------------------------------
+
+    def _delete_oldest(self, reason: str) -> None:
+        segment = self._segments.pop(0)
+        self._bases.clear()
+        if segment in self._needs_sync:
+            self._needs_sync.remove(segment)
+        segment.delete()
+        log.info(
+            "%s: deleted segment %d (%d bytes, offsets %d..%d): %s; log start offset now %d",
+            self.directory,
+            segment.base_offset,
+            segment.size,
+            segment.base_offset,
+            segment.next_offset - 1,
+            reason,
+            self.log_start_offset,
+        )
+
+    def enforce_retention(self, now_ms: int) -> int:
+        """Delete closed segments past retention.ms or retention.bytes; the count deleted.
+
+        Like Kafka, only a prefix of the log goes, and a segment is deleted for
+        size only if the log stays at or above retention.bytes without it.
+        """
+        config = self._config
+        if not config.cleanup_policy.deletes:
+            return 0
+        deleted = 0
+        if config.retention_ms >= 0:
+            while len(self._segments) > 1:
+                age = now_ms - self._segments[0].largest_time_ms
+                if age <= config.retention_ms:
+                    break
+                self._delete_oldest(f"{age} ms old, retention.ms is {config.retention_ms}")
+                deleted += 1
+        if config.retention_bytes >= 0:
+            size = self.size_bytes
+            while len(self._segments) > 1:
+                oldest = self._segments[0].size
+                if size - oldest < config.retention_bytes:
+                    break
+                reason = f"log is {size} bytes, retention.bytes is {config.retention_bytes}"
+                self._delete_oldest(reason)
+                size -= oldest
+                deleted += 1
+        if deleted:
+            self._producers.truncate_head(self.log_start_offset)
+        return deleted
+
+    def compact(self, now_ms: int) -> bool:
+        """Keep the latest record per key in closed segments; True if anything changed.
+
+        Skipped when no segment was closed since the last run and no kept tombstone
+        has reached delete.retention.ms.
+        """
+        config = self._config
+        if not config.cleanup_policy.compacts:
+            return False
+        cleanable = cleaner.cleanable_segments(self._segments, config, now_ms)
+        if not cleanable:
+            return False
+        end = self._segments[len(cleanable)].base_offset  # first uncleanable offset
+        if end == self._cleaned_up_to and not 0 <= self._tombstones_due_ms <= now_ms:
+            return False
+        result = cleaner.clean(cleanable, config, now_ms)
+        self._cleaned_up_to = end
+        self._tombstones_due_ms = result.tombstones_due_ms
+        for segment in result.emptied:
+            if segment is not self._segments[0]:  # the first one holds log_start_offset
+                self._segments.remove(segment)
+                self._bases.clear()
+                if segment in self._needs_sync:
+                    self._needs_sync.remove(segment)
+                segment.delete()
+        if result.rewritten:
+            log.info(
+                "%s: compacted %d segments, %d records removed",
+                self.directory,
+                result.rewritten,
+                result.records_removed,
+            )
+        return result.rewritten > 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush and release every file; a second call does nothing."""
+        if self._closed:
+            return
+        self.flush()
+        for segment in self._segments:
+            segment.close()
+        self._closed = True
+
+    def delete(self) -> None:
+        """Remove the partition's files and directory; the log is unusable afterwards."""
+        for segment in self._segments:
+            segment.delete()
+        self._closed = True
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"PartitionLog({str(self.directory)!r}, start={self.log_start_offset}, "
+            f"end={self.log_end_offset}, segments={len(self._segments)})"
+        )

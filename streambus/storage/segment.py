@@ -1,0 +1,439 @@
+"""One log segment: a ``.log`` file of record batches and its two derived indexes.
+
+Files, named like Kafka's by the segment's base offset as 20 zero-padded digits::
+
+    00000000000000000000.log        batches exactly as stored, back to back
+    00000000000000000000.index      sparse offset index (OFFSET_ENTRY)
+    00000000000000000000.timeindex  sparse time index (TIME_ENTRY)
+
+The ``.log`` is written with unbuffered ``os.write``: once ``append`` returns the
+bytes are in the page cache and survive a SIGKILL. The indexes are derived data,
+written through a buffered file and rebuilt from the ``.log`` whenever they are
+missing, torn or inconsistent, so they never need an fsync of their own on the
+produce path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from streambus.errors import CorruptRecordError, InvalidRecordError, KafkaStorageError
+from streambus.storage.batch import (
+    HEADER,
+    LOG_OVERHEAD,
+    MIN_BATCH_LENGTH,
+    NO_TIMESTAMP,
+    BatchHeader,
+    Buffer,
+    check_batch,
+    read_header,
+)
+
+log = logging.getLogger("streambus.storage")
+
+# Offset index entry, big-endian, 8 bytes. One entry per index_interval_bytes of
+# .log; lookups take the last entry at or below the target and scan forward.
+OFFSET_ENTRY = struct.Struct(
+    ">"
+    "I"  # relative offset: batch baseOffset - segment base offset
+    "I"  # position: byte position of that batch in the .log
+)
+# Time index entry, big-endian, 12 bytes. Appended alongside an offset index entry
+# when the segment's max timestamp grew since the last one, and once more when the
+# segment is sealed, so the last entry always holds the segment's max timestamp.
+TIME_ENTRY = struct.Struct(
+    ">"
+    "q"  # max timestamp of the segment up to and including that batch
+    "I"  # relative offset of the batch that raised the max timestamp to this value
+)
+
+_WINDOW = 16 * 1024  # bytes read per step while walking batch headers
+_CHUNK = 1024 * 1024  # bytes read per step while walking whole batches
+_MAX_RELATIVE = 0xFFFFFFFF  # both index fields are uint32
+
+
+def segment_name(base_offset: int) -> str:
+    return f"{base_offset:020d}"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames and new files in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Segment:
+    """A ``.log`` file plus in-memory copies of its indexes for bisecting."""
+
+    def __init__(self, directory: Path, base_offset: int, index_interval_bytes: int) -> None:
+        name = segment_name(base_offset)
+        self.base_offset = base_offset
+        self.log_path = directory / f"{name}.log"
+        self.index_path = directory / f"{name}.index"
+        self.timeindex_path = directory / f"{name}.timeindex"
+        self.cleaned_path = directory / f"{name}.log.cleaned"
+        self.index_interval_bytes = index_interval_bytes
+        self.next_offset = base_offset  # last stored offset + 1
+        self.max_timestamp = NO_TIMESTAMP
+        self.created_ms = 0  # when the segment started, for segment.ms
+        self.last_append_ms = 0  # last write (file mtime after a reopen)
+        self._fd = -1
+        self._size = 0
+        self._offsets = array("I")  # offset index, relative offsets
+        self._positions = array("I")  # offset index, file positions
+        self._times = array("q")  # time index, timestamps
+        self._time_offsets = array("I")  # time index, relative offsets
+        self._offset_of_max = 0  # relative offset of the batch holding max_timestamp
+        self._bytes_since_index = 0
+        self._index_file: BinaryIO | None = None
+        self._time_file: BinaryIO | None = None
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, directory: Path, base_offset: int, index_interval_bytes: int, now_ms: int
+    ) -> Segment:
+        seg = cls(directory, base_offset, index_interval_bytes)
+        seg._open_fd()
+        seg._size = os.fstat(seg._fd).st_size
+        seg.created_ms = seg.last_append_ms = now_ms
+        if seg._size:  # a leftover file of that name: trust nothing about it
+            seg.recover()
+        else:
+            seg._rewrite_indexes()
+        return seg
+
+    @classmethod
+    def load(
+        cls,
+        directory: Path,
+        base_offset: int,
+        index_interval_bytes: int,
+        now_ms: int,
+        *,
+        recover: bool,
+    ) -> Segment:
+        """Open an existing segment; ``recover`` re-checks every batch (the last segment)."""
+        seg = cls(directory, base_offset, index_interval_bytes)
+        seg._open_fd()
+        stat = os.fstat(seg._fd)
+        seg._size = stat.st_size
+        seg.created_ms = now_ms
+        seg.last_append_ms = stat.st_mtime_ns // 1_000_000
+        if recover or not seg._load_indexes():
+            seg.recover()
+        else:
+            seg._scan_tail()
+        if recover and seg._size:
+            # segment.ms counts from the first batch, as Kafka does, so a restart does
+            # not postpone the roll; a clock in the future counts as now.
+            first = read_header(os.pread(seg._fd, HEADER.size, 0), 0)
+            if first.max_timestamp >= 0:
+                seg.created_ms = min(first.max_timestamp, now_ms)
+        return seg
+
+    def _open_fd(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def release_fd(self) -> None:
+        """Close the .log descriptor until the next read needs it (closed segments)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _load_indexes(self) -> bool:
+        """Read both index files; False if either is missing or does not fit the .log."""
+        try:
+            raw_index = self.index_path.read_bytes()
+            raw_time = self.timeindex_path.read_bytes()
+        except FileNotFoundError:
+            return False
+        if len(raw_index) % OFFSET_ENTRY.size or len(raw_time) % TIME_ENTRY.size:
+            return False
+        prev_off, prev_pos = -1, -1
+        for rel, pos in OFFSET_ENTRY.iter_unpack(raw_index):
+            if rel <= prev_off or pos <= prev_pos or pos >= self._size:
+                return False
+            self._offsets.append(rel)
+            self._positions.append(pos)
+            prev_off, prev_pos = rel, pos
+        prev_ts = NO_TIMESTAMP
+        for ts, rel in TIME_ENTRY.iter_unpack(raw_time):
+            if ts <= prev_ts:
+                return False
+            self._times.append(ts)
+            self._time_offsets.append(rel)
+            prev_ts = ts
+        if self._times:
+            self.max_timestamp = self._times[-1]
+            self._offset_of_max = self._time_offsets[-1]
+        return True
+
+    def _scan_tail(self) -> None:
+        """next_offset and max timestamp from the batches after the last index entry."""
+        start = self._positions[-1] if self._positions else 0
+        for _, header in self.iter_headers(start):
+            self.next_offset = header.last_offset + 1
+            self._note_timestamp(header)
+        self._bytes_since_index = self._size - start
+
+    # -- recovery --------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Re-check every batch, cut a torn or corrupt tail, rebuild both indexes.
+
+        Returns the number of bytes dropped.
+        """
+        self._reset_indexes()
+        valid_end = 0
+        problem: str | None = None
+        try:
+            for pos, header, _ in self.iter_batches():
+                self._index_batch(pos, header)
+                valid_end = pos + header.size
+        except (CorruptRecordError, InvalidRecordError) as exc:
+            problem = str(exc)
+        dropped = self._size - valid_end
+        if dropped:
+            log.warning(
+                "%s: truncating %d bytes at position %d: %s",
+                self.log_path,
+                dropped,
+                valid_end,
+                problem,
+            )
+            os.ftruncate(self._fd, valid_end)
+            self._size = valid_end
+        self._rewrite_indexes()
+        return dropped
+
+    def _reset_indexes(self) -> None:
+        for arr in (self._offsets, self._positions, self._times, self._time_offsets):
+            del arr[:]
+        self.next_offset = self.base_offset
+        self.max_timestamp = NO_TIMESTAMP
+        self._offset_of_max = 0
+        self._bytes_since_index = 0
+
+    def _rewrite_indexes(self) -> None:
+        self._close_index_files()
+        with self.index_path.open("wb") as f:
+            for entry in zip(self._offsets, self._positions, strict=True):
+                f.write(OFFSET_ENTRY.pack(*entry))
+        with self.timeindex_path.open("wb") as f:
+            for entry in zip(self._times, self._time_offsets, strict=True):
+                f.write(TIME_ENTRY.pack(*entry))
+
+    # -- writing ---------------------------------------------------------------
+
+    def append(self, data: Buffer, header: BatchHeader, now_ms: int) -> None:
+        """Write one validated batch whose base offset is already assigned."""
+        pos = self._size
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            # Never leave half a batch behind: the next append would land after it.
+            os.ftruncate(self._fd, pos)
+            raise KafkaStorageError(f"{self.log_path}: write failed: {exc}") from exc
+        self._size += len(data)
+        self.last_append_ms = now_ms
+        self._index_batch(pos, header)
+
+    def _index_batch(self, pos: int, header: BatchHeader) -> None:
+        rel = header.base_offset - self.base_offset
+        self._note_timestamp(header)
+        if self._bytes_since_index >= self.index_interval_bytes:
+            self._offsets.append(rel)
+            self._positions.append(pos)
+            if self._index_file is not None:
+                self._index_file.write(OFFSET_ENTRY.pack(rel, pos))
+            self._maybe_append_time_entry()
+            self._bytes_since_index = 0
+        self._bytes_since_index += header.size
+        self.next_offset = header.last_offset + 1
+
+    def _note_timestamp(self, header: BatchHeader) -> None:
+        if header.max_timestamp > self.max_timestamp:
+            self.max_timestamp = header.max_timestamp
+            self._offset_of_max = header.base_offset - self.base_offset
+
+    def _last_time_entry(self) -> int:
+        return self._times[-1] if self._times else NO_TIMESTAMP
+
+    def _maybe_append_time_entry(self) -> None:
+        if self.max_timestamp > self._last_time_entry():
+            self._times.append(self.max_timestamp)
+            self._time_offsets.append(self._offset_of_max)
+            if self._time_file is not None:
+                self._time_file.write(TIME_ENTRY.pack(self.max_timestamp, self._offset_of_max))
+
+    def open_for_append(self) -> None:
+        """Make this the active segment: index entries now also go to the files."""
+        if self._index_file is None:
+            self._index_file = self.index_path.open("ab")
+            self._time_file = self.timeindex_path.open("ab")
+
+    def fits(self, size: int, last_offset: int) -> bool:
+        """Whether a batch can go here without overflowing the uint32 index fields."""
+        return (
+            self._size + size <= _MAX_RELATIVE and last_offset - self.base_offset <= _MAX_RELATIVE
+        )
+
+    def seal(self) -> None:
+        """Stop appending: record the final max timestamp, push index files to the OS."""
+        if self.max_timestamp > self._last_time_entry():
+            self.open_for_append()
+            self._maybe_append_time_entry()
+        self._close_index_files()
+
+    def flush(self) -> None:
+        """fsync the .log (the indexes are rebuilt if a crash tears them)."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+        for f in (self._index_file, self._time_file):
+            if f is not None:
+                f.flush()
+
+    def _close_index_files(self) -> None:
+        for f in (self._index_file, self._time_file):
+            if f is not None:
+                f.close()
+        self._index_file = self._time_file = None
+
+    def close(self) -> None:
+        self.seal()
+        self.release_fd()
+
+    def delete(self) -> None:
+        self._close_index_files()
+        self.release_fd()
+        for path in (self.log_path, self.index_path, self.timeindex_path, self.cleaned_path):
+            path.unlink(missing_ok=True)
+
+    def replace_log(self) -> None:
+        """Swap in ``cleaned_path`` (already fsynced) as the .log, keeping its mtime.
+
+        The indexes are removed before the rename: a crash in between leaves the
+        old .log without indexes, which the next open rebuilds.
+        """
+        mtime = os.stat(self.log_path).st_mtime_ns
+        self._close_index_files()
+        self.release_fd()
+        self.index_path.unlink(missing_ok=True)
+        self.timeindex_path.unlink(missing_ok=True)
+        os.replace(self.cleaned_path, self.log_path)
+        os.utime(self.log_path, ns=(mtime, mtime))  # cleaning does not make data younger
+        fsync_dir(self.log_path.parent)
+        self._open_fd()
+        self._size = os.fstat(self._fd).st_size
+        self.recover()
+        self.seal()
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def largest_time_ms(self) -> int:
+        """Age of the newest data: max record timestamp, else the last write."""
+        return self.max_timestamp if self.max_timestamp >= 0 else self.last_append_ms
+
+    def read(self, position: int, size: int) -> bytes:
+        self._open_fd()
+        return os.pread(self._fd, size, position)
+
+    def read_batches(self, position: int, max_bytes: int, *, whole_first: bool) -> bytes:
+        """Whole batches from ``position`` totalling at most ``max_bytes``; with
+        ``whole_first`` the first batch is returned even if it alone is bigger."""
+        available = self._size - position
+        if available <= 0:
+            return b""
+        data = self.read(position, min(max_bytes, available))
+        cut = 0
+        while cut + LOG_OVERHEAD.size <= len(data):
+            _, length = LOG_OVERHEAD.unpack_from(data, cut)
+            if cut + length + LOG_OVERHEAD.size > len(data):
+                break
+            cut += length + LOG_OVERHEAD.size
+        if cut == 0 and whole_first:
+            head = self.read(position, LOG_OVERHEAD.size)
+            _, length = LOG_OVERHEAD.unpack_from(head, 0)
+            return self.read(position, length + LOG_OVERHEAD.size)
+        return data if cut == len(data) else data[:cut]
+
+    def iter_headers(self, start: int = 0) -> Iterator[tuple[int, BatchHeader]]:
+        """(position, header) of each batch from ``start``, reading no record bytes
+        beyond a small window; assumes the file was recovered."""
+        self._open_fd()
+        pos, end = start, self._size
+        buf, buf_pos = b"", start
+        while pos + HEADER.size <= end:
+            off = pos - buf_pos
+            if off + HEADER.size > len(buf):
+                buf, buf_pos, off = os.pread(self._fd, _WINDOW, pos), pos, 0
+            header = read_header(buf, off)
+            if header.batch_length < MIN_BATCH_LENGTH:
+                raise CorruptRecordError(f"{self.log_path}: bad batch length at {pos}")
+            yield pos, header
+            pos += header.size
+
+    def iter_batches(self, start: int = 0) -> Iterator[tuple[int, BatchHeader, memoryview]]:
+        """(position, header, bytes) of each batch, CRC-checked; raises at the first bad one."""
+        self._open_fd()
+        pos, end = start, self._size
+        chunk, chunk_pos = memoryview(b""), start
+        last_read = (-1, -1)
+        while pos < end:
+            off = pos - chunk_pos
+            want = HEADER.size
+            if off + LOG_OVERHEAD.size <= len(chunk):
+                _, length = LOG_OVERHEAD.unpack_from(chunk, off)
+                want = max(length + LOG_OVERHEAD.size, HEADER.size)
+            want = min(want, end - pos)  # a garbage length must not make us read gigabytes
+            if off + want > len(chunk) and last_read != (pos, want):
+                chunk, chunk_pos = memoryview(os.pread(self._fd, max(_CHUNK, want), pos)), pos
+                last_read = (pos, want)
+                continue
+            header = check_batch(chunk[: off + want], off)
+            yield pos, header, chunk[off : off + header.size]
+            pos += header.size
+
+    def lookup(self, offset: int) -> int | None:
+        """Position of the first batch whose last offset is >= ``offset``, if any."""
+        i = bisect_right(self._offsets, offset - self.base_offset) - 1
+        start = self._positions[i] if i >= 0 else 0
+        for pos, header in self.iter_headers(start):
+            if header.last_offset >= offset:
+                return pos
+        return None
+
+    def find_timestamp(self, timestamp_ms: int) -> tuple[int, BatchHeader] | None:
+        """First batch whose max timestamp is >= ``timestamp_ms``."""
+        if self.max_timestamp < timestamp_ms:
+            return None
+        # Every batch up to the last entry below the target is below it too.
+        i = bisect_left(self._times, timestamp_ms) - 1
+        start = 0
+        if i >= 0:
+            start = self.lookup(self.base_offset + self._time_offsets[i]) or 0
+        for pos, header in self.iter_headers(start):
+            if header.max_timestamp >= timestamp_ms:
+                return pos, header
+        return None
