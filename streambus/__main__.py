@@ -1,0 +1,5 @@
+import sys
+
+from streambus.cli import main
+
+sys.exit(main())

@@ -1,0 +1,246 @@
+"""The broker: lifecycle, shared state, and the facts its metrics read.
+
+Lifecycle is STOPPED → STARTING → RUNNING → STOPPING → STOPPED (the seed's
+``streambus_broker_status`` gauge). Stopping is ordered: stop accepting
+connections, let in-flight requests finish, flush every log, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import enum
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from opentelemetry import metrics, trace
+
+from streambus.config import BrokerConfig
+from streambus.instrumentation import BrokerTelemetry
+from streambus.producer_ids import ProducerIdAllocator
+
+# Importing the handler modules registers them in the dispatch table.
+from streambus.protocol import admin, fetch, metadata, produce  # noqa: F401
+from streambus.server import KafkaServer
+from streambus.storage import LogManager, TopicMeta
+from streambus.structs import TopicPartition
+
+log = logging.getLogger("streambus.broker")
+
+
+class BrokerStatus(enum.IntEnum):
+    STOPPED = 0
+    STARTING = 1
+    RUNNING = 2
+    STOPPING = 3
+
+
+class Broker:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        meter_provider: metrics.MeterProvider | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        self.config = config
+        self.broker_id = config.broker_id
+        self.status = BrokerStatus.STOPPED
+        self.data_dir = Path(config.data_dir)
+        self.logs = LogManager(self.data_dir, config.topic_defaults)
+        self.telemetry = BrokerTelemetry(self, config.broker_id, meter_provider, tracer_provider)
+        self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids")
+        self.cluster_id = ""
+        self._server = KafkaServer(self, config.host, config.port, config.max_request_bytes)
+        self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
+        self._started_at = time.monotonic()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.status is not BrokerStatus.STOPPED:
+            raise RuntimeError(f"broker is {self.status.name}, not STOPPED")
+        self.status = BrokerStatus.STARTING
+        self._started_at = time.monotonic()
+        self._stopped.clear()
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.cluster_id = self._load_cluster_id()
+            self.logs.load()
+            await self._server.start()
+        except BaseException:
+            self.logs.close()
+            self.status = BrokerStatus.STOPPED
+            raise
+        self._maintenance = asyncio.create_task(self._maintain(), name="streambus-maintenance")
+        self.status = BrokerStatus.RUNNING
+        log.info(
+            "broker %d running: cluster %s, %d topics, data in %s",
+            self.broker_id,
+            self.cluster_id,
+            self.topic_count(),
+            self.data_dir,
+        )
+
+    async def stop(self) -> None:
+        if self.status is not BrokerStatus.RUNNING:
+            return
+        self.status = BrokerStatus.STOPPING
+        log.info("broker %d stopping", self.broker_id)
+        self._wake_all()
+        await self._server.stop(self.config.shutdown_timeout_s)
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        self.logs.flush_all()
+        self.logs.close()
+        self.status = BrokerStatus.STOPPED
+        self._stopped.set()
+        log.info("broker %d stopped", self.broker_id)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self.status is not BrokerStatus.RUNNING
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def advertised_address(self) -> tuple[str, int]:
+        return self.config.advertised, self.port
+
+    @property
+    def bootstrap(self) -> str:
+        host, port = self.advertised_address
+        return f"{host}:{port}"
+
+    # -- topics ------------------------------------------------------------------------------
+    def create_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        validate_only: bool = False,
+    ) -> TopicMeta:
+        if validate_only:
+            return self.logs.validate_topic(name, partitions, overrides)
+        return self.logs.create_topic(name, partitions, overrides)
+
+    def delete_topic(self, name: str) -> TopicMeta:
+        meta = self.logs.topics().get(name)
+        self.logs.delete_topic(name)
+        self.telemetry.forget_topic(name)
+        assert meta is not None  # delete_topic raised for an unknown name
+        return meta
+
+    # -- long-poll fetch support ---------------------------------------------------------------
+    def notify_append(self, tp: TopicPartition) -> None:
+        waiters = self._waiters.pop(tp, None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def wait_for_append(self, tps: Iterable[TopicPartition], timeout_s: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keys = list(tps)
+        for tp in keys:
+            self._waiters.setdefault(tp, set()).add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            for tp in keys:
+                waiting = self._waiters.get(tp)
+                if waiting is not None:
+                    waiting.discard(waiter)
+                    if not waiting:
+                        del self._waiters[tp]
+
+    def _wake_all(self) -> None:
+        for tp in list(self._waiters):
+            self.notify_append(tp)
+
+    # -- background work ---------------------------------------------------------------------
+    async def _maintain(self) -> None:
+        interval = self.config.maintenance_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                report = self.logs.maintenance(int(time.time() * 1000))
+            except Exception:
+                log.exception("log maintenance failed; will retry in %.0fs", interval)
+                continue
+            self.telemetry.compactions(report.compactions)
+
+    def _load_cluster_id(self) -> str:
+        """The cluster id, made once and kept in meta.properties as Kafka keeps it."""
+        path = self.data_dir / "meta.properties"
+        if path.exists():
+            props = dict(
+                line.split("=", 1) for line in path.read_text().splitlines() if "=" in line
+            )
+            if props.get("node.id") not in (None, str(self.broker_id)):
+                log.warning(
+                    "data dir %s belonged to broker %s; now serving as broker %d",
+                    self.data_dir,
+                    props.get("node.id"),
+                    self.broker_id,
+                )
+            if props.get("cluster.id"):
+                return props["cluster.id"]
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"version=1\ncluster.id={cluster_id}\nnode.id={self.broker_id}\n")
+        tmp.replace(path)
+        return cluster_id
+
+    # -- BrokerStats: what the observable instruments read -----------------------------------
+    def uptime_seconds(self) -> float:
+        if self.status is BrokerStatus.STOPPED:
+            return 0.0
+        return time.monotonic() - self._started_at
+
+    def status_code(self) -> int:
+        return int(self.status)
+
+    def connection_count(self) -> int:
+        return len(self._server.connections)
+
+    def active_request_count(self) -> int:
+        return self._server.active_requests
+
+    def topic_count(self) -> int:
+        return sum(1 for meta in self.logs.topics().values() if not meta.internal)
+
+    def partition_count(self) -> int:
+        return sum(meta.partitions for meta in self.logs.topics().values())
+
+    def segment_count(self) -> int:
+        return self.logs.total_segments()
+
+    def storage_used_bytes(self) -> int:
+        return self.logs.total_size_bytes()
+
+    def storage_available_bytes(self) -> int:
+        return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0

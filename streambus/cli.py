@@ -1,0 +1,144 @@
+"""The ``streambus`` command.
+
+``streambus serve`` runs a broker with the telemetry pipeline: Prometheus
+metrics at ``/metrics`` on the metrics port and, when the standard
+``OTEL_*`` variables ask for it, OTLP export towards a collector. SIGINT and
+SIGTERM stop it gracefully; the exit code is then 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from streambus.broker import Broker
+from streambus.config import BrokerConfig
+from streambus.errors import StreamBusError
+from telemetry import TelemetryConfig, start_pipeline
+
+log = logging.getLogger("streambus")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _topic_setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE (e.g. retention.ms=60000), got {text!r}"
+        )
+    return key.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streambus", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run a broker",
+        description="Run a broker. Every option can also be set as STREAMBUS_<OPTION> "
+        "(STREAMBUS_DATA_DIR, STREAMBUS_PORT, ...); topic defaults as "
+        "STREAMBUS_TOPIC_<KAFKA NAME> (STREAMBUS_TOPIC_RETENTION_MS).",
+    )
+    serve.add_argument("--data-dir", type=Path, help="directory for logs and metadata")
+    serve.add_argument("--host", help="address to listen on for Kafka clients (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="Kafka protocol port (default 9092)")
+    serve.add_argument("--advertised-host", help="host name clients are told to connect to")
+    serve.add_argument("--broker-id", type=int, help="this broker's node id (default 1)")
+    serve.add_argument("--metrics-host", help="address of the /metrics endpoint (default 0.0.0.0)")
+    serve.add_argument("--metrics-port", type=int, help="/metrics port (default 9090; 0 = off)")
+    serve.add_argument("--num-partitions", type=int, help="Kafka's num.partitions (default 1)")
+    serve.add_argument(
+        "--auto-create-topics-enable",
+        type=_bool,
+        metavar="BOOL",
+        help="Kafka's auto.create.topics.enable (default true)",
+    )
+    serve.add_argument(
+        "--topic-config",
+        type=_topic_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a topic default as Kafka names it, e.g. retention.ms=3600000 (repeatable)",
+    )
+    serve.add_argument("--no-tracing", action="store_true", help="build no tracer provider")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    overrides = {
+        "data_dir": args.data_dir,
+        "host": args.host,
+        "port": args.port,
+        "advertised_host": args.advertised_host,
+        "broker_id": args.broker_id,
+        "metrics_host": args.metrics_host,
+        "metrics_port": args.metrics_port,
+        "num_partitions": args.num_partitions,
+        "auto_create_topics_enable": args.auto_create_topics_enable,
+        "tracing": False if args.no_tracing else None,
+    }
+    return BrokerConfig.load(overrides, dict(args.topic_config))
+
+
+async def serve(config: BrokerConfig) -> int:
+    pipeline = start_pipeline(
+        TelemetryConfig(
+            metrics_host=config.metrics_host,
+            metrics_port=config.metrics_port,
+            broker_id=str(config.broker_id),
+            tracing=config.tracing,
+        )
+    )
+    if pipeline.metrics_address is not None:
+        host, port = pipeline.metrics_address
+        log.info("metrics at http://%s:%d/metrics", host, port)
+    broker = Broker(
+        config, meter_provider=pipeline.meter_provider, tracer_provider=pipeline.tracer_provider
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await broker.start()
+        await stop.wait()
+        log.info("signal received; shutting down")
+    finally:
+        await broker.stop()
+        pipeline.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        return asyncio.run(serve(config))
+    except StreamBusError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Broker configuration: one typed object from defaults, ``STREAMBUS_*`` variables, then flags.
+
+Every field of :class:`BrokerConfig` can be set by the environment variable
+``STREAMBUS_<FIELD>`` (``STREAMBUS_PORT=9093``). Topic defaults are a nested
+section named the way Kafka names them: ``retention.ms`` is
+``STREAMBUS_TOPIC_RETENTION_MS``, or ``--topic-config retention.ms=...`` on
+the command line; a topic created with CreateTopics configs overrides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from streambus.errors import InvalidConfigError
+from streambus.topic_config import KAFKA_NAMES, TopicConfig
+
+ENV_PREFIX = "STREAMBUS_"
+TOPIC_ENV_PREFIX = ENV_PREFIX + "TOPIC_"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    data_dir: Path = Path("./streambus-data")
+    host: str = "0.0.0.0"
+    port: int = 9092
+    advertised_host: str | None = (
+        None  # what Metadata tells clients; defaults to host, or localhost
+    )
+    broker_id: int = 1
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090  # 0 turns the /metrics endpoint off
+    tracing: bool = True
+    num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
+    auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
+    max_request_bytes: int = 100 * 1024 * 1024  # Kafka's socket.request.max.bytes
+    maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks
+    shutdown_timeout_s: float = 30.0
+    topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
+
+    @property
+    def advertised(self) -> str:
+        if self.advertised_host:
+            return self.advertised_host
+        return "localhost" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        topic_overrides: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> BrokerConfig:
+        """Defaults, then ``STREAMBUS_*`` from ``env``, then ``overrides`` (flags; None = unset)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name == "topic_defaults":
+                continue
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _convert(field.name, field.type, raw)
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        topic: dict[str, str] = {}
+        for key in KAFKA_NAMES:
+            raw = env.get(TOPIC_ENV_PREFIX + key.replace(".", "_").upper())
+            if raw is not None:
+                topic[key] = raw
+        topic.update(topic_overrides or {})
+        config = cls(**values, topic_defaults=TopicConfig().with_overrides(topic))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise InvalidConfigError(f"{name} must be 0-65535, got {port}")
+        if self.num_partitions < 1:
+            raise InvalidConfigError(
+                f"num.partitions must be at least 1, got {self.num_partitions}"
+            )
+        if self.broker_id < 0:
+            raise InvalidConfigError(f"broker id must be >= 0, got {self.broker_id}")
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    text = str(kind)
+    try:
+        if "bool" in text:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "Path" in text:
+            return Path(raw)
+        if "float" in text:
+            return float(raw)
+        if "int" in text:
+            return int(raw)
+    except ValueError:
+        raise InvalidConfigError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}"
+        ) from None
+    return raw

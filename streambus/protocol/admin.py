@@ -1,0 +1,106 @@
+"""CreateTopics and DeleteTopics."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from kafka.protocol.admin import (
+    CreateTopicsRequest,
+    CreateTopicsResponse,
+    DeleteTopicsRequest,
+    DeleteTopicsResponse,
+)
+
+from streambus.errors import InvalidReplicationFactorError, StreamBusError
+from streambus.protocol.apis import RequestContext, api
+
+if TYPE_CHECKING:
+    from streambus.broker import Broker
+
+log = logging.getLogger("streambus.protocol")
+
+# DescribeConfigs' ConfigSource values, as CreateTopics v5+ reports them.
+SOURCE_TOPIC = 1
+SOURCE_DEFAULT = 5
+
+
+@api(CreateTopicsRequest, CreateTopicsResponse, versions=(0, 7))
+async def handle_create_topics(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = CreateTopicsResponse
+    validate_only = bool(getattr(request, "validate_only", False))
+    results = []
+    for topic in request.topics:
+        result = R.CreatableTopicResult(name=topic.name, error_code=0, error_message=None)
+        try:
+            partitions = _partition_count(broker, topic)
+            overrides = {c.name: c.value for c in topic.configs}
+            meta = broker.create_topic(
+                topic.name, partitions, overrides, validate_only=validate_only
+            )
+        except StreamBusError as exc:
+            broker.telemetry.error("CreateTopics", exc.kafka_name)
+            log.info("CreateTopics %r from %s refused: %s", topic.name, ctx.client_id, exc)
+            result.error_code = exc.errno
+            result.error_message = str(exc)
+            results.append(result)
+            continue
+        if not validate_only:
+            log.info(
+                "created topic %r with %d partitions for %s",
+                meta.name,
+                meta.partitions,
+                ctx.client_id,
+            )
+        result.topic_id = meta.topic_id
+        result.num_partitions = meta.partitions
+        result.replication_factor = 1
+        effective = broker.logs.defaults.with_overrides(meta.overrides).to_kafka()
+        result.configs = [
+            R.CreatableTopicResult.CreatableTopicConfigs(
+                name=key,
+                value=value,
+                read_only=False,
+                config_source=SOURCE_TOPIC if key in meta.overrides else SOURCE_DEFAULT,
+                is_sensitive=False,
+            )
+            for key, value in effective.items()
+        ]
+        results.append(result)
+    return R(throttle_time_ms=0, topics=results)
+
+
+def _partition_count(broker: Broker, topic: Any) -> int:
+    if topic.assignments:
+        for assignment in topic.assignments:
+            if list(assignment.broker_ids) != [broker.broker_id]:
+                raise InvalidReplicationFactorError(
+                    f"assignment names brokers {list(assignment.broker_ids)}; "
+                    f"this cluster has one broker, id {broker.broker_id}"
+                )
+        return len(topic.assignments)
+    if topic.replication_factor not in (-1, 1):
+        raise InvalidReplicationFactorError(
+            f"replication factor {topic.replication_factor} is larger than the 1 broker available"
+        )
+    return broker.config.num_partitions if topic.num_partitions == -1 else int(topic.num_partitions)
+
+
+@api(DeleteTopicsRequest, DeleteTopicsResponse, versions=(0, 6))
+async def handle_delete_topics(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = DeleteTopicsResponse
+    # v6 moved names into a list of (name, topic id) entries
+    names = [t.name for t in request.topics] if ctx.api_version >= 6 else list(request.topic_names)
+    results = []
+    for name in names:
+        result = R.DeletableTopicResult(name=name, error_code=0, error_message=None)
+        try:
+            meta = broker.delete_topic(name)
+            result.topic_id = meta.topic_id
+            log.info("deleted topic %r for %s", name, ctx.client_id)
+        except StreamBusError as exc:
+            broker.telemetry.error("DeleteTopics", exc.kafka_name)
+            result.error_code = exc.errno
+            result.error_message = str(exc)
+        results.append(result)
+    return R(throttle_time_ms=0, responses=results)

@@ -1,0 +1,85 @@
+"""The dispatch table: one handler per Kafka API key, registered once.
+
+Requests and responses are encoded and decoded with kafka-python's message
+classes, which are generated from Kafka's own JSON message specs; StreamBus
+writes no per-API structs. Each entry advertises the version range StreamBus
+serves: wide enough for librdkafka, kafka-python, aiokafka and kcat to
+negotiate, and capped below versions that need features StreamBus lacks (topic
+ids in Fetch v13+, for one).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streambus.broker import Broker
+
+# Request header v0/v1/v2 all start with these fields; they are read before
+# the full header so that an unknown API or version can still be answered.
+#   api_key        int16  which API
+#   api_version    int16  version of that API's request schema
+#   correlation_id int32  echoed in the response so the client can match it
+REQUEST_PREFIX = struct.Struct(">hhi")
+
+# Response frames: size int32 (bytes that follow), then the response header.
+FRAME_SIZE = struct.Struct(">i")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    api_key: int
+    api_version: int
+    correlation_id: int
+    client_id: str | None
+    peer: str
+
+
+Handler = Callable[["Broker", RequestContext, Any], Awaitable[Any | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSpec:
+    key: int
+    name: str
+    request: Any  # a kafka-python ApiMessage request class
+    response: Any  # its response class
+    min_version: int
+    max_version: int
+    handler: Handler
+
+    def supports(self, version: int) -> bool:
+        return self.min_version <= version <= self.max_version
+
+
+APIS: dict[int, ApiSpec] = {}
+
+
+def api(request: Any, response: Any, versions: tuple[int, int]) -> Callable[[Handler], Handler]:
+    """Register ``handler`` for ``request``'s API key, serving ``versions`` (inclusive)."""
+
+    def register(handler: Handler) -> Handler:
+        key = int(request.API_KEY)
+        if key in APIS:
+            raise RuntimeError(f"API key {key} registered twice")
+        low, high = versions
+        if high > request.max_version:
+            raise RuntimeError(f"{request.name} v{high} is newer than the protocol library knows")
+        APIS[key] = ApiSpec(
+            key, str(request.name).removesuffix("Request"), request, response, low, high, handler
+        )
+        return handler
+
+    return register
+
+
+def encode_response(spec: ApiSpec, response: Any, version: int, correlation_id: int) -> bytes:
+    """A complete response frame (size prefix included) for ``response``."""
+    # The version goes first: kafka-python's version setter would also write it
+    # into a header, and response headers have no version field.
+    response.API_VERSION = version
+    response.with_header(correlation_id=correlation_id)
+    return bytes(response.encode(header=True, framed=True))

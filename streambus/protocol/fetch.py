@@ -1,0 +1,259 @@
+"""Fetch and ListOffsets: reading partition logs.
+
+Fetch is a long poll: when fewer than ``min_bytes`` are available the request
+waits (up to ``max_wait_ms``) for an append to one of its partitions, then
+reads again. Batches are returned whole, as stored; the first batch of the
+response is returned even when it is larger than the limits, so a consumer
+always makes progress (Kafka's rule). Sessions (KIP-227) are not kept: every
+response says session 0, which clients take as "send full requests".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kafka.protocol.consumer import (
+    FetchRequest,
+    FetchResponse,
+    ListOffsetsRequest,
+    ListOffsetsResponse,
+)
+from opentelemetry import trace
+
+from streambus.errors import InvalidRequestError, StreamBusError, error_name
+from streambus.protocol.apis import RequestContext, api
+from streambus.storage.batch import HEADER, BatchHeader, iter_records, payload_bytes
+from streambus.structs import TopicPartition
+
+if TYPE_CHECKING:
+    from streambus.broker import Broker
+    from streambus.storage.log import PartitionLog
+
+PartitionData = FetchResponse.FetchableTopicResponse.PartitionData
+LATEST = -1
+EARLIEST = -2
+
+
+@dataclass(slots=True)
+class _Read:
+    topic: str
+    partition: int
+    fetch_offset: int
+    error: int = 0
+    records: bytes = b""
+    high_watermark: int = -1
+    log_start_offset: int = -1
+
+
+@api(FetchRequest, FetchResponse, versions=(4, 12))
+async def handle_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    started = time.perf_counter()
+    wanted = [
+        (t.topic, p.partition, p.fetch_offset, p.partition_max_bytes)
+        for t in request.topics
+        for p in t.partitions
+    ]
+    max_bytes = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
+    deadline = started + max(request.max_wait_ms, 0) / 1000
+    while True:
+        reads, total = _read_all(broker, wanted, max_bytes)
+        remaining = deadline - time.perf_counter()
+        if (
+            total >= max(request.min_bytes, 1)
+            or remaining <= 0
+            or any(r.error for r in reads)
+            or broker.stopping
+        ):
+            break
+        await broker.wait_for_append([TopicPartition(t, p) for t, p, _, _ in wanted], remaining)
+    _account(broker, reads)
+    elapsed = time.perf_counter() - started
+    for topic in {r.topic for r in reads}:
+        broker.telemetry.consume_latency(topic, elapsed)
+    return _response(request, reads)
+
+
+def _read_all(
+    broker: Broker, wanted: Sequence[tuple[str, int, int, int]], max_bytes: int
+) -> tuple[list[_Read], int]:
+    reads: list[_Read] = []
+    total = 0
+    for topic, partition, offset, partition_max in wanted:
+        read = _Read(topic, partition, offset)
+        reads.append(read)
+        try:
+            plog = broker.logs.log(TopicPartition(topic, partition))
+        except StreamBusError as exc:
+            read.error = exc.errno
+            continue
+        read.high_watermark = plog.log_end_offset
+        read.log_start_offset = plog.log_start_offset
+        budget = min(partition_max, max_bytes - total)
+        if budget <= 0 and total:
+            continue
+        try:
+            data = plog.read(offset, max(budget, 1))
+        except StreamBusError as exc:
+            read.error = exc.errno
+            continue
+        if total and len(data) > budget:
+            continue  # only the response's first batch may exceed the limits
+        read.records = data
+        total += len(data)
+    return reads, total
+
+
+def _account(broker: Broker, reads: list[_Read]) -> None:
+    """Count what the response hands out: per partition, never per record."""
+    tel = broker.telemetry
+    span: trace.Span | None = None
+    count_all = 0
+    for read in reads:
+        if read.error:
+            tel.error("Fetch", error_name(read.error))
+            continue
+        if not read.records:
+            continue
+        messages, payload = _consumed(read.records, read.fetch_offset)
+        count_all += messages
+        tel.consumed(read.topic, read.partition, messages, payload)
+    if count_all and tel.tracing_enabled():
+        span = _fetch_span(broker, reads, count_all)
+        span.end()
+
+
+def _consumed(data: bytes, fetch_offset: int) -> tuple[int, int]:
+    """Messages and payload bytes at or after ``fetch_offset`` in whole stored batches."""
+    messages = payload = 0
+    pos = 0
+    view = memoryview(data)
+    while pos + HEADER.size <= len(data):
+        header = BatchHeader._make(HEADER.unpack_from(view, pos))
+        if header.base_offset >= fetch_offset:
+            messages += header.records_count
+            payload += payload_bytes(view, pos, header)
+        elif header.last_offset >= fetch_offset:
+            # The first batch may start before the offset asked for; the
+            # client skips those records, so they are not counted as consumed.
+            for record in iter_records(view, pos, header):
+                if record.offset >= fetch_offset:
+                    messages += 1
+                    payload += _record_payload(record)
+        pos += header.size
+    return messages, payload
+
+
+def _record_payload(record: Any) -> int:
+    size = len(record.key or b"") + len(record.value or b"")
+    for key, value in record.headers:
+        size += len(key.encode()) + len(value or b"")
+    return size
+
+
+def _fetch_span(broker: Broker, reads: list[_Read], count: int) -> trace.Span:
+    tel = broker.telemetry
+    with_data = [r for r in reads if r.records]
+    topics = {r.topic for r in with_data}
+    attributes: dict[str, Any] = {
+        "messaging.system": "kafka",
+        "messaging.operation.name": "fetch",
+        "messaging.operation.type": "receive",
+        "messaging.batch.message_count": count,
+    }
+    name = "fetch"
+    if len(topics) == 1:
+        (topic,) = topics
+        attributes["messaging.destination.name"] = topic
+        name = f"fetch {topic}"
+    if len(with_data) == 1:
+        attributes["messaging.destination.partition.id"] = str(with_data[0].partition)
+        attributes["messaging.kafka.offset"] = with_data[0].fetch_offset
+    span = tel.start_span(name, attributes, ())
+    if span.is_recording():
+        # Links to the producers' traces cost a pass over the records, so
+        # they are made only for spans that will be exported.
+        traceparents: list[bytes] = []
+        for read in with_data:
+            view = memoryview(read.records)
+            pos = 0
+            while pos + HEADER.size <= len(view):
+                header = BatchHeader._make(HEADER.unpack_from(view, pos))
+                for record in iter_records(view, pos, header):
+                    if record.offset >= read.fetch_offset:
+                        traceparents.extend(
+                            v for k, v in record.headers if k == "traceparent" and v
+                        )
+                pos += header.size
+        for context in tel.contexts_from_traceparents(traceparents):
+            span.add_link(context)
+    return span
+
+
+def _response(request: Any, reads: list[_Read]) -> Any:
+    by_topic: dict[str, list[Any]] = {}
+    for read in reads:
+        by_topic.setdefault(read.topic, []).append(
+            PartitionData(
+                partition_index=read.partition,
+                error_code=read.error,
+                high_watermark=read.high_watermark,
+                last_stable_offset=read.high_watermark,
+                log_start_offset=read.log_start_offset,
+                aborted_transactions=None,
+                preferred_read_replica=-1,
+                records=read.records,
+            )
+        )
+    return FetchResponse(
+        throttle_time_ms=0,
+        error_code=0,
+        session_id=0,
+        responses=[
+            FetchResponse.FetchableTopicResponse(topic=topic, partitions=parts)
+            for topic, parts in by_topic.items()
+        ],
+    )
+
+
+@api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 6))
+async def handle_list_offsets(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = ListOffsetsResponse
+    topics = []
+    for topic in request.topics:
+        parts = []
+        for p in topic.partitions:
+            error, timestamp, offset = 0, -1, -1
+            try:
+                plog = broker.logs.log(TopicPartition(topic.name, p.partition_index))
+                timestamp, offset = _lookup(plog, p.timestamp)
+            except StreamBusError as exc:
+                error = exc.errno
+                broker.telemetry.error("ListOffsets", exc.kafka_name)
+            parts.append(
+                R.ListOffsetsTopicResponse.ListOffsetsPartitionResponse(
+                    partition_index=p.partition_index,
+                    error_code=error,
+                    timestamp=timestamp,
+                    offset=offset,
+                    leader_epoch=0,
+                )
+            )
+        topics.append(R.ListOffsetsTopicResponse(name=topic.name, partitions=parts))
+    return R(throttle_time_ms=0, topics=topics)
+
+
+def _lookup(plog: PartitionLog, timestamp: int) -> tuple[int, int]:
+    if timestamp == LATEST:
+        return -1, plog.log_end_offset
+    if timestamp == EARLIEST:
+        return -1, plog.log_start_offset
+    if timestamp < 0:
+        raise InvalidRequestError(f"unsupported ListOffsets timestamp {timestamp}")
+    found = plog.offset_for_timestamp(timestamp)
+    if found is None:
+        return -1, -1  # Kafka's answer when no record is that new
+    offset, ts = found
+    return ts, offset

@@ -1,0 +1,114 @@
+"""ApiVersions and Metadata: how clients learn what this broker serves and hosts."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from kafka.protocol.metadata import (
+    ApiVersionsRequest,
+    ApiVersionsResponse,
+    MetadataRequest,
+    MetadataResponse,
+)
+
+from streambus.errors import StreamBusError, UnknownTopicOrPartitionError, error_name
+from streambus.protocol.apis import APIS, RequestContext, api
+
+if TYPE_CHECKING:
+    from streambus.broker import Broker
+
+log = logging.getLogger("streambus.protocol")
+
+
+def api_versions_response(error_code: int = 0) -> Any:
+    keys = [
+        ApiVersionsResponse.ApiVersion(
+            api_key=spec.key, min_version=spec.min_version, max_version=spec.max_version
+        )
+        for spec in sorted(APIS.values(), key=lambda s: s.key)
+    ]
+    return ApiVersionsResponse(error_code=error_code, api_keys=keys, throttle_time_ms=0)
+
+
+@api(ApiVersionsRequest, ApiVersionsResponse, versions=(0, 3))
+async def handle_api_versions(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    return api_versions_response()
+
+
+@api(MetadataRequest, MetadataResponse, versions=(0, 12))
+async def handle_metadata(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = MetadataResponse
+    version = ctx.api_version
+    requested = request.topics
+    if requested is None or (version == 0 and not requested):
+        names = [name for name, meta in broker.logs.topics().items() if not meta.internal]
+        errors: dict[str, int] = {}
+    else:
+        names = []
+        errors = {}
+        # v4+ lets the client forbid auto-creation; before v4 it was always allowed.
+        allow_create = version < 4 or bool(request.allow_auto_topic_creation)
+        for entry in requested:
+            name = entry.name
+            if name is None:
+                continue
+            names.append(name)
+            if name in broker.logs.topics():
+                continue
+            if allow_create and broker.config.auto_create_topics_enable:
+                try:
+                    broker.create_topic(name, broker.config.num_partitions, {})
+                    log.info("auto-created topic %r for %s", name, ctx.client_id)
+                except StreamBusError as exc:
+                    errors[name] = exc.errno
+            else:
+                errors[name] = UnknownTopicOrPartitionError.errno
+
+    topics = []
+    for name in names:
+        error = errors.get(name, 0)
+        meta = broker.logs.topics().get(name)
+        if error or meta is None:
+            error = error or UnknownTopicOrPartitionError.errno
+            broker.telemetry.error("Metadata", error_name(error))
+            topics.append(
+                R.MetadataResponseTopic(
+                    error_code=error,
+                    name=name,
+                    is_internal=False,
+                    partitions=[],
+                )
+            )
+            continue
+        partitions = [
+            R.MetadataResponseTopic.MetadataResponsePartition(
+                error_code=0,
+                partition_index=i,
+                leader_id=broker.broker_id,
+                leader_epoch=0,
+                replica_nodes=[broker.broker_id],
+                isr_nodes=[broker.broker_id],
+                offline_replicas=[],
+            )
+            for i in range(meta.partitions)
+        ]
+        topics.append(
+            R.MetadataResponseTopic(
+                error_code=0,
+                name=name,
+                topic_id=meta.topic_id,
+                is_internal=meta.internal,
+                partitions=partitions,
+            )
+        )
+    host, port = broker.advertised_address
+    return R(
+        throttle_time_ms=0,
+        brokers=[
+            R.MetadataResponseBroker(node_id=broker.broker_id, host=host, port=port, rack=None)
+        ],
+        cluster_id=broker.cluster_id,
+        controller_id=broker.broker_id,
+        topics=topics,
+    )

@@ -1,0 +1,194 @@
+"""Produce and InitProducerId: accepting record batches into partition logs.
+
+A batch is validated (size, CRC-32C, record framing), de-duplicated for
+idempotent producers, and stored exactly as it arrived apart from its base
+offset. acks=all and acks=1 are the same on a single broker: the batch is in
+the log (written to the OS, so it survives the broker process dying) before
+the response goes out. acks=0 gets no response at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from kafka.protocol.producer import (
+    InitProducerIdRequest,
+    InitProducerIdResponse,
+    ProduceRequest,
+    ProduceResponse,
+)
+from opentelemetry import trace
+
+from streambus.errors import (
+    InvalidRequestError,
+    InvalidRequiredAcksError,
+    StreamBusError,
+)
+from streambus.protocol.apis import RequestContext, api
+from streambus.storage.batch import iter_records, parse_batches
+from streambus.structs import TopicPartition
+
+if TYPE_CHECKING:
+    from streambus.broker import Broker
+
+log = logging.getLogger("streambus.protocol")
+
+PartitionResponse = ProduceResponse.TopicProduceResponse.PartitionProduceResponse
+TRACEPARENT = "traceparent"
+
+
+@api(ProduceRequest, ProduceResponse, versions=(3, 9))
+async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> Any | None:
+    started = time.perf_counter()
+    tel = broker.telemetry
+    acks = request.acks
+    span: trace.Span | None = None
+    if tel.tracing_enabled():
+        span = _start_span(broker, request)
+    refused = _refusal(request)
+    topics_out = []
+    touched: list[str] = []
+    try:
+        for topic_data in request.topic_data:
+            topic = topic_data.name
+            touched.append(topic)
+            parts = []
+            for pd in topic_data.partition_data:
+                parts.append(_append_one(broker, ctx, topic, pd, refused))
+            topics_out.append(
+                ProduceResponse.TopicProduceResponse(name=topic, partition_responses=parts)
+            )
+    finally:
+        elapsed = time.perf_counter() - started
+        for topic in touched:
+            tel.produce_latency(topic, elapsed)
+        if span is not None:
+            _finish_span(span, topics_out)
+    if acks == 0:
+        return None
+    return ProduceResponse(responses=topics_out, throttle_time_ms=0)
+
+
+def _refusal(request: Any) -> StreamBusError | None:
+    """An error that applies to every partition of the request, if there is one."""
+    if request.acks not in (0, 1, -1):
+        return InvalidRequiredAcksError(f"acks={request.acks} (must be 0, 1 or -1)")
+    if request.transactional_id is not None:
+        return InvalidRequestError("transactional produce is not supported by this broker")
+    return None
+
+
+def _append_one(
+    broker: Broker, ctx: RequestContext, topic: str, pd: Any, refused: StreamBusError | None
+) -> Any:
+    tel = broker.telemetry
+    partition = pd.index
+    try:
+        if refused is not None:
+            raise refused
+        if pd.records is None:
+            raise InvalidRequestError("produce request without records")
+        result = broker.logs.log(TopicPartition(topic, partition)).append(pd.records)
+    except StreamBusError as exc:
+        tel.error("Produce", exc.kafka_name)
+        log.warning(
+            "produce to %s-%d from %s (%s) rejected: %s: %s",
+            topic,
+            partition,
+            ctx.client_id,
+            ctx.peer,
+            exc.kafka_name,
+            exc,
+        )
+        return PartitionResponse(
+            index=partition,
+            error_code=exc.errno,
+            base_offset=-1,
+            log_append_time_ms=-1,
+            log_start_offset=-1,
+            error_message=str(exc),
+        )
+    tel.produced(topic, partition, result.record_count, result.payload_bytes)
+    if not result.duplicate:
+        tel.stored(topic, partition, result.record_count, result.payload_bytes)
+        broker.notify_append(TopicPartition(topic, partition))
+    return PartitionResponse(
+        index=partition,
+        error_code=0,
+        base_offset=result.base_offset,
+        log_append_time_ms=result.log_append_time_ms,
+        log_start_offset=result.log_start_offset,
+    )
+
+
+def _start_span(broker: Broker, request: Any) -> trace.Span:
+    """One SERVER span for the request, joined to the producers' traces from record headers."""
+    tel = broker.telemetry
+    topics = {td.name for td in request.topic_data}
+    partitions = [(td.name, pd.index) for td in request.topic_data for pd in td.partition_data]
+    count = 0
+    traceparents: list[bytes] = []
+    for _topic, _partition, data in _batches(request):
+        try:
+            for pos, header in parse_batches(data):
+                count += header.records_count
+                for record in iter_records(data, pos, header):
+                    traceparents.extend(v for k, v in record.headers if k == TRACEPARENT and v)
+        except StreamBusError:
+            continue  # the append rejects this batch and says why; the span just lacks its links
+    attributes: dict[str, Any] = {
+        "messaging.system": "kafka",
+        "messaging.operation.name": "produce",
+        "messaging.operation.type": "send",
+        "messaging.batch.message_count": count,
+    }
+    name = "produce"
+    if len(topics) == 1:
+        (topic,) = topics
+        attributes["messaging.destination.name"] = topic
+        name = f"produce {topic}"
+    if len(partitions) == 1:
+        attributes["messaging.destination.partition.id"] = str(partitions[0][1])
+    return tel.start_span(name, attributes, tel.contexts_from_traceparents(traceparents))
+
+
+def _finish_span(span: trace.Span, topics_out: list[Any]) -> None:
+    results = [p for t in topics_out for p in t.partition_responses]
+    if len(results) == 1 and results[0].error_code == 0:
+        span.set_attribute("messaging.kafka.offset", results[0].base_offset)
+    failed = [p for p in results if p.error_code]
+    if failed:
+        span.set_status(trace.StatusCode.ERROR, f"{len(failed)} partition(s) rejected")
+    span.end()
+
+
+def _batches(request: Any) -> Iterator[tuple[str, int, bytes]]:
+    for td in request.topic_data:
+        for pd in td.partition_data:
+            if pd.records:
+                yield td.name, pd.index, pd.records
+
+
+@api(InitProducerIdRequest, InitProducerIdResponse, versions=(0, 4))
+async def handle_init_producer_id(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    if request.transactional_id is not None:
+        broker.telemetry.error("InitProducerId", InvalidRequestError.kafka_name)
+        log.warning(
+            "%s asked for a transactional producer id; transactions are not supported",
+            ctx.client_id,
+        )
+        return InitProducerIdResponse(
+            throttle_time_ms=0,
+            error_code=InvalidRequestError.errno,
+            producer_id=-1,
+            producer_epoch=-1,
+        )
+    pid, epoch = broker.producer_ids.allocate(
+        getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
+    )
+    return InitProducerIdResponse(
+        throttle_time_ms=0, error_code=0, producer_id=pid, producer_epoch=epoch
+    )
