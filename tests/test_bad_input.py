@@ -1,0 +1,225 @@
+"""Bad input: each gets its Kafka error, or closes that one connection with a log line.
+
+Throughout, a second client connected before the bad one keeps being served,
+and records acknowledged before stay readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka.protocol.consumer import FetchRequest
+from kafka.protocol.metadata import MetadataRequest
+from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
+
+from streambus.storage.batch import build_batch
+from streambus.structs import TopicPartition
+from tests.harness import BrokerThread, RawClient
+
+TD = ProduceRequest.TopicProduceData
+PD = TD.PartitionProduceData
+
+
+def produce_request(topic: str, records: bytes, partition: int = 0, acks: int = -1) -> Any:
+    return ProduceRequest(
+        transactional_id=None,
+        acks=acks,
+        timeout_ms=5000,
+        topic_data=[TD(name=topic, partition_data=[PD(index=partition, records=records)])],
+    )
+
+
+def fetch_all(client: RawClient, topic: str, partition: int = 0) -> bytes:
+    F = FetchRequest
+    request = F(
+        replica_id=-1,
+        max_wait_ms=0,
+        min_bytes=0,
+        max_bytes=50_000_000,
+        isolation_level=0,
+        session_id=0,
+        session_epoch=-1,
+        topics=[
+            F.FetchTopic(
+                topic=topic,
+                partitions=[
+                    F.FetchTopic.FetchPartition(
+                        partition=partition,
+                        current_leader_epoch=-1,
+                        fetch_offset=0,
+                        log_start_offset=-1,
+                        partition_max_bytes=50_000_000,
+                    )
+                ],
+            )
+        ],
+        forgotten_topics_data=[],
+        rack_id="",
+    )
+    response = client.request(request, 12)
+    return bytes(response.responses[0].partitions[0].records or b"")
+
+
+def one_record(value: bytes, **kw: Any) -> bytes:
+    return build_batch([(b"k", value, [], 1_700_000_000_000)], **kw)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerThread]:
+    with BrokerThread(
+        tmp_path / "data", auto_create_topics_enable=False, max_request_bytes=1024 * 1024
+    ) as b:
+        b.run(b.broker.create_topic, "good", 1, {"max.message.bytes": "2000"})
+        yield b
+
+
+@pytest.fixture
+def bystander(broker: BrokerThread) -> Iterator[RawClient]:
+    """Connected before the bad client; must keep working; its acknowledged record must survive."""
+    with RawClient(broker.bootstrap) as client:
+        response = client.request(produce_request("good", one_record(b"acknowledged")), 9)
+        assert response.responses[0].partition_responses[0].error_code == 0
+        yield client
+        still = client.request(MetadataRequest(topics=None, allow_auto_topic_creation=False), 9)
+        assert [t.name for t in still.topics] == ["good"]
+        assert b"acknowledged" in fetch_all(client, "good")
+
+
+def assert_closed_with_log(
+    broker: BrokerThread, client: RawClient, caplog: pytest.LogCaptureFixture, words: str
+) -> None:
+    assert client.is_closed_by_peer(), "the broker closes the offending connection"
+    lines = [r.getMessage() for r in caplog.records if r.name == "streambus.server"]
+    assert any(words in line for line in lines), lines
+
+
+@pytest.fixture(autouse=True)
+def _capture(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+
+
+def test_garbage_bytes(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RawClient(broker.bootstrap) as bad:
+        bad.send_bytes(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert_closed_with_log(broker, bad, caplog, "frame size")
+
+
+def test_frame_over_limit(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RawClient(broker.bootstrap) as bad:
+        bad.send_bytes(struct.pack(">i", 2 * 1024 * 1024) + b"\x00" * 64)
+        assert_closed_with_log(broker, bad, caplog, "socket.request.max.bytes")
+
+
+def test_truncated_frame(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = produce_request("good", one_record(b"x" * 100))
+    request.with_header(correlation_id=1, client_id="bad")
+    body = bytes(request.encode(version=9, header=True))[:40]  # cut inside the topic data
+    with RawClient(broker.bootstrap) as bad:
+        bad.send_bytes(struct.pack(">i", len(body)) + body)
+        assert_closed_with_log(broker, bad, caplog, "malformed Produce")
+
+
+def test_frame_cut_off_by_disconnect(broker: BrokerThread, bystander: RawClient) -> None:
+    with RawClient(broker.bootstrap) as bad:
+        bad.send_bytes(struct.pack(">i", 500) + b"\x00\x03\x00\x09")  # promises 500 bytes, sends 4
+    # nothing to assert on the closed socket: the bystander's checks show the broker is fine
+
+
+def test_unknown_api_key(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RawClient(broker.bootstrap) as bad:
+        body = struct.pack(">hhih", 999, 0, 7, -1)
+        bad.send_bytes(struct.pack(">i", len(body)) + body)
+        assert_closed_with_log(broker, bad, caplog, "unknown API key 999")
+
+
+def test_corrupt_crc(broker: BrokerThread, bystander: RawClient) -> None:
+    batch = bytearray(one_record(b"will be corrupted"))
+    batch[-1] ^= 0xFF  # a payload byte: the CRC-32C no longer matches
+    with RawClient(broker.bootstrap) as client:
+        response = client.request(produce_request("good", bytes(batch)), 9)
+        part = response.responses[0].partition_responses[0]
+        assert part.error_code == 2  # CORRUPT_MESSAGE
+        assert "CRC" in (part.error_message or "")
+        # the connection stays usable after a per-partition error
+        ok = client.request(produce_request("good", one_record(b"after")), 9)
+        assert ok.responses[0].partition_responses[0].error_code == 0
+        assert b"will be corrupted" not in fetch_all(client, "good")
+
+
+def test_message_over_max_message_bytes(broker: BrokerThread, bystander: RawClient) -> None:
+    with RawClient(broker.bootstrap) as client:
+        response = client.request(produce_request("good", one_record(b"x" * 5000)), 9)
+        assert response.responses[0].partition_responses[0].error_code == 10  # MESSAGE_TOO_LARGE
+
+
+def test_produce_to_missing_topic_without_auto_create(
+    broker: BrokerThread, bystander: RawClient
+) -> None:
+    with RawClient(broker.bootstrap) as client:
+        meta = client.request(
+            MetadataRequest(
+                topics=[MetadataRequest.MetadataRequestTopic(name="nope")],
+                allow_auto_topic_creation=True,
+            ),
+            9,
+        )
+        assert meta.topics[0].error_code == 3  # auto.create.topics.enable=false wins
+        response = client.request(produce_request("nope", one_record(b"lost?")), 9)
+        assert (
+            response.responses[0].partition_responses[0].error_code == 3
+        )  # UNKNOWN_TOPIC_OR_PARTITION
+    assert "nope" not in broker.run(lambda: dict(broker.broker.logs.topics()))
+
+
+def test_invalid_acks(broker: BrokerThread, bystander: RawClient) -> None:
+    with RawClient(broker.bootstrap) as client:
+        response = client.request(produce_request("good", one_record(b"v"), acks=5), 9)
+        assert (
+            response.responses[0].partition_responses[0].error_code == 21
+        )  # INVALID_REQUIRED_ACKS
+
+
+def test_idempotent_retry_is_stored_once(broker: BrokerThread, bystander: RawClient) -> None:
+    with RawClient(broker.bootstrap) as client:
+        init = client.request(
+            InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=60000), 2
+        )
+        assert init.error_code == 0
+        pid, epoch = init.producer_id, init.producer_epoch
+        batch = build_batch(
+            [(b"k", b"once", [], 1), (b"k", b"twice?", [], 2)],
+            producer_id=pid,
+            producer_epoch=epoch,
+            base_sequence=0,
+        )
+        first = (
+            client.request(produce_request("good", batch), 9).responses[0].partition_responses[0]
+        )
+        retry = (
+            client.request(produce_request("good", batch), 9).responses[0].partition_responses[0]
+        )
+        assert first.error_code == retry.error_code == 0
+        assert retry.base_offset == first.base_offset
+        end = broker.run(lambda: broker.broker.logs.log(TopicPartition("good", 0)).log_end_offset)
+        assert end == first.base_offset + 2
+        assert fetch_all(client, "good").count(b"twice?") == 1
+        gap = build_batch(
+            [(b"k", b"gap", [], 3)], producer_id=pid, producer_epoch=epoch, base_sequence=7
+        )
+        out_of_order = (
+            client.request(produce_request("good", gap), 9).responses[0].partition_responses[0]
+        )
+        assert out_of_order.error_code == 45  # OUT_OF_ORDER_SEQUENCE_NUMBER

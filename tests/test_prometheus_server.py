@@ -1,0 +1,120 @@
+"""A real Prometheus server scrapes a running broker; the seed's queries return data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import BrokerThread, free_port, wait_for_port
+
+PROMETHEUS = shutil.which("prometheus")
+
+# The seed README's dashboard queries that concern features this broker has.
+SEED_QUERIES = [
+    "rate(streambus_messages_produced_total[1m])",
+    "rate(streambus_messages_consumed_total[1m])",
+    "histogram_quantile(0.95, rate(streambus_produce_latency_seconds_bucket[5m]))",
+    "histogram_quantile(0.99, rate(streambus_consume_latency_seconds_bucket[5m]))",
+    "streambus_broker_uptime_seconds",
+    "streambus_broker_status",
+    "streambus_broker_connections",
+    "(streambus_storage_used_bytes / (streambus_storage_used_bytes"
+    " + streambus_storage_available_bytes)) * 100",
+]
+
+
+class PrometheusServer:
+    def __init__(self, workdir: Path, target: str, scrape_interval: str = "1s") -> None:
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {scrape_interval}\n"
+            f"  evaluation_interval: {scrape_interval}\n"
+            "scrape_configs:\n"
+            "  - job_name: streambus\n"
+            "    static_configs:\n"
+            f"      - targets: ['{target}']\n"
+            "        labels: {env: 'test', service: 'streambus'}\n"
+        )
+        assert PROMETHEUS is not None
+        self._log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port, self.proc, timeout=30)
+
+    def query(self, expr: str) -> list[Any]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self._log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
+def test_prometheus_scrapes_broker_and_seed_queries_have_data(tmp_path: Path) -> None:
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    with BrokerThread(tmp_path / "data") as b:
+        b.run(b.broker.create_topic, "prom", 3, {})
+        target = b.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        prom = PrometheusServer(tmp_path / "prom", target)
+        stop = threading.Event()
+
+        def traffic() -> None:
+            producer = Producer({"bootstrap.servers": b.bootstrap, "linger.ms": 5})
+            consumer = Consumer(
+                {"bootstrap.servers": b.bootstrap, "group.id": "p", "enable.auto.commit": False}
+            )
+            consumer.assign([TopicPartition("prom", p, 0) for p in range(3)])
+            while not stop.is_set():
+                for i in range(50):
+                    producer.produce("prom", b"v" * 100, str(i).encode())
+                producer.flush(5)
+                consumer.consume(500, 0.2)
+            consumer.close()
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        try:
+            pending = list(SEED_QUERIES)
+            deadline = time.monotonic() + 60
+            while pending and time.monotonic() < deadline:
+                pending = [q for q in pending if not prom.query(q)]
+                time.sleep(1)
+            assert not pending, f"queries without data: {pending}"
+            (up,) = prom.query('up{job="streambus"}')
+            assert up["value"][1] == "1"
+            series = prom.query('streambus_messages_produced_total{env="test",service="streambus"}')
+            assert {s["metric"]["partition"] for s in series} == {"0", "1", "2"}
+            assert all(s["metric"]["broker_id"] == "1" for s in series)
+        finally:
+            stop.set()
+            worker.join(30)
+            prom.stop()
