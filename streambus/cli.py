@@ -103,9 +103,6 @@ async def serve(config: BrokerConfig) -> int:
             tracing=config.tracing,
         )
     )
-    if pipeline.metrics_address is not None:
-        host, port = pipeline.metrics_address
-        log.info("metrics at http://%s:%d/metrics", host, port)
     broker = Broker(
         config, meter_provider=pipeline.meter_provider, tracer_provider=pipeline.tracer_provider
     )
