@@ -30,7 +30,8 @@ deb:
 demo: $(STAMP)
 	$(BIN)/python examples/observability/main.py $(ARGS)
 
-test: install
+# The lint gates run first: a type or lint error fails the build like a failing test.
+test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

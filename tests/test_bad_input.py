@@ -223,3 +223,29 @@ def test_idempotent_retry_is_stored_once(broker: BrokerThread, bystander: RawCli
             client.request(produce_request("good", gap), 9).responses[0].partition_responses[0]
         )
         assert out_of_order.error_code == 45  # OUT_OF_ORDER_SEQUENCE_NUMBER
+
+
+def test_too_new_api_versions_gets_unsupported_version_with_v0_body(
+    broker: BrokerThread, bystander: RawClient
+) -> None:
+    from kafka.protocol.metadata import ApiVersionsRequest
+
+    with RawClient(broker.bootstrap) as client:
+        request = ApiVersionsRequest(client_software_name="raw", client_software_version="1")
+        response = client.request(request, 4)
+        assert response.error_code == 35  # UNSUPPORTED_VERSION
+        served = {k.api_key: (k.min_version, k.max_version) for k in response.api_keys}
+        assert served[18] == (0, 3)  # what the client should retry with
+        assert served[0] == (3, 9)
+        # the connection stays open: negotiate down and carry on
+        again = client.request(ApiVersionsRequest(), 3)
+        assert again.error_code == 0
+
+
+def test_too_new_version_of_another_api_closes_the_connection(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RawClient(broker.bootstrap) as bad:
+        body = struct.pack(">hhih", 1, 17, 3, -1)  # Fetch v17: newer than served
+        bad.send_bytes(struct.pack(">i", len(body)) + body)
+        assert_closed_with_log(broker, bad, caplog, "Fetch v17 not supported")
