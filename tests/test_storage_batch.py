@@ -203,3 +203,23 @@ def test_set_log_append_time() -> None:
     assert batch.validate_crc()
     assert batch.timestamp_type == 1
     assert [r.timestamp for r in batch] == [99_999] * 3
+
+
+def test_header_values_finds_distinct_values_up_to_the_limit() -> None:
+    from streambus.storage.batch import header_values
+
+    def tp(i: int) -> bytes:
+        return f"00-{i:032x}-{i:016x}-01".encode()
+
+    records = [
+        (b"k", b"traceparent value text", [("other", b"x"), ("traceparent", tp(i % 3))], 1)
+        for i in range(9)
+    ]
+    data = build_batch(records)
+    ((pos, header),) = parse_batches(data)
+    assert header_values(data, pos, header, "traceparent", 10) == [tp(0), tp(1), tp(2)]
+    assert header_values(data, pos, header, "traceparent", 2) == [tp(0), tp(1)]
+    assert header_values(data, pos, header, "absent", 10) == []
+    same = build_batch([(b"k", b"v", [("traceparent", tp(7))], 1)] * 5)
+    ((pos, header),) = parse_batches(same)
+    assert header_values(same, pos, header, "traceparent", 10) == [tp(7)]

@@ -24,8 +24,9 @@ from kafka.protocol.consumer import (
 from opentelemetry import trace
 
 from streambus.errors import InvalidRequestError, StreamBusError, error_name
+from streambus.instrumentation import MAX_LINKS
 from streambus.protocol.apis import RequestContext, api
-from streambus.storage.batch import HEADER, BatchHeader, iter_records, payload_bytes
+from streambus.storage.batch import header_values, iter_records, payload_bytes, walk_batches
 from streambus.structs import TopicPartition
 
 if TYPE_CHECKING:
@@ -128,10 +129,8 @@ def _account(broker: Broker, reads: list[_Read]) -> None:
 def _consumed(data: bytes, fetch_offset: int) -> tuple[int, int]:
     """Messages and payload bytes at or after ``fetch_offset`` in whole stored batches."""
     messages = payload = 0
-    pos = 0
     view = memoryview(data)
-    while pos + HEADER.size <= len(data):
-        header = BatchHeader._make(HEADER.unpack_from(view, pos))
+    for pos, header in walk_batches(data):
         if header.base_offset >= fetch_offset:
             messages += header.records_count
             payload += payload_bytes(view, pos, header)
@@ -142,7 +141,6 @@ def _consumed(data: bytes, fetch_offset: int) -> tuple[int, int]:
                 if record.offset >= fetch_offset:
                     messages += 1
                     payload += _record_payload(record)
-        pos += header.size
     return messages, payload
 
 
@@ -173,20 +171,14 @@ def _fetch_span(broker: Broker, reads: list[_Read], count: int) -> trace.Span:
         attributes["messaging.kafka.offset"] = with_data[0].fetch_offset
     span = tel.start_span(name, attributes, ())
     if span.is_recording():
-        # Links to the producers' traces cost a pass over the records, so
-        # they are made only for spans that will be exported.
+        # Links cost a scan of the records, so only spans that will be exported get them.
         traceparents: list[bytes] = []
         for read in with_data:
-            view = memoryview(read.records)
-            pos = 0
-            while pos + HEADER.size <= len(view):
-                header = BatchHeader._make(HEADER.unpack_from(view, pos))
-                for record in iter_records(view, pos, header):
-                    if record.offset >= read.fetch_offset:
-                        traceparents.extend(
-                            v for k, v in record.headers if k == "traceparent" and v
-                        )
-                pos += header.size
+            for pos, header in walk_batches(read.records):
+                if header.last_offset >= read.fetch_offset:
+                    traceparents += header_values(
+                        read.records, pos, header, "traceparent", MAX_LINKS
+                    )
         for context in tel.contexts_from_traceparents(traceparents):
             span.add_link(context)
     return span

@@ -10,6 +10,7 @@ the response goes out. acks=0 gets no response at all.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,9 @@ from streambus.errors import (
     InvalidRequiredAcksError,
     StreamBusError,
 )
+from streambus.instrumentation import MAX_LINKS
 from streambus.protocol.apis import RequestContext, api
-from streambus.storage.batch import iter_records, parse_batches
+from streambus.storage.batch import header_values, walk_batches
 from streambus.structs import TopicPartition
 
 if TYPE_CHECKING:
@@ -133,11 +135,10 @@ def _start_span(broker: Broker, request: Any) -> trace.Span:
     traceparents: list[bytes] = []
     for _topic, _partition, data in _batches(request):
         try:
-            for pos, header in parse_batches(data):
+            for pos, header in walk_batches(data):
                 count += header.records_count
-                for record in iter_records(data, pos, header):
-                    traceparents.extend(v for k, v in record.headers if k == TRACEPARENT and v)
-        except StreamBusError:
+                traceparents += header_values(data, pos, header, TRACEPARENT, MAX_LINKS)
+        except (StreamBusError, struct.error):
             continue  # the append rejects this batch and says why; the span just lacks its links
     attributes: dict[str, Any] = {
         "messaging.system": "kafka",

@@ -270,6 +270,50 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
     return total
 
 
+def walk_batches(data: Buffer) -> Iterator[tuple[int, BatchHeader]]:
+    """(position, header) of each whole batch in ``data``, unchecked: for batches already stored."""
+    pos, size = 0, len(data)
+    while pos + HEADER.size <= size:
+        header = read_header(data, pos)
+        if header.batch_length < MIN_BATCH_LENGTH or pos + header.size > size:
+            return
+        yield pos, header
+        pos += header.size
+
+
+def header_values(data: Buffer, pos: int, header: BatchHeader, key: str, limit: int) -> list[bytes]:
+    """Distinct values of header ``key`` among the batch's records, at most ``limit`` of them.
+
+    Trace context rides in a header of every record, and decoding each record
+    to find it would cost more than the span it feeds. Instead the encoded key
+    (its length varint, then its bytes) is searched for at C speed; a value
+    that merely contains those bytes can be mistaken for a header, so callers
+    validate what they get (a traceparent that does not parse is dropped).
+    """
+    buf, start, end = _records_section(data, pos, header)
+    if isinstance(buf, memoryview):
+        buf = bytes(buf)
+    encoded = key.encode()
+    needle = bytearray()
+    _put_bytes(needle, encoded)
+    found: dict[bytes, None] = {}
+    i = buf.find(needle, start, end)
+    while i >= 0:
+        j = i + len(needle)
+        try:
+            length, j = _varint(buf, j)
+        except (IndexError, InvalidRecordError):
+            break
+        if length >= 0 and j + length <= end:
+            found.setdefault(bytes(buf[j : j + length]))
+            if len(found) >= limit:
+                break
+            i = buf.find(needle, j + length, end)
+        else:
+            i = buf.find(needle, i + 1, end)
+    return list(found)
+
+
 def _bytes_at(buf: Buffer, i: int) -> tuple[bytes | None, int]:
     size, i = _varint(buf, i)
     if size < 0:
