@@ -193,6 +193,109 @@ class InvalidRecordError(StreamBusError):
     description = "This record has failed the validation on broker and hence will be rejected."
 
 
+class OffsetMetadataTooLargeError(StreamBusError):
+    errno = 12
+    kafka_name = "OFFSET_METADATA_TOO_LARGE"
+    description = "The metadata field of the offset request was too large."
+
+
+class CoordinatorLoadInProgressError(StreamBusError):
+    errno = 14
+    kafka_name = "COORDINATOR_LOAD_IN_PROGRESS"
+    retriable = True
+    description = "The coordinator is loading and hence can't process requests."
+
+
+class CoordinatorNotAvailableError(StreamBusError):
+    errno = 15
+    kafka_name = "COORDINATOR_NOT_AVAILABLE"
+    retriable = True
+    description = "The coordinator is not available."
+
+
+class NotCoordinatorError(StreamBusError):
+    errno = 16
+    kafka_name = "NOT_COORDINATOR"
+    retriable = True
+    description = "This is not the correct coordinator."
+
+
+class IllegalGenerationError(StreamBusError):
+    errno = 22
+    kafka_name = "ILLEGAL_GENERATION"
+    description = "Specified group generation id is not valid."
+
+
+class InconsistentGroupProtocolError(StreamBusError):
+    errno = 23
+    kafka_name = "INCONSISTENT_GROUP_PROTOCOL"
+    description = (
+        "The group member's supported protocols are incompatible with those of existing members "
+        "or first group member tried to join with empty protocol type or empty protocol list."
+    )
+
+
+class InvalidGroupIdError(StreamBusError):
+    errno = 24
+    kafka_name = "INVALID_GROUP_ID"
+    description = "The configured groupId is invalid."
+
+
+class UnknownMemberIdError(StreamBusError):
+    errno = 25
+    kafka_name = "UNKNOWN_MEMBER_ID"
+    description = "The coordinator is not aware of this member."
+
+
+class InvalidSessionTimeoutError(StreamBusError):
+    errno = 26
+    kafka_name = "INVALID_SESSION_TIMEOUT"
+    description = (
+        "The session timeout is not within the range allowed by the broker "
+        "(as configured by group.min.session.timeout.ms and group.max.session.timeout.ms)."
+    )
+
+
+class RebalanceInProgressError(StreamBusError):
+    errno = 27
+    kafka_name = "REBALANCE_IN_PROGRESS"
+    description = "The group is rebalancing, so a rejoin is needed."
+
+
+class NonEmptyGroupError(StreamBusError):
+    errno = 68
+    kafka_name = "NON_EMPTY_GROUP"
+    description = "The group is not empty."
+
+
+class GroupIdNotFoundError(StreamBusError):
+    errno = 69
+    kafka_name = "GROUP_ID_NOT_FOUND"
+    description = "The group id does not exist."
+
+
+class MemberIdRequiredError(StreamBusError):
+    errno = 79
+    kafka_name = "MEMBER_ID_REQUIRED"
+    description = (
+        "The group member needs to have a valid member id before actually entering a "
+        "consumer group."
+    )
+
+    def __init__(self, message: str | None = None, member_id: str = "") -> None:
+        super().__init__(message)
+        self.member_id = member_id  # the id the member is to rejoin with
+
+
+class FencedInstanceIdError(StreamBusError):
+    errno = 82
+    kafka_name = "FENCED_INSTANCE_ID"
+    description = (
+        "The broker rejected this static consumer since another consumer with the same "
+        "group.instance.id has registered with a different member.id."
+    )
+
+
 class FrameError(StreamBusError):
     """A request frame that cannot be parsed: the connection that sent it is closed."""
 

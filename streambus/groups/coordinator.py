@@ -1,0 +1,557 @@
+"""The group coordinator: JoinGroup/SyncGroup rounds, heartbeats, expiry, and offset commits.
+
+A JoinGroup waits (it is Kafka's long-poll) until every known member has
+rejoined or the rebalance timeout passes; then one round completes for all of
+them at once, the leader receiving the members' metadata. Members that stop
+heartbeating for their session timeout are evicted, which starts a rebalance.
+A ticker checks those deadlines every ``TICK_S``; nothing else runs in the
+background.
+
+Every request is checked against the member id, the generation and (for static
+members) the instance id, answering Kafka's error codes so clients rejoin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from streambus.errors import (
+    ERROR_BY_CODE,
+    CoordinatorNotAvailableError,
+    FencedInstanceIdError,
+    GroupIdNotFoundError,
+    IllegalGenerationError,
+    InconsistentGroupProtocolError,
+    InvalidGroupIdError,
+    InvalidRequestError,
+    InvalidSessionTimeoutError,
+    MemberIdRequiredError,
+    NonEmptyGroupError,
+    RebalanceInProgressError,
+    StreamBusError,
+    UnknownMemberIdError,
+)
+from streambus.groups.membership import Group, GroupState, JoinResult, Member
+from streambus.groups.offsets import OffsetAndMetadata, OffsetStore
+from streambus.storage import LogManager
+from streambus.structs import TopicPartition
+
+log = logging.getLogger("streambus.groups")
+
+TICK_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSettings:
+    initial_rebalance_delay_ms: int = 3000  # Kafka's group.initial.rebalance.delay.ms
+    min_session_timeout_ms: int = 6000  # group.min.session.timeout.ms
+    max_session_timeout_ms: int = 1_800_000  # group.max.session.timeout.ms
+    offsets_retention_minutes: int = 7 * 24 * 60  # offsets.retention.minutes
+    offsets_topic_partitions: int = 10  # offsets.topic.num.partitions
+    offset_metadata_max_bytes: int = 4096  # offset.metadata.max.bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    group_id: str
+    member_id: str
+    group_instance_id: str | None
+    client_id: str
+    client_host: str
+    session_timeout_ms: int
+    rebalance_timeout_ms: int
+    protocol_type: str
+    protocols: list[tuple[str, bytes]]
+    require_known_member_id: bool  # JoinGroup v4+: a new member first gets an id to rejoin with
+
+
+class GroupCoordinator:
+    def __init__(self, logs: LogManager, settings: GroupSettings) -> None:
+        self.settings = settings
+        self.offsets = OffsetStore(logs, settings.offsets_topic_partitions)
+        self._groups: dict[str, Group] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        loaded = self.offsets.load()
+        for group_id in self.offsets.groups():
+            self._groups.setdefault(group_id, Group(group_id, state_since_ms=_now_ms()))
+        if loaded:
+            log.info("loaded %d committed offsets of %d groups", loaded, len(self._groups))
+
+    def start(self) -> None:
+        self._stopping = False
+        self._ticker = asyncio.create_task(self._tick_forever(), name="streambus-groups")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for group in self._groups.values():
+            for member in group.members.values():
+                _fail_waiters(member, CoordinatorNotAvailableError.errno)
+
+    # -- reads for metrics and admin APIs ------------------------------------------------
+    def groups(self) -> Mapping[str, Group]:
+        return self._groups
+
+    def lags(self) -> Iterator[tuple[str, TopicPartition, int]]:
+        """(group, partition, log end offset - committed offset) for every committed partition."""
+        logs = self.offsets.logs
+        topics = logs.topics()
+        for group, tp, offset in self.offsets.committed():
+            meta = topics.get(tp.topic)
+            if meta is None or tp.partition >= meta.partitions:
+                continue
+            yield group, tp, max(logs.log(tp).log_end_offset - offset, 0)
+
+    # -- JoinGroup ---------------------------------------------------------------------------
+    async def join(self, req: JoinRequest) -> JoinResult:
+        if not req.group_id:
+            raise InvalidGroupIdError("group id must not be empty")
+        if self._stopping:
+            raise CoordinatorNotAvailableError("the broker is shutting down")
+        settings = self.settings
+        if (
+            not settings.min_session_timeout_ms
+            <= req.session_timeout_ms
+            <= settings.max_session_timeout_ms
+        ):
+            raise InvalidSessionTimeoutError(
+                f"session timeout {req.session_timeout_ms} ms outside "
+                f"[{settings.min_session_timeout_ms}, {settings.max_session_timeout_ms}]"
+            )
+        group = self._groups.get(req.group_id)
+        if group is None:
+            if req.member_id:
+                raise UnknownMemberIdError(f"group {req.group_id!r} does not exist")
+            group = self._groups[req.group_id] = Group(req.group_id, state_since_ms=_now_ms())
+        if group.state is GroupState.DEAD:
+            raise CoordinatorNotAvailableError(f"group {req.group_id!r} is being deleted")
+        known = group.members.get(req.member_id)
+        if not group.supports(req.protocol_type, req.protocols) and not (
+            known is not None and len(group.members) == 1
+        ):
+            raise InconsistentGroupProtocolError(
+                f"protocols {[n for n, _ in req.protocols]} of type {req.protocol_type!r} "
+                f"share nothing with group {req.group_id!r}"
+            )
+        now = _loop_time()
+        if not req.member_id:
+            return await self._join_new(group, req, now)
+        if req.group_instance_id is not None:
+            current = group.static_members.get(req.group_instance_id)
+            if current is not None and current != req.member_id:
+                raise FencedInstanceIdError(
+                    f"instance {req.group_instance_id!r} is member {current}, not {req.member_id}"
+                )
+        if known is None:
+            if req.member_id not in group.pending_members:
+                raise UnknownMemberIdError(
+                    f"member {req.member_id} is not in group {group.group_id!r}"
+                )
+            del group.pending_members[req.member_id]
+            return await self._add_and_rebalance(group, req, req.member_id, now)
+        return await self._rejoin(group, known, req, now)
+
+    async def _join_new(self, group: Group, req: JoinRequest, now: float) -> JoinResult:
+        member_id = f"{req.group_instance_id or req.client_id or 'member'}-{uuid.uuid4()}"
+        if req.group_instance_id is not None:
+            old_id = group.static_members.get(req.group_instance_id)
+            old = group.members.get(old_id) if old_id else None
+            if old is not None:
+                return await self._replace_static(group, old, member_id, req, now)
+            return await self._add_and_rebalance(group, req, member_id, now)
+        if req.require_known_member_id:
+            # KIP-394: the member gets its id first and joins with it, so a
+            # client that dies between the two leaves no phantom member behind.
+            group.pending_members[member_id] = now + req.session_timeout_ms / 1000
+            raise MemberIdRequiredError(f"rejoin with member id {member_id}", member_id)
+        return await self._add_and_rebalance(group, req, member_id, now)
+
+    async def _replace_static(
+        self, group: Group, old: Member, member_id: str, req: JoinRequest, now: float
+    ) -> JoinResult:
+        """A static member restarted: it takes over its old identity, often with no rebalance."""
+        del group.members[old.member_id]
+        _fail_waiters(old, FencedInstanceIdError.errno)
+        member = _new_member(req, member_id, now)
+        member.assignment = old.assignment
+        group.members[member_id] = member
+        assert req.group_instance_id is not None
+        group.static_members[req.group_instance_id] = member_id
+        was_leader = group.leader == old.member_id
+        if was_leader:
+            group.leader = member_id
+        if (
+            group.state is GroupState.STABLE
+            and old.same_protocols(req.protocols)
+            and not was_leader
+        ):
+            log.info(
+                "static member %r of group %r rejoined as %s",
+                req.group_instance_id,
+                group.group_id,
+                member_id,
+            )
+            return self._current_generation(group, member)
+        return await self._wait_for_round(group, member, now)
+
+    async def _add_and_rebalance(
+        self, group: Group, req: JoinRequest, member_id: str, now: float
+    ) -> JoinResult:
+        member = _new_member(req, member_id, now)
+        group.members[member_id] = member
+        if req.group_instance_id is not None:
+            group.static_members[req.group_instance_id] = member_id
+        if group.protocol_type is None:
+            group.protocol_type = req.protocol_type
+        log.info("member %s joins group %r", member_id, group.group_id)
+        return await self._wait_for_round(group, member, now)
+
+    async def _rejoin(
+        self, group: Group, member: Member, req: JoinRequest, now: float
+    ) -> JoinResult:
+        member.last_heartbeat = now
+        unchanged = member.same_protocols(req.protocols)
+        member.protocols = req.protocols
+        member.session_timeout_ms = req.session_timeout_ms
+        member.rebalance_timeout_ms = req.rebalance_timeout_ms
+        if unchanged and group.state is GroupState.COMPLETING_REBALANCE:
+            return self._current_generation(group, member)
+        if unchanged and group.state is GroupState.STABLE and member.member_id != group.leader:
+            return self._current_generation(group, member)
+        return await self._wait_for_round(group, member, now)
+
+    def _current_generation(self, group: Group, member: Member) -> JoinResult:
+        return self._result(group, member, leader_view=member.member_id == group.leader)
+
+    async def _wait_for_round(self, group: Group, member: Member, now: float) -> JoinResult:
+        waiter: asyncio.Future[JoinResult] = asyncio.get_running_loop().create_future()
+        member.join_waiter = waiter
+        self._prepare_rebalance(group, now, f"member {member.member_id} joining")
+        self._maybe_complete_join(group, now)
+        try:
+            return await waiter
+        finally:
+            if member.join_waiter is waiter and not waiter.done():
+                waiter.cancel()  # the connection went away mid-join
+
+    def _prepare_rebalance(self, group: Group, now: float, reason: str) -> None:
+        if group.state is GroupState.PREPARING_REBALANCE:
+            if group.initial_rebalance:
+                # A starting group waits a little longer for each new arrival (KIP-134).
+                group.rebalance_deadline = min(
+                    now + self.settings.initial_rebalance_delay_ms / 1000,
+                    now + group.max_rebalance_timeout_ms() / 1000,
+                )
+            return
+        if group.state is GroupState.COMPLETING_REBALANCE:
+            for m in group.members.values():
+                if m.sync_waiter is not None and not m.sync_waiter.done():
+                    m.sync_waiter.set_result((RebalanceInProgressError.errno, b""))
+        group.initial_rebalance = group.state is GroupState.EMPTY
+        delay_ms = (
+            self.settings.initial_rebalance_delay_ms
+            if group.initial_rebalance
+            else group.max_rebalance_timeout_ms()
+        )
+        group.rebalance_deadline = now + delay_ms / 1000
+        _set_state(group, GroupState.PREPARING_REBALANCE)
+        log.info("group %r rebalancing: %s", group.group_id, reason)
+
+    def _maybe_complete_join(self, group: Group, now: float) -> None:
+        if group.state is not GroupState.PREPARING_REBALANCE:
+            return
+        if group.initial_rebalance and now < group.rebalance_deadline:
+            return
+        if group.all_joined() or now >= group.rebalance_deadline:
+            self._complete_join(group)
+
+    def _complete_join(self, group: Group) -> None:
+        for member in [m for m in group.members.values() if not m.awaiting_join]:
+            log.info(
+                "member %s of group %r did not rejoin in time; removed",
+                member.member_id,
+                group.group_id,
+            )
+            self._remove(group, member, UnknownMemberIdError.errno)
+        group.generation += 1
+        if not group.members:
+            group.protocol = group.leader = None
+            group.protocol_type = None
+            _set_state(group, GroupState.EMPTY)
+            return
+        group.protocol = group.select_protocol()
+        if group.leader not in group.members:
+            group.leader = next(iter(group.members))
+        _set_state(group, GroupState.COMPLETING_REBALANCE)
+        now = _loop_time()
+        for member in group.members.values():
+            member.assignment = b""
+            member.last_heartbeat = now
+            waiter = member.join_waiter
+            member.join_waiter = None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(
+                    self._result(group, member, leader_view=member.member_id == group.leader)
+                )
+        log.info(
+            "group %r generation %d: %d members, protocol %s, leader %s",
+            group.group_id,
+            group.generation,
+            len(group.members),
+            group.protocol,
+            group.leader,
+        )
+
+    def _result(self, group: Group, member: Member, *, leader_view: bool) -> JoinResult:
+        protocol = group.protocol or ""
+        members = (
+            [
+                (m.member_id, m.group_instance_id, m.metadata(protocol))
+                for m in group.members.values()
+            ]
+            if leader_view
+            else []
+        )
+        return JoinResult(
+            0,
+            group.generation,
+            group.protocol_type,
+            group.protocol,
+            group.leader or "",
+            member.member_id,
+            members,
+        )
+
+    # -- SyncGroup, Heartbeat, LeaveGroup -----------------------------------------------------
+    def _member(
+        self, group_id: str, member_id: str, instance_id: str | None, generation: int | None
+    ) -> tuple[Group, Member]:
+        group = self._groups.get(group_id)
+        if group is None or group.state is GroupState.DEAD:
+            raise UnknownMemberIdError(f"group {group_id!r} does not exist")
+        if instance_id is not None:
+            current = group.static_members.get(instance_id)
+            if current is not None and current != member_id:
+                raise FencedInstanceIdError(f"instance {instance_id!r} is member {current}")
+        member = group.members.get(member_id)
+        if member is None:
+            raise UnknownMemberIdError(f"member {member_id} is not in group {group_id!r}")
+        if generation is not None and generation != group.generation:
+            raise IllegalGenerationError(
+                f"generation {generation} of group {group_id!r} is over; it is {group.generation}"
+            )
+        return group, member
+
+    async def sync(
+        self,
+        group_id: str,
+        *,
+        generation: int,
+        member_id: str,
+        instance_id: str | None,
+        protocol_type: str | None,
+        protocol: str | None,
+        assignments: Sequence[tuple[str, bytes]],
+    ) -> bytes:
+        group, member = self._member(group_id, member_id, instance_id, generation)
+        if (protocol_type is not None and protocol_type != group.protocol_type) or (
+            protocol is not None and protocol != group.protocol
+        ):
+            raise InconsistentGroupProtocolError(
+                f"group {group_id!r} uses {group.protocol_type}/{group.protocol}"
+            )
+        member.last_heartbeat = _loop_time()
+        if group.state is GroupState.PREPARING_REBALANCE:
+            raise RebalanceInProgressError()
+        if group.state is GroupState.STABLE:
+            return member.assignment
+        if member_id != group.leader:
+            if assignments:
+                raise InvalidRequestError(
+                    f"member {member_id} sent assignments but the leader of group {group_id!r} "
+                    f"is {group.leader}"
+                )
+            waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+            member.sync_waiter = waiter
+            error, assignment = await waiter
+            if error:
+                raise _error_for(error)
+            return assignment
+        for target, assignment in assignments:
+            if target in group.members:
+                group.members[target].assignment = assignment
+        _set_state(group, GroupState.STABLE)
+        for other in group.members.values():
+            if other.sync_waiter is not None and not other.sync_waiter.done():
+                other.sync_waiter.set_result((0, other.assignment))
+            other.sync_waiter = None
+        return member.assignment
+
+    def heartbeat(
+        self, group_id: str, generation: int, member_id: str, instance_id: str | None
+    ) -> None:
+        group, member = self._member(group_id, member_id, instance_id, generation)
+        member.last_heartbeat = _loop_time()
+        if group.state is GroupState.PREPARING_REBALANCE:
+            raise RebalanceInProgressError()
+
+    def leave(self, group_id: str, member_id: str, instance_id: str | None) -> None:
+        group = self._groups.get(group_id)
+        if group is None:
+            raise UnknownMemberIdError(f"group {group_id!r} does not exist")
+        if instance_id is not None and not member_id:
+            member_id = group.static_members.get(instance_id, "")
+        group, member = self._member(group_id, member_id, instance_id, None)
+        log.info("member %s leaves group %r", member_id, group_id)
+        self._remove(group, member, UnknownMemberIdError.errno)
+        self._after_departure(group, f"member {member_id} left")
+
+    def _remove(self, group: Group, member: Member, error: int) -> None:
+        group.members.pop(member.member_id, None)
+        if (
+            member.group_instance_id is not None
+            and group.static_members.get(member.group_instance_id) == member.member_id
+        ):
+            del group.static_members[member.group_instance_id]
+        _fail_waiters(member, error)
+
+    def _after_departure(self, group: Group, reason: str) -> None:
+        now = _loop_time()
+        if group.state is GroupState.PREPARING_REBALANCE:
+            self._maybe_complete_join(group, now)
+        elif not group.members:
+            group.generation += 1
+            group.protocol = group.leader = group.protocol_type = None
+            _set_state(group, GroupState.EMPTY)
+        else:
+            self._prepare_rebalance(group, now, reason)
+
+    # -- time ----------------------------------------------------------------------------------
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self.tick(_loop_time())
+            except Exception:
+                log.exception("group coordinator tick failed")
+
+    def tick(self, now: float) -> None:
+        for group in list(self._groups.values()):
+            for member_id, expiry in list(group.pending_members.items()):
+                if now >= expiry:
+                    del group.pending_members[member_id]
+            expired = [
+                m
+                for m in group.members.values()
+                if not m.awaiting_join and now - m.last_heartbeat > m.session_timeout_ms / 1000
+            ]
+            for member in expired:
+                log.info(
+                    "member %s of group %r sent no heartbeat for %d ms; evicted",
+                    member.member_id,
+                    group.group_id,
+                    member.session_timeout_ms,
+                )
+                self._remove(group, member, UnknownMemberIdError.errno)
+            if expired:
+                self._after_departure(group, f"{len(expired)} member(s) expired")
+            self._maybe_complete_join(group, now)
+
+    def expire_offsets(self, now_ms: int) -> int:
+        """Drop the offsets of groups that have been empty for offsets.retention.minutes."""
+        horizon = self.settings.offsets_retention_minutes * 60_000
+        removed = 0
+        for group in list(self._groups.values()):
+            if group.state is GroupState.EMPTY and now_ms - group.state_since_ms >= horizon:
+                removed += self.offsets.delete(group.group_id)
+                del self._groups[group.group_id]
+                log.info(
+                    "group %r empty for %d min: offsets expired", group.group_id, horizon // 60_000
+                )
+        return removed
+
+    # -- offsets ----------------------------------------------------------------------------------
+    def commit(
+        self,
+        group_id: str,
+        generation: int,
+        member_id: str,
+        instance_id: str | None,
+        offsets: Mapping[TopicPartition, OffsetAndMetadata],
+    ) -> None:
+        group = self._groups.get(group_id)
+        if generation < 0 and not member_id:
+            # A consumer that assigns its own partitions commits without membership,
+            # which only an empty group allows.
+            if group is not None and group.members:
+                raise UnknownMemberIdError(f"group {group_id!r} has members; commit as one of them")
+            if group is None:
+                group = self._groups[group_id] = Group(group_id, state_since_ms=_now_ms())
+        else:
+            group, member = self._member(group_id, member_id, instance_id, generation)
+            member.last_heartbeat = _loop_time()
+            if group.state is GroupState.COMPLETING_REBALANCE:
+                raise RebalanceInProgressError()
+        self.offsets.commit(group_id, offsets)
+
+    def delete_group(self, group_id: str) -> None:
+        group = self._groups.get(group_id)
+        if group is None or group.state is GroupState.DEAD:
+            raise GroupIdNotFoundError(f"group {group_id!r} does not exist")
+        if group.state is not GroupState.EMPTY:
+            raise NonEmptyGroupError(f"group {group_id!r} has {len(group.members)} members")
+        _set_state(group, GroupState.DEAD)
+        self.offsets.delete(group_id)
+        del self._groups[group_id]
+        log.info("deleted group %r", group_id)
+
+
+def _new_member(req: JoinRequest, member_id: str, now: float) -> Member:
+    return Member(
+        member_id=member_id,
+        group_instance_id=req.group_instance_id,
+        client_id=req.client_id,
+        client_host=req.client_host,
+        session_timeout_ms=req.session_timeout_ms,
+        rebalance_timeout_ms=req.rebalance_timeout_ms,
+        protocol_type=req.protocol_type,
+        protocols=req.protocols,
+        last_heartbeat=now,
+    )
+
+
+def _fail_waiters(member: Member, error: int) -> None:
+    if member.join_waiter is not None and not member.join_waiter.done():
+        member.join_waiter.set_result(JoinResult(error, -1, None, None, "", member.member_id, []))
+    if member.sync_waiter is not None and not member.sync_waiter.done():
+        member.sync_waiter.set_result((error, b""))
+
+
+def _error_for(code: int) -> StreamBusError:
+    return ERROR_BY_CODE.get(code, StreamBusError)()
+
+
+def _set_state(group: Group, state: GroupState) -> None:
+    group.state = state
+    group.state_since_ms = _now_ms()
+
+
+def _loop_time() -> float:
+    return time.monotonic()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

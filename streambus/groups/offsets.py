@@ -1,0 +1,202 @@
+"""Committed offsets, kept durably in the broker's own log (the ``__consumer_offsets`` topic).
+
+Each commit appends one record batch to the partition of ``__consumer_offsets``
+that the group hashes to, through the same append path as any produce, so a
+commit that was acknowledged survives a crash of the broker process. The
+topic is compacted: the latest record per (group, topic, partition) key is the
+committed offset; a tombstone (null value) deletes it. On start the topic is
+read back in full to rebuild the in-memory table.
+
+Keys and values use Kafka's own formats, so tools that understand Kafka's
+``__consumer_offsets`` can read them.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from streambus.storage import LogManager, build_batch, iter_records
+from streambus.storage.batch import walk_batches
+from streambus.structs import TopicPartition
+
+log = logging.getLogger("streambus.groups")
+
+OFFSETS_TOPIC = "__consumer_offsets"
+
+# Offset commit key, version 1 (Kafka's OffsetCommitKey):
+#   version    int16   1
+#   group      string  int16 length + UTF-8
+#   topic      string  int16 length + UTF-8
+#   partition  int32
+_KEY_VERSION = struct.Struct(">h")
+_STRING_LENGTH = struct.Struct(">h")
+_PARTITION = struct.Struct(">i")
+KEY_VERSION = 1
+
+# Offset commit value, version 3 (Kafka's OffsetCommitValue):
+#   version           int16   3
+#   offset            int64   the next offset the group will read
+#   leader_epoch      int32   -1 when the client did not say
+#   metadata          string  int16 length + UTF-8, client-chosen
+#   commit_timestamp  int64   ms since the epoch, broker clock
+_VALUE_HEAD = struct.Struct(">hqi")
+_TIMESTAMP = struct.Struct(">q")
+VALUE_VERSION = 3
+
+
+class OffsetAndMetadata(NamedTuple):
+    offset: int
+    leader_epoch: int
+    metadata: str
+    commit_timestamp_ms: int
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return _STRING_LENGTH.pack(len(raw)) + raw
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int]:
+    (length,) = _STRING_LENGTH.unpack_from(data, pos)
+    pos += _STRING_LENGTH.size
+    return data[pos : pos + length].decode(), pos + length
+
+
+def encode_key(group: str, tp: TopicPartition) -> bytes:
+    return (
+        _KEY_VERSION.pack(KEY_VERSION)
+        + _string(group)
+        + _string(tp.topic)
+        + _PARTITION.pack(tp.partition)
+    )
+
+
+def decode_key(data: bytes) -> tuple[str, TopicPartition] | None:
+    """(group, partition) of an offset-commit key; None for Kafka's other key kinds."""
+    (version,) = _KEY_VERSION.unpack_from(data, 0)
+    if version not in (0, 1):
+        return None  # group metadata (2) and anything newer: not offsets
+    group, pos = _read_string(data, 2)
+    topic, pos = _read_string(data, pos)
+    (partition,) = _PARTITION.unpack_from(data, pos)
+    return group, TopicPartition(topic, partition)
+
+
+def encode_value(value: OffsetAndMetadata) -> bytes:
+    return (
+        _VALUE_HEAD.pack(VALUE_VERSION, value.offset, value.leader_epoch)
+        + _string(value.metadata)
+        + _TIMESTAMP.pack(value.commit_timestamp_ms)
+    )
+
+
+def decode_value(data: bytes) -> OffsetAndMetadata:
+    version, offset, epoch = _VALUE_HEAD.unpack_from(data, 0)
+    if version < 3:
+        raise ValueError(f"offset value version {version} is not written by StreamBus")
+    metadata, pos = _read_string(data, _VALUE_HEAD.size)
+    (timestamp,) = _TIMESTAMP.unpack_from(data, pos)
+    return OffsetAndMetadata(offset, epoch, metadata, timestamp)
+
+
+@dataclass
+class OffsetStore:
+    """The committed-offsets table, mirrored to ``__consumer_offsets``."""
+
+    logs: LogManager
+    partitions: int
+
+    def __post_init__(self) -> None:
+        self._offsets: dict[str, dict[TopicPartition, OffsetAndMetadata]] = {}
+
+    def partition_for(self, group: str) -> TopicPartition:
+        # A stable hash (not Python's salted one): a group keeps its partition across restarts.
+        return TopicPartition(OFFSETS_TOPIC, zlib.crc32(group.encode()) % self.partitions)
+
+    def ensure_topic(self) -> None:
+        if OFFSETS_TOPIC not in self.logs.topics():
+            self.logs.create_topic(
+                OFFSETS_TOPIC,
+                self.partitions,
+                {"cleanup.policy": "compact", "segment.bytes": str(100 * 1024 * 1024)},
+                internal=True,
+            )
+
+    def load(self) -> int:
+        """Rebuild the table from the log; returns the number of committed offsets loaded."""
+        if OFFSETS_TOPIC not in self.logs.topics():
+            return 0
+        for partition in range(self.logs.topics()[OFFSETS_TOPIC].partitions):
+            plog = self.logs.log(TopicPartition(OFFSETS_TOPIC, partition))
+            offset = plog.log_start_offset
+            while offset < plog.log_end_offset:
+                data = plog.read(offset, 4 * 1024 * 1024)
+                if not data:
+                    break
+                for pos, header in walk_batches(data):
+                    for record in iter_records(data, pos, header):
+                        self._apply(record.key, record.value)
+                    offset = header.last_offset + 1
+        return sum(len(v) for v in self._offsets.values())
+
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        try:
+            decoded = decode_key(key)
+            if decoded is None:
+                return
+            group, tp = decoded
+            if value is None:
+                table = self._offsets.get(group)
+                if table is not None:
+                    table.pop(tp, None)
+                    if not table:
+                        del self._offsets[group]
+                return
+            self._offsets.setdefault(group, {})[tp] = decode_value(value)
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            log.warning("skipping unreadable record in %s: %s", OFFSETS_TOPIC, exc)
+
+    def commit(self, group: str, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None:
+        """Durably record ``offsets``; raises the storage error if the append fails."""
+        if not offsets:
+            return
+        self._write(group, [(tp, encode_value(v)) for tp, v in offsets.items()])
+        self._offsets.setdefault(group, {}).update(offsets)
+
+    def delete(self, group: str, tps: Iterable[TopicPartition] | None = None) -> int:
+        """Tombstone a group's offsets (all of them by default); returns how many were removed."""
+        table = self._offsets.get(group, {})
+        targets = list(table) if tps is None else [tp for tp in tps if tp in table]
+        if not targets:
+            return 0
+        self._write(group, [(tp, None) for tp in targets])
+        for tp in targets:
+            del table[tp]
+        if not table:
+            self._offsets.pop(group, None)
+        return len(targets)
+
+    def _write(self, group: str, entries: list[tuple[TopicPartition, bytes | None]]) -> None:
+        self.ensure_topic()
+        now = int(time.time() * 1000)
+        batch = build_batch([(encode_key(group, tp), value, (), now) for tp, value in entries])
+        self.logs.log(self.partition_for(group)).append(batch)
+
+    def fetch(self, group: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
+        return self._offsets.get(group, {})
+
+    def groups(self) -> Iterator[str]:
+        return iter(list(self._offsets))
+
+    def committed(self) -> Iterator[tuple[str, TopicPartition, int]]:
+        for group, table in self._offsets.items():
+            for tp, value in table.items():
+                yield group, tp, value.offset
