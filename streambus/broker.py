@@ -21,11 +21,12 @@ from pathlib import Path
 from opentelemetry import metrics, trace
 
 from streambus.config import BrokerConfig
+from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
 from streambus.producer_ids import ProducerIdAllocator
 
 # Importing the handler modules registers them in the dispatch table.
-from streambus.protocol import admin, fetch, metadata, produce  # noqa: F401
+from streambus.protocol import admin, fetch, groups, metadata, produce  # noqa: F401
 from streambus.server import KafkaServer
 from streambus.storage import LogManager, TopicMeta
 from streambus.structs import TopicPartition
@@ -55,6 +56,16 @@ class Broker:
         self.logs = LogManager(self.data_dir, config.topic_defaults)
         self.telemetry = BrokerTelemetry(self, config.broker_id, meter_provider, tracer_provider)
         self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids")
+        self.groups = GroupCoordinator(
+            self.logs,
+            GroupSettings(
+                initial_rebalance_delay_ms=config.group_initial_rebalance_delay_ms,
+                min_session_timeout_ms=config.group_min_session_timeout_ms,
+                max_session_timeout_ms=config.group_max_session_timeout_ms,
+                offsets_retention_minutes=config.offsets_retention_minutes,
+                offsets_topic_partitions=config.offsets_topic_num_partitions,
+            ),
+        )
         self.cluster_id = ""
         self._server = KafkaServer(self, config.host, config.port, config.max_request_bytes)
         self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
@@ -73,12 +84,14 @@ class Broker:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.cluster_id = self._load_cluster_id()
             self.logs.load()
+            self.groups.load()
             await self._server.start()
         except BaseException:
             self.logs.close()
             self.status = BrokerStatus.STOPPED
             raise
         self._maintenance = asyncio.create_task(self._maintain(), name="streambus-maintenance")
+        self.groups.start()
         self.status = BrokerStatus.RUNNING
         log.info(
             "broker %d running: cluster %s, %d topics, data in %s",
@@ -94,6 +107,7 @@ class Broker:
         self.status = BrokerStatus.STOPPING
         log.info("broker %d stopping", self.broker_id)
         self._wake_all()
+        await self.groups.stop()  # answers waiting JoinGroup/SyncGroup calls so they finish now
         await self._server.stop(self.config.shutdown_timeout_s)
         if self._maintenance is not None:
             self._maintenance.cancel()
@@ -187,7 +201,9 @@ class Broker:
         while True:
             await asyncio.sleep(interval)
             try:
-                report = self.logs.maintenance(int(time.time() * 1000))
+                now_ms = int(time.time() * 1000)
+                self.groups.expire_offsets(now_ms)
+                report = self.logs.maintenance(now_ms)
             except Exception:
                 log.exception("log maintenance failed; will retry in %.0fs", interval)
                 continue
@@ -234,13 +250,25 @@ class Broker:
         return sum(1 for meta in self.logs.topics().values() if not meta.internal)
 
     def partition_count(self) -> int:
-        return sum(meta.partitions for meta in self.logs.topics().values())
+        return sum(meta.partitions for meta in self.logs.topics().values() if not meta.internal)
 
     def segment_count(self) -> int:
         return self.logs.total_segments()
 
     def storage_used_bytes(self) -> int:
         return self.logs.total_size_bytes()
+
+    def group_count(self) -> int:
+        return sum(1 for g in self.groups.groups().values() if g.state is not GroupState.DEAD)
+
+    def group_member_counts(self) -> Iterable[tuple[str, int]]:
+        for group in self.groups.groups().values():
+            if group.state is not GroupState.DEAD:
+                yield group.group_id, len(group.members)
+
+    def group_lags(self) -> Iterable[tuple[str, str, int, int]]:
+        for group, tp, lag in self.groups.lags():
+            yield group, tp.topic, tp.partition, lag
 
     def storage_available_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0

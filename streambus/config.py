@@ -39,6 +39,12 @@ class BrokerConfig:
     max_request_bytes: int = 100 * 1024 * 1024  # Kafka's socket.request.max.bytes
     maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks
     shutdown_timeout_s: float = 30.0
+    # Consumer groups, named as Kafka names them (group.initial.rebalance.delay.ms, ...)
+    group_initial_rebalance_delay_ms: int = 3000
+    group_min_session_timeout_ms: int = 6000
+    group_max_session_timeout_ms: int = 1_800_000
+    offsets_retention_minutes: int = 7 * 24 * 60
+    offsets_topic_num_partitions: int = 10
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property

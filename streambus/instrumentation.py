@@ -17,11 +17,13 @@ much as the ``add`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Link, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -47,6 +49,9 @@ class BrokerStats(Protocol):
     def segment_count(self) -> int: ...
     def storage_used_bytes(self) -> int: ...
     def storage_available_bytes(self) -> int: ...
+    def group_count(self) -> int: ...
+    def group_member_counts(self) -> Iterable[tuple[str, int]]: ...
+    def group_lags(self) -> Iterable[tuple[str, str, int, int]]: ...  # group, topic, partition, lag
 
 
 class BrokerTelemetry:
@@ -115,6 +120,21 @@ class BrokerTelemetry:
         self._consume_latency = meter.create_histogram(
             "streambus.consume.latency", "s", "Consume (Fetch) request latency in seconds"
         )
+        self._commit_latency = meter.create_histogram(
+            "streambus.commit.latency", "s", "Offset commit (OffsetCommit) latency in seconds"
+        )
+        meter.create_observable_gauge(
+            "streambus.consumer_group.members.total",
+            [self._observe_many("group members", self._group_members)],
+            unit="{member}",
+            description="Consumer group members",
+        )
+        meter.create_observable_gauge(
+            "streambus.consumer_group.lag",
+            [self._observe_many("group lag", self._group_lags)],
+            unit="{message}",
+            description="Consumer group lag: log end offset minus committed offset",
+        )
 
         gauges: Sequence[tuple[str, str, str, Callable[[], float]]] = (
             ("streambus.broker.uptime", "s", "Broker uptime in seconds", stats.uptime_seconds),
@@ -151,6 +171,12 @@ class BrokerTelemetry:
                 stats.partition_count,
             ),
             ("streambus.segments.total", "{segment}", "Total log segments", stats.segment_count),
+            (
+                "streambus.consumer_groups.total",
+                "{group}",
+                "Total consumer groups",
+                stats.group_count,
+            ),
             (
                 "streambus.storage.used",
                 "By",
@@ -206,6 +232,27 @@ class BrokerTelemetry:
 
         return callback
 
+    def _observe_many(
+        self, what: str, read: Callable[[], Iterable[Observation]]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            try:
+                return list(read())
+            except Exception:  # a failed reading must not break the scrape of every other metric
+                log.exception("reading %s failed", what)
+                return []
+
+        return callback
+
+    def _group_members(self) -> Iterable[Observation]:
+        for group, count in self._stats.group_member_counts():
+            yield Observation(count, {**self._base, "group": group})
+
+    def _group_lags(self) -> Iterable[Observation]:
+        for group, topic, partition, lag in self._stats.group_lags():
+            attrs = {**self._base, "group": group, "topic": topic, "partition": str(partition)}
+            yield Observation(lag, attrs)
+
     # -- events the broker reports ------------------------------------------------------
     def request_done(self, api: str, bytes_in: int, bytes_out: int) -> None:
         attrs = self._api_attrs.get(api)
@@ -244,6 +291,28 @@ class BrokerTelemetry:
     def consume_latency(self, topic: str, seconds: float) -> None:
         self._consume_latency.record(seconds, self.topic_attrs(topic))
 
+    def commit_latency(self, group: str, seconds: float) -> None:
+        self._commit_latency.record(seconds, {**self._base, "group": group})
+
+    @contextlib.contextmanager
+    def group_span(self, operation: str, group: str, member_id: str) -> Iterator[trace.Span]:
+        """A span for one group round trip (join, sync, commit), so rebalances show in traces."""
+        span = self.tracer.start_span(
+            f"{operation} {group}",
+            Context(),
+            SpanKind.SERVER,
+            {
+                "messaging.system": "kafka",
+                "messaging.operation.name": operation,
+                "messaging.consumer.group.name": group,
+                "streambus.member_id": member_id,
+            },
+        )
+        try:
+            yield span
+        finally:
+            span.end()
+
     def compactions(self, count: int) -> None:
         if count:
             self._compactions.add(count, self._base)
@@ -280,4 +349,4 @@ class BrokerTelemetry:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(producer_contexts[0]))
             return self.tracer.start_span(name, parent, SpanKind.SERVER, attributes)
         links = [Link(c) for c in producer_contexts]
-        return self.tracer.start_span(name, None, SpanKind.SERVER, attributes, links)
+        return self.tracer.start_span(name, Context(), SpanKind.SERVER, attributes, links)

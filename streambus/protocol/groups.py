@@ -1,0 +1,384 @@
+"""The group APIs: FindCoordinator, JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit,
+OffsetFetch, ListGroups, DescribeGroups, DeleteGroups. This broker coordinates every group."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from kafka.protocol.admin import (
+    DeleteGroupsRequest,
+    DeleteGroupsResponse,
+    DescribeGroupsRequest,
+    DescribeGroupsResponse,
+    ListGroupsRequest,
+    ListGroupsResponse,
+)
+from kafka.protocol.consumer import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    JoinGroupRequest,
+    JoinGroupResponse,
+    LeaveGroupRequest,
+    LeaveGroupResponse,
+    OffsetCommitRequest,
+    OffsetCommitResponse,
+    OffsetFetchRequest,
+    OffsetFetchResponse,
+    SyncGroupRequest,
+    SyncGroupResponse,
+)
+from kafka.protocol.metadata import FindCoordinatorRequest, FindCoordinatorResponse
+
+from streambus.errors import (
+    CoordinatorNotAvailableError,
+    InvalidGroupIdError,
+    MemberIdRequiredError,
+    OffsetMetadataTooLargeError,
+    StreamBusError,
+    UnknownTopicOrPartitionError,
+    error_name,
+)
+from streambus.groups import GroupState, JoinRequest, OffsetAndMetadata
+from streambus.protocol.apis import RequestContext, api
+from streambus.structs import TopicPartition
+
+if TYPE_CHECKING:
+    from streambus.broker import Broker
+
+log = logging.getLogger("streambus.protocol")
+
+GROUP_KEY = 0  # FindCoordinator key type; 1 is transactions, which StreamBus does not have
+
+
+@api(FindCoordinatorRequest, FindCoordinatorResponse, versions=(0, 4))
+async def handle_find_coordinator(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = FindCoordinatorResponse
+    host, port = broker.advertised_address
+    key_type = getattr(request, "key_type", GROUP_KEY)
+    error, message = 0, None
+    if key_type != GROUP_KEY:
+        error = CoordinatorNotAvailableError.errno
+        message = "transactions are not supported by this broker"
+        broker.telemetry.error("FindCoordinator", CoordinatorNotAvailableError.kafka_name)
+    if ctx.api_version >= 4:
+        return R(
+            throttle_time_ms=0,
+            coordinators=[
+                R.Coordinator(
+                    key=key,
+                    node_id=broker.broker_id,
+                    host=host,
+                    port=port,
+                    error_code=error,
+                    error_message=message,
+                )
+                for key in request.coordinator_keys
+            ],
+        )
+    return R(
+        throttle_time_ms=0,
+        error_code=error,
+        error_message=message,
+        node_id=broker.broker_id,
+        host=host,
+        port=port,
+    )
+
+
+@api(JoinGroupRequest, JoinGroupResponse, versions=(0, 9))
+async def handle_join_group(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = JoinGroupResponse
+    version = ctx.api_version
+    # v0 has no rebalance timeout: Kafka uses the session timeout for both
+    rebalance_timeout = request.rebalance_timeout_ms if version >= 1 else -1
+    if rebalance_timeout <= 0:
+        rebalance_timeout = request.session_timeout_ms
+    join = JoinRequest(
+        group_id=request.group_id,
+        member_id=request.member_id or "",
+        group_instance_id=request.group_instance_id if version >= 5 else None,
+        client_id=ctx.client_id or "",
+        client_host=ctx.peer.rsplit(":", 1)[0],
+        session_timeout_ms=request.session_timeout_ms,
+        rebalance_timeout_ms=rebalance_timeout,
+        protocol_type=request.protocol_type,
+        protocols=[(p.name, bytes(p.metadata)) for p in request.protocols],
+        require_known_member_id=version >= 4,
+    )
+
+    def failed(code: int, member_id: str = "") -> Any:
+        broker.telemetry.error("JoinGroup", error_name(code))
+        return R(
+            throttle_time_ms=0,
+            error_code=code,
+            generation_id=-1,
+            protocol_type=None,
+            protocol_name=None if version >= 7 else "",
+            leader="",
+            member_id=member_id,
+            members=[],
+        )
+
+    with broker.telemetry.group_span("join", join.group_id, join.member_id) as span:
+        try:
+            result = await broker.groups.join(join)
+        except MemberIdRequiredError as exc:
+            span.set_attribute("streambus.member_id", exc.member_id)
+            return failed(exc.errno, exc.member_id)
+        except StreamBusError as exc:
+            log.info("JoinGroup %r from %s refused: %s", join.group_id, ctx.client_id, exc)
+            span.set_attribute("streambus.error", exc.kafka_name)
+            return failed(exc.errno, join.member_id)
+        if result.error:
+            return failed(result.error, result.member_id)
+        span.set_attribute("streambus.generation", result.generation)
+        span.set_attribute("streambus.member_id", result.member_id)
+    return R(
+        throttle_time_ms=0,
+        error_code=0,
+        generation_id=result.generation,
+        protocol_type=result.protocol_type,
+        protocol_name=result.protocol,
+        leader=result.leader,
+        skip_assignment=False,
+        member_id=result.member_id,
+        members=[
+            R.JoinGroupResponseMember(member_id=mid, group_instance_id=iid, metadata=meta)
+            for mid, iid, meta in result.members
+        ],
+    )
+
+
+@api(SyncGroupRequest, SyncGroupResponse, versions=(0, 5))
+async def handle_sync_group(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    version = ctx.api_version
+    group = broker.groups.groups().get(request.group_id)
+    with broker.telemetry.group_span("sync", request.group_id, request.member_id) as span:
+        try:
+            assignment = await broker.groups.sync(
+                request.group_id,
+                generation=request.generation_id,
+                member_id=request.member_id,
+                instance_id=request.group_instance_id if version >= 3 else None,
+                protocol_type=request.protocol_type if version >= 5 else None,
+                protocol=request.protocol_name if version >= 5 else None,
+                assignments=[(a.member_id, bytes(a.assignment)) for a in request.assignments],
+            )
+            error = 0
+        except StreamBusError as exc:
+            if exc.errno not in (27,):  # a rebalance is routine, not a failure
+                log.info("SyncGroup %r from %s refused: %s", request.group_id, ctx.client_id, exc)
+            broker.telemetry.error("SyncGroup", exc.kafka_name)
+            span.set_attribute("streambus.error", exc.kafka_name)
+            assignment, error = b"", exc.errno
+        span.set_attribute("streambus.generation", request.generation_id)
+    return SyncGroupResponse(
+        throttle_time_ms=0,
+        error_code=error,
+        protocol_type=group.protocol_type if group is not None and not error else None,
+        protocol_name=group.protocol if group is not None and not error else None,
+        assignment=assignment,
+    )
+
+
+@api(HeartbeatRequest, HeartbeatResponse, versions=(0, 4))
+async def handle_heartbeat(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    error = 0
+    try:
+        broker.groups.heartbeat(
+            request.group_id,
+            request.generation_id,
+            request.member_id,
+            request.group_instance_id if ctx.api_version >= 3 else None,
+        )
+    except StreamBusError as exc:
+        broker.telemetry.error("Heartbeat", exc.kafka_name)
+        error = exc.errno
+    return HeartbeatResponse(throttle_time_ms=0, error_code=error)
+
+
+@api(LeaveGroupRequest, LeaveGroupResponse, versions=(0, 5))
+async def handle_leave_group(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = LeaveGroupResponse
+    if ctx.api_version < 3:
+        leaving = [(request.member_id, None)]
+    else:
+        leaving = [(m.member_id, m.group_instance_id) for m in request.members]
+    results = []
+    for member_id, instance_id in leaving:
+        error = 0
+        try:
+            broker.groups.leave(request.group_id, member_id, instance_id)
+        except StreamBusError as exc:
+            broker.telemetry.error("LeaveGroup", exc.kafka_name)
+            error = exc.errno
+        results.append(
+            R.MemberResponse(member_id=member_id, group_instance_id=instance_id, error_code=error)
+        )
+    top = next((r.error_code for r in results if r.error_code), 0)
+    return R(throttle_time_ms=0, error_code=top, members=results)
+
+
+@api(OffsetCommitRequest, OffsetCommitResponse, versions=(0, 9))
+async def handle_offset_commit(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = OffsetCommitResponse
+    started = time.perf_counter()
+    version = ctx.api_version
+    group_id = request.group_id
+    limit = broker.groups.settings.offset_metadata_max_bytes
+    now_ms = int(time.time() * 1000)
+    topics = broker.logs.topics()
+    errors: dict[TopicPartition, int] = {}
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for topic in request.topics:
+        meta = topics.get(topic.name)
+        for p in topic.partitions:
+            tp = TopicPartition(topic.name, p.partition_index)
+            metadata = p.committed_metadata or ""
+            if meta is None or not 0 <= tp.partition < meta.partitions:
+                errors[tp] = UnknownTopicOrPartitionError.errno
+            elif len(metadata.encode()) > limit:
+                errors[tp] = OffsetMetadataTooLargeError.errno
+            else:
+                epoch = p.committed_leader_epoch if version >= 6 else -1
+                offsets[tp] = OffsetAndMetadata(p.committed_offset, epoch, metadata, now_ms)
+    with broker.telemetry.group_span("commit", group_id, getattr(request, "member_id", "")) as span:
+        group_error = 0
+        try:
+            if not group_id:
+                raise InvalidGroupIdError("group id must not be empty")
+            broker.groups.commit(
+                group_id,
+                request.generation_id_or_member_epoch if version >= 1 else -1,
+                request.member_id if version >= 1 else "",
+                request.group_instance_id if version >= 7 else None,
+                offsets,
+            )
+        except StreamBusError as exc:
+            log.info("OffsetCommit %r from %s refused: %s", group_id, ctx.client_id, exc)
+            span.set_attribute("streambus.error", exc.kafka_name)
+            group_error = exc.errno
+        span.set_attribute("messaging.batch.message_count", len(offsets))
+    by_topic: dict[str, list[Any]] = {}
+    for topic in request.topics:
+        for p in topic.partitions:
+            tp = TopicPartition(topic.name, p.partition_index)
+            code = errors.get(tp, group_error)
+            if code:
+                broker.telemetry.error("OffsetCommit", error_name(code))
+            by_topic.setdefault(topic.name, []).append(
+                R.OffsetCommitResponseTopic.OffsetCommitResponsePartition(
+                    partition_index=p.partition_index, error_code=code
+                )
+            )
+    broker.telemetry.commit_latency(group_id, time.perf_counter() - started)
+    return R(
+        throttle_time_ms=0,
+        topics=[R.OffsetCommitResponseTopic(name=n, partitions=ps) for n, ps in by_topic.items()],
+    )
+
+
+@api(OffsetFetchRequest, OffsetFetchResponse, versions=(0, 7))
+async def handle_offset_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = OffsetFetchResponse
+    T = R.OffsetFetchResponseTopic
+    committed = broker.groups.offsets.fetch(request.group_id)
+    if request.topics is None:
+        wanted: dict[str, list[int]] = {}
+        for tp in committed:
+            wanted.setdefault(tp.topic, []).append(tp.partition)
+    else:
+        wanted = {t.name: list(t.partition_indexes) for t in request.topics}
+    topics = []
+    for name, partitions in wanted.items():
+        parts = []
+        for partition in sorted(partitions):
+            value = committed.get(TopicPartition(name, partition))
+            parts.append(
+                T.OffsetFetchResponsePartition(
+                    partition_index=partition,
+                    committed_offset=value.offset if value else -1,
+                    committed_leader_epoch=value.leader_epoch if value else -1,
+                    metadata=value.metadata if value else "",
+                    error_code=0,
+                )
+            )
+        topics.append(T(name=name, partitions=parts))
+    return R(throttle_time_ms=0, topics=topics, error_code=0)
+
+
+@api(ListGroupsRequest, ListGroupsResponse, versions=(0, 4))
+async def handle_list_groups(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = ListGroupsResponse
+    states = set(request.states_filter) if ctx.api_version >= 4 else set()
+    listed = [
+        R.ListedGroup(
+            group_id=group.group_id,
+            protocol_type=group.protocol_type or "",
+            group_state=group.state.value,
+        )
+        for group in broker.groups.groups().values()
+        if not states or group.state.value in states
+    ]
+    return R(throttle_time_ms=0, error_code=0, groups=listed)
+
+
+@api(DescribeGroupsRequest, DescribeGroupsResponse, versions=(0, 5))
+async def handle_describe_groups(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = DescribeGroupsResponse
+    G = R.DescribedGroup
+    described = []
+    for group_id in request.groups:
+        group = broker.groups.groups().get(group_id)
+        if group is None:
+            # Kafka describes an unknown group as Dead rather than failing.
+            described.append(
+                G(
+                    error_code=0,
+                    group_id=group_id,
+                    group_state=GroupState.DEAD.value,
+                    protocol_type="",
+                    protocol_data="",
+                    members=[],
+                )
+            )
+            continue
+        stable = group.state is GroupState.STABLE
+        described.append(
+            G(
+                error_code=0,
+                group_id=group_id,
+                group_state=group.state.value,
+                protocol_type=group.protocol_type or "",
+                protocol_data=group.protocol or "",
+                members=[
+                    G.DescribedGroupMember(
+                        member_id=m.member_id,
+                        group_instance_id=m.group_instance_id,
+                        client_id=m.client_id,
+                        client_host=m.client_host,
+                        member_metadata=m.metadata(group.protocol or ""),
+                        member_assignment=m.assignment if stable else b"",
+                    )
+                    for m in group.members.values()
+                ],
+            )
+        )
+    return R(throttle_time_ms=0, groups=described)
+
+
+@api(DeleteGroupsRequest, DeleteGroupsResponse, versions=(0, 2))
+async def handle_delete_groups(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+    R = DeleteGroupsResponse
+    results = []
+    for group_id in request.groups_names:
+        error = 0
+        try:
+            broker.groups.delete_group(group_id)
+        except StreamBusError as exc:
+            broker.telemetry.error("DeleteGroups", exc.kafka_name)
+            error = exc.errno
+        results.append(R.DeletableGroupResult(group_id=group_id, error_code=error))
+    return R(throttle_time_ms=0, results=results)
