@@ -45,6 +45,11 @@ def test_example_runs_serves_metrics_and_exits_zero_on_ctrl_c() -> None:
         assert total(samples, "streambus_messages_produced_total") == 120
         assert total(samples, "streambus_messages_consumed_total") == 120
         assert total(samples, "streambus_broker_status") == 2
+        assert (
+            total(samples, "streambus_consumer_group_members_total", group="observability-example")
+            == 1
+        )
+        assert total(samples, "streambus_consumer_group_lag", group="observability-example") == 0
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
     finally:
@@ -54,6 +59,7 @@ def test_example_runs_serves_metrics_and_exits_zero_on_ctrl_c() -> None:
     assert "Messages produced:    120" in output
     assert "Messages consumed:    120" in output
     assert "Bytes produced:       0" not in output
+    assert "group observability-example: 1 member(s), lag 0 messages" in output
     trace_lines = output.split("=== Trace ", 1)[1].splitlines()
     assert "[PRODUCER]" in trace_lines[1]
     assert any("produce observability-demo [SERVER]" in line for line in trace_lines)

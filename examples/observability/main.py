@@ -7,7 +7,7 @@ Steps (the seed's nine):
  4. start an embedded broker on 127.0.0.1:9092 with a temporary data directory
  5. create a topic with 3 partitions
  6. produce 100 messages with confluent-kafka, instrumented by its OpenTelemetry contrib package
- 7. consume them with an instrumented confluent-kafka consumer
+ 7. consume them through a consumer group with an instrumented confluent-kafka consumer
  8. print a summary read back from the metrics pipeline, and the span tree of one message
  9. serve /metrics until Ctrl+C, then shut down and exit 0
 
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -84,23 +84,30 @@ def produce(bootstrap: str, count: int, provider: TracerProvider) -> list[tuple[
     return delivered
 
 
+GROUP = "observability-example"
+
+
 def consume(
-    bootstrap: str, partitions: int, expect: int, provider: TracerProvider
-) -> list[tuple[int, int, str]]:
-    """(partition, offset, traceparent header) of every message read."""
+    bootstrap: str, expect: int, provider: TracerProvider
+) -> tuple[Any, list[tuple[int, int, str]]]:
+    """Read ``expect`` messages as a member of GROUP, committing as it goes.
+
+    Returns the consumer, still a member of the group (so the summary shows it),
+    and (partition, offset, traceparent header) of every message read.
+    """
     consumer = ConfluentKafkaInstrumentor.instrument_consumer(
         Consumer(
             {
                 "bootstrap.servers": bootstrap,
-                "group.id": "observability-example",
+                "group.id": GROUP,
+                "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
                 "log.connection.close": False,
             }
         ),
         tracer_provider=provider,
     )
-    # The contrib proxy forwards poll/consume but not assign.
-    consumer.original_consumer().assign([TopicPartition(TOPIC, p, 0) for p in range(partitions)])
+    consumer.subscribe([TOPIC])
     got: list[tuple[int, int, str]] = []
     deadline = time.monotonic() + 30
     while len(got) < expect and time.monotonic() < deadline:
@@ -109,8 +116,10 @@ def consume(
                 headers = dict(message.headers() or [])
                 traceparent = (headers.get("traceparent") or b"").decode()
                 got.append((message.partition(), message.offset(), traceparent))
-    consumer.close()  # also ends the consumer span of the last batch
-    return got
+        if got:
+            consumer.commit(asynchronous=False)
+    consumer.poll(0.1)  # the instrumentation ends the last batch's span on the next poll
+    return consumer, got
 
 
 # -- step 8: what the metrics pipeline measured --------------------------------------------
@@ -202,7 +211,17 @@ def print_summary(samples: Samples) -> None:
     for labels, v in samples.get("streambus_network_requests_total", []):
         requests[labels["api"]] += v
     print("Requests by API:      " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(requests.items())))
-    print(f"Errors:               {value(samples, 'streambus_network_errors_total'):.0f}")
+    print(f"Consumer groups:      {value(samples, 'streambus_consumer_groups_total'):.0f}")
+    for labels, members in samples.get("streambus_consumer_group_members_total", []):
+        group = labels["group"]
+        lag = value(samples, "streambus_consumer_group_lag", group=group)
+        print(f"  group {group}: {members:.0f} member(s), lag {lag:.0f} messages")
+    print(f"Commit latency:       {lat('streambus_commit_latency_seconds')}")
+    errors = defaultdict(float)
+    for labels, v in samples.get("streambus_network_errors_total", []):
+        errors[f"{labels['api']}/{labels['error']}"] += v
+    listed = ", ".join(f"{k} {v:.0f}" for k, v in sorted(errors.items()))
+    print(f"Errors returned:      {sum(errors.values()):.0f}" + (f" ({listed})" if listed else ""))
 
 
 # -- step 8, continued: one message's trace ---------------------------------------------------
@@ -302,10 +321,13 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 produce, broker.bootstrap, args.messages, tracer_provider
             )
             print(f"6.   Produced {len(delivered)} messages (confluent-kafka, instrumented)")
-            consumed = await asyncio.to_thread(
-                consume, broker.bootstrap, args.partitions, args.messages, tracer_provider
+            consumer, consumed = await asyncio.to_thread(
+                consume, broker.bootstrap, args.messages, tracer_provider
             )
-            print(f"7.   Consumed {len(consumed)} messages (confluent-kafka, instrumented)")
+            print(
+                f"7.   Consumed {len(consumed)} messages in consumer group {GROUP!r} "
+                "(confluent-kafka, instrumented)"
+            )
 
             print_summary(read_metrics(pipeline))
             # the first message of a partition: the first record of its batch
@@ -323,6 +345,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, stop.set)
                 await stop.wait()
+            await asyncio.to_thread(consumer.close)
         finally:
             await broker.stop()
             pipeline.shutdown()
