@@ -300,3 +300,17 @@ def test_offsets_topic_is_internal(broker: BrokerThread) -> None:
     assert total(s, "streambus_topics_total") == 1
     assert total(s, "streambus_partitions_total") == 1
     assert total(s, "streambus_consumer_groups_total") == 1
+
+
+def test_offsets_of_an_empty_group_expire_after_retention(broker: BrokerThread) -> None:
+    import time
+
+    with RawClient(broker.bootstrap) as c:
+        assert commit(c, -1, "", 9) == 0
+        assert fetch_committed(c) == 9
+        now_ms = int(time.time() * 1000)
+        assert broker.run(broker.broker.groups.expire_offsets, now_ms) == 0, "not yet"
+        eight_days = 8 * 24 * 3600 * 1000  # past the default offsets.retention.minutes (7 days)
+        assert broker.run(broker.broker.groups.expire_offsets, now_ms + eight_days) == 1
+        assert fetch_committed(c) == -1
+    assert total(broker.scrape(), "streambus_consumer_groups_total") == 0

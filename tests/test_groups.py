@@ -314,3 +314,46 @@ def test_group_rounds_and_commits_are_traced(tmp_path: Path) -> None:
     for span in exporter.get_finished_spans():
         if span.name.endswith(" traced"):
             assert (span.attributes or {})["messaging.consumer.group.name"] == "traced"
+
+
+def test_admin_lists_describes_and_deletes_groups(tmp_path: Path) -> None:
+    from confluent_kafka import ConsumerGroupState, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    with BrokerThread(tmp_path / "data", **GROUP_SETTINGS) as b:
+        b.run(b.broker.create_topic, "admin-topic", 2, {})
+        members: list[Member] = [
+            ConfluentMember(b.bootstrap, "admin-g", "admin-topic", f"m{i}") for i in range(2)
+        ]
+        for m in members:
+            m.start()
+        admin = AdminClient({"bootstrap.servers": b.bootstrap, "log.connection.close": False})
+        try:
+            wait_stable(members, 2)
+            produce(b.bootstrap, "admin-topic", [b"a", b"b", b"c", b"d"])
+            read_everything(members, {b"a", b"b", b"c", b"d"})
+            listed = admin.list_consumer_groups().result(10)
+            assert [g.group_id for g in listed.valid] == ["admin-g"]
+            (described,) = admin.describe_consumer_groups(["admin-g"]).values()
+            group = described.result(10)
+            assert group.state == ConsumerGroupState.STABLE
+            assert len(group.members) == 2
+            assigned = sorted(
+                p.partition for m in group.members for p in m.assignment.topic_partitions
+            )
+            assert assigned == [0, 1]
+            with pytest.raises(KafkaException, match="NON_EMPTY_GROUP"):
+                admin.delete_consumer_groups(["admin-g"])["admin-g"].result(10)
+        finally:
+            stop_all(members)
+        wait_until(
+            lambda: (
+                total(b.scrape(), "streambus_consumer_group_members_total", group="admin-g") == 0
+            )
+        )
+        admin.delete_consumer_groups(["admin-g"])["admin-g"].result(10)
+        s = b.scrape()
+        assert total(s, "streambus_consumer_groups_total") == 0
+        assert total(s, "streambus_consumer_group_lag", group="admin-g") == 0
+        with pytest.raises(KafkaException, match="GROUP_ID_NOT_FOUND"):
+            admin.delete_consumer_groups(["admin-g"])["admin-g"].result(10)
