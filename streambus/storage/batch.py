@@ -227,40 +227,66 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
 
     Also the broker's structural check of the records: every length must stay
     inside its record and the record count must match ``recordsCount``.
+
+    This runs for every produced batch, so the loop is written for speed: a
+    varint below 0x80 (one byte) is decoded inline, and only longer ones pay
+    for a call.
     """
     buf, i, end = _records_section(data, pos, header)
     total = 0
     varint = _varint
     try:
         for _ in range(header.records_count):
-            length, i = varint(buf, i)
+            b = buf[i]
+            if b < 0x80:
+                length, i = (b >> 1) ^ -(b & 1), i + 1
+            else:
+                length, i = varint(buf, i)
             record_end = i + length
             if length <= 0 or record_end > end:
                 raise InvalidRecordError(f"record length {length} runs past the batch")
-            i = _skip_varint(buf, _skip_varint(buf, i + 1))  # attributes, timestamp, offset
-            size, i = varint(buf, i)  # key
+            i += 1  # attributes
+            while buf[i] & 0x80:  # timestamp delta
+                i += 1
+            i += 1
+            while buf[i] & 0x80:  # offset delta
+                i += 1
+            i += 1
+            b = buf[i]  # key length
+            if b < 0x80:
+                size, i = (b >> 1) ^ -(b & 1), i + 1
+            else:
+                size, i = varint(buf, i)
             if size > 0:
                 total += size
                 i += size
             elif size < -1:
                 raise InvalidRecordError(f"record key length {size}")
-            size, i = varint(buf, i)  # value
+            b = buf[i]  # value length
+            if b < 0x80:
+                size, i = (b >> 1) ^ -(b & 1), i + 1
+            else:
+                size, i = varint(buf, i)
             if size > 0:
                 total += size
                 i += size
             elif size < -1:
                 raise InvalidRecordError(f"record value length {size}")
-            count, i = varint(buf, i)
-            for _ in range(count):
-                size, i = varint(buf, i)
-                if size < 0:
-                    raise InvalidRecordError("record header key is null")
-                total += size
-                i += size
-                size, i = varint(buf, i)
-                if size > 0:
+            b = buf[i]  # header count
+            if b:
+                count, i = varint(buf, i)
+                for _ in range(count):
+                    size, i = varint(buf, i)
+                    if size < 0:
+                        raise InvalidRecordError("record header key is null")
                     total += size
                     i += size
+                    size, i = varint(buf, i)
+                    if size > 0:
+                        total += size
+                        i += size
+            else:
+                i += 1
             if i != record_end:
                 raise InvalidRecordError(f"record fields do not fill its length {length}")
     except IndexError:
