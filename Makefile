@@ -5,11 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages the tests drive for real: a Prometheus server and promtool, kcat.
-DEB_PACKAGES := prometheus kcat
+# Debian packages the tests drive for real: a Prometheus server and promtool, Alertmanager, kcat.
+DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo test lint clean
+.PHONY: install deb demo test lint otelcol clean
 
 install: $(STAMP) deb
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 deb:
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v kcat >/dev/null; then \
-		echo "installing Debian packages: $(DEB_PACKAGES)"; \
+	@missing=""; \
+	for tool in prometheus promtool prometheus-alertmanager kcat; do \
+		command -v $$tool >/dev/null || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "missing:$$missing; installing Debian packages: $(DEB_PACKAGES)"; \
 		$(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(DEB_PACKAGES); \
 	fi
@@ -31,13 +35,18 @@ demo: $(STAMP)
 	$(BIN)/python examples/observability/main.py $(ARGS)
 
 # The lint gates run first: a type or lint error fails the build like a failing test.
-test: install lint
+test: install lint otelcol
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check streambus telemetry tests examples
 	$(BIN)/ruff format --check streambus telemetry tests examples
 	$(BIN)/mypy
+
+# The OpenTelemetry Collector, built with its official builder from deploy/otelcol/; the script
+# rebuilds only when the manifest changed (Go's caches make a rebuild take seconds).
+otelcol:
+	deploy/otelcol/build.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
