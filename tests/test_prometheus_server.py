@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,27 @@ SEED_QUERIES = [
 
 
 class PrometheusServer:
-    def __init__(self, workdir: Path, target: str, scrape_interval: str = "1s") -> None:
+    """A real Prometheus scraping ``target`` as job ``streambus``.
+
+    Optional: ``rule_files`` (rules files to load, evaluated every ``scrape_interval``),
+    ``alertmanagers`` (``host:port`` of Alertmanagers to send alerts to) and ``extra_args``
+    (more command-line flags, e.g. ``--rules.alert.resend-delay=1s``).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        target: str,
+        scrape_interval: str = "1s",
+        *,
+        rule_files: Sequence[Path] = (),
+        alertmanagers: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
-        config.write_text(
+        text = (
             "global:\n"
             f"  scrape_interval: {scrape_interval}\n"
             f"  evaluation_interval: {scrape_interval}\n"
@@ -47,6 +64,16 @@ class PrometheusServer:
             f"      - targets: ['{target}']\n"
             "        labels: {env: 'test', service: 'streambus'}\n"
         )
+        if rule_files:
+            text += "rule_files:\n" + "".join(f"  - '{path}'\n" for path in rule_files)
+        if alertmanagers:
+            text += (
+                "alerting:\n"
+                "  alertmanagers:\n"
+                "    - static_configs:\n"
+                f"        - targets: [{', '.join(repr(a) for a in alertmanagers)}]\n"
+            )
+        config.write_text(text)
         assert PROMETHEUS is not None
         self._log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -55,6 +82,7 @@ class PrometheusServer:
                 f"--config.file={config}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
+                *extra_args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
