@@ -341,6 +341,33 @@ class BrokerTelemetry:
                     break
         return list(seen.values())
 
+    def start_record_span(
+        self,
+        operation: str,
+        operation_type: str,
+        partitions: Sequence[tuple[str, int]],
+        message_count: int,
+        producer_contexts: Sequence[trace.SpanContext] = (),
+    ) -> trace.Span:
+        """The span of one Produce or Fetch request, named and attributed by the OTel
+        messaging conventions: ``<operation> <topic>`` when one topic is involved, with the
+        partition when there is one."""
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": "kafka",
+            "messaging.operation.name": operation,
+            "messaging.operation.type": operation_type,
+            "messaging.batch.message_count": message_count,
+        }
+        name = operation
+        topics = {topic for topic, _ in partitions}
+        if len(topics) == 1:
+            (topic,) = topics
+            attributes["messaging.destination.name"] = topic
+            name = f"{operation} {topic}"
+        if len(partitions) == 1:
+            attributes["messaging.destination.partition.id"] = str(partitions[0][1])
+        return self.start_span(name, attributes, producer_contexts)
+
     def start_span(
         self, name: str, attributes: Attrs, producer_contexts: Sequence[trace.SpanContext]
     ) -> trace.Span:

@@ -154,22 +154,11 @@ def _record_payload(record: Any) -> int:
 def _fetch_span(broker: Broker, reads: list[_Read], count: int) -> trace.Span:
     tel = broker.telemetry
     with_data = [r for r in reads if r.records]
-    topics = {r.topic for r in with_data}
-    attributes: dict[str, Any] = {
-        "messaging.system": "kafka",
-        "messaging.operation.name": "fetch",
-        "messaging.operation.type": "receive",
-        "messaging.batch.message_count": count,
-    }
-    name = "fetch"
-    if len(topics) == 1:
-        (topic,) = topics
-        attributes["messaging.destination.name"] = topic
-        name = f"fetch {topic}"
+    span = tel.start_record_span(
+        "fetch", "receive", [(r.topic, r.partition) for r in with_data], count
+    )
     if len(with_data) == 1:
-        attributes["messaging.destination.partition.id"] = str(with_data[0].partition)
-        attributes["messaging.kafka.offset"] = with_data[0].fetch_offset
-    span = tel.start_span(name, attributes, ())
+        span.set_attribute("messaging.kafka.offset", with_data[0].fetch_offset)
     if span.is_recording():
         # Links cost a scan of the records, so only spans that will be exported get them.
         traceparents: list[bytes] = []

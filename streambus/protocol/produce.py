@@ -129,7 +129,6 @@ def _append_one(
 def _start_span(broker: Broker, request: Any) -> trace.Span:
     """One SERVER span for the request, joined to the producers' traces from record headers."""
     tel = broker.telemetry
-    topics = {td.name for td in request.topic_data}
     partitions = [(td.name, pd.index) for td in request.topic_data for pd in td.partition_data]
     count = 0
     traceparents: list[bytes] = []
@@ -140,20 +139,8 @@ def _start_span(broker: Broker, request: Any) -> trace.Span:
                 traceparents += header_values(data, pos, header, TRACEPARENT, MAX_LINKS)
         except (StreamBusError, struct.error):
             continue  # the append rejects this batch and says why; the span just lacks its links
-    attributes: dict[str, Any] = {
-        "messaging.system": "kafka",
-        "messaging.operation.name": "produce",
-        "messaging.operation.type": "send",
-        "messaging.batch.message_count": count,
-    }
-    name = "produce"
-    if len(topics) == 1:
-        (topic,) = topics
-        attributes["messaging.destination.name"] = topic
-        name = f"produce {topic}"
-    if len(partitions) == 1:
-        attributes["messaging.destination.partition.id"] = str(partitions[0][1])
-    return tel.start_span(name, attributes, tel.contexts_from_traceparents(traceparents))
+    contexts = tel.contexts_from_traceparents(traceparents)
+    return tel.start_record_span("produce", "send", partitions, count, contexts)
 
 
 def _finish_span(span: trace.Span, topics_out: list[Any]) -> None:
