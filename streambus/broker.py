@@ -23,6 +23,7 @@ from opentelemetry import metrics, trace
 from streambus.config import BrokerConfig
 from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
+from streambus.payload_sizes import PayloadSizes
 from streambus.producer_ids import ProducerIdAllocator
 
 # Importing the handler modules registers them in the dispatch table.
@@ -66,6 +67,7 @@ class Broker:
                 offsets_topic_partitions=config.offsets_topic_num_partitions,
             ),
         )
+        self.payload_sizes = PayloadSizes()
         self.cluster_id = ""
         self._server = KafkaServer(self, config.host, config.port, config.max_request_bytes)
         self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}

@@ -24,3 +24,4 @@ class AppendResult(NamedTuple):
     record_count: int
     payload_bytes: int  # key + value + header bytes of the batch's records
     duplicate: bool  # an idempotent retry of a batch already stored
+    crc: int  # the stored batch's CRC-32C: with the base offset, it names the batch

@@ -193,6 +193,10 @@ def test_compaction_keeps_last_value_per_key(tmp_path: Path) -> None:
         assert b"key-0" not in {k for _, _, k, _ in got}, (
             "the tombstone and what it deleted are gone"
         )
+        consumed = total(scrape(b.metrics_url), "streambus_bytes_consumed_total", topic="state")
+        assert consumed == sum(len(k) + len(v or b"") for _, _, k, v in got), (
+            "payload of rewritten batches is measured, not taken from the produce-time sizes"
+        )
         offsets = [o for _, o, _, _ in got]
         assert offsets == sorted(offsets)
         assert len(set(offsets)) == len(offsets)

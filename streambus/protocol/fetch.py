@@ -118,7 +118,8 @@ def _account(broker: Broker, reads: list[_Read]) -> None:
             continue
         if not read.records:
             continue
-        messages, payload = _consumed(read.records, read.fetch_offset)
+        tp = TopicPartition(read.topic, read.partition)
+        messages, payload = _consumed(broker, tp, read.records, read.fetch_offset)
         count_all += messages
         tel.consumed(read.topic, read.partition, messages, payload)
     if count_all and tel.tracing_enabled():
@@ -126,14 +127,18 @@ def _account(broker: Broker, reads: list[_Read]) -> None:
         span.end()
 
 
-def _consumed(data: bytes, fetch_offset: int) -> tuple[int, int]:
+def _consumed(
+    broker: Broker, tp: TopicPartition, data: bytes, fetch_offset: int
+) -> tuple[int, int]:
     """Messages and payload bytes at or after ``fetch_offset`` in whole stored batches."""
+    sizes = broker.payload_sizes
     messages = payload = 0
     view = memoryview(data)
     for pos, header in walk_batches(data):
         if header.base_offset >= fetch_offset:
             messages += header.records_count
-            payload += payload_bytes(view, pos, header)
+            size = sizes.get(tp, header.base_offset, header.crc)
+            payload += payload_bytes(view, pos, header) if size is None else size
         elif header.last_offset >= fetch_offset:
             # The first batch may start before the offset asked for; the
             # client skips those records, so they are not counted as consumed.

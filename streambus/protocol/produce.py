@@ -115,8 +115,10 @@ def _append_one(
         )
     tel.produced(topic, partition, result.record_count, result.payload_bytes)
     if not result.duplicate:
+        tp = TopicPartition(topic, partition)
         tel.stored(topic, partition, result.record_count, result.payload_bytes)
-        broker.notify_append(TopicPartition(topic, partition))
+        broker.payload_sizes.remember(tp, result.base_offset, result.crc, result.payload_bytes)
+        broker.notify_append(tp)
     return PartitionResponse(
         index=partition,
         error_code=0,

@@ -170,6 +170,7 @@ class PartitionLog:
                 header.records_count,
                 payload,
                 True,  # duplicate
+                header.crc,
             )
 
         now_ms = self._now_ms()
@@ -201,6 +202,7 @@ class PartitionLog:
             header.records_count,
             payload,
             False,  # duplicate
+            header.crc,
         )
 
     def _maybe_roll(self, header: BatchHeader, now_ms: int) -> None:
