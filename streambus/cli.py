@@ -19,6 +19,7 @@ from pathlib import Path
 from streambus.broker import Broker
 from streambus.config import BrokerConfig
 from streambus.errors import StreamBusError
+from streambus.tracefile import add_traces_parser, run_traces
 from telemetry import TelemetryConfig, start_pipeline
 
 log = logging.getLogger("streambus")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-tracing", action="store_true", help="build no tracer provider")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_traces_parser(sub)
     return parser
 
 
@@ -122,6 +124,8 @@ async def serve(config: BrokerConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "traces":
+        return run_traces(args)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -374,6 +375,32 @@ def test_broker_telemetry_through_collector_to_prometheus_and_trace_backend(
         # The collector's resource processor stamped every span it passed on.
         for span in (send, produce, process):
             assert span["resource"]["deployment.environment"] == environment
+
+        # A user with no trace backend reads the same file with `streambus traces`.
+        rendered = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "streambus",
+                "traces",
+                str(spans_file),
+                "--trace",
+                send["traceId"],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert rendered.returncode == 0, rendered.stderr
+        tree = rendered.stdout.splitlines()
+        send_line = next(i for i, line in enumerate(tree) if f"{topic} send [PRODUCER]" in line)
+        produce_line = next(i for i, line in enumerate(tree) if f"produce {topic} [SERVER]" in line)
+        assert produce_line > send_line, rendered.stdout
+        indent = len(tree[produce_line]) - len(tree[produce_line].lstrip(" │├└─"))
+        assert indent > len(tree[send_line]) - len(tree[send_line].lstrip(" │├└─"))
+        assert f"offset={message.offset()}" in tree[produce_line]
+        assert "(streambus)" in tree[produce_line]
 
         # Metrics: broker -> collector -> Prometheus exporter <- real Prometheus scrape, with
         # the resource attributes as labels.
