@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo test lint otelcol clean
+.PHONY: install deb demo test lint otelcol bench bench-quick clean
 
 install: $(STAMP) deb
 
@@ -39,14 +39,23 @@ test: install lint otelcol
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check streambus telemetry tests examples
-	$(BIN)/ruff format --check streambus telemetry tests examples
+	$(BIN)/ruff check streambus telemetry tests examples bench
+	$(BIN)/ruff format --check streambus telemetry tests examples bench
 	$(BIN)/mypy
+	$(BIN)/mypy --strict bench
 
 # The OpenTelemetry Collector, built with its official builder from deploy/otelcol/; the script
 # rebuilds only when the manifest changed (Go's caches make a rebuild take seconds).
 otelcol:
 	deploy/otelcol/build.sh
+
+# StreamBus beside Apache Kafka on this machine; Kafka's jars are fetched with Maven into .tools/
+# on first use (needs java 17+ and mvn). Writes bench/results/latest.json and prints a table.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
