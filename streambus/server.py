@@ -208,7 +208,7 @@ class Connection:
             server.request_finished()
         await self._send(out, spec.name, len(frame))
 
-    async def _send(self, out: bytes, api: str, bytes_in: int) -> None:
+    async def _send(self, out: bytes | bytearray, api: str, bytes_in: int) -> None:
         if out:
             self._writer.write(out)
             await self._writer.drain()

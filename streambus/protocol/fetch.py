@@ -44,7 +44,7 @@ class _Read:
     partition: int
     fetch_offset: int
     error: int = 0
-    records: bytes = b""
+    records: bytes | memoryview = b""
     high_watermark: int = -1
     log_start_offset: int = -1
 
@@ -128,7 +128,7 @@ def _account(broker: Broker, reads: list[_Read]) -> None:
 
 
 def _consumed(
-    broker: Broker, tp: TopicPartition, data: bytes, fetch_offset: int
+    broker: Broker, tp: TopicPartition, data: bytes | memoryview, fetch_offset: int
 ) -> tuple[int, int]:
     """Messages and payload bytes at or after ``fetch_offset`` in whole stored batches."""
     sizes = broker.payload_sizes

@@ -266,13 +266,13 @@ class PartitionLog:
             self._bases = [seg.base_offset for seg in self._segments]
         return max(bisect_right(self._bases, offset) - 1, 0)
 
-    def read(self, offset: int, max_bytes: int) -> bytes:
+    def read(self, offset: int, max_bytes: int) -> bytes | memoryview:
         """Whole batches from the one holding ``offset``; at most ``max_bytes`` except
         that the first batch always comes whole, so a consumer can make progress."""
         self._check_offset(offset)
         if offset == self.log_end_offset:
             return b""
-        chunks: list[bytes] = []
+        chunks: list[bytes | memoryview] = []
         remaining = max_bytes
         for segment in self._segments[self._segment_index(offset) :]:
             position = segment.lookup(offset) if not chunks else 0
