@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -114,6 +115,10 @@ async def serve(config: BrokerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await broker.start()
+        # What start-up built (protocol schemas, logs, instruments) lives as long as the
+        # process: freezing it keeps the garbage collector from re-scanning it on every
+        # full collection, which showed as ~30 ms pauses under load.
+        gc.freeze()
         await stop.wait()
         log.info("signal received; shutting down")
     finally:
