@@ -223,3 +223,17 @@ def test_header_values_finds_distinct_values_up_to_the_limit() -> None:
     same = build_batch([(b"k", b"v", [("traceparent", tp(7))], 1)] * 5)
     ((pos, header),) = parse_batches(same)
     assert header_values(same, pos, header, "traceparent", 10) == [tp(7)]
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 100, 8191, 8192, 20_000])
+def test_payload_bytes_at_varint_width_boundaries(size: int) -> None:
+    """Lengths whose zigzag varints take one, two and three bytes (the inlined fast paths)."""
+    blob = b"v" * size
+    records = [
+        (blob, blob, [("h" * (size % 70), blob)], 1),
+        (None, blob, [], 2),
+        (blob, None, [], 3),
+    ]
+    data = build_batch(records)
+    ((pos, header),) = parse_batches(data)
+    assert payload_bytes(data, pos, header) == 3 * size + size % 70 + size + size

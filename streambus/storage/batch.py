@@ -228,9 +228,9 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
     Also the broker's structural check of the records: every length must stay
     inside its record and the record count must match ``recordsCount``.
 
-    This runs for every produced batch, so the loop is written for speed: a
-    varint below 0x80 (one byte) is decoded inline, and only longer ones pay
-    for a call.
+    This runs for every produced batch, so the loop is written for speed:
+    one- and two-byte varints (lengths below 8192) are decoded inline, and only
+    longer ones pay for a call.
     """
     buf, i, end = _records_section(data, pos, header)
     total = 0
@@ -240,6 +240,9 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
             b = buf[i]
             if b < 0x80:
                 length, i = (b >> 1) ^ -(b & 1), i + 1
+            elif buf[i + 1] < 0x80:
+                raw = (b & 0x7F) | (buf[i + 1] << 7)
+                length, i = (raw >> 1) ^ -(raw & 1), i + 2
             else:
                 length, i = varint(buf, i)
             record_end = i + length
@@ -255,6 +258,9 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
             b = buf[i]  # key length
             if b < 0x80:
                 size, i = (b >> 1) ^ -(b & 1), i + 1
+            elif buf[i + 1] < 0x80:
+                raw = (b & 0x7F) | (buf[i + 1] << 7)
+                size, i = (raw >> 1) ^ -(raw & 1), i + 2
             else:
                 size, i = varint(buf, i)
             if size > 0:
@@ -265,6 +271,9 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
             b = buf[i]  # value length
             if b < 0x80:
                 size, i = (b >> 1) ^ -(b & 1), i + 1
+            elif buf[i + 1] < 0x80:
+                raw = (b & 0x7F) | (buf[i + 1] << 7)
+                size, i = (raw >> 1) ^ -(raw & 1), i + 2
             else:
                 size, i = varint(buf, i)
             if size > 0:
