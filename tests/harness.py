@@ -293,3 +293,41 @@ def _response_class(request_cls: Any) -> Any:
 
     module = importlib.import_module(request_cls.__module__)
     return getattr(module, request_cls.__name__.split("_v")[0].replace("Request", "Response"))
+
+
+def fetch_request(
+    topic: str,
+    partition: int = 0,
+    *,
+    max_wait_ms: int = 0,
+    min_bytes: int = 0,
+    max_bytes: int = 50_000_000,
+) -> Any:
+    """A Fetch (v12 fields) of one partition from offset 0."""
+    from kafka.protocol.consumer import FetchRequest as F
+
+    return F(
+        replica_id=-1,
+        max_wait_ms=max_wait_ms,
+        min_bytes=min_bytes,
+        max_bytes=max_bytes,
+        isolation_level=0,
+        session_id=0,
+        session_epoch=-1,
+        forgotten_topics_data=[],
+        rack_id="",
+        topics=[
+            F.FetchTopic(
+                topic=topic,
+                partitions=[
+                    F.FetchTopic.FetchPartition(
+                        partition=partition,
+                        current_leader_epoch=-1,
+                        fetch_offset=0,
+                        log_start_offset=-1,
+                        partition_max_bytes=max_bytes,
+                    )
+                ],
+            )
+        ],
+    )

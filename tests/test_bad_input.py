@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka.protocol.consumer import FetchRequest
 from kafka.protocol.metadata import MetadataRequest
 from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
 
 from streambus.storage.batch import build_batch
 from streambus.structs import TopicPartition
-from tests.harness import BrokerThread, RawClient
+from tests.harness import BrokerThread, RawClient, fetch_request
 
 TD = ProduceRequest.TopicProduceData
 PD = TD.PartitionProduceData
@@ -35,33 +34,7 @@ def produce_request(topic: str, records: bytes, partition: int = 0, acks: int = 
 
 
 def fetch_all(client: RawClient, topic: str, partition: int = 0) -> bytes:
-    F = FetchRequest
-    request = F(
-        replica_id=-1,
-        max_wait_ms=0,
-        min_bytes=0,
-        max_bytes=50_000_000,
-        isolation_level=0,
-        session_id=0,
-        session_epoch=-1,
-        topics=[
-            F.FetchTopic(
-                topic=topic,
-                partitions=[
-                    F.FetchTopic.FetchPartition(
-                        partition=partition,
-                        current_leader_epoch=-1,
-                        fetch_offset=0,
-                        log_start_offset=-1,
-                        partition_max_bytes=50_000_000,
-                    )
-                ],
-            )
-        ],
-        forgotten_topics_data=[],
-        rack_id="",
-    )
-    response = client.request(request, 12)
+    response = client.request(fetch_request(topic, partition), 12)
     return bytes(response.responses[0].partitions[0].records or b"")
 
 

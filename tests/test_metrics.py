@@ -104,39 +104,12 @@ def test_metrics_equal_the_work_done(tmp_path: Path) -> None:
 def test_active_requests_counts_a_waiting_long_poll(tmp_path: Path) -> None:
     import threading
 
-    from kafka.protocol.consumer import FetchRequest
-
-    from tests.harness import RawClient
+    from tests.harness import RawClient, fetch_request
 
     with BrokerThread(tmp_path / "data") as b:
         b.run(b.broker.create_topic, "quiet", 1, {})
         assert total(b.scrape(), "streambus_broker_active_requests") == 0
-        F = FetchRequest
-        request = F(
-            replica_id=-1,
-            max_wait_ms=3000,
-            min_bytes=1,
-            max_bytes=1_000_000,
-            isolation_level=0,
-            session_id=0,
-            session_epoch=-1,
-            forgotten_topics_data=[],
-            rack_id="",
-            topics=[
-                F.FetchTopic(
-                    topic="quiet",
-                    partitions=[
-                        F.FetchTopic.FetchPartition(
-                            partition=0,
-                            current_leader_epoch=-1,
-                            fetch_offset=0,
-                            log_start_offset=-1,
-                            partition_max_bytes=1_000_000,
-                        )
-                    ],
-                )
-            ],
-        )
+        request = fetch_request("quiet", max_wait_ms=3000, min_bytes=1, max_bytes=1_000_000)
         with RawClient(b.bootstrap) as client:
             waiting = threading.Thread(target=client.request, args=(request, 12))
             waiting.start()
