@@ -19,8 +19,9 @@ from tests.harness import BrokerThread, free_port, wait_for_port
 
 PROMETHEUS = shutil.which("prometheus")
 
-# The seed README's dashboard queries that concern features this broker has.
+# The seed README's dashboard queries, the consumer-lag one included.
 SEED_QUERIES = [
+    "streambus_consumer_group_lag",
     "rate(streambus_messages_produced_total[1m])",
     "rate(streambus_messages_consumed_total[1m])",
     "histogram_quantile(0.95, rate(streambus_produce_latency_seconds_bucket[5m]))",
@@ -125,7 +126,8 @@ def test_prometheus_scrapes_broker_and_seed_queries_have_data(tmp_path: Path) ->
                 for i in range(50):
                     producer.produce("prom", b"v" * 100, str(i).encode())
                 producer.flush(5)
-                consumer.consume(500, 0.2)
+                if consumer.consume(500, 0.2):
+                    consumer.commit(asynchronous=False)  # group "p" gets lag series
             consumer.close()
 
         worker = threading.Thread(target=traffic)
