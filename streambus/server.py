@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from streambus.errors import StreamBusError, UnsupportedVersionError
@@ -19,7 +20,9 @@ from streambus.protocol.apis import (
     APIS,
     FRAME_SIZE,
     REQUEST_PREFIX,
+    Chunk,
     RequestContext,
+    encode_frame,
     encode_response,
 )
 from streambus.protocol.metadata import api_versions_response
@@ -170,8 +173,9 @@ class Connection:
                 # Kafka's rule for version negotiation: answer a too-new
                 # ApiVersions with error 35 in a v0 body listing what we serve.
                 response = api_versions_response(UnsupportedVersionError.errno)
-                out = encode_response(spec, response, 0, correlation_id)
-                await self._send(out, spec.name, len(frame))
+                await self._send(
+                    [encode_response(response, 0, correlation_id)], spec.name, len(frame)
+                )
                 return
             self._reject(
                 f"{spec.name} v{version} not supported (serving v{spec.min_version}"
@@ -189,10 +193,8 @@ class Connection:
         server.request_started()
         try:
             response = await spec.handler(server.broker, ctx, request)
-            out = (
-                b""
-                if response is None
-                else encode_response(spec, response, version, correlation_id)
+            chunks: Sequence[Chunk] = (
+                () if response is None else encode_frame(spec, response, version, correlation_id)
             )
         except StreamBusError as exc:
             log.warning("%s from %s failed: %s", spec.name, self.peer, exc)
@@ -206,13 +208,18 @@ class Connection:
             raise ConnectionClosedError("handler failed") from None
         finally:
             server.request_finished()
-        await self._send(out, spec.name, len(frame))
+        await self._send(chunks, spec.name, len(frame))
 
-    async def _send(self, out: bytes | bytearray, api: str, bytes_in: int) -> None:
-        if out:
-            self._writer.write(out)
+    async def _send(self, chunks: Sequence[Chunk], api: str, bytes_in: int) -> None:
+        size = 0
+        for chunk in chunks:
+            # One write per piece: a transport sends what the socket takes at once
+            # without copying it first (writelines would join the pieces).
+            self._writer.write(chunk)
+            size += len(chunk)
+        if size:
             await self._writer.drain()
-        self._server.broker.telemetry.request_done(api, bytes_in + 4, len(out))
+        self._server.broker.telemetry.request_done(api, bytes_in + 4, size)
 
 
 def _ctx(

@@ -39,6 +39,9 @@ class RequestContext:
 
 
 Handler = Callable[["Broker", RequestContext, Any], Awaitable[Any | None]]
+Chunk = bytes | bytearray | memoryview
+# Turns a handler's reply into the frame's bytes, in pieces written one after another.
+Encoder = Callable[[Any, int, int], list[Chunk]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class ApiSpec:
     min_version: int
     max_version: int
     handler: Handler
+    encoder: Encoder | None = None  # None: the reply is a response object, encoded whole
 
     def supports(self, version: int) -> bool:
         return self.min_version <= version <= self.max_version
@@ -58,7 +62,9 @@ class ApiSpec:
 APIS: dict[int, ApiSpec] = {}
 
 
-def api(request: Any, response: Any, versions: tuple[int, int]) -> Callable[[Handler], Handler]:
+def api(
+    request: Any, response: Any, versions: tuple[int, int], encoder: Encoder | None = None
+) -> Callable[[Handler], Handler]:
     """Register ``handler`` for ``request``'s API key, serving ``versions`` (inclusive)."""
 
     def register(handler: Handler) -> Handler:
@@ -68,21 +74,25 @@ def api(request: Any, response: Any, versions: tuple[int, int]) -> Callable[[Han
         low, high = versions
         if high > request.max_version:
             raise RuntimeError(f"{request.name} v{high} is newer than the protocol library knows")
-        APIS[key] = ApiSpec(
-            key, str(request.name).removesuffix("Request"), request, response, low, high, handler
-        )
+        name = str(request.name).removesuffix("Request")
+        APIS[key] = ApiSpec(key, name, request, response, low, high, handler, encoder)
         return handler
 
     return register
 
 
-def encode_response(
-    spec: ApiSpec, response: Any, version: int, correlation_id: int
-) -> bytes | bytearray:
+def encode_frame(spec: ApiSpec, reply: Any, version: int, correlation_id: int) -> list[Chunk]:
+    """The response frame for a handler's reply, as the pieces to write in order."""
+    if spec.encoder is not None:
+        return spec.encoder(reply, version, correlation_id)
+    return [encode_response(reply, version, correlation_id)]
+
+
+def encode_response(response: Any, version: int, correlation_id: int) -> bytearray:
     """A complete response frame (size prefix included) for ``response``."""
     # The version goes first: kafka-python's version setter would also write it
     # into a header, and response headers have no version field.
     response.API_VERSION = version
     response.with_header(correlation_id=correlation_id)
     encoded: bytearray = response.encode(header=True, framed=True)
-    return encoded  # written to the socket as it is: a bytes() copy would cost a memcpy per fetch
+    return encoded  # written to the socket as it is: a bytes() copy would cost a memcpy

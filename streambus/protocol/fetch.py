@@ -26,6 +26,7 @@ from opentelemetry import trace
 from streambus.errors import InvalidRequestError, StreamBusError, error_name
 from streambus.instrumentation import MAX_LINKS
 from streambus.protocol.apis import RequestContext, api
+from streambus.protocol.fetch_encoding import SplicedFetch, encode_spliced, marker_for, new_token
 from streambus.storage.batch import header_values, iter_records, payload_bytes, walk_batches
 from streambus.structs import TopicPartition
 
@@ -49,7 +50,7 @@ class _Read:
     log_start_offset: int = -1
 
 
-@api(FetchRequest, FetchResponse, versions=(4, 12))
+@api(FetchRequest, FetchResponse, versions=(4, 12), encoder=encode_spliced)
 async def handle_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any:
     started = time.perf_counter()
     wanted = [
@@ -178,30 +179,36 @@ def _fetch_span(broker: Broker, reads: list[_Read], count: int) -> trace.Span:
     return span
 
 
-def _response(request: Any, reads: list[_Read]) -> Any:
+def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
+    token = new_token()
     by_topic: dict[str, list[Any]] = {}
-    for read in reads:
-        by_topic.setdefault(read.topic, []).append(
-            PartitionData(
-                partition_index=read.partition,
-                error_code=read.error,
-                high_watermark=read.high_watermark,
-                last_stable_offset=read.high_watermark,
-                log_start_offset=read.log_start_offset,
-                aborted_transactions=None,
-                preferred_read_replica=-1,
-                records=read.records,
-            )
+    parts: list[tuple[Any, bytes, bytes | memoryview]] = []
+    for index, read in enumerate(reads):
+        data = PartitionData(
+            partition_index=read.partition,
+            error_code=read.error,
+            high_watermark=read.high_watermark,
+            last_stable_offset=read.high_watermark,
+            log_start_offset=read.log_start_offset,
+            aborted_transactions=None,
+            preferred_read_replica=-1,
+            records=read.records,
         )
-    return FetchResponse(
+        if read.records:
+            marker = marker_for(token, index)
+            data.records = marker
+            parts.append((data, marker, read.records))
+        by_topic.setdefault(read.topic, []).append(data)
+    response = FetchResponse(
         throttle_time_ms=0,
         error_code=0,
         session_id=0,
         responses=[
-            FetchResponse.FetchableTopicResponse(topic=topic, partitions=parts)
-            for topic, parts in by_topic.items()
+            FetchResponse.FetchableTopicResponse(topic=topic, partitions=partitions)
+            for topic, partitions in by_topic.items()
         ],
     )
+    return SplicedFetch(response, parts)
 
 
 @api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 6))
