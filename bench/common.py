@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,3 +191,66 @@ def loadavg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+class ServerProcess:
+    """A broker the harness runs as a child process: its port, log, and readings of it.
+
+    Subclasses build the command and say how a graceful stop looks; launching,
+    killing and reading the process are the same for every system measured.
+    """
+
+    system = ""
+    routine_warnings: re.Pattern[str] | None = None  # log lines that are not problems
+
+    def __init__(self, work_dir: Path, log_name: str) -> None:
+        self.work_dir = work_dir
+        self.port = free_port()
+        self.log_path = work_dir / log_name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_seconds = 0.0
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def launch(
+        self, cmd: list[str], cwd: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` with its output in the log; it dies with the harness."""
+        with open(self.log_path, "wb") as log:
+            self.proc = proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                preexec_fn=die_with_parent,  # noqa: PLW1509
+            )
+        return proc
+
+    def kill(self) -> None:
+        kill(self.proc)
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def tail(self) -> str:
+        return tail(self.log_path)
+
+    def problem_lines(self) -> list[str]:
+        return problem_lines(self.log_path, self.routine_warnings)
+
+    def keep_log(self, keep: Path | None) -> None:
+        """Copy the log to ``keep`` (when given) before the work directory goes away."""
+        if keep is not None and self.log_path.exists():
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.log_path, keep)

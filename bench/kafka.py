@@ -33,12 +33,8 @@ from confluent_kafka.admin import AdminClient
 
 from bench.common import (
     ROOT,
-    die_with_parent,
+    ServerProcess,
     free_port,
-    kill,
-    problem_lines,
-    rss_bytes,
-    tail,
     terminate,
     wait_for_port,
 )
@@ -159,31 +155,19 @@ def random_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
 
-class KafkaServer:
+class KafkaServer(ServerProcess):
     """One Kafka node, broker and KRaft controller in one JVM, on free 127.0.0.1 ports."""
 
     system = "kafka"
+    routine_warnings = KAFKA_ROUTINE_WARNINGS
 
     def __init__(self, work_dir: Path, home: KafkaHome, num_partitions: int = 3) -> None:
+        super().__init__(work_dir, "kafka.log")
         self.home = home
-        self.work_dir = work_dir
-        self.port = free_port()
         self.controller_port = free_port()
         self.data_dir = work_dir / "data"
         self.config_path = work_dir / "server.properties"
-        self.log_path = work_dir / "kafka.log"
         self.num_partitions = num_partitions
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start_seconds = 0.0
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def properties(self) -> dict[str, str]:
         return {
@@ -245,16 +229,9 @@ class KafkaServer:
             raise RuntimeError(
                 f"kafka StorageTool format failed ({fmt.returncode}):\n{fmt.stdout}{fmt.stderr}"
             )
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self._java("kafka.Kafka", str(self.config_path)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.work_dir,
-                preexec_fn=die_with_parent,  # noqa: PLW1509
-            )
+        proc = self.launch(self._java("kafka.Kafka", str(self.config_path)), self.work_dir)
         deadline = started + START_TIMEOUT_S
-        wait_for_port(self.port, self.proc, START_TIMEOUT_S, "kafka", self.log_path)
+        wait_for_port(self.port, proc, START_TIMEOUT_S, "kafka", self.log_path)
         self._wait_ready(deadline)
         self.start_seconds = time.monotonic() - started
 
@@ -279,18 +256,6 @@ class KafkaServer:
         # The JVM answers SIGTERM through its shutdown hooks and exits 143 (128 + 15).
         return 0 if code in (0, 128 + signal.SIGTERM, -signal.SIGTERM) else code
 
-    def kill(self) -> None:
-        kill(self.proc)
-
-    def rss_bytes(self) -> int:
-        return rss_bytes(self.pid)
-
-    def tail(self) -> str:
-        return tail(self.log_path)
-
-    def problem_lines(self) -> list[str]:
-        return problem_lines(self.log_path, KAFKA_ROUTINE_WARNINGS)
-
 
 @contextlib.contextmanager
 def running_kafka(
@@ -304,9 +269,7 @@ def running_kafka(
             yield server
         finally:
             server.kill()  # a no-op unless stop() was never reached
-            if keep_log is not None and server.log_path.exists():
-                keep_log.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(server.log_path, keep_log)
+            server.keep_log(keep_log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,13 +27,8 @@ from pathlib import Path
 
 from bench.common import (
     ROOT,
-    cpu_seconds,
-    die_with_parent,
+    ServerProcess,
     free_port,
-    kill,
-    problem_lines,
-    rss_bytes,
-    tail,
     terminate,
     wait_for_port,
 )
@@ -46,7 +39,7 @@ BSP_SCHEDULE_DELAY_MS = 500
 START_TIMEOUT_S = 30.0
 
 
-class StreamBusServer:
+class StreamBusServer(ServerProcess):
     """``streambus serve`` on free 127.0.0.1 ports with a data directory in ``work_dir``."""
 
     system = "streambus"
@@ -56,11 +49,10 @@ class StreamBusServer:
             raise ValueError(f"unknown telemetry mode {mode!r}; one of {', '.join(MODES)}")
         if mode == "tracing" and sink is None:
             raise ValueError("tracing mode needs an OtlpSink to export to")
+        super().__init__(work_dir, "broker.log")
         self.mode = mode
-        self.port = free_port()
         self.metrics_port = 0 if mode in ("off", "sdk-disabled") else free_port()
         self.data_dir = work_dir / "data"
-        self.log_path = work_dir / "broker.log"
         args = [
             "--data-dir",
             str(self.data_dir),
@@ -94,17 +86,6 @@ class StreamBusServer:
             env["OTEL_SDK_DISABLED"] = "true"
         self.cmd = [sys.executable, "-m", "streambus", "serve", *args]
         self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start_seconds = 0.0
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     @property
     def metrics_url(self) -> str | None:
@@ -112,37 +93,14 @@ class StreamBusServer:
 
     def start(self) -> None:
         started = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=ROOT,
-                preexec_fn=die_with_parent,  # noqa: PLW1509
-            )
-        wait_for_port(self.port, self.proc, START_TIMEOUT_S, "streambus", self.log_path)
+        proc = self.launch(self.cmd, ROOT, self.env)
+        wait_for_port(self.port, proc, START_TIMEOUT_S, "streambus", self.log_path)
         self.start_seconds = time.monotonic() - started
 
     def stop(self) -> int:
         """SIGTERM and wait; the exit code (a graceful stop is 0)."""
         assert self.proc is not None
         return terminate(self.proc)
-
-    def kill(self) -> None:
-        kill(self.proc)
-
-    def rss_bytes(self) -> int:
-        return rss_bytes(self.pid)
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
-
-    def tail(self) -> str:
-        return tail(self.log_path)
-
-    def problem_lines(self) -> list[str]:
-        return problem_lines(self.log_path)
 
     def messages_produced_metric(self) -> float | None:
         """``streambus_messages_produced_total`` summed over series, from a real scrape."""
@@ -172,6 +130,4 @@ def running_streambus(
             yield server
         finally:
             server.kill()  # a no-op unless stop() was never reached
-            if keep_log is not None and server.log_path.exists():
-                keep_log.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(server.log_path, keep_log)
+            server.keep_log(keep_log)
