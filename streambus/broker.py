@@ -28,7 +28,7 @@ from streambus.producer_ids import ProducerIdAllocator
 
 # Importing the handler modules registers them in the dispatch table.
 from streambus.protocol import admin, fetch, groups, metadata, produce  # noqa: F401
-from streambus.server import KafkaServer
+from streambus.server import ConnectionClosedError, KafkaServer
 from streambus.storage import LogManager, TopicMeta
 from streambus.structs import TopicPartition
 
@@ -69,8 +69,9 @@ class Broker:
         )
         self.payload_sizes = PayloadSizes()
         self.cluster_id = ""
-        self._server = KafkaServer(self, config.host, config.port, config.max_request_bytes)
+        self._server = KafkaServer(self, config)
         self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
+        self._long_polls: set[asyncio.Future[None]] = set()
         self._started_at = time.monotonic()
         self._maintenance: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -106,6 +107,9 @@ class Broker:
     async def stop(self) -> None:
         if self.status is not BrokerStatus.RUNNING:
             return
+        # STOPPING first: a long poll that starts from here on returns at once; then the
+        # ones already waiting are woken, so in-flight requests finish before the server's
+        # grace period rather than at its end.
         self.status = BrokerStatus.STOPPING
         log.info("broker %d stopping", self.broker_id)
         self._wake_all()
@@ -176,26 +180,58 @@ class Broker:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def wait_for_append(self, tps: Iterable[TopicPartition], timeout_s: float) -> None:
+    async def wait_for_append(
+        self,
+        tps: Iterable[TopicPartition],
+        timeout_s: float,
+        client_gone: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Wait until one of ``tps`` gets an append, ``timeout_s`` passes, or the broker stops.
+
+        Raises :class:`ConnectionClosedError` when ``client_gone`` completes first: the
+        request has nobody left to answer, and its handler should end now.
+        """
+        if client_gone is not None and client_gone.done():
+            raise ConnectionClosedError("client closed during a long poll")
+        if self.stopping:
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         keys = list(tps)
         for tp in keys:
             self._waiters.setdefault(tp, set()).add(waiter)
+        # Every wait is also in one broker-wide set, so stopping ends waits that name no
+        # partition (a Fetch of no topics) as surely as the others.
+        self._long_polls.add(waiter)
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        if client_gone is not None:
+            client_gone.add_done_callback(wake)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await waiter
         except TimeoutError:
             pass
         finally:
+            self._long_polls.discard(waiter)
+            if client_gone is not None:
+                client_gone.remove_done_callback(wake)
             for tp in keys:
                 waiting = self._waiters.get(tp)
                 if waiting is not None:
                     waiting.discard(waiter)
                     if not waiting:
                         del self._waiters[tp]
+        if client_gone is not None and client_gone.done():
+            raise ConnectionClosedError("client closed during a long poll")
 
     def _wake_all(self) -> None:
-        for tp in list(self._waiters):
-            self.notify_append(tp)
+        """End every long poll now (shutdown): each answers with what it has."""
+        for waiter in list(self._long_polls):
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- background work ---------------------------------------------------------------------
     async def _maintain(self) -> None:
@@ -247,6 +283,9 @@ class Broker:
 
     def active_request_count(self) -> int:
         return self._server.active_requests
+
+    def request_memory_bytes(self) -> int:
+        return self._server.memory.used
 
     def topic_count(self) -> int:
         return sum(1 for meta in self.logs.topics().values() if not meta.internal)

@@ -37,6 +37,15 @@ class BrokerConfig:
     num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
     auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
     max_request_bytes: int = 100 * 1024 * 1024  # Kafka's socket.request.max.bytes
+    # Kafka's queued.max.request.bytes: request frames being read or handled hold at most
+    # this much memory broker-wide; a connection whose next frame does not fit is not read
+    # until memory is released. At least max_request_bytes, so any one frame fits.
+    queued_max_request_bytes: int = 256 * 1024 * 1024
+    connections_max_idle_ms: int = 600_000  # Kafka's connections.max.idle.ms; <= 0: never
+    # Kafka's max.connections. 0: automatic, half of what the open-file limit leaves after
+    # FD_RESERVE descriptors, so log segments, /metrics and telemetry export keep theirs.
+    max_connections: int = 0
+    max_connections_per_ip: int = 0  # Kafka's max.connections.per.ip; 0: max_connections
     maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks
     shutdown_timeout_s: float = 30.0
     # Consumer groups, named as Kafka names them (group.initial.rebalance.delay.ms, ...)
@@ -93,6 +102,18 @@ class BrokerConfig:
             )
         if self.broker_id < 0:
             raise InvalidConfigError(f"broker id must be >= 0, got {self.broker_id}")
+        for name in ("max_connections", "max_connections_per_ip"):
+            if getattr(self, name) < 0:
+                raise InvalidConfigError(
+                    f"{name.replace('_', '.')} must be >= 0 (0: automatic), "
+                    f"got {getattr(self, name)}"
+                )
+        if self.queued_max_request_bytes < self.max_request_bytes:
+            raise InvalidConfigError(
+                f"queued.max.request.bytes ({self.queued_max_request_bytes}) must be at least "
+                f"socket.request.max.bytes ({self.max_request_bytes}), or no frame of that "
+                "size could ever be read"
+            )
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:

@@ -44,6 +44,7 @@ class BrokerStats(Protocol):
     def status_code(self) -> int: ...
     def connection_count(self) -> int: ...
     def active_request_count(self) -> int: ...
+    def request_memory_bytes(self) -> int: ...
     def topic_count(self) -> int: ...
     def partition_count(self) -> int: ...
     def segment_count(self) -> int: ...
@@ -114,6 +115,22 @@ class BrokerTelemetry:
         self._compactions = counter(
             "streambus.compactions", "{compaction}", "Total log compactions run"
         )
+        self._rejected = counter(
+            "streambus.connections.rejected",
+            "{connection}",
+            "Connections closed on accept for a connection limit, by limit",
+        )
+        self._idle_closed = counter(
+            "streambus.connections.idle_closed",
+            "{connection}",
+            "Connections closed after connections.max.idle.ms without traffic",
+        )
+        self._loop_lag = meter.create_histogram(
+            "streambus.event_loop.lag",
+            "s",
+            "How late the event loop ran a timer due now: its stalls, every client waits them",
+        )
+        self._reason_attrs: dict[str, Attrs] = {}
         self._produce_latency = meter.create_histogram(
             "streambus.produce.latency", "s", "Produce request latency in seconds"
         )
@@ -155,6 +172,12 @@ class BrokerTelemetry:
                 "{request}",
                 "Requests being processed",
                 stats.active_request_count,
+            ),
+            (
+                "streambus.network.request_memory",
+                "By",
+                "Bytes reserved by request frames being read or handled (queued.max.request.bytes)",
+                stats.request_memory_bytes,
             ),
             ("streambus.topics.total", "{topic}", "Total number of topics", stats.topic_count),
             (
@@ -312,6 +335,18 @@ class BrokerTelemetry:
             yield span
         finally:
             span.end()
+
+    def connection_rejected(self, reason: str) -> None:
+        attrs = self._reason_attrs.get(reason)
+        if attrs is None:
+            attrs = self._reason_attrs[reason] = {**self._base, "reason": reason}
+        self._rejected.add(1, attrs)
+
+    def connections_idle_closed(self, count: int) -> None:
+        self._idle_closed.add(count, self._base)
+
+    def event_loop_lag(self, seconds: float) -> None:
+        self._loop_lag.record(seconds, self._base)
 
     def compactions(self, count: int) -> None:
         if count:

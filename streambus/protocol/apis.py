@@ -10,6 +10,7 @@ ids in Fetch v13+, for one).
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class RequestContext:
     correlation_id: int
     client_id: str | None
     peer: str
+    # Completes when the client goes (EOF or lost connection): a handler that waits
+    # (a long poll) stops waiting for a client that can no longer take the answer.
+    closed: asyncio.Future[None] | None = None
 
 
 Handler = Callable[["Broker", RequestContext, Any], Awaitable[Any | None]]

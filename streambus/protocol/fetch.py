@@ -70,7 +70,8 @@ async def handle_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any
             or broker.stopping
         ):
             break
-        await broker.wait_for_append([TopicPartition(t, p) for t, p, _, _ in wanted], remaining)
+        tps = [TopicPartition(t, p) for t, p, _, _ in wanted]
+        await broker.wait_for_append(tps, remaining, ctx.closed)
     _account(broker, reads)
     elapsed = time.perf_counter() - started
     for topic in {r.topic for r in reads}:
