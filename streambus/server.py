@@ -92,7 +92,8 @@ class ThrottledLog:
 
     def log(self, key: str, level: int, summary: str, msg: str, *args: object) -> None:
         now = time.monotonic()
-        if now - self._last.get(key, -self._every) >= self._every:
+        last = self._last.get(key)
+        if last is None or now - last >= self._every:
             held, _, _ = self._held.pop(key, (0, level, summary))
             self._last[key] = now
             if held:
@@ -112,7 +113,7 @@ class ThrottledLog:
             if now - self._last.get(key, 0.0) >= self._every:
                 del self._held[key]
                 self._last[key] = now
-                self._log.log(level, "%d more %s in the last %.0fs", count, summary, self._every)
+                self._log.log(level, "%d more %s since the last line", count, summary)
 
 
 class RequestMemory:
@@ -325,7 +326,7 @@ class KafkaServer:
             self._throttled.log(
                 "idle",
                 logging.INFO,
-                "idle connections closed",
+                "sweeps closing idle connections",
                 "closed %d connections idle for more than %d ms (connections.max.idle.ms)",
                 closed,
                 self._config.connections_max_idle_ms,
