@@ -222,3 +222,144 @@ def test_too_new_version_of_another_api_closes_the_connection(
         body = struct.pack(">hhih", 1, 17, 3, -1)  # Fetch v17: newer than served
         bad.send_bytes(struct.pack(">i", len(body)) + body)
         assert_closed_with_log(broker, bad, caplog, "Fetch v17 not supported")
+
+
+# -- fields the schema forbids, internal topics, decompression bombs, huge requests --------------
+
+from kafka.protocol.admin import (  # noqa: E402 -- grouped with the tests that use them
+    CreateTopicsRequest,
+    DeleteTopicsRequest,
+    ListGroupsRequest,
+)
+from kafka.protocol.consumer import (  # noqa: E402
+    JoinGroupRequest,
+    OffsetCommitRequest,
+    OffsetFetchRequest,
+)
+
+OC = OffsetCommitRequest.OffsetCommitRequestTopic
+OCP = OC.OffsetCommitRequestPartition
+
+
+def join_request(group_id: str | None) -> Any:
+    return JoinGroupRequest(
+        group_id=group_id,
+        session_timeout_ms=10_000,
+        rebalance_timeout_ms=10_000,
+        member_id="",
+        group_instance_id=None,
+        protocol_type="consumer",
+        protocols=[JoinGroupRequest.JoinGroupRequestProtocol(name="range", metadata=b"")],
+    )
+
+
+def test_null_where_the_schema_forbids_it_is_answered_invalid_request(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RawClient(broker.bootstrap) as client:
+        response = client.request(join_request(None), 6)  # compact length 0: null
+        assert response.error_code == 42  # INVALID_REQUEST, in JoinGroup's own error field
+        # the connection stays usable
+        assert client.request(ListGroupsRequest(), 2).error_code == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "streambus.server"]
+    assert any("non-nullable field group_id was null" in line for line in lines), lines
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_null_in_an_api_without_an_error_field_closes_with_one_warning(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = ProduceRequest(
+        transactional_id=None,
+        acks=-1,
+        timeout_ms=5000,
+        topic_data=[TD(name="good", partition_data=None)],
+    )
+    with RawClient(broker.bootstrap) as bad:
+        request.with_header(correlation_id=1, client_id="nulls")
+        bad.send_bytes(bytes(request.encode(version=9, header=True, framed=True)))
+        assert_closed_with_log(broker, bad, caplog, "partition_data was null")
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "nulls" in r.getMessage()
+    ]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_oversized_group_id_is_refused_and_group_listing_keeps_working(
+    broker: BrokerThread, bystander: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RawClient(broker.bootstrap) as client:
+        response = client.request(join_request("g" * 40_000), 6)  # compact: length fits a varint
+        assert response.error_code == 42
+        for version in (0, 1, 2, 3, 4):
+            listed = client.request(ListGroupsRequest(), version)
+            assert listed.error_code == 0
+            assert all(len(g.group_id) < 100 for g in listed.groups)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def _commit(client: RawClient, group: str, offset: int) -> int:
+    response = client.request(
+        OffsetCommitRequest(
+            group_id=group,
+            generation_id_or_member_epoch=-1,
+            member_id="",
+            retention_time_ms=-1,
+            topics=[OC(name="good", partitions=[OCP(partition_index=0, committed_offset=offset)])],
+        ),
+        2,
+    )
+    return int(response.topics[0].partitions[0].error_code)
+
+
+def _committed(client: RawClient, group: str) -> int:
+    OF = OffsetFetchRequest.OffsetFetchRequestTopic
+    response = client.request(
+        OffsetFetchRequest(group_id=group, topics=[OF(name="good", partition_indexes=[0])]), 2
+    )
+    return int(response.topics[0].partitions[0].committed_offset)
+
+
+def test_clients_cannot_write_create_or_delete_internal_topics(
+    broker: BrokerThread, bystander: RawClient
+) -> None:
+    with RawClient(broker.bootstrap) as client:
+        # Before the first commit the name is already reserved: no client creates it its way.
+        CT = CreateTopicsRequest.CreatableTopic
+        created = client.request(
+            CreateTopicsRequest(
+                topics=[
+                    CT(
+                        name="__consumer_offsets",
+                        num_partitions=1,
+                        replication_factor=1,
+                        assignments=[],
+                        configs=[],
+                    )
+                ],
+                timeout_ms=5000,
+                validate_only=False,
+            ),
+            5,
+        )
+        assert created.topics[0].error_code == 42
+        assert "internal topic" in created.topics[0].error_message
+
+        assert _commit(client, "victim", 100) == 0
+        offsets_topic = broker.run(lambda: broker.broker.logs.topics()["__consumer_offsets"])
+        assert offsets_topic.internal
+        rewrite = build_batch([(b"forged key", b"forged value", [], 1_700_000_000_000)])
+        produced = client.request(produce_request("__consumer_offsets", rewrite), 9)
+        part = produced.responses[0].partition_responses[0]
+        assert part.error_code == 17  # INVALID_TOPIC_EXCEPTION, as Kafka answers
+        assert "cannot append to internal topic" in part.error_message
+
+        deleted = client.request(DeleteTopicsRequest(topic_names=["__consumer_offsets"]), 3)
+        assert deleted.responses[0].error_code == 42
+        assert "__consumer_offsets" in broker.run(lambda: dict(broker.broker.logs.topics()))
+
+        # the coordinator's own writes still go through, and nothing was rewritten
+        assert _committed(client, "victim") == 100
+        assert _commit(client, "victim", 101) == 0
+        assert _committed(client, "victim") == 101

@@ -14,6 +14,7 @@ from kafka.protocol.metadata import (
 
 from streambus.errors import StreamBusError, UnknownTopicOrPartitionError, error_name
 from streambus.protocol.apis import APIS, RequestContext, api
+from streambus.protocol.validation import is_internal_topic
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
@@ -56,7 +57,9 @@ async def handle_metadata(broker: Broker, ctx: RequestContext, request: Any) -> 
             names.append(name)
             if name in broker.logs.topics():
                 continue
-            if allow_create and broker.config.auto_create_topics_enable:
+            if is_internal_topic(broker, name):  # only the broker creates those
+                errors[name] = UnknownTopicOrPartitionError.errno
+            elif allow_create and broker.config.auto_create_topics_enable:
                 try:
                     broker.create_topic(name, broker.config.num_partitions, {})
                     log.info("auto-created topic %r for %s", name, ctx.client_id)

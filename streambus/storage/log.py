@@ -32,10 +32,10 @@ from streambus.storage.batch import (
     BatchHeader,
     iter_records,
     parse_batches,
-    payload_bytes,
     read_header,
     set_base_offset,
     set_log_append_time,
+    validate_records,
 )
 from streambus.storage.producer_state import ProducerState
 from streambus.storage.segment import Segment, fsync_dir
@@ -133,8 +133,14 @@ class PartitionLog:
 
     # -- writing ---------------------------------------------------------------
 
-    def append(self, data: bytes | bytearray | memoryview) -> AppendResult:
-        """Store one record batch; a retried idempotent batch is answered, not stored."""
+    def append(
+        self, data: bytes | bytearray | memoryview, *, payload: int | None = None
+    ) -> AppendResult:
+        """Store one record batch; a retried idempotent batch is answered, not stored.
+
+        ``payload``: what ``validate_records`` returned for ``data`` under this log's
+        config, when the caller already ran it (off the event loop, for a large batch).
+        """
         config = self._config
         if len(data) > config.max_message_bytes:
             raise MessageTooLargeError(
@@ -155,11 +161,14 @@ class PartitionLog:
                 f"batch of {header.records_count} records has last offset delta "
                 f"{header.last_offset_delta}"
             )
-        payload = payload_bytes(data, 0, header)
-        if config.cleanup_policy.compacts:
-            for record in iter_records(data, 0, header):
-                if record.key is None:
-                    raise InvalidRecordError("compacted topic cannot accept a record without key")
+        if payload is None:
+            payload = validate_records(
+                data,
+                0,
+                header,
+                limit=config.max_message_bytes,
+                keys_required=config.cleanup_policy.compacts,
+            )
         duplicate = self._producers.check(header)
         if duplicate is not None:
             return AppendResult(
