@@ -32,7 +32,7 @@ from streambus.errors import (
     StreamBusError,
 )
 from streambus.instrumentation import MAX_LINKS
-from streambus.protocol.apis import RequestContext, api
+from streambus.protocol.apis import Chunk, RequestContext, api, encode_response
 from streambus.protocol.validation import is_internal_topic
 from streambus.storage.batch import (
     Buffer,
@@ -56,7 +56,7 @@ TRACEPARENT = "traceparent"
 
 # Partitions appended between yields to the event loop: a request naming 100,000
 # partitions must not hold every other client (heartbeats included) for seconds.
-PARTITIONS_PER_SLICE = 2000
+PARTITIONS_PER_SLICE = 500
 # A compressed batch at least this large is decompressed and checked in a worker
 # thread before it is appended; smaller ones cost less than the hand-over.
 OFF_LOOP_COMPRESSED_BYTES = 32 * 1024
@@ -64,7 +64,14 @@ OFF_LOOP_COMPRESSED_BYTES = 32 * 1024
 LOGGED_REJECTIONS = 5
 
 
-@api(ProduceRequest, ProduceResponse, versions=(3, 9))
+def _encode(reply: Any, version: int, correlation_id: int) -> list[Chunk]:
+    """A response, or the frame a worker thread already encoded (see ``handle_produce``)."""
+    if isinstance(reply, bytearray):
+        return [reply]
+    return [encode_response(reply, version, correlation_id)]
+
+
+@api(ProduceRequest, ProduceResponse, versions=(3, 9), encoder=_encode)
 async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> Any | None:
     started = time.perf_counter()
     tel = broker.telemetry
@@ -104,7 +111,14 @@ async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> A
             _log_rejections(ctx, rejected)
     if acks == 0:
         return None
-    return ProduceResponse(responses=topics_out, throttle_time_ms=0)
+    response = ProduceResponse(responses=topics_out, throttle_time_ms=0)
+    if done > PARTITIONS_PER_SLICE:
+        # Encoding costs about as much per partition as appending; for a response this
+        # large it would hold the loop in one piece, so a worker thread does it.
+        return await asyncio.to_thread(
+            encode_response, response, ctx.api_version, ctx.correlation_id
+        )
+    return response
 
 
 def _refusal(request: Any) -> StreamBusError | None:
