@@ -42,6 +42,9 @@ class ProducerIdAllocator:
         try:
             if self._path.exists():
                 text = self._path.read_text().strip()
+                if text and not text.isdigit():
+                    # Guessing could hand out ids already in use: refuse until it is fixed.
+                    raise KafkaStorageError(f"{self._path} is corrupt: {text[:40]!r}")
                 start = int(text) if text else 0
             start = max(start, self._block_end)
             end = start + BLOCK

@@ -26,6 +26,7 @@ from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
 
 from streambus.errors import KafkaStorageError
 from streambus.storage import LogManager, build_batch
+from streambus.storage.datadir import DataDirError
 from streambus.structs import TopicPartition
 from streambus.topic_config import TopicConfig
 from tests.harness import ROOT, BrokerProcess, BrokerThread, RawClient, scrape, total
@@ -201,11 +202,14 @@ def test_second_broker_on_the_same_dir_exits_naming_the_holder(tmp_path: Path) -
 
 
 def test_two_in_process_brokers_on_one_dir(tmp_path: Path) -> None:
-    with (
-        BrokerThread(tmp_path / "data"),
-        pytest.raises(Exception, match=r"\.lock is locked by pid"),
-    ):
-        BrokerThread(tmp_path / "data").__enter__()
+    with BrokerThread(tmp_path / "data") as first:
+        second = BrokerThread(tmp_path / "data")
+        try:
+            with pytest.raises(DataDirError, match=r"\.lock is locked by pid"):
+                second.__enter__()
+        finally:
+            second.__exit__()
+        assert first.broker.status.name == "RUNNING"
 
 
 # -- a data directory that cannot be used ------------------------------------------------------
@@ -277,6 +281,20 @@ def test_topic_too_big_for_the_open_files_limit_is_refused_and_restart_works(
         assert len(topics["fits"].partitions) == 150
         assert topics["huge"].error_code == 3  # UNKNOWN_TOPIC_OR_PARTITION: never made
         assert "Traceback" not in broker.log_text()
+        assert broker.stop() == 0
+
+    # What the unchecked creation used to leave: metadata for more partitions than can open.
+    legacy = data / "topics" / "legacy"
+    legacy.mkdir()
+    meta = {"name": "legacy", "topic_id": str(uuid.uuid4()), "partitions": 7000, "overrides": {}}
+    (legacy / "topic.json").write_text(json.dumps(meta))
+    with BrokerProcess(data, preexec_fn=_nofile(1024)) as broker, RawClient(broker.bootstrap) as c:
+        topics = metadata(c, "fits", "legacy")
+        assert [p.error_code for p in topics["fits"].partitions] == [0] * 150
+        assert {p.error_code for p in topics["legacy"].partitions} == {STORAGE_ERROR}
+        assert produce(c, "fits", build_batch([(b"k", b"v", [], 1)]), 149).base_offset == 1
+        assert "Too many open files" in broker.log_text()
+        assert delete_topic(c, "legacy").error_code == 0
 
 
 def test_max_partitions_limit(tmp_path: Path) -> None:
@@ -366,6 +384,9 @@ def test_unopenable_topics_are_offline_and_the_rest_serve(
             assert {p.leader_id for p in topics[name].partitions} == {-1}
         assert produce(c, "good", build_batch([(b"k", b"v2", [], 2)])).base_offset == 1
 
+        refused = produce(c, "bad-meta", build_batch([(b"k", b"v", [], 1)]))
+        assert refused.error_code == STORAGE_ERROR
+
         exists = create_topic(c, "bad-meta", 1)
         assert exists.error_code == TOPIC_ALREADY_EXISTS
         assert "offline" in exists.error_message
@@ -392,13 +413,13 @@ def test_offsets_topic_that_lost_its_metadata_is_restored(tmp_path: Path) -> Non
 
 
 # -- a full disk --------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "mnt"
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` at ``mnt``, to fill up; skips where mounting is refused."""
     mnt.mkdir()
     try:
         subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
             check=True,
             capture_output=True,
         )
@@ -408,6 +429,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "mnt", "8m") as mnt:
+        yield mnt
 
 
 def fill(path: Path, leave: int) -> None:
@@ -493,3 +520,52 @@ def test_meta_files_written_atomically(tmp_path: Path) -> None:
     props = (data / "meta.properties").read_text()
     assert "cluster.id=" in props
     assert "node.id=1" in props
+
+
+def test_appends_on_a_filling_disk_never_leave_a_torn_log(tmp_path: Path) -> None:
+    """Every failed append, whichever write failed (the .log, an index entry, the seal of a
+    segment or the files of the next one), leaves the log exactly as the acked appends made it."""
+    config = TopicConfig(segment_bytes=8192, index_interval_bytes=64)
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
+        manager = LogManager(mnt, config)
+        manager.load()
+        manager.create_topic("t", 1, {})
+        plog = manager.log(TopicPartition("t", 0))
+        acked: list[bytes] = []
+        failures = 0
+        ballast = mnt / "ballast"
+        try:
+            for leave in range(0, 12_000, 379):  # the disk fills at a different point each time
+                fill(ballast, leave)
+                for i in range(8):
+                    value = b"%d-%d-" % (leave, i) * 40
+                    try:
+                        result = plog.append(build_batch([(b"k", value, [], 1)]))
+                    except KafkaStorageError:
+                        failures += 1
+                        assert plog.log_end_offset == len(acked)
+                        continue
+                    assert result.base_offset == len(acked)
+                    acked.append(value)
+                ballast.unlink()
+            assert failures > 20
+            assert manager.health.errors().keys() == {"ENOSPC"}
+            assert not manager.health.failing  # the last appends, with space, succeeded
+        finally:
+            manager.close()
+        reopened = LogManager(mnt, config)
+        reopened.load()
+        try:
+            plog = reopened.log(TopicPartition("t", 0))
+            assert plog.log_end_offset == len(acked)
+            got = [r.value for h in plog.iter_headers() for r in _records(plog, h)]
+            assert got == acked
+        finally:
+            reopened.close()
+
+
+def _records(plog: Any, header: Any) -> list[Any]:
+    from streambus.storage import iter_records
+
+    data = plog.read(header.base_offset, header.size)
+    return list(iter_records(data, 0, header))

@@ -429,6 +429,8 @@ class LogManager:
 
     def _remove_dir(self, name: str) -> None:
         topic_dir = self._root / name
+        if not topic_dir.exists():  # an offline topic whose directory someone removed
+            return
         doomed = self._root / f"{name}.{uuid.uuid4().hex}-delete"
         # After the rename a crash cannot resurrect the topic: load() removes the debris.
         os.replace(topic_dir, doomed)
@@ -452,6 +454,9 @@ class LogManager:
 
     def log(self, tp: TopicPartition) -> PartitionLog:
         topic = self._topics.get(tp.topic)
+        if topic is None and tp.topic in self._offline:
+            offline = self._offline[tp.topic]
+            raise KafkaStorageError(f"topic {tp.topic!r} is offline: {offline.reason}")
         if topic is None or not 0 <= tp.partition < len(topic.logs):
             raise UnknownTopicOrPartitionError(f"unknown partition {tp.topic}-{tp.partition}")
         return topic.logs[tp.partition]

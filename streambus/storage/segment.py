@@ -272,15 +272,17 @@ class Segment:
         pos = self._size
         undo = self._undo_point()
         view = memoryview(data)
+        indexing = False
         try:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
             self._size += len(data)
+            indexing = True
             self._index_batch(pos, header)
         except OSError as exc:
             # Never leave half a batch behind: the next append would land after it.
-            self._roll_back(pos, undo)
+            self._roll_back(pos, undo, indexing)
             raise KafkaStorageError(f"{self.log_path}: write failed: {exc}") from exc
         self.last_append_ms = now_ms
 
@@ -294,7 +296,9 @@ class Segment:
             self._bytes_since_index,
         )
 
-    def _roll_back(self, pos: int, undo: tuple[int, int, int, int, int, int]) -> None:
+    def _roll_back(
+        self, pos: int, undo: tuple[int, int, int, int, int, int], indexing: bool
+    ) -> None:
         offsets, times, self.next_offset, self.max_timestamp, self._offset_of_max, since = undo
         self._bytes_since_index = since
         del self._offsets[offsets:], self._positions[offsets:]
@@ -304,7 +308,7 @@ class Segment:
             os.ftruncate(self._fd, pos)
         except OSError:
             self._truncate_pending = True  # retried before the next write lands after it
-        if self._index_file is not None or self._time_file is not None:
+        if indexing:
             # What a failed buffered write left in the index files is unknown: they are
             # rewritten from memory before the next append.
             self.mark_index_stale()
