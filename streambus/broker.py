@@ -19,6 +19,7 @@ from pathlib import Path
 from opentelemetry import metrics, trace
 
 from streambus.config import BrokerConfig
+from streambus.errors import KafkaStorageError
 from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
 from streambus.payload_sizes import PayloadSizes
@@ -225,7 +226,8 @@ class Broker:
             await asyncio.sleep(interval)
             try:
                 now_ms = int(time.time() * 1000)
-                self.groups.expire_offsets(now_ms)
+                with contextlib.suppress(KafkaStorageError):  # a full disk, reported once
+                    self.groups.expire_offsets(now_ms)  # by storage health; retried next round
                 report = self.logs.maintenance(now_ms)
             except Exception:
                 log.exception("log maintenance failed; will retry in %.0fs", interval)
