@@ -29,6 +29,7 @@ from streambus.errors import (
     InvalidRequestError,
     InvalidRequiredAcksError,
     InvalidTopicError,
+    KafkaStorageError,
     StreamBusError,
 )
 from streambus.instrumentation import MAX_LINKS
@@ -172,7 +173,10 @@ async def _append_one(
         result = broker.logs.log(tp).append(records, payload=payload)
     except StreamBusError as exc:
         tel.error("Produce", exc.kafka_name)
-        rejected.append((topic, partition, exc))
+        if isinstance(exc, KafkaStorageError):  # logged once per episode by storage health
+            log.debug("produce to %s-%d failed: %s", topic, partition, exc)
+        else:
+            rejected.append((topic, partition, exc))
         return PartitionResponse(
             index=partition,
             error_code=exc.errno,
@@ -269,9 +273,15 @@ async def handle_init_producer_id(broker: Broker, ctx: RequestContext, request: 
             producer_id=-1,
             producer_epoch=-1,
         )
-    pid, epoch = broker.producer_ids.allocate(
-        getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
-    )
+    try:
+        pid, epoch = broker.producer_ids.allocate(
+            getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
+        )
+    except StreamBusError as exc:  # KafkaStorageError: the id block could not be reserved
+        broker.telemetry.error("InitProducerId", exc.kafka_name)
+        return InitProducerIdResponse(
+            throttle_time_ms=0, error_code=exc.errno, producer_id=-1, producer_epoch=-1
+        )
     return InitProducerIdResponse(
         throttle_time_ms=0, error_code=0, producer_id=pid, producer_epoch=epoch
     )

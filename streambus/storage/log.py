@@ -22,6 +22,7 @@ from pathlib import Path
 
 from streambus.errors import (
     InvalidRecordError,
+    KafkaStorageError,
     MessageTooLargeError,
     OffsetOutOfRangeError,
     RecordListTooLargeError,
@@ -37,6 +38,7 @@ from streambus.storage.batch import (
     set_log_append_time,
     validate_records,
 )
+from streambus.storage.health import WriteHealth
 from streambus.storage.producer_state import ProducerState
 from streambus.storage.segment import Segment, fsync_dir
 from streambus.structs import AppendResult
@@ -49,6 +51,10 @@ _NAME_DIGITS = 20
 
 
 class PartitionLog:
+    # Told about every append's outcome, so a full disk is logged once per episode and
+    # exported; set by the LogManager that opened the log.
+    health: WriteHealth | None = None
+
     def __init__(
         self,
         directory: Path,
@@ -191,8 +197,14 @@ class PartitionLog:
             set_log_append_time(buf, 0, now_ms)
             append_time_ms = now_ms
         header = read_header(buf, 0)
-        self._maybe_roll(header, now_ms)
-        self._active.append(buf, header, now_ms)
+        health = self.health
+        try:
+            self._maybe_roll(header, now_ms)
+            self._active.append(buf, header, now_ms)
+        except KafkaStorageError as exc:
+            if health is not None:
+                health.failed(str(self.directory), exc)
+            raise
         self._producers.update(header, base_offset)
 
         self._unflushed_messages += header.records_count
@@ -202,7 +214,18 @@ class PartitionLog:
             self._unflushed_messages >= config.flush_messages
             or now_ms - self._first_unflushed_ms >= config.flush_ms
         ):
-            self.flush()
+            try:
+                self.flush()
+            except OSError as exc:
+                # The batch is stored (a retry of an idempotent producer is answered as a
+                # duplicate), but its durability cannot be promised.
+                error = KafkaStorageError(f"{self.directory}: fsync failed: {exc}")
+                error.__cause__ = exc
+                if health is not None:
+                    health.failed(str(self.directory), error)
+                raise error from exc
+        if health is not None and health.failing:
+            health.succeeded()
         return AppendResult(
             base_offset,
             header.last_offset,
@@ -229,12 +252,22 @@ class PartitionLog:
         """Close the active segment and start a new one at log_end_offset."""
         now_ms = self._now_ms() if now_ms is None else now_ms
         active = self._active
-        active.seal()
+        try:
+            active.seal()
+            segment = Segment.create(
+                self.directory, active.next_offset, self._config.index_interval_bytes, now_ms
+            )
+            try:
+                segment.open_for_append()
+            except OSError:
+                segment.delete()
+                raise
+        except OSError as exc:
+            # The active segment stays active; its index files are reopened (or rewritten)
+            # by the next append, and the roll is tried again then.
+            active.mark_index_stale()
+            raise KafkaStorageError(f"{self.directory}: segment roll failed: {exc}") from exc
         self._needs_sync.append(active)
-        segment = Segment.create(
-            self.directory, active.next_offset, self._config.index_interval_bytes, now_ms
-        )
-        segment.open_for_append()
         self._segments.append(segment)
         self._bases.clear()
         log.debug("%s: rolled to segment %d", self.directory, segment.base_offset)
