@@ -43,7 +43,7 @@ class BrokerConfig:
     queued_max_request_bytes: int = 256 * 1024 * 1024
     connections_max_idle_ms: int = 600_000  # Kafka's connections.max.idle.ms; <= 0: never
     # Kafka's max.connections. 0: automatic, half of what the open-file limit leaves after
-    # FD_RESERVE descriptors, so log segments, /metrics and telemetry export keep theirs.
+    # datadir.FD_RESERVE descriptors, so log segments, /metrics and telemetry export keep theirs.
     max_connections: int = 0
     max_connections_per_ip: int = 0  # Kafka's max.connections.per.ip; 0: max_connections
     maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks

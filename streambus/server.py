@@ -45,6 +45,7 @@ from streambus.protocol.apis import (
 )
 from streambus.protocol.metadata import api_versions_response
 from streambus.protocol.validation import check_request
+from streambus.storage.datadir import FD_RESERVE, connection_fd_budget
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
@@ -52,11 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streambus.server")
 
-# Descriptors kept out of the automatic max.connections: the listener, /metrics and its
-# scrapes, telemetry export, and sockets accepted in one batch before they can be refused
-# (asyncio accepts up to `backlog` at a time). Half of what is left goes to connections,
-# half to log segments (three files each while open).
-FD_RESERVE = 256
 ACCEPT_BACKLOG = 100
 # Frame bodies are read in pieces this large: the stream's own buffer never grows past
 # about two pieces, whatever size the frame announces.
@@ -164,10 +160,7 @@ class RequestMemory:
 def connection_limit(config: BrokerConfig) -> tuple[int, int]:
     """(max.connections, max.connections.per.ip) with the automatic values resolved."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    budget = max((soft - FD_RESERVE) // 2, 1)
-    limit = config.max_connections or budget
+    limit = config.max_connections or connection_fd_budget()
     if config.max_connections > soft - FD_RESERVE:
         log.warning(
             "max.connections=%d leaves fewer than %d of the %d open files allowed "

@@ -35,9 +35,12 @@ META_FILE = "meta.properties"
 
 # Descriptors an open partition holds: the active segment's .log, .index and .timeindex.
 FDS_PER_PARTITION = 3
-# Descriptors kept free of partitions: client connections, the /metrics server, the
-# segment being created while the old one still awaits its fsync, files read by Fetch.
-MIN_FD_HEADROOM = 512
+# Descriptors kept out of both budgets below: the listener, /metrics and its scrapes,
+# telemetry export, sockets accepted in one batch before they can be refused, the segment
+# being created while the old one awaits its fsync, files read by Fetch. What is left of
+# the open-files limit is split in half between client connections and open partitions,
+# so neither can starve the other.
+FD_RESERVE = 256
 
 
 class DataDirError(StreamBusError):
@@ -183,10 +186,19 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def partition_fd_budget() -> int:
-    """How many open partitions the current RLIMIT_NOFILE leaves room for."""
+def _shared_fds() -> int:
+    """Half of what the open-files limit leaves after FD_RESERVE."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    headroom = max(MIN_FD_HEADROOM, soft // 5)
-    return max(0, (soft - headroom) // FDS_PER_PARTITION)
+    return max(0, (soft - FD_RESERVE) // 2)
+
+
+def partition_fd_budget() -> int:
+    """How many open partitions the current RLIMIT_NOFILE leaves room for."""
+    return _shared_fds() // FDS_PER_PARTITION
+
+
+def connection_fd_budget() -> int:
+    """How many client connections the current RLIMIT_NOFILE leaves room for."""
+    return max(1, _shared_fds())
