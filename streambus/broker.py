@@ -272,5 +272,10 @@ class Broker:
         for group, tp, lag in self.groups.lags():
             yield group, tp.topic, tp.partition, lag
 
+    def storage_corruptions(self) -> Iterable[tuple[str, int, int]]:
+        for tp, plog in self.logs.logs():
+            if plog.corruptions:
+                yield tp.topic, tp.partition, plog.corruptions
+
     def storage_available_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0

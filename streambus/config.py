@@ -37,6 +37,7 @@ class BrokerConfig:
     num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
     auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
     max_request_bytes: int = 100 * 1024 * 1024  # Kafka's socket.request.max.bytes
+    fetch_max_bytes: int = 55 * 1024 * 1024  # Kafka's fetch.max.bytes: caps every Fetch response
     maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks
     shutdown_timeout_s: float = 30.0
     # Consumer groups, named as Kafka names them (group.initial.rebalance.delay.ms, ...)
@@ -90,6 +91,10 @@ class BrokerConfig:
         if self.num_partitions < 1:
             raise InvalidConfigError(
                 f"num.partitions must be at least 1, got {self.num_partitions}"
+            )
+        if self.fetch_max_bytes < 1:
+            raise InvalidConfigError(
+                f"fetch.max.bytes must be at least 1, got {self.fetch_max_bytes}"
             )
         if self.broker_id < 0:
             raise InvalidConfigError(f"broker id must be >= 0, got {self.broker_id}")

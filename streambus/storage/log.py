@@ -62,6 +62,9 @@ CHECKPOINT_FILE = "leo.checkpoint"
 _CHECKPOINT_VERSION = "0"
 
 
+Scanned = tuple[Segment, int, ScanResult]  # segment, its generation when scanned, result
+
+
 class Span(NamedTuple):
     """Whole batches of one segment, to be read when they are sent."""
 
@@ -235,12 +238,14 @@ class PartitionLog:
                 break
         return out
 
-    def scan(self, segment: Segment) -> tuple[Segment, int, ScanResult]:
-        """Check a closed segment's every batch: reads only, meant for a worker thread."""
+    def scan_job(self, segment: Segment) -> Callable[[], Scanned]:
+        """A full check of a closed segment, to run in a worker thread (it only reads);
+        its result goes to ``apply_scan`` back on the owning thread."""
         generation = segment.generation
-        return segment, generation, segment.scan(**self._scan_args(segment))
+        args = self._scan_args(segment)
+        return lambda: (segment, generation, segment.scan(**args))
 
-    def apply_scan(self, scanned: tuple[Segment, int, ScanResult]) -> None:
+    def apply_scan(self, scanned: Scanned) -> None:
         """Adopt a ``scan``'s result unless the segment was verified or changed since."""
         segment, generation, result = scanned
         if (
@@ -255,7 +260,7 @@ class PartitionLog:
 
     def _verify(self, segment: Segment) -> None:
         if not segment.verified:
-            self.apply_scan(self.scan(segment))
+            self.apply_scan(self.scan_job(segment)())
 
     def _scan_args(self, segment: Segment) -> dict[str, Any]:
         i = self._segments.index(segment)
