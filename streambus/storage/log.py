@@ -121,6 +121,8 @@ class PartitionLog:
         self._closed = False
         self._bases: list[int] = []  # segment base offsets for bisect; cleared on any change
         self.corruptions = 0  # bad regions found since open, each counted once
+        # Closed segments not yet verified; may overcount once retention deleted one.
+        self._unverified = sum(not seg.verified for seg in segments)
         self._checkpointed = -1  # last log end offset written to the checkpoint
         self._segments[-1].open_for_append()
 
@@ -227,8 +229,8 @@ class PartitionLog:
     def unverified(self, offset: int, max_bytes: int) -> list[Segment]:
         """Closed segments a read of ``max_bytes`` from ``offset`` may need verified first."""
         out: list[Segment] = []
-        if not self.log_start_offset <= offset < self.log_end_offset:
-            return out
+        if self._unverified <= 0 or not self.log_start_offset <= offset < self.log_end_offset:
+            return out  # the common case costs no walk over the segments
         ahead = 0
         for segment in self._segments[self._segment_index(offset) :]:
             if not segment.verified:
@@ -238,15 +240,24 @@ class PartitionLog:
                 break
         return out
 
-    def scan_job(self, segment: Segment) -> Callable[[], Scanned]:
+    def scan_job(self, segment: Segment) -> Callable[[], Scanned | None]:
         """A full check of a closed segment, to run in a worker thread (it only reads);
         its result goes to ``apply_scan`` back on the owning thread."""
         generation = segment.generation
         args = self._scan_args(segment)
-        return lambda: (segment, generation, segment.scan(**args))
 
-    def apply_scan(self, scanned: Scanned) -> None:
+        def job() -> Scanned | None:
+            try:
+                return segment, generation, segment.scan(**args)
+            except FileNotFoundError:  # deleted by retention meanwhile: nothing to serve
+                return None
+
+        return job
+
+    def apply_scan(self, scanned: Scanned | None) -> None:
         """Adopt a ``scan``'s result unless the segment was verified or changed since."""
+        if scanned is None:
+            return
         segment, generation, result = scanned
         if (
             segment.verified
@@ -257,6 +268,7 @@ class PartitionLog:
             return
         self._report(segment, segment.apply_scan(result))
         segment.take_found()
+        self._unverified -= 1
 
     def _verify(self, segment: Segment) -> None:
         if not segment.verified:
