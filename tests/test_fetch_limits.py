@@ -12,8 +12,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from kafka.protocol.consumer import FetchRequest
 
-from streambus.protocol.fetch import EAGER_BYTES
-from streambus.storage import iter_records, parse_batches
+from streambus.instrumentation import MAX_LINKS
+from streambus.protocol.fetch import EAGER_BYTES, _Read, _traceparents
+from streambus.storage import build_batch, iter_records, parse_batches
 from tests.harness import BrokerProcess, RawClient, fetch_request, running, wait_until
 
 VALUE = 100_000  # bytes per message
@@ -138,3 +139,15 @@ def test_a_fetch_of_twenty_thousand_partitions_is_answered_in_full(tmp_path: Pat
     assert parts[0].high_watermark == 3
     assert len(parse_batches(bytes(parts[0].records))) >= 1
     assert {p.error_code for p in parts[1:]} == {3}  # UNKNOWN_TOPIC_OR_PARTITION
+
+
+def test_the_trace_scan_keeps_at_most_max_links_traceparents_from_the_first_batches() -> None:
+    def traceparent(i: int) -> bytes:
+        return f"00-{i:032x}-{i:016x}-01".encode()
+
+    batches = [
+        build_batch([(b"k", b"v", [("traceparent", traceparent(i))], 1)], base_offset=i)
+        for i in range(1, 200)
+    ]
+    got = _traceparents([_Read("t", 0, 0, records=b"".join(batches))])
+    assert got == [traceparent(i) for i in range(1, MAX_LINKS + 1)]
