@@ -8,19 +8,18 @@ connections, let in-flight requests finish, flush every log, close.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import logging
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from opentelemetry import metrics, trace
 
 from streambus.config import BrokerConfig
+from streambus.errors import KafkaStorageError
 from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
 from streambus.payload_sizes import PayloadSizes
@@ -30,6 +29,13 @@ from streambus.producer_ids import ProducerIdAllocator
 from streambus.protocol import admin, fetch, groups, metadata, produce  # noqa: F401
 from streambus.server import KafkaServer
 from streambus.storage import LogManager, TopicMeta
+from streambus.storage.datadir import (
+    DataDirLock,
+    load_cluster_id,
+    prepare_data_dir,
+    raise_open_files_limit,
+)
+from streambus.storage.health import WriteHealth
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.broker")
@@ -54,9 +60,16 @@ class Broker:
         self.broker_id = config.broker_id
         self.status = BrokerStatus.STOPPED
         self.data_dir = Path(config.data_dir)
-        self.logs = LogManager(self.data_dir, config.topic_defaults)
+        self.storage_health = WriteHealth()
+        self.logs = LogManager(
+            self.data_dir,
+            config.topic_defaults,
+            max_partitions=config.max_partitions,
+            health=self.storage_health,
+        )
+        self._lock = DataDirLock(self.data_dir)
         self.telemetry = BrokerTelemetry(self, config.broker_id, meter_provider, tracer_provider)
-        self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids")
+        self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids", self.storage_health)
         self.groups = GroupCoordinator(
             self.logs,
             GroupSettings(
@@ -83,13 +96,20 @@ class Broker:
         self._started_at = time.monotonic()
         self._stopped.clear()
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self.cluster_id = self._load_cluster_id()
+            prepare_data_dir(self.data_dir)
+            self._lock.acquire()  # before anything in the directory is read or written
+        except BaseException:
+            self.status = BrokerStatus.STOPPED
+            raise
+        try:
+            raise_open_files_limit()
+            self.cluster_id = load_cluster_id(self.data_dir, self.broker_id)
             self.logs.load()
             self.groups.load()
             await self._server.start()
         except BaseException:
             self.logs.close()
+            self._lock.release()
             self.status = BrokerStatus.STOPPED
             raise
         self._maintenance = asyncio.create_task(self._maintain(), name="streambus-maintenance")
@@ -115,8 +135,12 @@ class Broker:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
-        self.logs.flush_all()
+        try:
+            self.logs.flush_all()
+        except OSError as exc:  # a full or failing disk: close what can be closed anyway
+            log.error("flushing logs at shutdown failed: %s", exc)
         self.logs.close()
+        self._lock.release()
         self.status = BrokerStatus.STOPPED
         self._stopped.set()
         log.info("broker %d stopped", self.broker_id)
@@ -162,10 +186,8 @@ class Broker:
         return self.logs.create_topic(name, partitions, overrides)
 
     def delete_topic(self, name: str) -> TopicMeta:
-        meta = self.logs.topics().get(name)
-        self.logs.delete_topic(name)
+        meta = self.logs.delete_topic(name)
         self.telemetry.forget_topic(name)
-        assert meta is not None  # delete_topic raised for an unknown name
         return meta
 
     # -- long-poll fetch support ---------------------------------------------------------------
@@ -204,34 +226,13 @@ class Broker:
             await asyncio.sleep(interval)
             try:
                 now_ms = int(time.time() * 1000)
-                self.groups.expire_offsets(now_ms)
+                with contextlib.suppress(KafkaStorageError):  # a full disk, reported once
+                    self.groups.expire_offsets(now_ms)  # by storage health; retried next round
                 report = self.logs.maintenance(now_ms)
             except Exception:
                 log.exception("log maintenance failed; will retry in %.0fs", interval)
                 continue
             self.telemetry.compactions(report.compactions)
-
-    def _load_cluster_id(self) -> str:
-        """The cluster id, made once and kept in meta.properties as Kafka keeps it."""
-        path = self.data_dir / "meta.properties"
-        if path.exists():
-            props = dict(
-                line.split("=", 1) for line in path.read_text().splitlines() if "=" in line
-            )
-            if props.get("node.id") not in (None, str(self.broker_id)):
-                log.warning(
-                    "data dir %s belonged to broker %s; now serving as broker %d",
-                    self.data_dir,
-                    props.get("node.id"),
-                    self.broker_id,
-                )
-            if props.get("cluster.id"):
-                return props["cluster.id"]
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"version=1\ncluster.id={cluster_id}\nnode.id={self.broker_id}\n")
-        tmp.replace(path)
-        return cluster_id
 
     # -- BrokerStats: what the observable instruments read -----------------------------------
     def uptime_seconds(self) -> float:
@@ -276,6 +277,15 @@ class Broker:
         for tp, plog in self.logs.logs():
             if plog.corruptions:
                 yield tp.topic, tp.partition, plog.corruptions
+
+    def offline_partition_count(self) -> int:
+        return self.logs.offline_partition_count()
+
+    def storage_write_failing(self) -> int:
+        return int(self.storage_health.failing)
+
+    def storage_write_errors(self) -> Iterable[tuple[str, int]]:
+        return self.storage_health.errors().items()
 
     def storage_available_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0

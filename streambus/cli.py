@@ -20,6 +20,7 @@ from pathlib import Path
 from streambus.broker import Broker
 from streambus.config import BrokerConfig
 from streambus.errors import StreamBusError
+from streambus.storage.datadir import DataDirError
 from streambus.tracefile import add_traces_parser, run_traces
 from telemetry import TelemetryConfig, start_pipeline
 
@@ -138,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         return asyncio.run(serve(config))
+    except DataDirError as exc:  # locked, not a directory, unreadable meta.properties
+        log.error("cannot start: %s", exc)
+        return 1
     except StreamBusError as exc:
         log.error("%s", exc)
         return 2

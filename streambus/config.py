@@ -46,6 +46,9 @@ class BrokerConfig:
     group_max_session_timeout_ms: int = 1_800_000
     offsets_retention_minutes: int = 7 * 24 * 60
     offsets_topic_num_partitions: int = 10
+    # Partitions this broker hosts at most (internal ones included); CreateTopics beyond it
+    # is refused. The open-files limit may allow fewer (3 descriptors per partition).
+    max_partitions: int = 10_000
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -96,6 +99,8 @@ class BrokerConfig:
             raise InvalidConfigError(
                 f"fetch.max.bytes must be at least 1, got {self.fetch_max_bytes}"
             )
+        if self.max_partitions < 1:
+            raise InvalidConfigError(f"max partitions must be >= 1, got {self.max_partitions}")
         if self.broker_id < 0:
             raise InvalidConfigError(f"broker id must be >= 0, got {self.broker_id}")
 

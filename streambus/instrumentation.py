@@ -53,6 +53,9 @@ class BrokerStats(Protocol):
     def group_member_counts(self) -> Iterable[tuple[str, int]]: ...
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]: ...  # group, topic, partition, lag
     def storage_corruptions(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, count
+    def offline_partition_count(self) -> int: ...
+    def storage_write_failing(self) -> int: ...  # 1 while writes to the data dir fail
+    def storage_write_errors(self) -> Iterable[tuple[str, int]]: ...  # reason, failed writes
 
 
 class BrokerTelemetry:
@@ -142,6 +145,12 @@ class BrokerTelemetry:
             unit="{message}",
             description="Consumer group lag: log end offset minus committed offset",
         )
+        meter.create_observable_counter(
+            "streambus.storage.write_errors",
+            [self._observe_many("storage write errors", self._storage_write_errors)],
+            unit="{error}",
+            description="Failed writes to the data directory, by errno name (ENOSPC, EIO, ...)",
+        )
 
         gauges: Sequence[tuple[str, str, str, Callable[[], float]]] = (
             ("streambus.broker.uptime", "s", "Broker uptime in seconds", stats.uptime_seconds),
@@ -189,6 +198,18 @@ class BrokerTelemetry:
                 "By",
                 "Bytes used by partition logs in the data directory",
                 stats.storage_used_bytes,
+            ),
+            (
+                "streambus.offline.partitions",
+                "{partition}",
+                "Partitions found on disk that cannot be served (metadata or log unreadable)",
+                stats.offline_partition_count,
+            ),
+            (
+                "streambus.storage.write_failing",
+                "{state}",
+                "1 while writes to the data directory fail (disk full, I/O error), else 0",
+                stats.storage_write_failing,
             ),
             (
                 "streambus.storage.available",
@@ -263,6 +284,10 @@ class BrokerTelemetry:
         for group, topic, partition, lag in self._stats.group_lags():
             attrs = {**self._base, "group": group, "topic": topic, "partition": str(partition)}
             yield Observation(lag, attrs)
+
+    def _storage_write_errors(self) -> Iterable[Observation]:
+        for reason, count in self._stats.storage_write_errors():
+            yield Observation(count, {**self._base, "reason": reason})
 
     # -- events the broker reports ------------------------------------------------------
     def request_done(self, api: str, bytes_in: int, bytes_out: int) -> None:

@@ -26,6 +26,7 @@ from streambus.protocol.apis import (
     encode_response,
 )
 from streambus.protocol.metadata import api_versions_response
+from streambus.protocol.validation import check_request
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
@@ -188,6 +189,16 @@ class Connection:
             self._reject(f"malformed {spec.name} v{version} request: {exc!r}", spec.name)
             return
         header = request.header
+        refusal = check_request(spec.request, spec.response, request, version)
+        if refusal is not None:
+            reason = f"{spec.name} v{version} from client {header.client_id!r}: {refusal.reason}"
+            if refusal.response is None:
+                self._reject(reason, spec.name)
+            log.warning("answering INVALID_REQUEST to %s: %s", self.peer, reason)
+            self._server.broker.telemetry.error(spec.name, "INVALID_REQUEST")
+            reply = encode_response(refusal.response, version, correlation_id)
+            await self._send([reply], spec.name, len(frame))
+            return
         ctx = _ctx(spec.key, version, correlation_id, header.client_id, self.peer)
         server = self._server
         server.request_started()

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from streambus.errors import (
     CorruptRecordError,
     InvalidRecordError,
+    KafkaStorageError,
     MessageTooLargeError,
     OffsetOutOfRangeError,
     RecordListTooLargeError,
@@ -42,11 +43,12 @@ from streambus.storage.batch import (
     BatchHeader,
     iter_records,
     parse_batches,
-    payload_bytes,
     read_header,
     set_base_offset,
     set_log_append_time,
+    validate_records,
 )
+from streambus.storage.health import WriteHealth
 from streambus.storage.producer_state import ProducerState
 from streambus.storage.segment import Segment, fsync_dir
 from streambus.storage.verify import BadRegion, ScanResult
@@ -101,6 +103,10 @@ class LogSlice:
 
 
 class PartitionLog:
+    # Told about every append's outcome, so a full disk is logged once per episode and
+    # exported; set by the LogManager that opened the log.
+    health: WriteHealth | None = None
+
     def __init__(
         self,
         directory: Path,
@@ -124,6 +130,7 @@ class PartitionLog:
         # Closed segments not yet verified; may overcount once retention deleted one.
         self._unverified = sum(not seg.verified for seg in segments)
         self._checkpointed = -1  # last log end offset written to the checkpoint
+        self._checkpoint_failing = False
         self._segments[-1].open_for_append()
 
     @classmethod
@@ -207,8 +214,17 @@ class PartitionLog:
             return
         path = self.directory / CHECKPOINT_FILE
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{_CHECKPOINT_VERSION}\n{end}\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(f"{_CHECKPOINT_VERSION}\n{end}\n")
+            tmp.replace(path)
+        except OSError as exc:
+            # The data is flushed; only the guard against reuse lags (a full disk). Said
+            # once until a write succeeds again.
+            if not self._checkpoint_failing:
+                log.warning("%s: cannot write %s: %s", self.directory, CHECKPOINT_FILE, exc)
+            self._checkpoint_failing = True
+            return
+        self._checkpoint_failing = False
         self._checkpointed = end
 
     def _report(self, segment: Segment, regions: Iterable[BadRegion]) -> None:
@@ -319,8 +335,14 @@ class PartitionLog:
 
     # -- writing ---------------------------------------------------------------
 
-    def append(self, data: bytes | bytearray | memoryview) -> AppendResult:
-        """Store one record batch; a retried idempotent batch is answered, not stored."""
+    def append(
+        self, data: bytes | bytearray | memoryview, *, payload: int | None = None
+    ) -> AppendResult:
+        """Store one record batch; a retried idempotent batch is answered, not stored.
+
+        ``payload``: what ``validate_records`` returned for ``data`` under this log's
+        config, when the caller already ran it (off the event loop, for a large batch).
+        """
         config = self._config
         if len(data) > config.max_message_bytes:
             raise MessageTooLargeError(
@@ -341,11 +363,14 @@ class PartitionLog:
                 f"batch of {header.records_count} records has last offset delta "
                 f"{header.last_offset_delta}"
             )
-        payload = payload_bytes(data, 0, header)
-        if config.cleanup_policy.compacts:
-            for record in iter_records(data, 0, header):
-                if record.key is None:
-                    raise InvalidRecordError("compacted topic cannot accept a record without key")
+        if payload is None:
+            payload = validate_records(
+                data,
+                0,
+                header,
+                limit=config.max_message_bytes,
+                keys_required=config.cleanup_policy.compacts,
+            )
         duplicate = self._producers.check(header)
         if duplicate is not None:
             return AppendResult(
@@ -368,8 +393,14 @@ class PartitionLog:
             set_log_append_time(buf, 0, now_ms)
             append_time_ms = now_ms
         header = read_header(buf, 0)
-        self._maybe_roll(header, now_ms)
-        self._active.append(buf, header, now_ms)
+        health = self.health
+        try:
+            self._maybe_roll(header, now_ms)
+            self._active.append(buf, header, now_ms)
+        except KafkaStorageError as exc:
+            if health is not None:
+                health.failed(str(self.directory), exc)
+            raise
         self._producers.update(header, base_offset)
 
         self._unflushed_messages += header.records_count
@@ -379,7 +410,18 @@ class PartitionLog:
             self._unflushed_messages >= config.flush_messages
             or now_ms - self._first_unflushed_ms >= config.flush_ms
         ):
-            self.flush()
+            try:
+                self.flush()
+            except OSError as exc:
+                # The batch is stored (a retry of an idempotent producer is answered as a
+                # duplicate), but its durability cannot be promised.
+                error = KafkaStorageError(f"{self.directory}: fsync failed: {exc}")
+                error.__cause__ = exc
+                if health is not None:
+                    health.failed(str(self.directory), error)
+                raise error from exc
+        if health is not None and health.failing:
+            health.succeeded()
         return AppendResult(
             base_offset,
             header.last_offset,
@@ -406,12 +448,22 @@ class PartitionLog:
         """Close the active segment and start a new one at log_end_offset."""
         now_ms = self._now_ms() if now_ms is None else now_ms
         active = self._active
-        active.seal()
+        try:
+            active.seal()
+            segment = Segment.create(
+                self.directory, active.next_offset, self._config.index_interval_bytes, now_ms
+            )
+            try:
+                segment.open_for_append()
+            except OSError:
+                segment.delete()
+                raise
+        except OSError as exc:
+            # The active segment stays active; its index files are reopened (or rewritten)
+            # by the next append, and the roll is tried again then.
+            active.mark_index_stale()
+            raise KafkaStorageError(f"{self.directory}: segment roll failed: {exc}") from exc
         self._needs_sync.append(active)
-        segment = Segment.create(
-            self.directory, active.next_offset, self._config.index_interval_bytes, now_ms
-        )
-        segment.open_for_append()
         self._segments.append(segment)
         self._bases.clear()
         log.debug("%s: rolled to segment %d", self.directory, segment.base_offset)

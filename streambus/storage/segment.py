@@ -21,6 +21,7 @@ truncated, so the evidence stays on disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -112,6 +113,8 @@ class Segment:
         # file must not be read from the new one.
         self.generation = 0
         self._deleted = False
+        self._index_stale = False  # index files need rewriting from memory before use
+        self._truncate_pending = False  # a failed append's bytes are still past _size
 
     # -- opening ---------------------------------------------------------------
 
@@ -121,12 +124,24 @@ class Segment:
     ) -> Segment:
         seg = cls(directory, base_offset, index_interval_bytes)
         seg._open_fd()
-        seg._size = os.fstat(seg._fd).st_size
-        seg.created_ms = seg.last_append_ms = now_ms
-        if seg._size:  # a leftover file of that name: trust nothing about it
-            seg.recover()
-        else:
-            seg._rewrite_indexes()
+        try:
+            seg._size = os.fstat(seg._fd).st_size
+            seg.created_ms = seg.last_append_ms = now_ms
+            if seg._size:  # a leftover file of that name: trust nothing about it
+                seg.recover()
+            else:
+                seg._rewrite_indexes()
+        except BaseException:
+            # No descriptor leaks and, for a new empty segment, no files stay behind
+            # (a full disk or EMFILE during a roll or a topic creation).
+            empty = seg._size == 0
+            seg._close_index_files_quietly()
+            seg.release_fd()
+            if empty:
+                for path in (seg.log_path, seg.index_path, seg.timeindex_path):
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+            raise
         seg.verified = True
         return seg
 
@@ -314,20 +329,82 @@ class Segment:
     # -- writing ---------------------------------------------------------------
 
     def append(self, data: Buffer, header: BatchHeader, now_ms: int) -> None:
-        """Write one validated batch whose base offset is already assigned."""
+        """Write one validated batch whose base offset is already assigned.
+
+        All or nothing: if the .log or an index file cannot be written (ENOSPC, EIO,
+        ...) the .log is cut back to where it was, the in-memory indexes forget the
+        batch, and KafkaStorageError is raised; the next append starts from the same
+        offset and position.
+        """
+        try:
+            if self._truncate_pending:
+                os.ftruncate(self._fd, self._size)
+                self._truncate_pending = False
+            if self._index_stale:
+                self._repair_index_files()
+        except OSError as exc:
+            raise KafkaStorageError(f"{self.log_path}: cannot prepare for append: {exc}") from exc
         pos = self._size
+        undo = self._undo_point()
         view = memoryview(data)
+        indexing = False
         try:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+            self._size += len(data)
+            indexing = True
+            self._index_batch(pos, header)
         except OSError as exc:
             # Never leave half a batch behind: the next append would land after it.
-            os.ftruncate(self._fd, pos)
+            self._roll_back(pos, undo, indexing)
             raise KafkaStorageError(f"{self.log_path}: write failed: {exc}") from exc
-        self._size += len(data)
         self.last_append_ms = now_ms
-        self._index_batch(pos, header)
+
+    def _undo_point(self) -> tuple[int, int, int, int, int, int]:
+        return (
+            len(self._offsets),
+            len(self._times),
+            self.next_offset,
+            self.max_timestamp,
+            self._offset_of_max,
+            self._bytes_since_index,
+        )
+
+    def _roll_back(
+        self, pos: int, undo: tuple[int, int, int, int, int, int], indexing: bool
+    ) -> None:
+        offsets, times, self.next_offset, self.max_timestamp, self._offset_of_max, since = undo
+        self._bytes_since_index = since
+        del self._offsets[offsets:], self._positions[offsets:]
+        del self._times[times:], self._time_offsets[times:]
+        self._size = pos
+        try:
+            os.ftruncate(self._fd, pos)
+        except OSError:
+            self._truncate_pending = True  # retried before the next write lands after it
+        if indexing:
+            # What a failed buffered write left in the index files is unknown: they are
+            # rewritten from memory before the next append.
+            self.mark_index_stale()
+
+    def mark_index_stale(self) -> None:
+        """Drop the open index files (their content is in doubt); the next append or
+        seal rewrites them from the in-memory indexes."""
+        self._close_index_files_quietly()
+        self._index_stale = True
+
+    def _close_index_files_quietly(self) -> None:
+        for f in (self._index_file, self._time_file):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()  # closes the descriptor even when the flush fails
+        self._index_file = self._time_file = None
+
+    def _repair_index_files(self) -> None:
+        self._rewrite_indexes()
+        self._index_stale = False
+        self.open_for_append()
 
     def _index_batch(self, pos: int, header: BatchHeader) -> None:
         rel = header.base_offset - self.base_offset
@@ -359,9 +436,13 @@ class Segment:
 
     def open_for_append(self) -> None:
         """Make this the active segment: index entries now also go to the files."""
-        if self._index_file is None:
-            self._index_file = self.index_path.open("ab")
-            self._time_file = self.timeindex_path.open("ab")
+        if self._index_file is None or self._time_file is None:
+            try:
+                self._index_file = self._index_file or self.index_path.open("ab")
+                self._time_file = self.timeindex_path.open("ab")
+            except OSError:
+                self.mark_index_stale()
+                raise
 
     def fits(self, size: int, last_offset: int) -> bool:
         """Whether a batch can go here without overflowing the uint32 index fields."""
@@ -371,10 +452,16 @@ class Segment:
 
     def seal(self) -> None:
         """Stop appending: record the final max timestamp, push index files to the OS."""
-        if self.max_timestamp > self._last_time_entry():
-            self.open_for_append()
-            self._maybe_append_time_entry()
-        self._close_index_files()
+        try:
+            if self._index_stale:
+                self._repair_index_files()
+            if self.max_timestamp > self._last_time_entry():
+                self.open_for_append()
+                self._maybe_append_time_entry()
+            self._close_index_files()
+        except OSError:
+            self.mark_index_stale()
+            raise
 
     def flush(self) -> None:
         """fsync the .log (the indexes are rebuilt if a crash tears them)."""
