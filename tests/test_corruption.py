@@ -206,3 +206,30 @@ def test_a_zeroed_last_segment_never_reuses_offsets(damaged: tuple[BrokerProcess
     got = consume(broker.bootstrap, "zeroed", MESSAGES)
     expected = [(i, value(i)) for i in range(MESSAGES) if i not in case.lost]
     assert got == [*expected, (MESSAGES, b"after")]
+
+
+def test_after_an_unclean_stop_closed_segments_are_verified_without_a_reader(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with BrokerProcess(data_dir) as broker:
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        config = {"segment.bytes": str(SEGMENT_BYTES)}
+        admin.create_topics([NewTopic("crashed", 1, 1, config=config)])["crashed"].result(30)
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
+        for i in range(MESSAGES):
+            producer.produce("crashed", value(i), key=b"k", partition=0)
+            producer.flush(10)
+        del producer, admin
+        broker.kill()  # no clean-shutdown marker
+    lost, path, position = flip_byte(data_dir, "crashed")
+    with BrokerProcess(data_dir) as restarted:
+        (line,) = wait_until(lambda: error_lines(restarted, path))
+        assert f"byte {position} " in line
+        assert re.search(rf"offset {min(lost)}\b", line)
+        url = f"http://127.0.0.1:{restarted.metrics_port}/metrics"
+        assert total(scrape(url), METRIC, topic="crashed", partition="0") == 1
+        assert "verifying" in restarted.log_text()
+        assert restarted.stop() == 0
+    assert (data_dir / ".clean_shutdown").exists(), "a graceful stop leaves the marker"

@@ -256,6 +256,12 @@ class PartitionLog:
                 break
         return out
 
+    def unverified_segments(self) -> list[Segment]:
+        """Every closed segment not yet verified (all of them after an unclean stop)."""
+        if self._unverified <= 0:
+            return []
+        return [segment for segment in self._segments[:-1] if not segment.verified]
+
     def scan_job(self, segment: Segment) -> Callable[[], Scanned | None]:
         """A full check of a closed segment, to run in a worker thread (it only reads);
         its result goes to ``apply_scan`` back on the owning thread."""

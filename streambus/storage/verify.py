@@ -11,6 +11,10 @@ every check (its magic byte, a plausible length and offsets, then its CRC).
 
 The scan opens a descriptor of its own and only reads, so it can run in a
 worker thread while the event loop serves other segments.
+
+A clean stop leaves ``CLEAN_SHUTDOWN`` in the data directory (Kafka's
+``.kafka_cleanshutdown``); a start that does not find it verifies every closed
+segment in the background rather than waiting for each one's first read.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from streambus.storage.batch import (
 )
 
 _CHUNK = 1024 * 1024  # bytes read per step
+CLEAN_SHUTDOWN = ".clean_shutdown"  # empty file: the last stop closed every log
 _MAGIC = b"\x02"
 
 
@@ -208,3 +213,18 @@ def _index(result: ScanResult, base: int, interval: int, pos: int, header: Batch
         result.bytes_since_index = 0
     result.bytes_since_index += header.size
     result.next_offset = header.last_offset + 1
+
+
+def take_clean_shutdown(data_dir: Path) -> bool:
+    """Whether the last stop was clean; the marker is removed, as the broker now runs."""
+    marker = data_dir / CLEAN_SHUTDOWN
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def mark_clean_shutdown(data_dir: Path) -> None:
+    """Every log is flushed and closed: the next start need not verify them all."""
+    (data_dir / CLEAN_SHUTDOWN).touch()
