@@ -36,6 +36,7 @@ from streambus.storage.datadir import (
     raise_open_files_limit,
 )
 from streambus.storage.health import WriteHealth
+from streambus.storage.verify import mark_clean_shutdown, take_clean_shutdown
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.broker")
@@ -87,6 +88,7 @@ class Broker:
         self._long_polls: set[asyncio.Future[None]] = set()
         self._started_at = time.monotonic()
         self._maintenance: asyncio.Task[None] | None = None
+        self._verifier: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -105,6 +107,7 @@ class Broker:
         try:
             raise_open_files_limit()
             self.cluster_id = load_cluster_id(self.data_dir, self.broker_id)
+            clean = take_clean_shutdown(self.data_dir)
             self.logs.load()
             self.groups.load()
             await self._server.start()
@@ -114,6 +117,8 @@ class Broker:
             self.status = BrokerStatus.STOPPED
             raise
         self._maintenance = asyncio.create_task(self._maintain(), name="streambus-maintenance")
+        if not clean:
+            self._verifier = asyncio.create_task(self._verify_logs(), name="streambus-verify")
         self.groups.start()
         self.status = BrokerStatus.RUNNING
         log.info(
@@ -139,11 +144,21 @@ class Broker:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
+        if self._verifier is not None:
+            self._verifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._verifier
+            self._verifier = None
+        clean = True
         try:
             self.logs.flush_all()
         except OSError as exc:  # a full or failing disk: close what can be closed anyway
             log.error("flushing logs at shutdown failed: %s", exc)
+            clean = False
         self.logs.close()
+        if clean:
+            with contextlib.suppress(OSError):
+                mark_clean_shutdown(self.data_dir)
         self._lock.release()
         self.status = BrokerStatus.STOPPED
         self._stopped.set()
@@ -256,6 +271,20 @@ class Broker:
                 waiter.set_result(None)
 
     # -- background work ---------------------------------------------------------------------
+    async def _verify_logs(self) -> None:
+        """After an unclean stop, verify every closed segment now, one at a time in a worker
+        thread, so corruption is reported at start-up rather than at its first read."""
+        jobs = [(plog, seg) for _, plog in self.logs.logs() for seg in plog.unverified_segments()]
+        if not jobs:
+            return
+        log.info("unclean shutdown: verifying %d closed segments in the background", len(jobs))
+        for plog, segment in jobs:
+            try:
+                plog.apply_scan(await asyncio.to_thread(plog.scan_job(segment)))
+            except OSError as exc:
+                log.error("verifying %s failed: %s", segment.log_path, exc)
+        log.info("verified %d closed segments", len(jobs))
+
     async def _maintain(self) -> None:
         interval = self.config.maintenance_interval_ms / 1000
         while True:
@@ -311,6 +340,11 @@ class Broker:
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]:
         for group, tp, lag in self.groups.lags():
             yield group, tp.topic, tp.partition, lag
+
+    def storage_corruptions(self) -> Iterable[tuple[str, int, int]]:
+        for tp, plog in self.logs.logs():
+            if plog.corruptions:
+                yield tp.topic, tp.partition, plog.corruptions
 
     def offline_partition_count(self) -> int:
         return self.logs.offline_partition_count()

@@ -46,6 +46,7 @@ class BrokerConfig:
     # datadir.FD_RESERVE descriptors, so log segments, /metrics and telemetry export keep theirs.
     max_connections: int = 0
     max_connections_per_ip: int = 0  # Kafka's max.connections.per.ip; 0: max_connections
+    fetch_max_bytes: int = 55 * 1024 * 1024  # Kafka's fetch.max.bytes: caps every Fetch response
     maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks
     shutdown_timeout_s: float = 30.0
     # Consumer groups, named as Kafka names them (group.initial.rebalance.delay.ms, ...)
@@ -102,6 +103,10 @@ class BrokerConfig:
         if self.num_partitions < 1:
             raise InvalidConfigError(
                 f"num.partitions must be at least 1, got {self.num_partitions}"
+            )
+        if self.fetch_max_bytes < 1:
+            raise InvalidConfigError(
+                f"fetch.max.bytes must be at least 1, got {self.fetch_max_bytes}"
             )
         if self.max_partitions < 1:
             raise InvalidConfigError(f"max partitions must be >= 1, got {self.max_partitions}")

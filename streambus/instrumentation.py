@@ -53,6 +53,7 @@ class BrokerStats(Protocol):
     def group_count(self) -> int: ...
     def group_member_counts(self) -> Iterable[tuple[str, int]]: ...
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]: ...  # group, topic, partition, lag
+    def storage_corruptions(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, count
     def offline_partition_count(self) -> int: ...
     def storage_write_failing(self) -> int: ...  # 1 while writes to the data dir fail
     def storage_write_errors(self) -> Iterable[tuple[str, int]]: ...  # reason, failed writes
@@ -148,6 +149,12 @@ class BrokerTelemetry:
             [self._observe_many("group members", self._group_members)],
             unit="{member}",
             description="Consumer group members",
+        )
+        meter.create_observable_counter(
+            "streambus.storage.corruptions",
+            [self._observe_many("storage corruptions", self._corruptions)],
+            unit="{region}",
+            description="Corrupt regions found in partition logs (skipped, never served)",
         )
         meter.create_observable_gauge(
             "streambus.consumer_group.lag",
@@ -291,6 +298,10 @@ class BrokerTelemetry:
     def _group_members(self) -> Iterable[Observation]:
         for group, count in self._stats.group_member_counts():
             yield Observation(count, {**self._base, "group": group})
+
+    def _corruptions(self) -> Iterable[Observation]:
+        for topic, partition, count in self._stats.storage_corruptions():
+            yield Observation(count, self.tp_attrs(topic, partition))
 
     def _group_lags(self) -> Iterable[Observation]:
         for group, topic, partition, lag in self._stats.group_lags():

@@ -606,11 +606,26 @@ class Connection:
 
     async def _send(self, chunks: Sequence[Chunk], api: str, bytes_in: int) -> None:
         size = 0
-        for chunk in chunks:
-            # One write per piece: a transport sends what the socket takes at once
-            # without copying it first (writelines would join the pieces).
-            self._writer.write(chunk)
-            size += len(chunk)
+        writer = self._writer
+        try:
+            for chunk in chunks:
+                if isinstance(chunk, bytes | bytearray | memoryview):
+                    # One write per piece: a transport sends what the socket takes at once
+                    # without copying it first (writelines would join the pieces).
+                    writer.write(chunk)
+                    size += len(chunk)
+                    continue
+                # Stored records: read a bounded piece, hand it over, and read the next only
+                # once the transport has drained, so a client that does not read holds
+                # one piece, not the response.
+                for piece in chunk.pieces():
+                    writer.write(piece)
+                    size += len(piece)
+                    await writer.drain()
+        except StreamBusError as exc:  # the log changed under a response half written
+            log.warning("closing connection from %s: %s response failed: %s", self.peer, api, exc)
+            self._server.broker.telemetry.error(api, exc.kafka_name)
+            raise ConnectionClosedError(str(exc)) from exc
         if size:
-            await self._writer.drain()
+            await writer.drain()
         self._server.broker.telemetry.request_done(api, bytes_in + 4, size)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
@@ -43,7 +43,17 @@ class RequestContext:
 
 
 Handler = Callable[["Broker", RequestContext, Any], Awaitable[Any | None]]
-Chunk = bytes | bytearray | memoryview
+
+
+class Streamed(Protocol):
+    """A piece of a response read only while it is written (stored records), in
+    bounded pieces, so a response never sits whole in memory."""
+
+    def __len__(self) -> int: ...
+    def pieces(self) -> Iterator[bytes | memoryview]: ...
+
+
+Chunk = bytes | bytearray | memoryview | Streamed
 # Turns a handler's reply into the frame's bytes, in pieces written one after another.
 Encoder = Callable[[Any, int, int], list[Chunk]]
 

@@ -410,7 +410,9 @@ def header_values(data: Buffer, pos: int, header: BatchHeader, key: str, limit: 
     """
     buf, start, end = _records_section(data, pos, header)
     if isinstance(buf, memoryview):
-        buf = bytes(buf)
+        # memoryview has no find: copy this batch's records only. Copying all of
+        # ``data`` here made a response's scan quadratic in its number of batches.
+        buf, start, end = bytes(buf[start:end]), 0, end - start
     encoded = key.encode()
     needle = bytearray()
     _put_bytes(needle, encoded)

@@ -9,6 +9,14 @@ Durability: ``append`` leaves the batch in the page cache (it survives a
 process kill); fsync follows flush.messages / flush.ms. A rolled segment is
 fsynced by the next ``flush``/``maybe_flush`` rather than inside the produce
 request that rolled it, and only the last segment is re-checked on open.
+
+Corruption: a closed segment is verified before it is first read (see
+segment.py); every bad region found is logged once at ERROR, naming the file,
+byte position and offset, and counted in ``corruptions`` for the broker to
+export. The log end offset is also written to ``leo.checkpoint`` at each flush
+and on close: a log that opens with a lower end (its last segment cut or
+zeroed) reports it and continues at the checkpoint, so no offset is handed out
+twice.
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ import logging
 import shutil
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from streambus.errors import (
+    CorruptRecordError,
     InvalidRecordError,
     KafkaStorageError,
     MessageTooLargeError,
@@ -41,6 +51,7 @@ from streambus.storage.batch import (
 from streambus.storage.health import WriteHealth
 from streambus.storage.producer_state import ProducerState
 from streambus.storage.segment import Segment, fsync_dir
+from streambus.storage.verify import BadRegion, ScanResult
 from streambus.structs import AppendResult
 from streambus.topic_config import TimestampType, TopicConfig
 
@@ -48,6 +59,47 @@ log = logging.getLogger("streambus.storage")
 
 _SEGMENT_SUFFIX = ".log"
 _NAME_DIGITS = 20
+# Log end offset checkpoint, text: a format version line ("0"), then the offset.
+CHECKPOINT_FILE = "leo.checkpoint"
+_CHECKPOINT_VERSION = "0"
+
+
+Scanned = tuple[Segment, int, ScanResult]  # segment, its generation when scanned, result
+
+
+class Span(NamedTuple):
+    """Whole batches of one segment, to be read when they are sent."""
+
+    segment: Segment
+    position: int
+    length: int
+    generation: int  # the segment's, when planned
+
+
+class LogSlice:
+    """Whole batches planned by ``PartitionLog.read_slice``, read in bounded pieces on demand.
+
+    ``data`` holds the bytes when they were read while planning (small slices);
+    otherwise ``pieces`` reads each span, batch-aligned, when asked.
+    """
+
+    __slots__ = ("data", "size", "spans")
+
+    def __init__(self, spans: list[Span], data: bytes | memoryview | None) -> None:
+        self.spans = spans
+        self.data = data
+        self.size = sum(span.length for span in spans)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        if self.data is not None:
+            if self.data:
+                yield self.data
+            return
+        for span in self.spans:
+            yield from span.segment.read_pieces(span.position, span.length, span.generation)
 
 
 class PartitionLog:
@@ -74,6 +126,11 @@ class PartitionLog:
         self._tombstones_due_ms = -1  # when a kept tombstone may be dropped
         self._closed = False
         self._bases: list[int] = []  # segment base offsets for bisect; cleared on any change
+        self.corruptions = 0  # bad regions found since open, each counted once
+        # Closed segments not yet verified; may overcount once retention deleted one.
+        self._unverified = sum(not seg.verified for seg in segments)
+        self._checkpointed = -1  # last log end offset written to the checkpoint
+        self._checkpoint_failing = False
         self._segments[-1].open_for_append()
 
     @classmethod
@@ -90,18 +147,163 @@ class PartitionLog:
             if len(p.stem) == _NAME_DIGITS and p.stem.isdigit()
         )
         interval = config.index_interval_bytes
+        compacts = config.cleanup_policy.compacts
         if not bases:
             segments = [Segment.create(directory, 0, interval, now_ms)]
         else:
             segments = [
-                Segment.load(directory, base, interval, now_ms, recover=base == bases[-1])
-                for base in bases
+                Segment.load(
+                    directory,
+                    base,
+                    interval,
+                    now_ms,
+                    recover=i == len(bases) - 1,
+                    upper=None if i == len(bases) - 1 else bases[i + 1],
+                    contiguous=not compacts,
+                    may_be_empty=compacts and i == 0,
+                )
+                for i, base in enumerate(bases)
             ]
         plog = cls(directory, config, segments, clock)
-        plog._producers.rebuild(h for seg in segments for _, h in seg.iter_headers())
-        for segment in segments[:-1]:
+        for segment in segments:
+            plog._report(segment, segment.take_found())
+        plog._resume_at_checkpoint(now_ms)
+        plog._producers.rebuild(_headers(plog._segments))
+        for segment in plog._segments[:-1]:
             segment.release_fd()  # most old segments are never read again
         return plog
+
+    def _resume_at_checkpoint(self, now_ms: int) -> None:
+        """Never reuse an offset: continue at the checkpointed end if the log lost its tail."""
+        saved = _read_checkpoint(self.directory / CHECKPOINT_FILE)
+        self._checkpointed = saved
+        end = self.log_end_offset
+        if saved <= end:
+            return
+        active = self._active
+        self.corruptions += 1
+        log.error(
+            "%s: corrupt log: ends at offset %d (byte %d of %s) but offsets up to %d were "
+            "written (%s); offsets %d..%d are lost, continuing at %d",
+            self.directory,
+            end,
+            active.size,
+            active.log_path,
+            saved - 1,
+            CHECKPOINT_FILE,
+            end,
+            saved - 1,
+            saved,
+        )
+        if active.size == 0:  # nothing left in it: the new segment takes its place
+            self._segments.pop()
+            active.delete()
+        else:
+            active.seal()
+            self._needs_sync.append(active)
+        segment = Segment.create(self.directory, saved, self._config.index_interval_bytes, now_ms)
+        segment.open_for_append()
+        self._segments.append(segment)
+        self._bases.clear()
+        fsync_dir(self.directory)
+
+    def _write_checkpoint(self) -> None:
+        """Record the log end offset (after the data up to it was fsynced)."""
+        end = self.log_end_offset
+        if end == self._checkpointed:
+            return
+        path = self.directory / CHECKPOINT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(f"{_CHECKPOINT_VERSION}\n{end}\n")
+            tmp.replace(path)
+        except OSError as exc:
+            # The data is flushed; only the guard against reuse lags (a full disk). Said
+            # once until a write succeeds again.
+            if not self._checkpoint_failing:
+                log.warning("%s: cannot write %s: %s", self.directory, CHECKPOINT_FILE, exc)
+            self._checkpoint_failing = True
+            return
+        self._checkpoint_failing = False
+        self._checkpointed = end
+
+    def _report(self, segment: Segment, regions: Iterable[BadRegion]) -> None:
+        for region in regions:
+            self.corruptions += 1
+            log.error(
+                "%s: corrupt data at byte %d (to %d), offset %d: %s; %s",
+                segment.log_path,
+                region.start,
+                region.end,
+                region.offset,
+                region.reason,
+                "skipped" if region.end > region.start else "nothing to serve",
+            )
+
+    # -- verification ----------------------------------------------------------
+
+    def unverified(self, offset: int, max_bytes: int) -> list[Segment]:
+        """Closed segments a read of ``max_bytes`` from ``offset`` may need verified first."""
+        out: list[Segment] = []
+        if self._unverified <= 0 or not self.log_start_offset <= offset < self.log_end_offset:
+            return out  # the common case costs no walk over the segments
+        ahead = 0
+        for segment in self._segments[self._segment_index(offset) :]:
+            if not segment.verified:
+                out.append(segment)
+            ahead += segment.size
+            if ahead > max_bytes:
+                break
+        return out
+
+    def unverified_segments(self) -> list[Segment]:
+        """Every closed segment not yet verified (all of them after an unclean stop)."""
+        if self._unverified <= 0:
+            return []
+        return [segment for segment in self._segments[:-1] if not segment.verified]
+
+    def scan_job(self, segment: Segment) -> Callable[[], Scanned | None]:
+        """A full check of a closed segment, to run in a worker thread (it only reads);
+        its result goes to ``apply_scan`` back on the owning thread."""
+        generation = segment.generation
+        args = self._scan_args(segment)
+
+        def job() -> Scanned | None:
+            try:
+                return segment, generation, segment.scan(**args)
+            except FileNotFoundError:  # deleted by retention meanwhile: nothing to serve
+                return None
+
+        return job
+
+    def apply_scan(self, scanned: Scanned | None) -> None:
+        """Adopt a ``scan``'s result unless the segment was verified or changed since."""
+        if scanned is None:
+            return
+        segment, generation, result = scanned
+        if (
+            segment.verified
+            or generation != segment.generation
+            or segment not in self._segments
+            or result.size != segment.size
+        ):
+            return
+        self._report(segment, segment.apply_scan(result))
+        segment.take_found()
+        self._unverified -= 1
+
+    def _verify(self, segment: Segment) -> None:
+        if not segment.verified:
+            self.apply_scan(self.scan_job(segment)())
+
+    def _scan_args(self, segment: Segment) -> dict[str, Any]:
+        i = self._segments.index(segment)
+        compacts = self._config.cleanup_policy.compacts
+        return {
+            "upper": self._segments[i + 1].base_offset if i + 1 < len(self._segments) else None,
+            "contiguous": not compacts,
+            "may_be_empty": compacts and i == 0,
+        }
 
     # -- properties ------------------------------------------------------------
 
@@ -281,6 +483,7 @@ class PartitionLog:
             fsync_dir(self.directory)
             self._needs_sync.clear()
         self._active.flush()
+        self._write_checkpoint()
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
 
@@ -311,22 +514,43 @@ class PartitionLog:
     def read(self, offset: int, max_bytes: int) -> bytes | memoryview:
         """Whole batches from the one holding ``offset``; at most ``max_bytes`` except
         that the first batch always comes whole, so a consumer can make progress."""
+        got = self.read_slice(offset, max_bytes, eager_bytes=max_bytes)
+        if got.data is not None:
+            return got.data
+        return b"".join(got.pieces())
+
+    def read_slice(self, offset: int, max_bytes: int, *, eager_bytes: int) -> LogSlice:
+        """What ``read`` returns, as spans of segments; the bytes are read now only if
+        they come to at most ``eager_bytes``, else by ``LogSlice.pieces`` when sent.
+        Bad regions are stepped over; closed segments are verified first."""
         self._check_offset(offset)
+        spans: list[Span] = []
         if offset == self.log_end_offset:
-            return b""
+            return LogSlice(spans, b"")
         chunks: list[bytes | memoryview] = []
+        eager = max_bytes <= eager_bytes
         remaining = max_bytes
         for segment in self._segments[self._segment_index(offset) :]:
-            position = segment.lookup(offset) if not chunks else 0
+            self._verify(segment)
+            position = segment.lookup(offset)  # steps over bad regions at the start too
             if position is None:  # compaction emptied the rest of this segment
                 continue
-            data = segment.read_batches(position, remaining, whole_first=not chunks)
-            if data:
-                chunks.append(data)
-                remaining -= len(data)
-            if remaining <= 0 or position + len(data) < segment.size:
+            whole_first = not spans
+            if eager:
+                data = segment.read_batches(position, remaining, whole_first=whole_first)
+                length = len(data)
+                if data:
+                    chunks.append(data)
+            else:
+                length = segment.span_length(position, remaining, whole_first=whole_first)
+            if length:
+                spans.append(Span(segment, position, length, segment.generation))
+                remaining -= length
+            if remaining <= 0 or position + length < segment.size:
                 break
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        if not eager:
+            return LogSlice(spans, None)
+        return LogSlice(spans, b"".join(chunks) if len(chunks) != 1 else chunks[0])
 
     def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
         """(offset, timestamp) of the first record stamped at or after ``timestamp_ms``."""
@@ -457,7 +681,7 @@ class PartitionLog:
         """Flush and release every file; a second call does nothing."""
         if self._closed:
             return
-        self.flush()
+        self.flush()  # writes the checkpoint too
         for segment in self._segments:
             segment.close()
         self._closed = True
@@ -474,3 +698,28 @@ class PartitionLog:
             f"PartitionLog({str(self.directory)!r}, start={self.log_start_offset}, "
             f"end={self.log_end_offset}, segments={len(self._segments)})"
         )
+
+
+def _headers(segments: list[Segment]) -> Iterator[BatchHeader]:
+    """Every batch header, for rebuilding producer state; a closed segment whose headers
+    do not chain is left for its verification to report."""
+    for segment in segments:
+        try:
+            for _, header in segment.iter_headers():
+                yield header
+        except CorruptRecordError:
+            continue
+
+
+def _read_checkpoint(path: Path) -> int:
+    """The checkpointed log end offset; -1 if there is none or it cannot be read."""
+    try:
+        version, value = path.read_text(encoding="ascii").split()
+        if version != _CHECKPOINT_VERSION:
+            raise ValueError(f"version {version}")
+        return int(value)
+    except FileNotFoundError:
+        return -1
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        log.warning("%s: ignoring unreadable checkpoint: %s", path, exc)
+        return -1

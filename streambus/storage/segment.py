@@ -11,6 +11,12 @@ bytes are in the page cache and survive a SIGKILL. The indexes are derived data,
 written through a buffered file and rebuilt from the ``.log`` whenever they are
 missing, torn or inconsistent, so they never need an fsync of their own on the
 produce path.
+
+A segment is *verified* before any of its batches is served: the active one by
+``append`` (each batch checked as it arrives) and by recovery on open, a closed
+one by a full scan (``verify.scan``) on its first read. What the scan rejects
+becomes a bad region that every reader steps over; closed segments are never
+truncated, so the evidence stays on disk.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from streambus.errors import CorruptRecordError, InvalidRecordError, KafkaStorageError
+from streambus.errors import CorruptRecordError, KafkaStorageError
 from streambus.storage.batch import (
     HEADER,
     LOG_OVERHEAD,
@@ -36,6 +42,7 @@ from streambus.storage.batch import (
     check_batch,
     read_header,
 )
+from streambus.storage.verify import BadRegion, ScanResult, scan
 
 log = logging.getLogger("streambus.storage")
 
@@ -58,6 +65,7 @@ TIME_ENTRY = struct.Struct(
 _WINDOW = 16 * 1024  # bytes read per step while walking batch headers
 _CHUNK = 1024 * 1024  # bytes read per step while walking whole batches
 _MAX_RELATIVE = 0xFFFFFFFF  # both index fields are uint32
+PIECE = 1024 * 1024  # largest piece of a record set read at once while it is being sent
 
 
 def segment_name(base_offset: int) -> str:
@@ -98,6 +106,13 @@ class Segment:
         self._bytes_since_index = 0
         self._index_file: BinaryIO | None = None
         self._time_file: BinaryIO | None = None
+        self.verified = False  # every batch checked (see the module docstring)
+        self._bad: dict[int, int] = {}  # bad regions never served: start -> end position
+        self.found: list[BadRegion] = []  # regions found on open, for the log to report
+        # Bumped when the .log is replaced or deleted: a record set planned from the old
+        # file must not be read from the new one.
+        self.generation = 0
+        self._deleted = False
         self._index_stale = False  # index files need rewriting from memory before use
         self._truncate_pending = False  # a failed append's bytes are still past _size
 
@@ -127,6 +142,7 @@ class Segment:
                     with contextlib.suppress(OSError):
                         path.unlink(missing_ok=True)
             raise
+        seg.verified = True
         return seg
 
     @classmethod
@@ -138,19 +154,29 @@ class Segment:
         now_ms: int,
         *,
         recover: bool,
+        upper: int | None = None,
+        contiguous: bool = False,
+        may_be_empty: bool = True,
     ) -> Segment:
-        """Open an existing segment; ``recover`` re-checks every batch (the last segment)."""
+        """Open an existing segment; ``recover`` re-checks every batch and cuts a torn
+        tail (the last segment). A closed segment is checked here only if its indexes
+        do not fit its .log, otherwise on its first read (``verify``); ``upper``,
+        ``contiguous`` and ``may_be_empty`` are :func:`verify.scan`'s."""
         seg = cls(directory, base_offset, index_interval_bytes)
         seg._open_fd()
         stat = os.fstat(seg._fd)
         seg._size = stat.st_size
         seg.created_ms = now_ms
         seg.last_append_ms = stat.st_mtime_ns // 1_000_000
-        if recover or not seg._load_indexes():
+        if recover:
             seg.recover()
         else:
-            seg._scan_tail()
-        if recover and seg._size:
+            loaded = seg._load_indexes()
+            if not loaded:
+                seg._reset_indexes()  # half-read entries must not be cross-checked
+            if not loaded or not seg._scan_tail():
+                seg.apply_scan(seg.scan(upper, contiguous=contiguous, may_be_empty=may_be_empty))
+        if recover and seg._size and not seg._bad:
             # segment.ms counts from the first batch, as Kafka does, so a restart does
             # not postpone the roll; a clock in the future counts as now.
             first = read_header(os.pread(seg._fd, HEADER.size, 0), 0)
@@ -196,43 +222,92 @@ class Segment:
             self._offset_of_max = self._time_offsets[-1]
         return True
 
-    def _scan_tail(self) -> None:
-        """next_offset and max timestamp from the batches after the last index entry."""
+    def _scan_tail(self) -> bool:
+        """next_offset and max timestamp from the batches after the last index entry;
+        False if the headers there do not even chain (the segment needs a full scan)."""
         start = self._positions[-1] if self._positions else 0
-        for _, header in self.iter_headers(start):
-            self.next_offset = header.last_offset + 1
-            self._note_timestamp(header)
+        try:
+            for _, header in self.iter_headers(start):
+                self.next_offset = header.last_offset + 1
+                self._note_timestamp(header)
+        except CorruptRecordError:
+            return False
         self._bytes_since_index = self._size - start
+        return True
 
     # -- recovery --------------------------------------------------------------
 
     def recover(self) -> int:
-        """Re-check every batch, cut a torn or corrupt tail, rebuild both indexes.
+        """Re-check every batch, cut a torn tail, rebuild both indexes.
 
-        Returns the number of bytes dropped.
+        A bad region with valid batches after it is kept and skipped (and left in
+        ``found`` for the log to report): only what no valid batch follows is a
+        torn write. Returns the number of bytes dropped.
         """
-        self._reset_indexes()
-        valid_end = 0
-        problem: str | None = None
-        try:
-            for pos, header, _ in self.iter_batches():
-                self._index_batch(pos, header)
-                valid_end = pos + header.size
-        except (CorruptRecordError, InvalidRecordError) as exc:
-            problem = str(exc)
-        dropped = self._size - valid_end
-        if dropped:
+        self._open_fd()
+        result = self.scan(None, contiguous=False, may_be_empty=True)
+        dropped = 0
+        if result.regions and result.regions[-1].end == result.size:
+            tail = result.regions.pop()
+            dropped = result.size - tail.start
             log.warning(
                 "%s: truncating %d bytes at position %d: %s",
                 self.log_path,
                 dropped,
-                valid_end,
-                problem,
+                tail.start,
+                tail.reason,
             )
-            os.ftruncate(self._fd, valid_end)
-            self._size = valid_end
-        self._rewrite_indexes()
+            os.ftruncate(self._fd, tail.start)
+            result.size = tail.start
+        self._size = result.size
+        self.apply_scan(result, rewrite=True)
         return dropped
+
+    def scan(self, upper: int | None, *, contiguous: bool, may_be_empty: bool) -> ScanResult:
+        """Check every batch (see ``verify.scan``); reads only, safe in a worker thread."""
+        indexed = dict(zip(self._positions, self._offsets, strict=True))
+        return scan(
+            self.log_path,
+            self.base_offset,
+            self.index_interval_bytes,
+            upper=upper,
+            contiguous=contiguous,
+            may_be_empty=may_be_empty,
+            indexed=indexed,
+        )
+
+    def apply_scan(self, result: ScanResult, *, rewrite: bool = False) -> list[BadRegion]:
+        """Take a scan's indexes and bad regions; the regions are returned (and kept in
+        ``found``) for the caller to report."""
+        changed = rewrite or (
+            result.offsets != self._offsets
+            or result.positions != self._positions
+            or result.times != self._times
+        )
+        self._offsets, self._positions = result.offsets, result.positions
+        self._times, self._time_offsets = result.times, result.time_offsets
+        self.next_offset = result.next_offset
+        self.max_timestamp = result.max_timestamp
+        self._offset_of_max = result.offset_of_max
+        self._bytes_since_index = result.bytes_since_index
+        self._bad = {r.start: r.end for r in result.regions if r.end > r.start}
+        self.verified = True
+        if changed:
+            self._rewrite_indexes()
+        self.found += result.regions
+        return result.regions
+
+    def take_found(self) -> list[BadRegion]:
+        found, self.found = self.found, []
+        return found
+
+    def _serve_end(self, position: int) -> int:
+        """Where the batches readable from ``position`` end: a bad region or the file's end."""
+        end = self._size
+        for start in self._bad:
+            if position <= start < end:
+                end = start
+        return end
 
     def _reset_indexes(self) -> None:
         for arr in (self._offsets, self._positions, self._times, self._time_offsets):
@@ -407,6 +482,8 @@ class Segment:
         self.release_fd()
 
     def delete(self) -> None:
+        self.generation += 1
+        self._deleted = True
         self._close_index_files()
         self.release_fd()
         for path in (self.log_path, self.index_path, self.timeindex_path, self.cleaned_path):
@@ -419,6 +496,7 @@ class Segment:
         old .log without indexes, which the next open rebuilds.
         """
         mtime = os.stat(self.log_path).st_mtime_ns
+        self.generation += 1
         self._close_index_files()
         self.release_fd()
         self.index_path.unlink(missing_ok=True)
@@ -443,6 +521,8 @@ class Segment:
         return self.max_timestamp if self.max_timestamp >= 0 else self.last_append_ms
 
     def read(self, position: int, size: int) -> bytes:
+        if self._deleted:  # reopening would create an empty file of that name
+            raise KafkaStorageError(f"{self.log_path} was deleted")
         self._open_fd()
         return os.pread(self._fd, size, position)
 
@@ -450,8 +530,9 @@ class Segment:
         self, position: int, max_bytes: int, *, whole_first: bool
     ) -> bytes | memoryview:
         """Whole batches from ``position`` totalling at most ``max_bytes``; with
-        ``whole_first`` the first batch is returned even if it alone is bigger."""
-        available = self._size - position
+        ``whole_first`` the first batch is returned even if it alone is bigger.
+        Stops before a bad region."""
+        available = self._serve_end(position) - position
         if available <= 0:
             return b""
         data = self.read(position, min(max_bytes, available))
@@ -469,13 +550,54 @@ class Segment:
         # the consume path's profile.
         return data if cut == len(data) else memoryview(data)[:cut]
 
+    def span_length(self, position: int, max_bytes: int, *, whole_first: bool) -> int:
+        """Bytes of the whole batches from ``position`` that fit ``max_bytes`` (the first
+        one whatever its size with ``whole_first``), reading headers only."""
+        end, total = self._serve_end(position), 0
+        for pos, header in self.iter_headers(position):
+            if pos != position + total or pos + header.size > end:
+                break  # a bad region starts here
+            if total + header.size > max_bytes and not (whole_first and total == 0):
+                break
+            total += header.size
+        return total
+
+    def read_pieces(self, position: int, length: int, generation: int) -> Iterator[memoryview]:
+        """The bytes [position, position + length), planned from whole batches, in
+        batch-aligned pieces of at most PIECE bytes (a bigger batch comes whole)."""
+        end = position + length
+        while position < end:
+            if generation != self.generation:
+                raise KafkaStorageError(f"{self.log_path} changed while it was being sent")
+            data = memoryview(self.read(position, min(PIECE, end - position)))
+            cut = 0
+            while cut + LOG_OVERHEAD.size <= len(data):
+                _, size = LOG_OVERHEAD.unpack_from(data, cut)
+                if cut + size + LOG_OVERHEAD.size > len(data):
+                    break
+                cut += size + LOG_OVERHEAD.size
+            if cut == 0:  # one batch bigger than PIECE: bounded by max.message.bytes
+                _, size = LOG_OVERHEAD.unpack_from(data, 0)
+                whole = min(size + LOG_OVERHEAD.size, end - position)
+                data = memoryview(self.read(position, whole))
+                cut = len(data)
+            if generation != self.generation or cut == 0:
+                raise KafkaStorageError(f"{self.log_path} changed while it was being sent")
+            yield data[:cut]
+            position += cut
+
     def iter_headers(self, start: int = 0) -> Iterator[tuple[int, BatchHeader]]:
         """(position, header) of each batch from ``start``, reading no record bytes
-        beyond a small window; assumes the file was recovered."""
+        beyond a small window and stepping over bad regions; assumes the file was
+        recovered or verified."""
         self._open_fd()
         pos, end = start, self._size
         buf, buf_pos = b"", start
+        bad = self._bad
         while pos + HEADER.size <= end:
+            if bad and pos in bad:
+                pos = bad[pos]
+                continue
             off = pos - buf_pos
             if off + HEADER.size > len(buf):
                 buf, buf_pos, off = os.pread(self._fd, _WINDOW, pos), pos, 0
@@ -486,12 +608,17 @@ class Segment:
             pos += header.size
 
     def iter_batches(self, start: int = 0) -> Iterator[tuple[int, BatchHeader, memoryview]]:
-        """(position, header, bytes) of each batch, CRC-checked; raises at the first bad one."""
+        """(position, header, bytes) of each batch, CRC-checked, stepping over known bad
+        regions; raises at the first bad one found."""
         self._open_fd()
         pos, end = start, self._size
         chunk, chunk_pos = memoryview(b""), start
         last_read = (-1, -1)
+        bad = self._bad
         while pos < end:
+            if bad and pos in bad:
+                pos = bad[pos]
+                continue
             off = pos - chunk_pos
             want = HEADER.size
             if off + LOG_OVERHEAD.size <= len(chunk):
