@@ -9,16 +9,33 @@ Durability: ``append`` leaves the batch in the page cache (it survives a
 process kill); fsync follows flush.messages / flush.ms. A rolled segment is
 fsynced by the next ``flush``/``maybe_flush`` rather than inside the produce
 request that rolled it, and only the last segment is re-checked on open.
+
+Slow work leaves the event loop once the log is given a background submitter
+(``set_background``, as the LogManager does): the flush.messages / flush.ms
+trigger in ``append`` then starts an fsync in a worker thread instead of
+syncing inline, on duplicated descriptors so the loop may close its own
+meanwhile. Maintenance is split the same way: the loop picks what to do and
+swaps results in (``detach_expired``, ``start_compaction`` /
+``finish_compaction``, ``flush_if_due``); files are unlinked, cleaned and
+fsynced in threads. While a compaction runs the log is marked as cleaning:
+retention waits, and a close aborts the cleaner and discards its result.
+Without a submitter (tests, tools) everything runs inline as before.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import shutil
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from streambus.errors import (
     InvalidRecordError,
@@ -49,6 +66,50 @@ log = logging.getLogger("streambus.storage")
 _SEGMENT_SUFFIX = ".log"
 _NAME_DIGITS = 20
 
+# Runs a job in a worker thread: the LogManager's executor, set with set_background.
+Submit = Callable[[Callable[[], None]], "Future[None]"]
+
+
+def _fsync_files(directory: Path, handles: list[int], sync_dir: bool) -> None:
+    """Worker thread: fsync duplicated descriptors (closing them) and the directory."""
+    try:
+        for fd in handles:
+            os.fsync(fd)
+        if sync_dir:
+            fsync_dir(directory)
+    except OSError as exc:
+        log.error("%s: background fsync failed: %s", directory, exc)
+        raise
+    finally:
+        for fd in handles:
+            os.close(fd)
+
+
+@dataclass
+class CompactionJob:
+    """One compaction: ``run`` in a worker thread, then ``finish_compaction`` on the
+    loop, then ``settle`` in a worker thread."""
+
+    segments: list[Segment]  # the log's own closed segments being cleaned
+    readers: list[Segment]  # their twins, read by the worker
+    config: TopicConfig
+    now_ms: int
+    end: int  # first offset not cleaned
+    abort: threading.Event = field(default_factory=threading.Event)
+    future: Future[cleaner.CleanResult | None] | None = None  # set by whoever runs it
+    adopted: list[tuple[Segment, Segment]] = field(default_factory=list)
+    discarded: list[Segment] = field(default_factory=list)
+
+    def run(self) -> cleaner.CleanResult | None:
+        return cleaner.clean(self.readers, self.config, self.now_ms, self.abort)
+
+    def settle(self) -> None:
+        """Worker thread: make adopted copies durable, remove discarded ones."""
+        for segment, staged in self.adopted:
+            segment.settle_adopted(staged)
+        for staged in self.discarded:
+            staged.discard_staging()
+
 
 class PartitionLog:
     # Told about every append's outcome, so a full disk is logged once per episode and
@@ -74,6 +135,10 @@ class PartitionLog:
         self._tombstones_due_ms = -1  # when a kept tombstone may be dropped
         self._closed = False
         self._bases: list[int] = []  # segment base offsets for bisect; cleared on any change
+        self._background: Submit | None = None
+        self._flushing: Future[None] | None = None  # background fsync in flight
+        self._flush_covers: tuple[list[Segment], int, int] = ([], 0, -1)  # to redo on failure
+        self._cleaning: CompactionJob | None = None
         self._segments[-1].open_for_append()
 
     @classmethod
@@ -104,6 +169,10 @@ class PartitionLog:
         return plog
 
     # -- properties ------------------------------------------------------------
+
+    def set_background(self, submit: Submit) -> None:
+        """Run fsyncs triggered by ``append`` in worker threads through ``submit``."""
+        self._background = submit
 
     @property
     def config(self) -> TopicConfig:
@@ -215,7 +284,7 @@ class PartitionLog:
             or now_ms - self._first_unflushed_ms >= config.flush_ms
         ):
             try:
-                self.flush()
+                self._flush_for_append()
             except OSError as exc:
                 # The batch is stored (a retry of an idempotent producer is answered as a
                 # duplicate), but its durability cannot be promised.
@@ -273,7 +342,8 @@ class PartitionLog:
         log.debug("%s: rolled to segment %d", self.directory, segment.base_offset)
 
     def flush(self) -> None:
-        """fsync everything appended so far."""
+        """fsync everything appended so far, inline."""
+        self._reap_flush()
         for segment in self._needs_sync:
             segment.flush()
             segment.release_fd()
@@ -284,16 +354,98 @@ class PartitionLog:
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
 
+    def flush_in_background(self) -> Future[None] | None:
+        """Start an fsync of everything appended so far in a worker thread (inline and
+        None without a background submitter). While one is in flight, that one."""
+        if self._background is None:
+            self.flush()
+            return None
+        self._reap_flush()
+        if self._flushing is not None:
+            return self._flushing
+        rolled, self._needs_sync = self._needs_sync, []
+        handles: list[int] = []
+        try:
+            for segment in [*rolled, self._active]:
+                segment.push_index_buffers()
+                handles.append(segment.sync_handle())
+        except OSError:
+            for fd in handles:
+                os.close(fd)
+            self._needs_sync = rolled
+            raise
+        for segment in rolled:
+            segment.release_fd()  # the thread syncs its duplicate
+        self._flush_covers = (rolled, self._unflushed_messages, self._first_unflushed_ms)
+        self._unflushed_messages = 0
+        self._first_unflushed_ms = -1
+        self._flushing = self._background(
+            lambda: _fsync_files(self.directory, handles, bool(rolled))
+        )
+        return self._flushing
+
+    def _flush_for_append(self) -> None:
+        """flush.messages / flush.ms reached: fsync inline without a background submitter,
+        else start an fsync in a worker thread unless one is in flight. The failure of
+        the previous background fsync is raised here, to the append that finds it."""
+        if self._background is None:
+            self.flush()
+            return
+        if self._flushing is not None and not self._flushing.done():
+            # What is appended meanwhile stays counted: the next append or maintenance
+            # run picks it up.
+            return
+        failed = self._reap_flush()
+        if failed is not None:
+            raise failed
+        self.flush_in_background()
+
+    def _reap_flush(self) -> OSError | None:
+        """Collect a finished background fsync; if it failed, its work is due again and
+        its error is returned."""
+        pending = self._flushing
+        if pending is None or not pending.done():
+            return None
+        self._flushing = None
+        if pending.cancelled():
+            error: OSError = OSError("background fsync cancelled")
+        else:
+            exc = pending.exception()
+            if exc is None:
+                return None
+            error = exc if isinstance(exc, OSError) else OSError(f"background fsync: {exc!r}")
+        rolled, messages, first_ms = self._flush_covers
+        live = set(map(id, self._segments))
+        self._needs_sync.extend(s for s in rolled if id(s) in live and s not in self._needs_sync)
+        self._unflushed_messages += messages
+        if first_ms >= 0 and not 0 <= self._first_unflushed_ms <= first_ms:
+            self._first_unflushed_ms = first_ms
+        return error
+
+    def _flush_due(self, now_ms: int) -> bool:
+        return bool(self._needs_sync) or (
+            self._first_unflushed_ms >= 0
+            and (
+                now_ms - self._first_unflushed_ms >= self._config.flush_ms
+                or self._unflushed_messages >= self._config.flush_messages
+            )
+        )
+
     def maybe_flush(self, now_ms: int) -> bool:
         """fsync if flush.ms has passed since the oldest unflushed append, or a rolled
         segment awaits its fsync. True if it flushed."""
-        due = self._first_unflushed_ms >= 0 and (
-            now_ms - self._first_unflushed_ms >= self._config.flush_ms
-        )
-        if due or self._needs_sync:
+        self._reap_flush()
+        if self._flush_due(now_ms):
             self.flush()
             return True
         return False
+
+    def flush_if_due(self, now_ms: int) -> Future[None] | None:
+        """``maybe_flush`` in a worker thread: the fsync started, else None."""
+        self._reap_flush()
+        if self._flushing is None and self._flush_due(now_ms):
+            return self.flush_in_background()
+        return None
 
     # -- reading ---------------------------------------------------------------
 
@@ -369,12 +521,11 @@ class PartitionLog:
 
     # -- cleanup ---------------------------------------------------------------
 
-    def _delete_oldest(self, reason: str) -> None:
+    def _detach_oldest(self, reason: str) -> Segment:
         segment = self._segments.pop(0)
         self._bases.clear()
         if segment in self._needs_sync:
             self._needs_sync.remove(segment)
-        segment.delete()
         log.info(
             "%s: deleted segment %d (%d bytes, offsets %d..%d): %s; log start offset now %d",
             self.directory,
@@ -385,24 +536,34 @@ class PartitionLog:
             reason,
             self.log_start_offset,
         )
+        return segment
 
     def enforce_retention(self, now_ms: int) -> int:
-        """Delete closed segments past retention.ms or retention.bytes; the count deleted.
+        """Delete closed segments past retention.ms or retention.bytes; the count deleted."""
+        doomed = self.detach_expired(now_ms)
+        for segment in doomed:
+            segment.delete()
+        return len(doomed)
+
+    def detach_expired(self, now_ms: int) -> list[Segment]:
+        """Take closed segments past retention.ms or retention.bytes out of the log; the
+        caller deletes their files (``Segment.delete``, a worker thread may).
 
         Like Kafka, only a prefix of the log goes, and a segment is deleted for
-        size only if the log stays at or above retention.bytes without it.
+        size only if the log stays at or above retention.bytes without it. Nothing
+        goes while a compaction works on that prefix.
         """
         config = self._config
-        if not config.cleanup_policy.deletes:
-            return 0
-        deleted = 0
+        if not config.cleanup_policy.deletes or self._cleaning is not None:
+            return []
+        doomed: list[Segment] = []
         if config.retention_ms >= 0:
             while len(self._segments) > 1:
                 age = now_ms - self._segments[0].largest_time_ms
                 if age <= config.retention_ms:
                     break
-                self._delete_oldest(f"{age} ms old, retention.ms is {config.retention_ms}")
-                deleted += 1
+                reason = f"{age} ms old, retention.ms is {config.retention_ms}"
+                doomed.append(self._detach_oldest(reason))
         if config.retention_bytes >= 0:
             size = self.size_bytes
             while len(self._segments) > 1:
@@ -410,38 +571,80 @@ class PartitionLog:
                 if size - oldest < config.retention_bytes:
                     break
                 reason = f"log is {size} bytes, retention.bytes is {config.retention_bytes}"
-                self._delete_oldest(reason)
+                doomed.append(self._detach_oldest(reason))
                 size -= oldest
-                deleted += 1
-        if deleted:
+        if doomed:
             self._producers.truncate_head(self.log_start_offset)
-        return deleted
+        return doomed
 
     def compact(self, now_ms: int) -> bool:
-        """Keep the latest record per key in closed segments; True if anything changed.
+        """Keep the latest record per key in closed segments, inline; True if anything
+        changed. See ``start_compaction`` for when it is skipped."""
+        job = self.start_compaction(now_ms)
+        if job is None:
+            return False
+        try:
+            result = job.run()
+        except BaseException:
+            self.finish_compaction(job, None)
+            raise
+        changed = self.finish_compaction(job, result)
+        job.settle()
+        return changed
 
-        Skipped when no segment was closed since the last run and no kept tombstone
-        has reached delete.retention.ms.
+    def start_compaction(self, now_ms: int) -> CompactionJob | None:
+        """A compaction to ``run`` in a worker thread, or None if there is nothing to do.
+
+        Nothing to do when the topic does not compact, a compaction is already running,
+        or no segment was closed since the last run and no kept tombstone has reached
+        delete.retention.ms.
         """
         config = self._config
-        if not config.cleanup_policy.compacts:
-            return False
+        if self._closed or self._cleaning is not None or not config.cleanup_policy.compacts:
+            return None
         cleanable = cleaner.cleanable_segments(self._segments, config, now_ms)
         if not cleanable:
-            return False
+            return None
         end = self._segments[len(cleanable)].base_offset  # first uncleanable offset
         if end == self._cleaned_up_to and not 0 <= self._tombstones_due_ms <= now_ms:
+            return None
+        readers = [segment.reader() for segment in cleanable]
+        self._cleaning = CompactionJob(cleanable, readers, config, now_ms, end)
+        return self._cleaning
+
+    def finish_compaction(self, job: CompactionJob, result: cleaner.CleanResult | None) -> bool:
+        """Swap a finished compaction's segments in (event loop, no data touched); True
+        if anything changed. ``result`` None: the run failed or was aborted.
+
+        The result is discarded if the log was closed, its settings changed or a
+        cleaned segment left the log meanwhile; ``job.settle`` removes its files.
+        """
+        if self._cleaning is job:
+            self._cleaning = None
+        if result is None:
             return False
-        result = cleaner.clean(cleanable, config, now_ms)
-        self._cleaned_up_to = end
+        live = set(map(id, self._segments))
+        if (
+            self._closed
+            or job.abort.is_set()
+            or job.config is not self._config
+            or not all(id(segment) in live for segment in job.segments)
+        ):
+            job.discarded.extend(staged for _, staged in result.staged)
+            return False
+        self._cleaned_up_to = job.end
         self._tombstones_due_ms = result.tombstones_due_ms
-        for segment in result.emptied:
-            if segment is not self._segments[0]:  # the first one holds log_start_offset
+        for i, staged in result.staged:
+            segment = job.segments[i]
+            segment.adopt(staged)
+            job.adopted.append((segment, staged))
+            # An emptied segment goes, except the first: it holds log_start_offset.
+            if segment.size == 0 and segment is not self._segments[0]:
                 self._segments.remove(segment)
-                self._bases.clear()
                 if segment in self._needs_sync:
                     self._needs_sync.remove(segment)
                 segment.delete()
+        self._bases.clear()
         if result.rewritten:
             log.info(
                 "%s: compacted %d segments, %d records removed",
@@ -451,19 +654,51 @@ class PartitionLog:
             )
         return result.rewritten > 0
 
+    def _stop_cleaning(self) -> None:
+        """Abort a running compaction and wait for its thread (it stops within a batch),
+        removing what it staged: nothing may write in a closed log's directory."""
+        job = self._cleaning
+        if job is None:
+            return
+        self._cleaning = None
+        job.abort.set()
+        if job.future is None:
+            return
+        concurrent.futures.wait([job.future])
+        if job.future.cancelled() or job.future.exception() is not None:
+            return
+        result = job.future.result()
+        if result is not None:
+            for _, staged in result.staged:
+                staged.discard_staging()
+
+    def background_work(self) -> list[Future[Any]]:
+        """Work in worker threads not yet finished (a running compaction is aborted)."""
+        pending: list[Future[Any]] = []
+        if self._cleaning is not None and self._cleaning.future is not None:
+            self._cleaning.abort.set()
+            pending.append(self._cleaning.future)
+        if self._flushing is not None:
+            pending.append(self._flushing)
+        return pending
+
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
         """Flush and release every file; a second call does nothing."""
         if self._closed:
             return
-        self.flush()
+        self._stop_cleaning()
+        self._reap_flush()
+        if self._unflushed_messages or self._needs_sync or self._background is None:
+            self.flush()  # after a background flush of everything, nothing left to sync
         for segment in self._segments:
             segment.close()
         self._closed = True
 
     def delete(self) -> None:
         """Remove the partition's files and directory; the log is unusable afterwards."""
+        self._stop_cleaning()
         for segment in self._segments:
             segment.delete()
         self._closed = True
