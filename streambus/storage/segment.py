@@ -461,14 +461,16 @@ class Segment:
 
         This segment's index files are removed before the rename and the staged ones are
         moved in by ``settle_adopted`` after the directory is fsynced: a crash in between
-        leaves a .log without indexes, which the next open rebuilds.
+        leaves a .log without indexes, which the next open rebuilds. The replaced .log
+        stays open, its descriptor handed to ``staged``: freeing hundreds of megabytes of
+        blocks happens when ``settle_adopted`` closes it, not inside the rename.
         """
         self._close_index_files()
-        self.release_fd()
+        old = self._fd if self._fd >= 0 else os.open(self.log_path, os.O_RDONLY)
         self.index_path.unlink(missing_ok=True)
         self.timeindex_path.unlink(missing_ok=True)
         os.replace(staged.log_path, self.log_path)
-        self._fd, staged._fd = staged._fd, -1
+        self._fd, staged._fd = staged._fd, old
         self._size = staged._size
         self.next_offset = staged.next_offset
         self.max_timestamp = staged.max_timestamp
@@ -481,6 +483,7 @@ class Segment:
     def settle_adopted(self, staged: Segment) -> None:
         """Make an ``adopt`` durable and give the segment its index files back. Worker
         thread; a segment deleted meanwhile is left alone."""
+        staged.release_fd()  # the replaced .log: its blocks are freed here
         try:
             fsync_dir(self.log_path.parent)
         except FileNotFoundError:  # the topic was deleted: its directory went with it
