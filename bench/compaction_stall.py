@@ -10,16 +10,14 @@ it with ApiVersions every 10 ms. Prints the slowest ping during the pass; assert
 from __future__ import annotations
 
 import argparse
-import asyncio
-import tempfile
 import multiprocessing
+import tempfile
 import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 from kafka.protocol.metadata import ApiVersionsRequest
 
 from tests.harness import BrokerThread, RawClient
@@ -28,10 +26,6 @@ TOPIC = "compacted"
 
 
 def produce(bootstrap: str, megabytes: int, keys: int, value_size: int) -> int:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    config = {"cleanup.policy": "compact", "segment.bytes": str(16 * 1024 * 1024)}
-    for future in admin.create_topics([NewTopic(TOPIC, 1, 1, config=config)]).values():
-        future.result(30)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 256 * 1024})
     value = b"v" * value_size
     count = megabytes * 1024 * 1024 // value_size
@@ -77,9 +71,11 @@ def main() -> None:
         tempfile.TemporaryDirectory() as tmp,
         BrokerThread(Path(tmp), maintenance_interval_ms=3_600_000, metrics=False) as b,
     ):
+        config = {"cleanup.policy": "compact", "segment.bytes": str(16 * 1024 * 1024)}
+        b.run(b.broker.create_topic, TOPIC, 1, config)
         started = time.monotonic()
         count = produce(b.bootstrap, args.mb, args.keys, args.value_size)
-        size = b.run(lambda: b.broker.storage_used_bytes())
+        size = b.run(b.broker.storage_used_bytes)
         print(f"produced {count} records, {size / 1e6:.0f} MB in {time.monotonic() - started:.1f}s")
 
         ctx = multiprocessing.get_context("spawn")
@@ -95,7 +91,7 @@ def main() -> None:
         done.set()
         rtts = results.get(timeout=30)
         pinger.join(30)
-        after = b.run(lambda: b.broker.storage_used_bytes())
+        after = b.run(b.broker.storage_used_bytes)
         print(
             f"maintenance pass {took:.2f}s, {size / 1e6:.0f} MB -> {after / 1e6:.0f} MB; "
             f"{len(rtts)} pings, max RTT {max(rtts) * 1000:.1f} ms, "
