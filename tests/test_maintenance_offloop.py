@@ -4,6 +4,7 @@ recovery run in worker threads, and the broker keeps answering while they do."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ import pytest
 from kafka.protocol.consumer import HeartbeatRequest, JoinGroupRequest, SyncGroupRequest
 from kafka.protocol.metadata import ApiVersionsRequest
 
+from streambus.errors import KafkaStorageError
 from streambus.storage import LogManager, build_batch, cleaner, iter_records, parse_batches
 from streambus.storage.batch import Record
 from streambus.storage.log import PartitionLog
@@ -306,3 +308,37 @@ def test_start_up_recovery_runs_in_a_worker_thread(
         assert b.run(b.broker.partition_count) == 2
     assert len(opened) >= 2
     assert loop_thread not in opened
+
+
+def test_failed_background_fsync_is_reported_and_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The produce path does not wait for its fsync; the append that finds it failed says
+    so, and the unsynced data is synced again once the disk answers."""
+    manager = LogManager(tmp_path, TopicConfig(), clock=lambda: NOW_MS / 1000)
+    manager.load()
+    manager.create_topic("synced", 1, {"flush.messages": "1"})
+    plog = manager.log(TopicPartition("synced", 0))
+    real_fsync = os.fsync
+    synced: list[int] = []
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "injected I/O error")
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    try:
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        plog.append(build_batch([(None, b"first", [], NOW_MS)]))  # acknowledged; fsync pending
+        wait_until(lambda: plog._flushing is not None and plog._flushing.done(), 10)
+        with pytest.raises(KafkaStorageError, match="injected"):
+            plog.append(build_batch([(None, b"second", [], NOW_MS)]))
+        assert manager.health.errors() == {"EIO": 1}
+        monkeypatch.setattr(os, "fsync", counting_fsync)
+        plog.append(build_batch([(None, b"third", [], NOW_MS)]))
+        wait_until(lambda: synced, 10)
+        assert plog.log_end_offset == 3  # nothing acknowledged was dropped
+    finally:
+        manager.close()

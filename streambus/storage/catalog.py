@@ -557,25 +557,33 @@ class LogManager:
         compactions one after another, so a long cleaning delays no fsync.
         """
         doomed: list[Segment] = []
-        flushes: list[Future[None]] = []
+        flushes: list[tuple[TopicPartition, Future[None]]] = []
         for tp, plog in self.logs():
             try:
                 doomed += plog.detach_expired(now_ms)
-                flushing = plog.flush_if_due(now_ms)
+                flushing = plog.flush_if_due(now_ms)  # raises what the last one met
                 if flushing is not None:
-                    flushes.append(flushing)
+                    flushes.append((tp, flushing))
+            except OSError as exc:  # a full disk: reported once by the health tracker
+                self.health.failed(f"maintenance of {tp.topic}-{tp.partition}", exc)
             except Exception:
                 log.exception("maintenance of %s-%d failed", tp.topic, tp.partition)
         if doomed:
             await asyncio.wrap_future(self._submit_io(lambda: _delete_segments(doomed)))
-        # A failed fsync was logged by its thread; the log redoes it next time.
-        await asyncio.gather(*map(asyncio.wrap_future, flushes), return_exceptions=True)
+        done = await asyncio.gather(
+            *(asyncio.wrap_future(f) for _, f in flushes), return_exceptions=True
+        )
+        for (tp, _), outcome in zip(flushes, done, strict=True):
+            if isinstance(outcome, Exception):  # the log redoes that fsync next time
+                self.health.failed(f"fsync of {tp.topic}-{tp.partition}", outcome)
         compactions = 0
         for tp, plog in self.logs():
             try:
                 job = plog.start_compaction(now_ms)
                 if job is not None:
                     compactions += await self._compact(plog, job)
+            except (OSError, KafkaStorageError) as exc:  # a full disk: reported once
+                self.health.failed(f"compaction of {tp.topic}-{tp.partition}", exc)
             except Exception:
                 log.exception("compaction of %s-%d failed", tp.topic, tp.partition)
         return MaintenanceReport(len(doomed), compactions)

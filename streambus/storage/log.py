@@ -77,9 +77,6 @@ def _fsync_files(directory: Path, handles: list[int], sync_dir: bool) -> None:
             os.fsync(fd)
         if sync_dir:
             fsync_dir(directory)
-    except OSError as exc:
-        log.error("%s: background fsync failed: %s", directory, exc)
-        raise
     finally:
         for fd in handles:
             os.close(fd)
@@ -441,8 +438,11 @@ class PartitionLog:
         return False
 
     def flush_if_due(self, now_ms: int) -> Future[None] | None:
-        """``maybe_flush`` in a worker thread: the fsync started, else None."""
-        self._reap_flush()
+        """``maybe_flush`` in a worker thread: the fsync started, else None. Raises the
+        error of a failed background fsync not yet reported (its work is due again)."""
+        failed = self._reap_flush()
+        if failed is not None:
+            raise failed
         if self._flushing is None and self._flush_due(now_ms):
             return self.flush_in_background()
         return None
