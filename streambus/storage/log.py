@@ -13,8 +13,8 @@ request that rolled it, and only the last segment is re-checked on open.
 Slow work leaves the event loop once the log is given a background submitter
 (``set_background``, as the LogManager does): the flush.messages / flush.ms
 trigger in ``append`` then starts an fsync in a worker thread instead of
-syncing inline, on duplicated descriptors so the loop may close its own
-meanwhile. Maintenance is split the same way: the loop picks what to do and
+syncing inline; the thread opens the files itself, so the loop may close its
+own descriptors meanwhile. Maintenance is split the same way: the loop picks what to do and
 swaps results in (``detach_expired``, ``start_compaction`` /
 ``finish_compaction``, ``flush_if_due``); files are unlinked, cleaned and
 fsynced in threads. While a compaction runs the log is marked as cleaning:
@@ -25,6 +25,7 @@ Without a submitter (tests, tools) everything runs inline as before.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import shutil
@@ -70,16 +71,26 @@ _NAME_DIGITS = 20
 Submit = Callable[[Callable[[], None]], "Future[None]"]
 
 
-def _fsync_files(directory: Path, handles: list[int], sync_dir: bool) -> None:
-    """Worker thread: fsync duplicated descriptors (closing them) and the directory."""
-    try:
-        for fd in handles:
+def _fsync_files(directory: Path, paths: list[Path], sync_dir: bool) -> None:
+    """Worker thread: fsync files and, after a roll, the directory.
+
+    Each file is opened here, by name: the thread never uses a descriptor the event
+    loop may close meanwhile, and a queued fsync holds no descriptor. A file deleted
+    in between (retention, a deleted topic) needs no sync; one replaced by compaction
+    was fsynced before the swap.
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
             os.fsync(fd)
-        if sync_dir:
-            fsync_dir(directory)
-    finally:
-        for fd in handles:
+        finally:
             os.close(fd)
+    if sync_dir:
+        with contextlib.suppress(FileNotFoundError):  # the topic was deleted meanwhile
+            fsync_dir(directory)
 
 
 @dataclass
@@ -360,25 +371,15 @@ class PartitionLog:
         self._reap_flush()
         if self._flushing is not None:
             return self._flushing
+        self._active.push_index_buffers()
         rolled, self._needs_sync = self._needs_sync, []
-        handles: list[int] = []
-        try:
-            for segment in [*rolled, self._active]:
-                segment.push_index_buffers()
-                handles.append(segment.sync_handle())
-        except OSError:
-            for fd in handles:
-                os.close(fd)
-            self._needs_sync = rolled
-            raise
+        paths = [segment.log_path for segment in (*rolled, self._active)]
         for segment in rolled:
-            segment.release_fd()  # the thread syncs its duplicate
+            segment.release_fd()  # its writes are in the page cache, synced by name
         self._flush_covers = (rolled, self._unflushed_messages, self._first_unflushed_ms)
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
-        self._flushing = self._background(
-            lambda: _fsync_files(self.directory, handles, bool(rolled))
-        )
+        self._flushing = self._background(lambda: _fsync_files(self.directory, paths, bool(rolled)))
         return self._flushing
 
     def _flush_for_append(self) -> None:

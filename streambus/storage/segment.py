@@ -504,17 +504,6 @@ class Segment:
         for path in (self.log_path, self.index_path, self.timeindex_path):
             path.unlink(missing_ok=True)
 
-    def sync_handle(self) -> int:
-        """A descriptor of the .log for an fsync in a worker thread, which closes it.
-
-        A duplicate, so the event loop may release or replace this segment's own
-        descriptor while the thread still syncs: the thread never touches a number
-        that may have been closed and reused.
-        """
-        if self._fd >= 0:
-            return os.dup(self._fd)
-        return os.open(self.log_path, os.O_RDONLY)
-
     def push_index_buffers(self) -> None:
         """Hand buffered index entries to the OS (no fsync: indexes are rebuilt if torn)."""
         for f in (self._index_file, self._time_file):
