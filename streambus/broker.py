@@ -151,7 +151,7 @@ class Broker:
 
     async def _load_logs(self) -> None:
         """Open every partition (segment scans, producer state) in a worker thread: the
-        loop keeps serving /metrics and signals while a large data dir is recovered."""
+        event loop stays free (signals, /metrics) while a large data dir is recovered."""
         loading = asyncio.get_running_loop().run_in_executor(None, self.logs.load)
         try:
             await asyncio.shield(loading)
