@@ -108,7 +108,7 @@ class Broker:
             raise_open_files_limit()
             self.cluster_id = load_cluster_id(self.data_dir, self.broker_id)
             clean = take_clean_shutdown(self.data_dir)
-            self.logs.load()
+            await self._load_logs()
             self.groups.load()
             await self._server.start()
         except BaseException:
@@ -151,7 +151,7 @@ class Broker:
             self._verifier = None
         clean = True
         try:
-            self.logs.flush_all()
+            await self.logs.flush_all_in_background()  # also waits for work in worker threads
         except OSError as exc:  # a full or failing disk: close what can be closed anyway
             log.error("flushing logs at shutdown failed: %s", exc)
             clean = False
@@ -163,6 +163,18 @@ class Broker:
         self.status = BrokerStatus.STOPPED
         self._stopped.set()
         log.info("broker %d stopped", self.broker_id)
+
+    async def _load_logs(self) -> None:
+        """Open every partition (segment scans, producer state) in a worker thread: the
+        event loop stays free (signals, /metrics) while a large data dir is recovered."""
+        loading = asyncio.get_running_loop().run_in_executor(None, self.logs.load)
+        try:
+            await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            # The thread cannot be interrupted: let it finish before the logs are closed.
+            with contextlib.suppress(Exception):
+                await loading
+            raise
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -293,7 +305,8 @@ class Broker:
                 now_ms = int(time.time() * 1000)
                 with contextlib.suppress(KafkaStorageError):  # a full disk, reported once
                     self.groups.expire_offsets(now_ms)  # by storage health; retried next round
-                report = self.logs.maintenance(now_ms)
+                # Unlinks, fsyncs and compaction run in worker threads; this task waits.
+                report = await self.logs.maintain(now_ms)
             except Exception:
                 log.exception("log maintenance failed; will retry in %.0fs", interval)
                 continue

@@ -18,10 +18,17 @@ topic serves; start-up never fails because of one topic.
 ``topic.json`` holds only the Kafka-named overrides, so a topic's effective
 configuration is always ``defaults.with_overrides(overrides)``: changing a
 broker default reaches every topic that did not set the key itself.
+
+Slow disk work runs in worker threads the manager owns: ``maintain`` (the
+broker's maintenance pass) unlinks expired segments and fsyncs on an I/O
+executor, and cleans compacted logs on a single-thread cleaner executor, so at
+most one compaction runs at a time; the loop only decides and swaps results in.
+``maintenance`` is the same pass run inline, for tools and tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -31,6 +38,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -46,8 +54,8 @@ from streambus.errors import (
 )
 from streambus.storage.datadir import FDS_PER_PARTITION, partition_fd_budget, write_atomically
 from streambus.storage.health import WriteHealth
-from streambus.storage.log import PartitionLog
-from streambus.storage.segment import fsync_dir
+from streambus.storage.log import CompactionJob, PartitionLog
+from streambus.storage.segment import Segment, fsync_dir
 from streambus.structs import TopicPartition
 from streambus.topic_config import TopicConfig
 
@@ -143,6 +151,15 @@ def _read_meta(path: Path) -> TopicMeta:
     )
 
 
+def _delete_segments(segments: list[Segment]) -> None:
+    """Worker thread: remove the files of segments already out of their logs."""
+    for segment in segments:
+        try:
+            segment.delete()
+        except OSError as exc:
+            log.error("deleting %s failed: %s", segment.log_path, exc)
+
+
 class _Topic:
     __slots__ = ("config", "logs", "meta")
 
@@ -181,6 +198,8 @@ class LogManager:
         self._root = data_dir / "topics"
         self._topics: dict[str, _Topic] = {}
         self._offline: dict[str, OfflineTopic] = {}
+        self._io: ThreadPoolExecutor | None = None  # unlinks and fsyncs
+        self._cleaner: ThreadPoolExecutor | None = None  # one compaction at a time
 
     def load(self) -> None:
         """Open every topic found on disk; one that cannot be opened is marked offline."""
@@ -254,6 +273,7 @@ class LogManager:
                         opened.close()
                 raise _PartitionOpenError(path, f"cannot open partition log: {exc}") from exc
             plog.health = self.health
+            plog.set_background(self._submit_io)
             logs.append(plog)
         self._topics[meta.name] = _Topic(meta, config, logs)
 
@@ -466,11 +486,39 @@ class LogManager:
             for partition, plog in enumerate(topic.logs):
                 yield TopicPartition(name, partition), plog
 
+    # -- worker threads --------------------------------------------------------------
+
+    def _submit_io(self, job: Callable[[], None]) -> Future[None]:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(2, thread_name_prefix="streambus-io")
+        return self._io.submit(job)
+
+    def _submit_clean(self, job: CompactionJob) -> None:
+        if self._cleaner is None:
+            self._cleaner = ThreadPoolExecutor(1, thread_name_prefix="streambus-cleaner")
+        job.future = self._cleaner.submit(job.run)
+
+    async def drain(self) -> None:
+        """Wait for work in worker threads; a running compaction is aborted."""
+        pending = [future for _, plog in self.logs() for future in plog.background_work()]
+        if pending:
+            await asyncio.gather(*map(asyncio.wrap_future, pending), return_exceptions=True)
+
+    # -- flushing and closing ----------------------------------------------------------
+
     def flush_all(self) -> None:
         for _, plog in self.logs():
             plog.flush()
 
+    async def flush_all_in_background(self) -> None:
+        """``flush_all`` with the fsyncs in worker threads, after any in flight."""
+        await self.drain()
+        pending = [f for _, plog in self.logs() if (f := plog.flush_in_background()) is not None]
+        # A failed fsync was logged by its thread.
+        await asyncio.gather(*map(asyncio.wrap_future, pending), return_exceptions=True)
+
     def close(self) -> None:
+        """Close every log, then the worker threads (after ``drain`` they are idle)."""
         for tp, plog in self.logs():
             try:
                 plog.close()
@@ -478,9 +526,15 @@ class LogManager:
                 log.error("closing %s-%d failed: %s", tp.topic, tp.partition, exc)
         self._topics.clear()
         self._offline.clear()
+        for executor in (self._cleaner, self._io):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._cleaner = self._io = None
+
+    # -- maintenance -------------------------------------------------------------------
 
     def maintenance(self, now_ms: int) -> MaintenanceReport:
-        """Retention, compaction and time-based flushing for every log.
+        """Retention, compaction and time-based flushing for every log, inline.
 
         A failing log is reported and skipped so the others still get their turn.
         """
@@ -495,6 +549,57 @@ class LogManager:
             except Exception:
                 log.exception("maintenance of %s-%d failed", tp.topic, tp.partition)
         return MaintenanceReport(deleted, compactions)
+
+    async def maintain(self, now_ms: int) -> MaintenanceReport:
+        """``maintenance`` with unlinks, fsyncs and cleaning in worker threads.
+
+        The cheap passes first (retention, flush.ms) for every log, then the
+        compactions one after another, so a long cleaning delays no fsync.
+        """
+        doomed: list[Segment] = []
+        flushes: list[tuple[TopicPartition, Future[None]]] = []
+        for tp, plog in self.logs():
+            try:
+                doomed += plog.detach_expired(now_ms)
+                flushing = plog.flush_if_due(now_ms)  # raises what the last one met
+                if flushing is not None:
+                    flushes.append((tp, flushing))
+            except OSError as exc:  # a full disk: reported once by the health tracker
+                self.health.failed(f"maintenance of {tp.topic}-{tp.partition}", exc)
+            except Exception:
+                log.exception("maintenance of %s-%d failed", tp.topic, tp.partition)
+        if doomed:
+            await asyncio.wrap_future(self._submit_io(lambda: _delete_segments(doomed)))
+        done = await asyncio.gather(
+            *(asyncio.wrap_future(f) for _, f in flushes), return_exceptions=True
+        )
+        for (tp, _), outcome in zip(flushes, done, strict=True):
+            if isinstance(outcome, Exception):  # the log redoes that fsync next time
+                self.health.failed(f"fsync of {tp.topic}-{tp.partition}", outcome)
+        compactions = 0
+        for tp, plog in self.logs():
+            try:
+                job = plog.start_compaction(now_ms)
+                if job is not None:
+                    compactions += await self._compact(plog, job)
+            except (OSError, KafkaStorageError) as exc:  # a full disk: reported once
+                self.health.failed(f"compaction of {tp.topic}-{tp.partition}", exc)
+            except Exception:
+                log.exception("compaction of %s-%d failed", tp.topic, tp.partition)
+        return MaintenanceReport(len(doomed), compactions)
+
+    async def _compact(self, plog: PartitionLog, job: CompactionJob) -> bool:
+        self._submit_clean(job)
+        assert job.future is not None
+        try:
+            result = await asyncio.wrap_future(job.future)
+        except Exception:
+            plog.finish_compaction(job, None)
+            raise
+        changed = plog.finish_compaction(job, result)
+        if job.adopted or job.discarded:
+            await asyncio.wrap_future(self._submit_io(job.settle))
+        return changed
 
     def total_size_bytes(self) -> int:
         return sum(plog.size_bytes for _, plog in self.logs())

@@ -17,15 +17,32 @@ export. The log end offset is also written to ``leo.checkpoint`` at each flush
 and on close: a log that opens with a lower end (its last segment cut or
 zeroed) reports it and continues at the checkpoint, so no offset is handed out
 twice.
+
+Slow work leaves the event loop once the log is given a background submitter
+(``set_background``, as the LogManager does): the flush.messages / flush.ms
+trigger in ``append`` then starts an fsync in a worker thread instead of
+syncing inline; the thread opens the files itself, so the loop may close its
+own descriptors meanwhile. Maintenance is split the same way: the loop picks what to do and
+swaps results in (``detach_expired``, ``start_compaction`` /
+``finish_compaction``, ``flush_if_due``); files are unlinked, cleaned and
+fsynced in threads. While a compaction runs the log is marked as cleaning:
+retention waits, and a close aborts the cleaner and discards its result.
+Without a submitter (tests, tools) everything runs inline as before.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
+import os
 import shutil
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -102,6 +119,58 @@ class LogSlice:
             yield from span.segment.read_pieces(span.position, span.length, span.generation)
 
 
+# Runs a job in a worker thread: the LogManager's executor, set with set_background.
+Submit = Callable[[Callable[[], None]], "Future[None]"]
+
+
+def _fsync_files(directory: Path, paths: list[Path], sync_dir: bool) -> None:
+    """Worker thread: fsync files and, after a roll, the directory.
+
+    Each file is opened here, by name: the thread never uses a descriptor the event
+    loop may close meanwhile, and a queued fsync holds no descriptor. A file deleted
+    in between (retention, a deleted topic) needs no sync; one replaced by compaction
+    was fsynced before the swap.
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if sync_dir:
+        with contextlib.suppress(FileNotFoundError):  # the topic was deleted meanwhile
+            fsync_dir(directory)
+
+
+@dataclass
+class CompactionJob:
+    """One compaction: ``run`` in a worker thread, then ``finish_compaction`` on the
+    loop, then ``settle`` in a worker thread."""
+
+    segments: list[Segment]  # the log's own closed segments being cleaned
+    readers: list[Segment]  # their twins, read by the worker
+    config: TopicConfig
+    now_ms: int
+    end: int  # first offset not cleaned
+    abort: threading.Event = field(default_factory=threading.Event)
+    future: Future[cleaner.CleanResult | None] | None = None  # set by whoever runs it
+    adopted: list[tuple[Segment, Segment]] = field(default_factory=list)
+    discarded: list[Segment] = field(default_factory=list)
+
+    def run(self) -> cleaner.CleanResult | None:
+        return cleaner.clean(self.readers, self.config, self.now_ms, self.abort)
+
+    def settle(self) -> None:
+        """Worker thread: make adopted copies durable, remove discarded ones."""
+        for segment, staged in self.adopted:
+            segment.settle_adopted(staged)
+        for staged in self.discarded:
+            staged.discard_staging()
+
+
 class PartitionLog:
     # Told about every append's outcome, so a full disk is logged once per episode and
     # exported; set by the LogManager that opened the log.
@@ -131,6 +200,10 @@ class PartitionLog:
         self._unverified = sum(not seg.verified for seg in segments)
         self._checkpointed = -1  # last log end offset written to the checkpoint
         self._checkpoint_failing = False
+        self._background: Submit | None = None
+        self._flushing: Future[None] | None = None  # background fsync in flight
+        self._flush_covers: tuple[list[Segment], int, int] = ([], 0, -1)  # to redo on failure
+        self._cleaning: CompactionJob | None = None
         self._segments[-1].open_for_append()
 
     @classmethod
@@ -208,7 +281,7 @@ class PartitionLog:
         fsync_dir(self.directory)
 
     def _write_checkpoint(self) -> None:
-        """Record the log end offset (after the data up to it was fsynced)."""
+        """Record the log end offset: no offset below it is handed out again after a restart."""
         end = self.log_end_offset
         if end == self._checkpointed:
             return
@@ -306,6 +379,10 @@ class PartitionLog:
         }
 
     # -- properties ------------------------------------------------------------
+
+    def set_background(self, submit: Submit) -> None:
+        """Run fsyncs triggered by ``append`` in worker threads through ``submit``."""
+        self._background = submit
 
     @property
     def config(self) -> TopicConfig:
@@ -417,7 +494,7 @@ class PartitionLog:
             or now_ms - self._first_unflushed_ms >= config.flush_ms
         ):
             try:
-                self.flush()
+                self._flush_for_append()
             except OSError as exc:
                 # The batch is stored (a retry of an idempotent producer is answered as a
                 # duplicate), but its durability cannot be promised.
@@ -475,7 +552,8 @@ class PartitionLog:
         log.debug("%s: rolled to segment %d", self.directory, segment.base_offset)
 
     def flush(self) -> None:
-        """fsync everything appended so far."""
+        """fsync everything appended so far, inline."""
+        self._reap_flush()
         for segment in self._needs_sync:
             segment.flush()
             segment.release_fd()
@@ -487,16 +565,94 @@ class PartitionLog:
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
 
+    def flush_in_background(self) -> Future[None] | None:
+        """Start an fsync of everything appended so far in a worker thread (inline and
+        None without a background submitter). While one is in flight, that one."""
+        if self._background is None:
+            self.flush()
+            return None
+        self._reap_flush()
+        if self._flushing is not None:
+            return self._flushing
+        self._active.push_index_buffers()
+        # The guard against reusing offsets needs only what was handed out, not what is
+        # synced: written now, while the thread syncs the data below it.
+        self._write_checkpoint()
+        rolled, self._needs_sync = self._needs_sync, []
+        paths = [segment.log_path for segment in (*rolled, self._active)]
+        for segment in rolled:
+            segment.release_fd()  # its writes are in the page cache, synced by name
+        self._flush_covers = (rolled, self._unflushed_messages, self._first_unflushed_ms)
+        self._unflushed_messages = 0
+        self._first_unflushed_ms = -1
+        self._flushing = self._background(lambda: _fsync_files(self.directory, paths, bool(rolled)))
+        return self._flushing
+
+    def _flush_for_append(self) -> None:
+        """flush.messages / flush.ms reached: fsync inline without a background submitter,
+        else start an fsync in a worker thread unless one is in flight. The failure of
+        the previous background fsync is raised here, to the append that finds it."""
+        if self._background is None:
+            self.flush()
+            return
+        if self._flushing is not None and not self._flushing.done():
+            # What is appended meanwhile stays counted: the next append or maintenance
+            # run picks it up.
+            return
+        failed = self._reap_flush()
+        if failed is not None:
+            raise failed
+        self.flush_in_background()
+
+    def _reap_flush(self) -> OSError | None:
+        """Collect a finished background fsync; if it failed, its work is due again and
+        its error is returned."""
+        pending = self._flushing
+        if pending is None or not pending.done():
+            return None
+        self._flushing = None
+        if pending.cancelled():
+            error: OSError = OSError("background fsync cancelled")
+        else:
+            exc = pending.exception()
+            if exc is None:
+                return None
+            error = exc if isinstance(exc, OSError) else OSError(f"background fsync: {exc!r}")
+        rolled, messages, first_ms = self._flush_covers
+        live = set(map(id, self._segments))
+        self._needs_sync.extend(s for s in rolled if id(s) in live and s not in self._needs_sync)
+        self._unflushed_messages += messages
+        if first_ms >= 0 and not 0 <= self._first_unflushed_ms <= first_ms:
+            self._first_unflushed_ms = first_ms
+        return error
+
+    def _flush_due(self, now_ms: int) -> bool:
+        return bool(self._needs_sync) or (
+            self._first_unflushed_ms >= 0
+            and (
+                now_ms - self._first_unflushed_ms >= self._config.flush_ms
+                or self._unflushed_messages >= self._config.flush_messages
+            )
+        )
+
     def maybe_flush(self, now_ms: int) -> bool:
         """fsync if flush.ms has passed since the oldest unflushed append, or a rolled
         segment awaits its fsync. True if it flushed."""
-        due = self._first_unflushed_ms >= 0 and (
-            now_ms - self._first_unflushed_ms >= self._config.flush_ms
-        )
-        if due or self._needs_sync:
+        self._reap_flush()
+        if self._flush_due(now_ms):
             self.flush()
             return True
         return False
+
+    def flush_if_due(self, now_ms: int) -> Future[None] | None:
+        """``maybe_flush`` in a worker thread: the fsync started, else None. Raises the
+        error of a failed background fsync not yet reported (its work is due again)."""
+        failed = self._reap_flush()
+        if failed is not None:
+            raise failed
+        if self._flushing is None and self._flush_due(now_ms):
+            return self.flush_in_background()
+        return None
 
     # -- reading ---------------------------------------------------------------
 
@@ -593,12 +749,11 @@ class PartitionLog:
 
     # -- cleanup ---------------------------------------------------------------
 
-    def _delete_oldest(self, reason: str) -> None:
+    def _detach_oldest(self, reason: str) -> Segment:
         segment = self._segments.pop(0)
         self._bases.clear()
         if segment in self._needs_sync:
             self._needs_sync.remove(segment)
-        segment.delete()
         log.info(
             "%s: deleted segment %d (%d bytes, offsets %d..%d): %s; log start offset now %d",
             self.directory,
@@ -609,24 +764,34 @@ class PartitionLog:
             reason,
             self.log_start_offset,
         )
+        return segment
 
     def enforce_retention(self, now_ms: int) -> int:
-        """Delete closed segments past retention.ms or retention.bytes; the count deleted.
+        """Delete closed segments past retention.ms or retention.bytes; the count deleted."""
+        doomed = self.detach_expired(now_ms)
+        for segment in doomed:
+            segment.delete()
+        return len(doomed)
+
+    def detach_expired(self, now_ms: int) -> list[Segment]:
+        """Take closed segments past retention.ms or retention.bytes out of the log; the
+        caller deletes their files (``Segment.delete``, a worker thread may).
 
         Like Kafka, only a prefix of the log goes, and a segment is deleted for
-        size only if the log stays at or above retention.bytes without it.
+        size only if the log stays at or above retention.bytes without it. Nothing
+        goes while a compaction works on that prefix.
         """
         config = self._config
-        if not config.cleanup_policy.deletes:
-            return 0
-        deleted = 0
+        if not config.cleanup_policy.deletes or self._cleaning is not None:
+            return []
+        doomed: list[Segment] = []
         if config.retention_ms >= 0:
             while len(self._segments) > 1:
                 age = now_ms - self._segments[0].largest_time_ms
                 if age <= config.retention_ms:
                     break
-                self._delete_oldest(f"{age} ms old, retention.ms is {config.retention_ms}")
-                deleted += 1
+                reason = f"{age} ms old, retention.ms is {config.retention_ms}"
+                doomed.append(self._detach_oldest(reason))
         if config.retention_bytes >= 0:
             size = self.size_bytes
             while len(self._segments) > 1:
@@ -634,38 +799,80 @@ class PartitionLog:
                 if size - oldest < config.retention_bytes:
                     break
                 reason = f"log is {size} bytes, retention.bytes is {config.retention_bytes}"
-                self._delete_oldest(reason)
+                doomed.append(self._detach_oldest(reason))
                 size -= oldest
-                deleted += 1
-        if deleted:
+        if doomed:
             self._producers.truncate_head(self.log_start_offset)
-        return deleted
+        return doomed
 
     def compact(self, now_ms: int) -> bool:
-        """Keep the latest record per key in closed segments; True if anything changed.
+        """Keep the latest record per key in closed segments, inline; True if anything
+        changed. See ``start_compaction`` for when it is skipped."""
+        job = self.start_compaction(now_ms)
+        if job is None:
+            return False
+        try:
+            result = job.run()
+        except BaseException:
+            self.finish_compaction(job, None)
+            raise
+        changed = self.finish_compaction(job, result)
+        job.settle()
+        return changed
 
-        Skipped when no segment was closed since the last run and no kept tombstone
-        has reached delete.retention.ms.
+    def start_compaction(self, now_ms: int) -> CompactionJob | None:
+        """A compaction to ``run`` in a worker thread, or None if there is nothing to do.
+
+        Nothing to do when the topic does not compact, a compaction is already running,
+        or no segment was closed since the last run and no kept tombstone has reached
+        delete.retention.ms.
         """
         config = self._config
-        if not config.cleanup_policy.compacts:
-            return False
+        if self._closed or self._cleaning is not None or not config.cleanup_policy.compacts:
+            return None
         cleanable = cleaner.cleanable_segments(self._segments, config, now_ms)
         if not cleanable:
-            return False
+            return None
         end = self._segments[len(cleanable)].base_offset  # first uncleanable offset
         if end == self._cleaned_up_to and not 0 <= self._tombstones_due_ms <= now_ms:
+            return None
+        readers = [segment.reader() for segment in cleanable]
+        self._cleaning = CompactionJob(cleanable, readers, config, now_ms, end)
+        return self._cleaning
+
+    def finish_compaction(self, job: CompactionJob, result: cleaner.CleanResult | None) -> bool:
+        """Swap a finished compaction's segments in (event loop, no data touched); True
+        if anything changed. ``result`` None: the run failed or was aborted.
+
+        The result is discarded if the log was closed, its settings changed or a
+        cleaned segment left the log meanwhile; ``job.settle`` removes its files.
+        """
+        if self._cleaning is job:
+            self._cleaning = None
+        if result is None:
             return False
-        result = cleaner.clean(cleanable, config, now_ms)
-        self._cleaned_up_to = end
+        live = set(map(id, self._segments))
+        if (
+            self._closed
+            or job.abort.is_set()
+            or job.config is not self._config
+            or not all(id(segment) in live for segment in job.segments)
+        ):
+            job.discarded.extend(staged for _, staged in result.staged)
+            return False
+        self._cleaned_up_to = job.end
         self._tombstones_due_ms = result.tombstones_due_ms
-        for segment in result.emptied:
-            if segment is not self._segments[0]:  # the first one holds log_start_offset
+        for i, staged in result.staged:
+            segment = job.segments[i]
+            segment.adopt(staged)
+            job.adopted.append((segment, staged))
+            # An emptied segment goes, except the first: it holds log_start_offset.
+            if segment.size == 0 and segment is not self._segments[0]:
                 self._segments.remove(segment)
-                self._bases.clear()
                 if segment in self._needs_sync:
                     self._needs_sync.remove(segment)
                 segment.delete()
+        self._bases.clear()
         if result.rewritten:
             log.info(
                 "%s: compacted %d segments, %d records removed",
@@ -675,19 +882,52 @@ class PartitionLog:
             )
         return result.rewritten > 0
 
+    def _stop_cleaning(self) -> None:
+        """Abort a running compaction and wait for its thread (it stops within a batch),
+        removing what it staged: nothing may write in a closed log's directory."""
+        job = self._cleaning
+        if job is None:
+            return
+        self._cleaning = None
+        job.abort.set()
+        if job.future is None:
+            return
+        concurrent.futures.wait([job.future])
+        if job.future.cancelled() or job.future.exception() is not None:
+            return
+        result = job.future.result()
+        if result is not None:
+            for _, staged in result.staged:
+                staged.discard_staging()
+
+    def background_work(self) -> list[Future[Any]]:
+        """Work in worker threads not yet finished (a running compaction is aborted)."""
+        pending: list[Future[Any]] = []
+        if self._cleaning is not None and self._cleaning.future is not None:
+            self._cleaning.abort.set()
+            pending.append(self._cleaning.future)
+        if self._flushing is not None:
+            pending.append(self._flushing)
+        return pending
+
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
         """Flush and release every file; a second call does nothing."""
         if self._closed:
             return
-        self.flush()  # writes the checkpoint too
+        self._stop_cleaning()
+        self._reap_flush()
+        if self._unflushed_messages or self._needs_sync or self._background is None:
+            self.flush()  # after a background flush of everything, nothing left to sync
+        self._write_checkpoint()  # also when a background flush left nothing to sync
         for segment in self._segments:
             segment.close()
         self._closed = True
 
     def delete(self) -> None:
         """Remove the partition's files and directory; the log is unusable afterwards."""
+        self._stop_cleaning()
         for segment in self._segments:
             segment.delete()
         self._closed = True

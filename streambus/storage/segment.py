@@ -489,25 +489,105 @@ class Segment:
         for path in (self.log_path, self.index_path, self.timeindex_path, self.cleaned_path):
             path.unlink(missing_ok=True)
 
-    def replace_log(self) -> None:
-        """Swap in ``cleaned_path`` (already fsynced) as the .log, keeping its mtime.
+    # -- compaction hand-over ----------------------------------------------------
+    # The cleaner works in a worker thread on twins of closed segments, never on the
+    # objects the event loop reads through: a twin reads with a descriptor of its own and
+    # writes a staged copy under ``.cleaned`` names; the loop then ``adopt``s the copy in
+    # one step (renames and field swaps, no data touched), so a reader sees the old
+    # segment or the new one, never a mix.
 
-        The indexes are removed before the rename: a crash in between leaves the
-        old .log without indexes, which the next open rebuilds.
-        """
+    def reader(self) -> Segment:
+        """A twin of this closed segment for a worker thread: same file and facts, its
+        own descriptor (opened on first read; the thread releases it)."""
+        twin = Segment(self.log_path.parent, self.base_offset, self.index_interval_bytes)
+        twin._size = self._size
+        twin.next_offset = self.next_offset
+        twin.max_timestamp = self.max_timestamp
+        twin.created_ms = self.created_ms
+        twin.last_append_ms = self.last_append_ms
+        return twin
+
+    def staging(self) -> Segment:
+        """An empty segment of the same base offset whose files carry the ``.cleaned``
+        suffix (removed on open if a crash leaves them), filled with ``append``."""
+        twin = Segment(self.log_path.parent, self.base_offset, self.index_interval_bytes)
+        for attr in ("log_path", "index_path", "timeindex_path"):
+            path: Path = getattr(twin, attr)
+            staged = path.with_name(path.name + ".cleaned")
+            staged.unlink(missing_ok=True)  # a leftover of an interrupted run
+            setattr(twin, attr, staged)
+        twin.cleaned_path = twin.log_path
+        twin.created_ms = self.created_ms
+        twin.last_append_ms = self.last_append_ms
+        twin._open_fd()
+        twin.open_for_append()
+        return twin
+
+    def finish_staging(self, staged: Segment) -> None:
+        """Seal and fsync a filled staging segment, keeping this one's mtime (cleaning
+        does not make data younger). Worker thread."""
+        staged.seal()
+        staged.flush()
+        staged.last_append_ms = self.last_append_ms
         mtime = os.stat(self.log_path).st_mtime_ns
-        self.generation += 1
+        os.utime(staged.log_path, ns=(mtime, mtime))
+
+    def adopt(self, staged: Segment) -> None:
+        """Swap in a finished staging segment: its ``.log`` replaces this one's and its
+        in-memory indexes replace this one's. Event loop, a few syscalls.
+
+        This segment's index files are removed before the rename and the staged ones are
+        moved in by ``settle_adopted`` after the directory is fsynced: a crash in between
+        leaves a .log without indexes, which the next open rebuilds. The replaced .log
+        stays open, its descriptor handed to ``staged``: freeing hundreds of megabytes of
+        blocks happens when ``settle_adopted`` closes it, not inside the rename.
+        """
+        self.generation += 1  # a Fetch streaming the old file stops rather than mix the two
         self._close_index_files()
-        self.release_fd()
+        old = self._fd if self._fd >= 0 else os.open(self.log_path, os.O_RDONLY)
         self.index_path.unlink(missing_ok=True)
         self.timeindex_path.unlink(missing_ok=True)
-        os.replace(self.cleaned_path, self.log_path)
-        os.utime(self.log_path, ns=(mtime, mtime))  # cleaning does not make data younger
-        fsync_dir(self.log_path.parent)
-        self._open_fd()
-        self._size = os.fstat(self._fd).st_size
-        self.recover()
-        self.seal()
+        os.replace(staged.log_path, self.log_path)
+        self._fd, staged._fd = staged._fd, old
+        self._size = staged._size
+        self.next_offset = staged.next_offset
+        self.max_timestamp = staged.max_timestamp
+        self._offset_of_max = staged._offset_of_max
+        self._bytes_since_index = staged._bytes_since_index
+        self._offsets, self._positions = staged._offsets, staged._positions
+        self._times, self._time_offsets = staged._times, staged._time_offsets
+        staged.log_path = self.log_path
+        self.verified = True  # the cleaner wrote it from CRC-checked batches, in order
+
+    def settle_adopted(self, staged: Segment) -> None:
+        """Make an ``adopt`` durable and give the segment its index files back. Worker
+        thread; a segment deleted meanwhile is left alone."""
+        staged.release_fd()  # the replaced .log: its blocks are freed here
+        try:
+            fsync_dir(self.log_path.parent)
+        except FileNotFoundError:  # the topic was deleted: its directory went with it
+            return
+        for src, dst in (
+            (staged.index_path, self.index_path),
+            (staged.timeindex_path, self.timeindex_path),
+        ):
+            if self.log_path.exists():
+                os.replace(src, dst)
+            else:
+                src.unlink(missing_ok=True)
+
+    def discard_staging(self) -> None:
+        """Remove a staging segment's files (a cleaning thrown away)."""
+        self._close_index_files()
+        self.release_fd()
+        for path in (self.log_path, self.index_path, self.timeindex_path):
+            path.unlink(missing_ok=True)
+
+    def push_index_buffers(self) -> None:
+        """Hand buffered index entries to the OS (no fsync: indexes are rebuilt if torn)."""
+        for f in (self._index_file, self._time_file):
+            if f is not None:
+                f.flush()
 
     # -- reading ---------------------------------------------------------------
 
