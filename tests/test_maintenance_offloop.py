@@ -313,8 +313,8 @@ def test_start_up_recovery_runs_in_a_worker_thread(
 def test_failed_background_fsync_is_reported_and_redone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The produce path does not wait for its fsync; the append that finds it failed says
-    so, and the unsynced data is synced again once the disk answers."""
+    """The append does not wait for its fsync (the Produce handler does); the append that
+    finds it failed says so, and the unsynced data is synced again once the disk answers."""
     manager = LogManager(tmp_path, TopicConfig(), clock=lambda: NOW_MS / 1000)
     manager.load()
     manager.create_topic("synced", 1, {"flush.messages": "1"})
@@ -342,3 +342,51 @@ def test_failed_background_fsync_is_reported_and_redone(
         assert plog.log_end_offset == 3  # nothing acknowledged was dropped
     finally:
         manager.close()
+
+
+def test_flush_messages_acknowledges_after_its_fsync_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flush.messages=1: the produce is answered only once its fsync (in a worker thread)
+    is done, as Kafka answers after its flush; other requests are served meanwhile."""
+    from tests.test_storage_hardening import create_topic, produce
+
+    real_fsync = os.fsync
+    entered = threading.Event()
+    release = threading.Event()
+    fsync_threads: list[str] = []
+
+    def held_fsync(fd: int) -> None:
+        fsync_threads.append(threading.current_thread().name)
+        entered.set()
+        release.wait(30)
+        real_fsync(fd)
+
+    with BrokerThread(tmp_path / "data", topic={"flush.messages": "1"}) as broker:
+        loop_thread = broker.run(lambda: threading.current_thread().name)
+        with RawClient(broker.bootstrap) as c:
+            assert create_topic(c, "durable", 1).error_code == 0
+            produce(c, "durable", build_batch([(None, b"warm-up", [], NOW_MS)]))
+        monkeypatch.setattr(os, "fsync", held_fsync)
+        answered: Future[Any] = Future()
+
+        def send() -> None:
+            with RawClient(broker.bootstrap) as c:
+                record = build_batch([(None, b"durable", [], NOW_MS)])
+                answered.set_result(produce(c, "durable", record))
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            assert entered.wait(10)
+            assert not answered.done()  # the fsync is held, so the acknowledgement is too
+            with RawClient(broker.bootstrap) as other:  # the loop is not held
+                other.request(ApiVersionsRequest(), 3)
+            assert not answered.done()
+        finally:
+            release.set()
+            sender.join(10)
+        assert answered.result(10).error_code == 0
+        assert answered.result().base_offset == 1
+        assert fsync_threads
+        assert loop_thread not in fsync_threads

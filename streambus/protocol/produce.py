@@ -170,7 +170,10 @@ async def _append_one(
             payload = await asyncio.to_thread(_validate, records, config)
             if broker.logs.log(tp).config is not config:  # changed while we waited: check again
                 payload = None
-        result = broker.logs.log(tp).append(records, payload=payload)
+        plog = broker.logs.log(tp)
+        result = plog.append(records, payload=payload)
+        if result.needs_sync:
+            await plog.wait_synced(result.last_offset + 1)
     except StreamBusError as exc:
         tel.error("Produce", exc.kafka_name)
         if isinstance(exc, KafkaStorageError):  # logged once per episode by storage health

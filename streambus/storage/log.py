@@ -32,6 +32,7 @@ Without a submitter (tests, tools) everything runs inline as before.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -202,7 +203,10 @@ class PartitionLog:
         self._checkpoint_failing = False
         self._background: Submit | None = None
         self._flushing: Future[None] | None = None  # background fsync in flight
-        self._flush_covers: tuple[list[Segment], int, int] = ([], 0, -1)  # to redo on failure
+        # What the fsync in flight covers, to redo on failure: rolled segments, messages,
+        # first unflushed time, and the log end offset when it started.
+        self._flush_covers: tuple[list[Segment], int, int, int] = ([], 0, -1, 0)
+        self._synced_end = -1  # log end offset covered by the last completed fsync
         self._cleaning: CompactionJob | None = None
         self._segments[-1].open_for_append()
 
@@ -489,10 +493,12 @@ class PartitionLog:
         self._unflushed_messages += header.records_count
         if self._first_unflushed_ms < 0:
             self._first_unflushed_ms = now_ms
+        needs_sync = False
         if (
             self._unflushed_messages >= config.flush_messages
             or now_ms - self._first_unflushed_ms >= config.flush_ms
         ):
+            needs_sync = self._background is not None
             try:
                 self._flush_for_append()
             except OSError as exc:
@@ -514,7 +520,21 @@ class PartitionLog:
             payload,
             False,  # duplicate
             header.crc,
+            needs_sync,
         )
+
+    async def wait_synced(self, end: int) -> None:
+        """Return once an fsync covered every offset below ``end`` (Kafka acknowledges a
+        batch that reached flush.messages only after its fsync); the fsync itself runs in
+        a worker thread. Raises KafkaStorageError if it fails."""
+        while self._synced_end < end and not self._closed:
+            pending = self._flushing if self._flushing is not None else self.flush_in_background()
+            if pending is None:  # no background submitter: flushed inline just now
+                return
+            await asyncio.wrap_future(pending)
+            failed = self._reap_flush()
+            if failed is not None:
+                raise KafkaStorageError(f"{self.directory}: fsync failed: {failed}") from failed
 
     def _maybe_roll(self, header: BatchHeader, now_ms: int) -> None:
         active = self._active
@@ -561,6 +581,7 @@ class PartitionLog:
             fsync_dir(self.directory)
             self._needs_sync.clear()
         self._active.flush()
+        self._synced_end = self.log_end_offset
         self._write_checkpoint()
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
@@ -582,7 +603,12 @@ class PartitionLog:
         paths = [segment.log_path for segment in (*rolled, self._active)]
         for segment in rolled:
             segment.release_fd()  # its writes are in the page cache, synced by name
-        self._flush_covers = (rolled, self._unflushed_messages, self._first_unflushed_ms)
+        self._flush_covers = (
+            rolled,
+            self._unflushed_messages,
+            self._first_unflushed_ms,
+            self.log_end_offset,
+        )
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
         self._flushing = self._background(lambda: _fsync_files(self.directory, paths, bool(rolled)))
@@ -616,9 +642,10 @@ class PartitionLog:
         else:
             exc = pending.exception()
             if exc is None:
+                self._synced_end = max(self._synced_end, self._flush_covers[3])
                 return None
             error = exc if isinstance(exc, OSError) else OSError(f"background fsync: {exc!r}")
-        rolled, messages, first_ms = self._flush_covers
+        rolled, messages, first_ms, _end = self._flush_covers
         live = set(map(id, self._segments))
         self._needs_sync.extend(s for s in rolled if id(s) in live and s not in self._needs_sync)
         self._unflushed_messages += messages
