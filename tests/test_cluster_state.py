@@ -30,6 +30,7 @@ from streambus.cluster import (
     coordinator_partition,
     java_string_hashcode,
     parse_quorum,
+    plan_topic,
 )
 from streambus.cluster.records import from_wire, to_wire
 from streambus.cluster.state import state_from_wire, state_to_wire
@@ -274,6 +275,19 @@ def test_placement_is_kafkas_round_robin() -> None:
     assert assign_replicas([1, 2, 3], 3, 1, start_index=1) == ((2,), (3,), (1,))
     with pytest.raises(InvalidReplicationFactorError, match="larger than the 2 live"):
         assign_replicas([1, 2], 1, 3, 0)
+
+
+def test_plan_topic_places_over_live_brokers_only() -> None:
+    s = run(cluster(1, 2, 3), FenceBroker(2, "x"))
+    record = plan_topic(s, "p", 4, 1, start_index=0, topic_id=TID, configs={"retention.ms": "7"})
+    assert record.replicas == ((1,), (3,), (1,), (3,))
+    assert record.configs == (("retention.ms", "7"),)
+    s = run(s, record)
+    assert [p.leader for p in s.topics["p"].partitions] == [1, 3, 1, 3]
+    with pytest.raises(InvalidReplicationFactorError):
+        plan_topic(s, "q", 1, 3, start_index=0, topic_id=TID)
+    with pytest.raises(InvalidReplicationFactorError, match="no live brokers"):
+        plan_topic(ClusterState(), "q", 1, 1, start_index=0, topic_id=TID)
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ from streambus.cluster.state import (
     assign_replicas,
     coordinator_partition,
     java_string_hashcode,
+    plan_topic,
 )
 
 __all__ = [  # noqa: RUF022 - grouped by what a caller does with them
@@ -66,6 +67,7 @@ __all__ = [  # noqa: RUF022 - grouped by what a caller does with them
     "assign_replicas",
     "coordinator_partition",
     "java_string_hashcode",
+    "plan_topic",
     # records
     "AlterTopicConfigs",
     "BrokerHeartbeat",

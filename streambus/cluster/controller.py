@@ -72,6 +72,8 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         quorum.on_change(self._on_applied)
         quorum.on_leader_change(self._on_leader)
+        if quorum.is_leader:  # a quorum started before us (LocalQuorum always leads)
+            self._on_leader(RaftStatus(quorum.leader_id, quorum.term, True))
 
     async def start(self) -> None:
         """Register this broker, send its first heartbeat, then run the loop.
@@ -194,10 +196,10 @@ class Controller:
             self._last_seen[record.broker_id] = self._clock()
         elif isinstance(record, FenceBroker):
             self._last_seen.pop(record.broker_id, None)
-            if applied.changed:
+            if applied.changed and not applied.replayed:
                 log.warning("broker %d fenced: %s", record.broker_id, record.reason)
                 self._log_moves(applied)
-        elif isinstance(record, UnfenceBroker) and applied.changed:
+        elif isinstance(record, UnfenceBroker) and applied.changed and not applied.replayed:
             log.info("broker %d unfenced: its heartbeats are back", record.broker_id)
             self._log_moves(applied)
 

@@ -41,6 +41,9 @@ class Applied(NamedTuple):
     result: Result
     state: ClusterState  # the state after it
     changed: bool  # False when the record left the state as it was (heartbeats, errors)
+    # True for a record this node had applied before it restarted, re-applied from its own
+    # journal: the state is rebuilt, but nothing happened now (no need to log it again).
+    replayed: bool = False
 
 
 class RaftStatus(NamedTuple):
@@ -171,6 +174,7 @@ class _StateMachine(SyncObjConsumer):  # type: ignore[misc]
         self.state = ClusterState()
         self._deliver = deliver
         self._reset = reset
+        self.replay_until = 0  # the journal's commit index at start: set before the first tick
 
     @replicated  # type: ignore[untyped-decorator]
     def apply_wire(self, wire: dict[str, Any]) -> Result:
@@ -184,7 +188,7 @@ class _StateMachine(SyncObjConsumer):  # type: ignore[misc]
         changed = new is not self.state
         self.state = new
         index = self._syncObj.raftLastApplied + 1 if self._syncObj is not None else 0
-        self._deliver(Applied(index, record, result, new, changed))
+        self._deliver(Applied(index, record, result, new, changed, index <= self.replay_until))
         return result
 
     def _serialize(self) -> dict[str, Any]:
@@ -224,7 +228,8 @@ class RaftQuorum:
         self._sync: SyncObj | None = None
         self._machine: _StateMachine | None = None
         self._last_seen_status: tuple[Any, ...] = ()
-        self._stopped = False
+        self._pending: set[asyncio.Future[tuple[Any, int]]] = set()
+        self._alone_timer: asyncio.TimerHandle | None = None
 
     # --- reads (on the loop) -----------------------------------------------------------------
 
@@ -301,8 +306,13 @@ class RaftQuorum:
         except Exception as exc:
             sync.destroy()
             raise OSError(f"cannot bind the Raft port {self._me.address}: {exc}") from exc
+        # pysyncobj's tick thread waits 0.1 s after binding before its first tick
+        self._machine.replay_until = sync.raftCommitIndex
         self._sync = sync
         sync.addOnTickCallback(self._on_tick)
+        self._alone_timer = self._loop.call_later(
+            max(5.0, 3 * t.connection_timeout_s), self._warn_if_alone
+        )
         log.info(
             "raft voter %d listening on %s; voters %s",
             self.node_id,
@@ -312,10 +322,24 @@ class RaftQuorum:
 
     async def stop(self) -> None:
         sync, self._sync = self._sync, None
-        self._stopped = True
+        if self._alone_timer is not None:
+            self._alone_timer.cancel()
         if sync is not None:
             sync.removeOnTickCallback(self._on_tick)
             await asyncio.to_thread(sync.destroy_synchronous)
+        for fut in self._pending:  # submits that would otherwise wait out their timeout
+            if not fut.done():
+                fut.set_result((None, FAIL_REASON.REQUEST_DENIED))
+        self._pending.clear()
+
+    def _warn_if_alone(self) -> None:
+        if not self._ever_connected and self._sync is not None:
+            log.warning(
+                "raft voter %d has reached none of the other voters (%s): check that they "
+                "run, that the cluster secret is the same on all, and the quorum addresses",
+                self.node_id,
+                ", ".join(v.address for v in self._config.voters if v.node_id != self.node_id),
+            )
 
     def compact(self) -> None:
         """Write a snapshot and trim the journal at the next tick (for tests and tools)."""
@@ -345,6 +369,7 @@ class RaftQuorum:
                 self._post(_resolve, fut, (res, err))
 
             machine.apply_wire(wire, callback=done)
+            self._pending.add(fut)
             try:
                 res, err = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -356,6 +381,8 @@ class RaftQuorum:
                 raise RequestTimedOutError(
                     f"no Raft commit of {type(record).__name__} within {budget:.1f} s"
                 ) from None
+            finally:
+                self._pending.discard(fut)
             if err == FAIL_REASON.SUCCESS:
                 assert isinstance(res, Result)
                 return res

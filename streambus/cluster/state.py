@@ -385,6 +385,30 @@ def assign_replicas(
     return tuple(out)
 
 
+def plan_topic(
+    state: ClusterState,
+    name: str,
+    partitions: int,
+    replication_factor: int,
+    *,
+    start_index: int,
+    topic_id: uuid.UUID,
+    configs: Mapping[str, str] | None = None,
+    internal: bool = False,
+) -> CreateTopic:
+    """The CreateTopic record for a new topic placed over the live brokers.
+
+    The caller draws ``start_index`` (``random.randrange``) and ``topic_id``
+    (``uuid.uuid4()``), so the record, not ``apply``, carries every choice.
+    Raises InvalidPartitionsError / InvalidReplicationFactorError.
+    """
+    live = [b.broker_id for b in state.live_brokers()]
+    if not live:
+        raise InvalidReplicationFactorError("no live brokers to place replicas on")
+    replicas = assign_replicas(live, partitions, replication_factor, start_index)
+    return CreateTopic(name, topic_id, replicas, tuple(sorted((configs or {}).items())), internal)
+
+
 def java_string_hashcode(text: str) -> int:
     """Java's ``String.hashCode``: ``s[0]*31^(n-1) + ... + s[n-1]`` over UTF-16 code
     units, in signed 32-bit arithmetic."""
