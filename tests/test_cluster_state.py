@@ -22,6 +22,7 @@ from streambus.cluster import (
     DeleteTopic,
     FenceBroker,
     LocalQuorum,
+    RaftStatus,
     Record,
     RegisterBroker,
     UnfenceBroker,
@@ -429,10 +430,50 @@ class LocalQuorumView:
     def __init__(self, quorum: LocalQuorum, node_id: int) -> None:
         self._q = quorum
         self.node_id = node_id
+        self.leading = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._q, name)
 
     @property
     def is_leader(self) -> bool:
-        return False
+        return self.leading
+
+
+async def test_local_quorum_applies_on_submit_and_reports_changes() -> None:
+    q = LocalQuorum(4)
+    leaders: list[Any] = []
+    changes: list[Any] = []
+    q.on_leader_change(leaders.append)
+    q.on_change(changes.append)
+    await q.start()
+    assert (q.is_leader, q.leader_id, q.term, q.commit_index) == (True, 4, 1, 0)
+    assert q.live_voters() == {4}
+    assert leaders[0].leader_id == 4
+    assert (await q.submit(RegisterBroker(4, "h", 1, "i"))).ok
+    refused = await q.submit(BrokerHeartbeat(4, "other"))
+    assert refused.error_code == 77
+    assert q.commit_index == 2  # every record applied counts, refused ones too
+    assert q.state.metadata_version == 1  # only changes count
+    assert [(a.log_index, a.changed, a.result.ok) for a in changes] == [
+        (1, True, True),
+        (2, False, False),
+    ]
+
+
+async def test_a_new_controller_gives_every_broker_a_full_session() -> None:
+    clock = Clock()
+    q = LocalQuorum(1)
+    await q.start()
+    view = LocalQuorumView(q, 2)  # broker 2's controller: not the leader yet
+    c = Controller(view, _config(2), "h2", 9093, clock=clock)
+    assert (await q.submit(RegisterBroker(1, "h1", 9092, "one"))).ok
+    assert (await q.submit(UnfenceBroker(1))).ok
+    clock.now += 60  # broker 1 silent for a minute, but nobody was watching on this clock
+    view.leading = True
+    c._on_leader(RaftStatus(2, 2, True))  # what the quorum calls when node 2 takes over
+    await c.check_sessions()
+    assert not q.state.brokers[1].fenced
+    clock.now += 9.5
+    await c.check_sessions()
+    assert q.state.brokers[1].fenced
