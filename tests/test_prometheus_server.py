@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import BrokerThread, free_port, wait_for_port
+from tests.harness import BrokerThread, free_port, wait_for_port, wait_until
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -89,6 +89,15 @@ class PrometheusServer:
             stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port, self.proc, timeout=30)
+        # The port opens before the TSDB is loaded; until then the API answers 503.
+        wait_until(self._ready, timeout=60, interval=0.2)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
     def query(self, expr: str) -> list[Any]:
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
