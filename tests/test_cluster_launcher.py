@@ -357,3 +357,19 @@ def test_a_taken_port_is_named_before_anything_starts(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"node 1's Kafka port 127.0.0.1:{port} is taken" in result.stderr
     assert not (tmp_path / "cd").exists()
+
+
+def test_prometheus_config_scrapes_the_brokers_it_starts() -> None:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [s for s in config["scrape_configs"] if s["job_name"] == "streambus"]
+    targets = [t for static in job["static_configs"] for t in static["targets"]]
+    p = plan("--streambus", "streambus")
+    assert targets == [f"localhost:{node.metrics_port}" for node in p.nodes]
+
+
+def test_make_cluster_runs_the_launcher_with_the_venvs_python() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\ncluster: $(STAMP)\n\t$(BIN)/python deploy/cluster.py $(ARGS)\n" in makefile
+    assert "cluster-data/" in (ROOT / ".gitignore").read_text().splitlines()
