@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo test lint otelcol bench bench-quick clean
+.PHONY: install deb demo cluster test lint otelcol bench bench-quick clean
 
 install: $(STAMP) deb
 
@@ -33,6 +33,11 @@ deb:
 
 demo: $(STAMP)
 	$(BIN)/python examples/observability/main.py $(ARGS)
+
+# Three brokers of one cluster on this machine (ports, data dirs under ./cluster-data and a kcat
+# example are printed; Ctrl+C stops all three). Options: make cluster ARGS="--help".
+cluster: $(STAMP)
+	$(BIN)/python deploy/cluster.py $(ARGS)
 
 # The lint gates run first: a type or lint error fails the build like a failing test.
 test: install lint otelcol

@@ -69,12 +69,13 @@ SEED_ALERTS = [
     '    summary: "Storage is almost full"\n'
     '    description: "Storage is {{ $value | humanizePercentage }} full"\n',
 ]
+# The example's job, interval and labels, its one target now the three brokers of `make cluster`.
 SEED_SCRAPE_CONFIG = """\
 scrape_configs:
   - job_name: 'streambus'
     scrape_interval: 15s
     static_configs:
-      - targets: ['localhost:9090']
+      - targets: ['localhost:19090', 'localhost:29090', 'localhost:39090']
         labels:
           env: 'dev'
           service: 'streambus'
@@ -92,6 +93,11 @@ OPERATOR_ALERTS = {
     "ConsumerGroupLagGrowing",
     "ProduceTrafficStopped",
     "StorageFillingFast",
+    "StreamBusNoController",
+    "StreamBusMultipleControllers",
+    "StreamBusBrokerMissing",
+    "StreamBusOfflinePartitions",
+    "StreamBusControllerElections",
 }
 SEED_NAMES = {
     "HighProduceLatency",

@@ -42,6 +42,10 @@ AMTOOL = shutil.which("amtool")
 # `streambus serve`'s defaults (README.md, streambus/config.py).
 BROKER_PORT_DEFAULT = 9092
 BROKER_METRICS_PORT_DEFAULT = 9090
+RAFT_PORT_DEFAULT = 9193
+
+# The three brokers of the cluster, node N as service streambus-N.
+BROKERS = ["streambus-1", "streambus-2", "streambus-3"]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -274,7 +278,7 @@ def dockerignored(path: str) -> bool:
 
 def test_every_service_is_an_image_or_a_build() -> None:
     assert set(SERVICES) == {
-        "streambus",
+        *BROKERS,
         "otel-collector",
         "jaeger",
         "prometheus",
@@ -293,23 +297,70 @@ def test_bind_mounted_paths_exist() -> None:
         assert mount.host_path.is_relative_to(ROOT), f"{name}: {mount.source} is outside the repo"
     named = {m.source for name in SERVICES for m in mounts(name) if not m.is_bind}
     assert named <= set(COMPOSE.get("volumes") or {}), "named volumes must be declared"
-    build = SERVICES["streambus"]["build"]
-    context = (COMPOSE_FILE.parent / build["context"]).resolve()
-    assert context == ROOT
-    assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+    for broker in BROKERS:
+        build = SERVICES[broker]["build"]
+        context = (COMPOSE_FILE.parent / build["context"]).resolve()
+        assert context == ROOT
+        assert (context / build["dockerfile"]).resolve() == DOCKERFILE
 
 
-def test_host_ports_are_unique_and_9090_is_the_brokers() -> None:
+def test_host_ports_are_unique_and_each_broker_publishes_its_own() -> None:
     published = [(port.host, name) for name in SERVICES for port in ports(name) if port.host]
     hosts = [host for host, _ in published]
     assert len(hosts) == len(set(hosts)), f"host ports used twice: {sorted(published)}"
-    assert [name for host, name in published if host == BROKER_METRICS_PORT_DEFAULT] == [
-        "streambus"
-    ]
-    # Prometheus still listens on its own 9090 inside its container, published elsewhere.
+    for node, broker in enumerate(BROKERS, start=1):
+        env = environment(broker)
+        kafka = int(env.get("STREAMBUS_PORT", BROKER_PORT_DEFAULT))
+        metrics = int(env.get("STREAMBUS_METRICS_PORT", BROKER_METRICS_PORT_DEFAULT))
+        by_container = {port.container: port.host for port in ports(broker)}
+        assert set(by_container) == {kafka, metrics}, broker
+        # A broker tells clients its advertised host and its listener port, so the Kafka port
+        # is published on the host under the same number; the ports of `make cluster`.
+        assert by_container[kafka] == kafka == node * 10000 + BROKER_PORT_DEFAULT, broker
+        assert by_container[metrics] == node * 10000 + BROKER_METRICS_PORT_DEFAULT, broker
+        # The Raft port stays inside the compose network: it must never face the internet.
+        assert RAFT_PORT_DEFAULT not in by_container, broker
+    # Prometheus listens on its own 9090 inside its container, published elsewhere (9090 on
+    # the host is a single broker's default /metrics port).
     (prometheus,) = ports("prometheus")
     assert prometheus.container == 9090
     assert prometheus.host != 9090
+
+
+def quorum(broker: str) -> list[tuple[int, str, int]]:
+    """STREAMBUS_CONTROLLER_QUORUM of a broker as (node id, host, Raft port) voters."""
+    voters = []
+    for entry in environment(broker)["STREAMBUS_CONTROLLER_QUORUM"].split(","):
+        node, _, address = entry.partition("@")
+        host, sep, port = address.partition(":")
+        voters.append((int(node), host, int(port) if sep else RAFT_PORT_DEFAULT))
+    return voters
+
+
+def test_the_brokers_form_one_cluster() -> None:
+    node_ids = [int(environment(broker)["STREAMBUS_NODE_ID"]) for broker in BROKERS]
+    assert node_ids == [1, 2, 3]
+    expected = [(n, broker, RAFT_PORT_DEFAULT) for n, broker in zip(node_ids, BROKERS, strict=True)]
+    for broker in BROKERS:
+        # Every voter is a broker service, named with its own node id, on the same list.
+        assert quorum(broker) == expected, broker
+        assert "STREAMBUS_RAFT_PORT" not in environment(broker)
+    # One secret for all, from the environment, with a default to try the stack out.
+    secrets = {environment(broker)["STREAMBUS_CLUSTER_SECRET"] for broker in BROKERS}
+    assert len(secrets) == 1
+    assert all(len(secret) >= 16 for secret in secrets)
+    for broker in BROKERS:
+        raw = SERVICES[broker]["environment"]["STREAMBUS_CLUSTER_SECRET"]
+        variable = _COMPOSE_VAR.fullmatch(raw)
+        assert variable is not None, raw
+        assert variable.group(1) == "STREAMBUS_CLUSTER_SECRET"
+    # Each broker its own data volume, advertising a host clients on the host machine reach.
+    volumes = [[m.source for m in mounts(broker) if m.target == "/data"] for broker in BROKERS]
+    assert all(len(v) == 1 for v in volumes)
+    assert len({v[0] for v in volumes}) == len(BROKERS)
+    assert all(not Mount(v[0], "/data").is_bind for v in volumes)
+    for broker in BROKERS:
+        assert environment(broker)["STREAMBUS_ADVERTISED_HOST"] == "localhost"
 
 
 def test_images_are_pinned_to_versions() -> None:
@@ -343,8 +394,9 @@ def test_collector_runs_the_repos_config() -> None:
     assert mount.host_path == COLLECTOR_CONFIG
 
 
-def test_broker_sends_otlp_to_a_collector_receiver() -> None:
-    env = environment("streambus")
+@pytest.mark.parametrize("broker", BROKERS)
+def test_broker_sends_otlp_to_a_collector_receiver(broker: str) -> None:
+    env = environment(broker)
     assert "otlp" in env["OTEL_TRACES_EXPORTER"].split(",")
     url = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
     assert url.hostname in SERVICES, f"{url.hostname} is not a compose service"
@@ -380,14 +432,19 @@ def test_collector_forwards_traces_to_jaeger() -> None:
     assert environment("jaeger")["COLLECTOR_OTLP_ENABLED"] == "true"
 
 
-def test_prometheus_scrapes_the_broker_and_the_collector() -> None:
+def test_prometheus_scrapes_every_broker_and_the_collector() -> None:
     compose_config = load_yaml(COMPOSE_PROMETHEUS)
     seed = load_yaml(SEED_PROMETHEUS)
 
-    broker_env = environment("streambus")
-    metrics_port = int(broker_env.get("STREAMBUS_METRICS_PORT", BROKER_METRICS_PORT_DEFAULT))
-    assert metrics_port in container_ports("streambus")
-    assert scrape_targets(compose_config, "streambus") == [f"streambus:{metrics_port}"]
+    # Each broker once, and nothing else in the job: StreamBusBrokerMissing counts its targets.
+    expected = []
+    for broker in BROKERS:
+        env = environment(broker)
+        metrics_port = int(env.get("STREAMBUS_METRICS_PORT", BROKER_METRICS_PORT_DEFAULT))
+        assert metrics_port in container_ports(broker)
+        expected.append(f"{broker}:{metrics_port}")
+    assert scrape_targets(compose_config, "streambus") == expected
+    assert len(scrape_targets(seed, "streambus")) == len(BROKERS)
     # The seed's job otherwise unchanged: dashboards and alerts select on it.
     ours, theirs = scrape_job(compose_config, "streambus"), scrape_job(seed, "streambus")
     assert {k: v for k, v in ours.items() if k != "static_configs"} == {
@@ -405,10 +462,11 @@ def test_prometheus_scrapes_the_broker_and_the_collector() -> None:
     internal = f"otel-collector:{reader['prometheus']['port']}"
     assert scrape_targets(compose_config, "otel-collector-internal") == [internal]
 
-    # Both the broker's /metrics and the collector's exporter are scraped: the broker must not
+    # Both the brokers' /metrics and the collector's exporter are scraped: a broker must not
     # also push its metrics over OTLP, or each series would be stored twice.
-    exporters = broker_env.get("OTEL_METRICS_EXPORTER", "prometheus").split(",")
-    assert "otlp" not in [e.strip() for e in exporters]
+    for broker in BROKERS:
+        exporters = environment(broker).get("OTEL_METRICS_EXPORTER", "prometheus").split(",")
+        assert "otlp" not in [e.strip() for e in exporters], broker
 
 
 def test_prometheus_sends_alerts_to_alertmanager() -> None:
@@ -467,10 +525,13 @@ def test_grafana_provisioning_points_at_the_prometheus_service() -> None:
 
 def test_dockerfile_exposes_the_ports_compose_maps() -> None:
     exposed = {int(p.split("/")[0]) for i in instructions("EXPOSE") for p in i.args.split()}
-    assert exposed == container_ports("streambus")
     assert exposed == {BROKER_PORT_DEFAULT, BROKER_METRICS_PORT_DEFAULT}
-    assert "STREAMBUS_PORT" not in environment("streambus")
-    assert "STREAMBUS_METRICS_PORT" not in environment("streambus")
+    for broker in BROKERS:
+        # The image's default ports, but for the Kafka port each broker moves to the one it
+        # publishes (see test_host_ports_are_unique_and_each_broker_publishes_its_own).
+        env = environment(broker)
+        assert "STREAMBUS_METRICS_PORT" not in env
+        assert container_ports(broker) == {int(env["STREAMBUS_PORT"]), BROKER_METRICS_PORT_DEFAULT}
 
 
 def test_dockerfile_runs_streambus_serve_as_a_user_on_the_data_volume() -> None:
@@ -481,7 +542,8 @@ def test_dockerfile_runs_streambus_serve_as_a_user_on_the_data_volume() -> None:
     assert option(argv, "--data-dir") == "/data"
     volumes = [v for i in instructions("VOLUME") for v in i.args.strip("[]").split()]
     assert [v.strip('",') for v in volumes] == ["/data"]
-    assert any(m.target == "/data" for m in mounts("streambus"))
+    for broker in BROKERS:
+        assert any(m.target == "/data" for m in mounts(broker)), broker
     (user,) = instructions("USER")
     assert user.args.split(":")[0] not in ("root", "0")
     # `streambus` is the console script pyproject.toml installs.
