@@ -23,8 +23,8 @@ from kafka.protocol.producer import ProduceRequest
 from streambus.cli import build_parser, config_from_args
 from streambus.config import BrokerConfig
 from streambus.errors import InvalidConfigError
+from streambus.records.batch import build_batch
 from streambus.server import FD_RESERVE
-from streambus.storage.batch import build_batch
 from tests.harness import (
     BrokerProcess,
     BrokerThread,

@@ -7,7 +7,7 @@ from kafka.protocol.consumer import FetchResponse
 
 from streambus.protocol.apis import APIS, encode_frame
 from streambus.protocol.fetch import _Read, _response
-from streambus.storage import build_batch
+from streambus.records import build_batch
 
 FETCH = APIS[1]
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from streambus.errors import KafkaStorageError
-from streambus.storage import LogManager, build_batch, iter_records
-from streambus.storage.batch import walk_batches
+from streambus.records import build_batch, iter_records, walk_batches
+from streambus.storage import LogManager
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.groups")

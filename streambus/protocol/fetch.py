@@ -42,7 +42,7 @@ from streambus.protocol.fetch_encoding import (
     marker_for,
     new_token,
 )
-from streambus.storage.batch import header_values, iter_records, payload_bytes, walk_batches
+from streambus.records.batch import header_values, iter_records, payload_bytes, walk_batches
 from streambus.structs import TopicPartition
 
 if TYPE_CHECKING:

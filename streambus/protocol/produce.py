@@ -35,7 +35,7 @@ from streambus.errors import (
 from streambus.instrumentation import MAX_LINKS
 from streambus.protocol.apis import Chunk, RequestContext, api, encode_response
 from streambus.protocol.validation import is_internal_topic
-from streambus.storage.batch import (
+from streambus.records.batch import (
     Buffer,
     compression_of,
     header_values,
