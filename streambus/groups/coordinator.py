@@ -512,6 +512,10 @@ class GroupCoordinator:
                 raise RebalanceInProgressError()
         self.offsets.commit(group_id, offsets)
 
+    def committed(self, group_id: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
+        """The group's committed offsets (OffsetFetch)."""
+        return self.offsets.fetch(group_id)
+
     def delete_group(self, group_id: str) -> None:
         group = self._groups.get(group_id)
         if group is None or group.state is GroupState.DEAD:

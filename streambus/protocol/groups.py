@@ -289,7 +289,7 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
 async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = OffsetFetchResponse
     T = R.OffsetFetchResponseTopic
-    committed = services.groups.offsets.fetch(request.group_id)
+    committed = services.groups.committed(request.group_id)
     if request.topics is None:
         wanted: dict[str, list[int]] = {}
         for tp in committed:
