@@ -82,13 +82,11 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
     asked = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
     max_bytes = min(asked, services.config.fetch_max_bytes)
     deadline = started + max(request.max_wait_ms, 0) / 1000
+    # Closed segments this fetch may read for the first time are verified first, in a
+    # worker thread (again after each wait: an append may have rolled a segment).
+    to_verify = [(TopicPartition(t, p), o, min(m, max_bytes)) for t, p, o, m in wanted]
     while True:
-        # Closed segments this fetch may read for the first time are verified first,
-        # in a worker thread.
-        await services.partitions.verify_for_read(
-            [(TopicPartition(t, p), o, min(m, max_bytes)) for t, p, o, m in wanted],
-            slice_size=SLICE_PARTITIONS,
-        )
+        await services.partitions.verify_for_read(to_verify, slice_size=SLICE_PARTITIONS)
         reads, total = await _read_all(services, wanted, max_bytes)
         remaining = deadline - time.perf_counter()
         if (
