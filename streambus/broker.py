@@ -18,16 +18,13 @@ from pathlib import Path
 
 from opentelemetry import metrics, trace
 
+from streambus.app import build_server
 from streambus.config import BrokerConfig
 from streambus.errors import KafkaStorageError
 from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
-from streambus.payload_sizes import PayloadSizes
+from streambus.partitions import PartitionService
 from streambus.producer_ids import ProducerIdAllocator
-
-# Importing the handler modules registers them in the dispatch table.
-from streambus.protocol import admin, fetch, groups, metadata, produce  # noqa: F401
-from streambus.server import ConnectionClosedError, KafkaServer
 from streambus.storage import LogManager, TopicMeta
 from streambus.storage.datadir import (
     DataDirLock,
@@ -37,7 +34,6 @@ from streambus.storage.datadir import (
 )
 from streambus.storage.health import WriteHealth
 from streambus.storage.verify import mark_clean_shutdown, take_clean_shutdown
-from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.broker")
 
@@ -70,9 +66,13 @@ class Broker:
         )
         self._lock = DataDirLock(self.data_dir)
         self.telemetry = BrokerTelemetry(self, config.broker_id, meter_provider, tracer_provider)
+        # Every append, read and wait for an append goes through this one service.
+        self.partitions = PartitionService(
+            self.logs, self.telemetry, stopping=lambda: self.stopping
+        )
         self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids", self.storage_health)
         self.groups = GroupCoordinator(
-            self.logs,
+            self.partitions,
             GroupSettings(
                 initial_rebalance_delay_ms=config.group_initial_rebalance_delay_ms,
                 min_session_timeout_ms=config.group_min_session_timeout_ms,
@@ -81,11 +81,8 @@ class Broker:
                 offsets_topic_partitions=config.offsets_topic_num_partitions,
             ),
         )
-        self.payload_sizes = PayloadSizes()
         self.cluster_id = ""
-        self._server = KafkaServer(self, config)
-        self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
-        self._long_polls: set[asyncio.Future[None]] = set()
+        self._server = build_server(self, config)
         self._started_at = time.monotonic()
         self._maintenance: asyncio.Task[None] | None = None
         self._verifier: asyncio.Task[None] | None = None
@@ -137,7 +134,7 @@ class Broker:
         # grace period rather than at its end.
         self.status = BrokerStatus.STOPPING
         log.info("broker %d stopping", self.broker_id)
-        self._wake_all()
+        self.partitions.wake_all()
         await self.groups.stop()  # answers waiting JoinGroup/SyncGroup calls so they finish now
         await self._server.stop(self.config.shutdown_timeout_s)
         if self._maintenance is not None:
@@ -212,75 +209,12 @@ class Broker:
         *,
         validate_only: bool = False,
     ) -> TopicMeta:
-        if validate_only:
-            return self.logs.validate_topic(name, partitions, overrides)
-        return self.logs.create_topic(name, partitions, overrides)
+        return self.partitions.create_topic(
+            name, partitions, overrides, validate_only=validate_only
+        )
 
     def delete_topic(self, name: str) -> TopicMeta:
-        meta = self.logs.delete_topic(name)
-        self.telemetry.forget_topic(name)
-        return meta
-
-    # -- long-poll fetch support ---------------------------------------------------------------
-    def notify_append(self, tp: TopicPartition) -> None:
-        waiters = self._waiters.pop(tp, None)
-        if waiters:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    async def wait_for_append(
-        self,
-        tps: Iterable[TopicPartition],
-        timeout_s: float,
-        client_gone: asyncio.Future[None] | None = None,
-    ) -> None:
-        """Wait until one of ``tps`` gets an append, ``timeout_s`` passes, or the broker stops.
-
-        Raises :class:`ConnectionClosedError` when ``client_gone`` completes first: the
-        request has nobody left to answer, and its handler should end now.
-        """
-        if client_gone is not None and client_gone.done():
-            raise ConnectionClosedError("client closed during a long poll")
-        if self.stopping:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        keys = list(tps)
-        for tp in keys:
-            self._waiters.setdefault(tp, set()).add(waiter)
-        # Every wait is also in one broker-wide set, so stopping ends waits that name no
-        # partition (a Fetch of no topics) as surely as the others.
-        self._long_polls.add(waiter)
-
-        def wake(_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        if client_gone is not None:
-            client_gone.add_done_callback(wake)
-        try:
-            async with asyncio.timeout(max(timeout_s, 0.0)):
-                await waiter
-        except TimeoutError:
-            pass
-        finally:
-            self._long_polls.discard(waiter)
-            if client_gone is not None:
-                client_gone.remove_done_callback(wake)
-            for tp in keys:
-                waiting = self._waiters.get(tp)
-                if waiting is not None:
-                    waiting.discard(waiter)
-                    if not waiting:
-                        del self._waiters[tp]
-        if client_gone is not None and client_gone.done():
-            raise ConnectionClosedError("client closed during a long poll")
-
-    def _wake_all(self) -> None:
-        """End every long poll now (shutdown): each answers with what it has."""
-        for waiter in list(self._long_polls):
-            if not waiter.done():
-                waiter.set_result(None)
+        return self.partitions.delete_topic(name)
 
     # -- background work ---------------------------------------------------------------------
     async def _verify_logs(self) -> None:

@@ -35,21 +35,22 @@ from typing import TYPE_CHECKING, Any
 
 from streambus.errors import StreamBusError, UnsupportedVersionError
 from streambus.protocol.apis import (
-    APIS,
     FRAME_SIZE,
     REQUEST_PREFIX,
+    ApiTable,
     Chunk,
+    ConnectionClosedError,
     RequestContext,
+    api_versions_response,
     encode_frame,
     encode_response,
 )
-from streambus.protocol.metadata import api_versions_response
 from streambus.protocol.validation import check_request
 from streambus.storage.datadir import FD_RESERVE, connection_fd_budget
 
 if TYPE_CHECKING:
-    from streambus.broker import Broker
     from streambus.config import BrokerConfig
+    from streambus.protocol.context import BrokerServices
 
 log = logging.getLogger("streambus.server")
 
@@ -62,10 +63,6 @@ LOG_EVERY_S = 5.0
 # How often idle connections are looked for and the loop's lateness is measured.
 TICK_MAX_S = 0.5
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-class ConnectionClosedError(Exception):
-    """This connection is finished (peer closed, or it sent something unparseable)."""
 
 
 class Phase:
@@ -174,8 +171,9 @@ def connection_limit(config: BrokerConfig) -> tuple[int, int]:
 
 
 class KafkaServer:
-    def __init__(self, broker: Broker, config: BrokerConfig) -> None:
-        self._broker = broker
+    def __init__(self, services: BrokerServices, config: BrokerConfig, apis: ApiTable) -> None:
+        self._services = services
+        self.apis = apis
         self._host = config.host
         self._port = config.port
         self._config = config
@@ -245,7 +243,7 @@ class KafkaServer:
             self._per_ip[ip] += 1
             self._all_gone.clear()
             return True
-        self._broker.telemetry.connection_rejected(reason)
+        self._services.telemetry.connection_rejected(reason)
         limit = self.max_connections if reason == "max_connections" else self.max_connections_per_ip
         self._throttled.log(
             reason,
@@ -293,7 +291,7 @@ class KafkaServer:
         interval = (
             TICK_MAX_S if self._idle_s <= 0 else min(TICK_MAX_S, max(self._idle_s / 10, 0.01))
         )
-        telemetry = self._broker.telemetry
+        telemetry = self._services.telemetry
         while True:
             planned = loop.time() + interval
             await asyncio.sleep(interval)
@@ -316,7 +314,7 @@ class KafkaServer:
                 conn.abort()
                 closed += 1
         if closed:
-            self._broker.telemetry.connections_idle_closed(closed)
+            self._services.telemetry.connections_idle_closed(closed)
             self._throttled.log(
                 "idle",
                 logging.INFO,
@@ -377,8 +375,8 @@ class KafkaServer:
             self._loop.set_exception_handler(self._previous_handler)
 
     @property
-    def broker(self) -> Broker:
-        return self._broker
+    def services(self) -> BrokerServices:
+        return self._services
 
     @property
     def max_request_bytes(self) -> int:
@@ -533,12 +531,13 @@ class Connection:
 
     def _reject(self, reason: str, api: str = "unknown") -> None:
         log.warning("closing connection from %s: %s", self.peer, reason)
-        self._server.broker.telemetry.error(api, "INVALID_REQUEST")
+        self._server.services.telemetry.error(api, "INVALID_REQUEST")
         raise ConnectionClosedError(reason)
 
     async def _handle(self, frame: bytes | bytearray) -> None:
         api_key, version, correlation_id = REQUEST_PREFIX.unpack_from(frame)
-        spec = APIS.get(api_key)
+        apis = self._server.apis
+        spec = apis.get(api_key)
         if spec is None:
             self._reject(f"unknown API key {api_key} (correlation id {correlation_id})")
             return
@@ -546,7 +545,7 @@ class Connection:
             if spec.name == "ApiVersions":
                 # Kafka's rule for version negotiation: answer a too-new
                 # ApiVersions with error 35 in a v0 body listing what we serve.
-                response = api_versions_response(UnsupportedVersionError.errno)
+                response = api_versions_response(apis, UnsupportedVersionError.errno)
                 await self._write(
                     [encode_response(response, 0, correlation_id)], spec.name, len(frame)
                 )
@@ -568,17 +567,17 @@ class Connection:
             if refusal.response is None:
                 self._reject(reason, spec.name)
             log.warning("answering INVALID_REQUEST to %s: %s", self.peer, reason)
-            self._server.broker.telemetry.error(spec.name, "INVALID_REQUEST")
+            self._server.services.telemetry.error(spec.name, "INVALID_REQUEST")
             reply = encode_response(refusal.response, version, correlation_id)
             await self._write([reply], spec.name, len(frame))
             return
         ctx = RequestContext(
-            spec.key, version, correlation_id, header.client_id, self.peer, self.gone
+            spec.key, version, correlation_id, header.client_id, self.peer, self.gone, apis
         )
         server = self._server
         server.request_started()
         try:
-            response = await spec.handler(server.broker, ctx, request)
+            response = await spec.handler(server.services, ctx, request)
             chunks: Sequence[Chunk] = (
                 () if response is None else encode_frame(spec, response, version, correlation_id)
             )
@@ -586,13 +585,13 @@ class Connection:
             raise  # the client left during a long poll: nobody to answer
         except StreamBusError as exc:
             log.warning("%s from %s failed: %s", spec.name, self.peer, exc)
-            server.broker.telemetry.error(spec.name, exc.kafka_name)
+            server.services.telemetry.error(spec.name, exc.kafka_name)
             raise ConnectionClosedError(str(exc)) from exc
         except Exception:
             log.exception(
                 "%s from %s failed unexpectedly; closing the connection", spec.name, self.peer
             )
-            server.broker.telemetry.error(spec.name, "UNKNOWN_SERVER_ERROR")
+            server.services.telemetry.error(spec.name, "UNKNOWN_SERVER_ERROR")
             raise ConnectionClosedError("handler failed") from None
         finally:
             server.request_finished()
@@ -624,8 +623,8 @@ class Connection:
                     await writer.drain()
         except StreamBusError as exc:  # the log changed under a response half written
             log.warning("closing connection from %s: %s response failed: %s", self.peer, api, exc)
-            self._server.broker.telemetry.error(api, exc.kafka_name)
+            self._server.services.telemetry.error(api, exc.kafka_name)
             raise ConnectionClosedError(str(exc)) from exc
         if size:
             await writer.drain()
-        self._server.broker.telemetry.request_done(api, bytes_in + 4, size)
+        self._server.services.telemetry.request_done(api, bytes_in + 4, size)

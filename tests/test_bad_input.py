@@ -17,7 +17,7 @@ import pytest
 from kafka.protocol.metadata import MetadataRequest
 from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
 
-from streambus.storage.batch import build_batch
+from streambus.records.batch import build_batch
 from streambus.structs import TopicPartition
 from tests.harness import BrokerThread, RawClient, fetch_request, wait_until
 
@@ -370,7 +370,7 @@ def gzip_batch(records_section: bytes, records_count: int) -> bytes:
     """A v2 batch whose records section is ``records_section`` gzipped as given."""
     import crc32c
 
-    from streambus.storage.batch import HEADER, LOG_OVERHEAD, MIN_BATCH_LENGTH
+    from streambus.records.batch import HEADER, LOG_OVERHEAD, MIN_BATCH_LENGTH
 
     buf = bytearray(HEADER.size) + records_section
     HEADER.pack_into(
@@ -438,7 +438,7 @@ def test_large_gzip_batch_on_a_compacted_topic_still_needs_keys(broker: BrokerTh
 
     broker.run(broker.broker.create_topic, "compacted", 1, {"cleanup.policy": "compact"})
     plain = build_batch([(None, os.urandom(60_000), [], 1_700_000_000_000)])
-    from streambus.storage.batch import HEADER
+    from streambus.records.batch import HEADER
 
     batch = gzip_batch(gzipped(plain[HEADER.size :]), 1)
     assert len(batch) > 32 * 1024  # large enough to be checked in a worker thread

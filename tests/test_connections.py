@@ -23,8 +23,8 @@ from kafka.protocol.producer import ProduceRequest
 from streambus.cli import build_parser, config_from_args
 from streambus.config import BrokerConfig
 from streambus.errors import InvalidConfigError
+from streambus.records.batch import build_batch
 from streambus.server import FD_RESERVE
-from streambus.storage.batch import build_batch
 from tests.harness import (
     BrokerProcess,
     BrokerThread,
@@ -351,7 +351,8 @@ def test_a_client_closing_during_a_long_poll_leaves_no_waiter(tmp_path: Path) ->
             assert wait_for(lambda: total(scrape(url), "streambus_broker_active_requests") == 2)
         assert wait_for(lambda: total(scrape(url), "streambus_broker_active_requests") == 0)
         assert wait_for(lambda: total(scrape(url), "streambus_broker_connections") == 0)
-        assert b.run(lambda: (dict(b.broker._waiters), set(b.broker._long_polls))) == ({}, set())
+        waits = b.broker.partitions  # long polls wait in the partition service
+        assert b.run(lambda: (dict(waits._waiters), set(waits._long_polls))) == ({}, set())
 
 
 def test_sigterm_ends_long_polls_and_exits_cleanly(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streambus.storage import parse_batches
+from streambus.records import parse_batches
 from tests.harness import BrokerProcess, scrape, total, wait_until
 
 MESSAGES = 60

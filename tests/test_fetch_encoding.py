@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from kafka.protocol.consumer import FetchResponse
 
-from streambus.protocol.apis import APIS, encode_frame
+from streambus.app import APIS
+from streambus.protocol.apis import encode_frame
 from streambus.protocol.fetch import _Read, _response
-from streambus.storage import build_batch
+from streambus.records import build_batch
 
 FETCH = APIS[1]
 

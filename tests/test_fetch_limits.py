@@ -14,7 +14,7 @@ from kafka.protocol.consumer import FetchRequest
 
 from streambus.instrumentation import MAX_LINKS
 from streambus.protocol.fetch import EAGER_BYTES, _Read, _traceparents
-from streambus.storage import build_batch, iter_records, parse_batches
+from streambus.records import build_batch, iter_records, parse_batches
 from tests.harness import BrokerProcess, RawClient, fetch_request, running, wait_until
 
 VALUE = 100_000  # bytes per message

@@ -30,8 +30,8 @@ from kafka.protocol.admin import ListGroupsRequest
 from kafka.protocol.metadata import ApiVersionsRequest, MetadataRequest
 from kafka.protocol.schemas.fields.codecs import String
 
-from streambus.protocol.apis import APIS
-from streambus.storage.batch import build_batch
+from streambus.app import APIS
+from streambus.records.batch import build_batch
 from tests.harness import BrokerThread, RawClient, wait_until
 
 SEED = 20261214

@@ -19,8 +19,9 @@ from kafka.protocol.consumer import HeartbeatRequest, JoinGroupRequest, SyncGrou
 from kafka.protocol.metadata import ApiVersionsRequest
 
 from streambus.errors import KafkaStorageError
-from streambus.storage import LogManager, build_batch, cleaner, iter_records, parse_batches
-from streambus.storage.batch import Record
+from streambus.records import build_batch, iter_records, parse_batches
+from streambus.records.batch import Record
+from streambus.storage import LogManager, cleaner
 from streambus.storage.log import PartitionLog
 from streambus.structs import TopicPartition
 from streambus.topic_config import TopicConfig

@@ -10,8 +10,8 @@ from kafka.codec import gzip_encode
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
 from streambus.errors import CorruptRecordError, InvalidRecordError
-from streambus.storage import build_batch, iter_records, parse_batches, payload_bytes
-from streambus.storage.batch import HEADER, set_base_offset, set_log_append_time
+from streambus.records import build_batch, iter_records, parse_batches, payload_bytes
+from streambus.records.batch import HEADER, set_base_offset, set_log_append_time
 
 RecordSpec = tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]], int]
 
@@ -206,7 +206,7 @@ def test_set_log_append_time() -> None:
 
 
 def test_header_values_finds_distinct_values_up_to_the_limit() -> None:
-    from streambus.storage.batch import header_values
+    from streambus.records.batch import header_values
 
     def tp(i: int) -> bytes:
         return f"00-{i:032x}-{i:016x}-01".encode()

@@ -17,7 +17,8 @@ from streambus.errors import (
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
-from streambus.storage import LogManager, MaintenanceReport, build_batch
+from streambus.records import build_batch
+from streambus.storage import LogManager, MaintenanceReport
 from streambus.structs import TopicPartition
 from streambus.topic_config import CleanupPolicy, TopicConfig
 

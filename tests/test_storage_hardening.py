@@ -25,7 +25,8 @@ from kafka.protocol.metadata import MetadataRequest
 from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
 
 from streambus.errors import KafkaStorageError
-from streambus.storage import LogManager, build_batch
+from streambus.records import build_batch
+from streambus.storage import LogManager
 from streambus.storage.datadir import DataDirError
 from streambus.structs import TopicPartition
 from streambus.topic_config import TopicConfig
@@ -565,7 +566,7 @@ def test_appends_on_a_filling_disk_never_leave_a_torn_log(tmp_path: Path) -> Non
 
 
 def _records(plog: Any, header: Any) -> list[Any]:
-    from streambus.storage import iter_records
+    from streambus.records import iter_records
 
     data = plog.read(header.base_offset, header.size)
     return list(iter_records(data, 0, header))

@@ -18,7 +18,8 @@ from streambus.errors import (
     OffsetOutOfRangeError,
     OutOfOrderSequenceNumberError,
 )
-from streambus.storage import PartitionLog, build_batch, iter_records, parse_batches
+from streambus.records import build_batch, iter_records, parse_batches
+from streambus.storage import PartitionLog
 from streambus.topic_config import CleanupPolicy, TimestampType, TopicConfig
 
 SMALL = TopicConfig(segment_bytes=1024, index_interval_bytes=256)
@@ -456,7 +457,8 @@ def test_delete_removes_directory(tmp_path: Path, open_log: OpenLog) -> None:
 CHILD = """
 import sys
 from pathlib import Path
-from streambus.storage import PartitionLog, build_batch
+from streambus.storage import PartitionLog
+from streambus.records import build_batch
 from streambus.topic_config import TopicConfig
 
 config = TopicConfig(segment_bytes=4096, index_interval_bytes=256)

@@ -85,7 +85,7 @@ def test_several_producer_contexts_become_links(tmp_path: Path) -> None:
     from kafka.protocol.producer import ProduceRequest
     from opentelemetry.trace import format_span_id, format_trace_id
 
-    from streambus.storage.batch import build_batch
+    from streambus.records.batch import build_batch
     from tests.harness import RawClient
 
     provider, exporter = tracing()

@@ -2,7 +2,8 @@
 
 from streambus.groups.coordinator import GroupCoordinator, GroupSettings, JoinRequest
 from streambus.groups.membership import Group, GroupState, JoinResult, Member
-from streambus.groups.offsets import OFFSETS_TOPIC, OffsetAndMetadata
+from streambus.groups.offsets import OffsetAndMetadata
+from streambus.partitions import OFFSETS_TOPIC
 
 __all__ = [
     "OFFSETS_TOPIC",

@@ -39,7 +39,7 @@ from streambus.errors import (
 )
 from streambus.groups.membership import Group, GroupState, JoinResult, Member
 from streambus.groups.offsets import OffsetAndMetadata, OffsetStore
-from streambus.storage import LogManager
+from streambus.partitions import PartitionService
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.groups")
@@ -72,9 +72,10 @@ class JoinRequest:
 
 
 class GroupCoordinator:
-    def __init__(self, logs: LogManager, settings: GroupSettings) -> None:
+    def __init__(self, partitions: PartitionService, settings: GroupSettings) -> None:
         self.settings = settings
-        self.offsets = OffsetStore(logs, settings.offsets_topic_partitions)
+        self._partitions = partitions
+        self.offsets = OffsetStore(partitions, settings.offsets_topic_partitions)
         self._groups: dict[str, Group] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
@@ -107,13 +108,17 @@ class GroupCoordinator:
 
     def lags(self) -> Iterator[tuple[str, TopicPartition, int]]:
         """(group, partition, log end offset - committed offset) for every committed partition."""
-        logs = self.offsets.logs
-        topics = logs.topics()
+        partitions = self._partitions
+        topics = partitions.topics()
         for group, tp, offset in self.offsets.committed():
             meta = topics.get(tp.topic)
             if meta is None or tp.partition >= meta.partitions:
                 continue
-            yield group, tp, max(logs.log(tp).log_end_offset - offset, 0)
+            try:
+                end = partitions.offsets(tp).high_watermark
+            except StreamBusError:  # not served here (led by another broker)
+                continue
+            yield group, tp, max(end - offset, 0)
 
     # -- JoinGroup ---------------------------------------------------------------------------
     async def join(self, req: JoinRequest) -> JoinResult:
@@ -506,6 +511,10 @@ class GroupCoordinator:
             if group.state is GroupState.COMPLETING_REBALANCE:
                 raise RebalanceInProgressError()
         self.offsets.commit(group_id, offsets)
+
+    def committed(self, group_id: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
+        """The group's committed offsets (OffsetFetch)."""
+        return self.offsets.fetch(group_id)
 
     def delete_group(self, group_id: str) -> None:
         group = self._groups.get(group_id)

@@ -1,7 +1,7 @@
 """Committed offsets, kept durably in the broker's own log (the ``__consumer_offsets`` topic).
 
 Each commit appends one record batch to the partition of ``__consumer_offsets``
-that the group hashes to, through the same append path as any produce, so a
+that the group hashes to, through the partition service like any produce, so a
 commit that was acknowledged survives a crash of the broker process. The
 topic is compacted: the latest record per (group, topic, partition) key is the
 committed offset; a tombstone (null value) deletes it. On start the topic is
@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from streambus.errors import KafkaStorageError
-from streambus.storage import LogManager, build_batch, iter_records
-from streambus.storage.batch import walk_batches
+from streambus.partitions import OFFSETS_TOPIC, AppendOrigin, PartitionService
+from streambus.records import build_batch, iter_records, walk_batches
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.groups")
 
-OFFSETS_TOPIC = "__consumer_offsets"
 _TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.bytes": str(100 * 1024 * 1024)}
 
 # Offset commit key, version 1 (Kafka's OffsetCommitKey):
@@ -111,7 +110,7 @@ def decode_value(data: bytes) -> OffsetAndMetadata:
 class OffsetStore:
     """The committed-offsets table, mirrored to ``__consumer_offsets``."""
 
-    logs: LogManager
+    service: PartitionService
     partitions: int
 
     def __post_init__(self) -> None:
@@ -124,32 +123,30 @@ class OffsetStore:
     def ensure_topic(self) -> None:
         """Create the topic on first use. A creation that fails (a full disk) leaves
         nothing behind, so the next commit simply tries again."""
-        if OFFSETS_TOPIC in self.logs.topics():
+        if OFFSETS_TOPIC in self.service.topics():
             return
-        offline = self.logs.offline_topics().get(OFFSETS_TOPIC)
+        offline = self.service.offline_topics().get(OFFSETS_TOPIC)
         if offline is not None and not self._restore():
             raise KafkaStorageError(f"{OFFSETS_TOPIC} is offline: {offline.path}: {offline.reason}")
         if offline is None:
-            self.logs.create_topic(OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG, internal=True)
+            self.service.create_topic(OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG, internal=True)
 
     def _restore(self) -> bool:
         """Bring back a topic whose topic.json was lost (by a crash or a full disk while it
         was made): the broker knows what this topic's metadata must say."""
-        return self.logs.restore_metadata(
-            OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG, internal=True
-        )
+        return self.service.restore_topic(OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG)
 
     def load(self) -> int:
         """Rebuild the table from the log; returns the number of committed offsets loaded."""
-        if OFFSETS_TOPIC in self.logs.offline_topics():
+        if OFFSETS_TOPIC in self.service.offline_topics():
             self._restore()
-        if OFFSETS_TOPIC not in self.logs.topics():
+        if OFFSETS_TOPIC not in self.service.topics():
             return 0
-        for partition in range(self.logs.topics()[OFFSETS_TOPIC].partitions):
-            plog = self.logs.log(TopicPartition(OFFSETS_TOPIC, partition))
-            offset = plog.log_start_offset
-            while offset < plog.log_end_offset:
-                data = plog.read(offset, 4 * 1024 * 1024)
+        for partition in range(self.service.topics()[OFFSETS_TOPIC].partitions):
+            tp = TopicPartition(OFFSETS_TOPIC, partition)
+            offset, end = self.service.offsets(tp)
+            while offset < end:
+                data = self.service.read(tp, offset, 4 * 1024 * 1024)
                 if not data:
                     break
                 for pos, header in walk_batches(data):
@@ -201,7 +198,7 @@ class OffsetStore:
         self.ensure_topic()
         now = int(time.time() * 1000)
         batch = build_batch([(encode_key(group, tp), value, (), now) for tp, value in entries])
-        self.logs.log(self.partition_for(group)).append(batch)
+        self.service.append_now(self.partition_for(group), batch, origin=AppendOrigin.COORDINATOR)
 
     def fetch(self, group: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
         return self._offsets.get(group, {})

@@ -13,36 +13,36 @@ from kafka.protocol.admin import (
 )
 
 from streambus.errors import InvalidReplicationFactorError, InvalidRequestError, StreamBusError
-from streambus.protocol.apis import RequestContext, api
-from streambus.protocol.validation import is_internal_topic
+from streambus.protocol.apis import ApiRoutes, RequestContext
 
 if TYPE_CHECKING:
-    from streambus.broker import Broker
+    from streambus.protocol.context import BrokerServices
 
 log = logging.getLogger("streambus.protocol")
+routes = ApiRoutes()
 
 # DescribeConfigs' ConfigSource values, as CreateTopics v5+ reports them.
 SOURCE_TOPIC = 1
 SOURCE_DEFAULT = 5
 
 
-@api(CreateTopicsRequest, CreateTopicsResponse, versions=(0, 7))
-async def handle_create_topics(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(CreateTopicsRequest, CreateTopicsResponse, versions=(0, 7))
+async def handle_create_topics(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = CreateTopicsResponse
     validate_only = bool(getattr(request, "validate_only", False))
     results = []
     for topic in request.topics:
         result = R.CreatableTopicResult(name=topic.name, error_code=0, error_message=None)
         try:
-            if is_internal_topic(broker, topic.name):
+            if services.partitions.is_internal(topic.name):
                 raise InvalidRequestError(f"creation of internal topic {topic.name} is prohibited")
-            partitions = _partition_count(broker, topic)
+            partitions = _partition_count(services, topic)
             overrides = {c.name: c.value for c in topic.configs}
-            meta = broker.create_topic(
+            meta = services.create_topic(
                 topic.name, partitions, overrides, validate_only=validate_only
             )
         except StreamBusError as exc:
-            broker.telemetry.error("CreateTopics", exc.kafka_name)
+            services.telemetry.error("CreateTopics", exc.kafka_name)
             log.info("CreateTopics %r from %s refused: %s", topic.name, ctx.client_id, exc)
             result.error_code = exc.errno
             result.error_message = str(exc)
@@ -58,7 +58,7 @@ async def handle_create_topics(broker: Broker, ctx: RequestContext, request: Any
         result.topic_id = meta.topic_id
         result.num_partitions = meta.partitions
         result.replication_factor = 1
-        effective = broker.logs.defaults.with_overrides(meta.overrides).to_kafka()
+        effective = services.partitions.topic_defaults.with_overrides(meta.overrides).to_kafka()
         result.configs = [
             R.CreatableTopicResult.CreatableTopicConfigs(
                 name=key,
@@ -73,24 +73,26 @@ async def handle_create_topics(broker: Broker, ctx: RequestContext, request: Any
     return R(throttle_time_ms=0, topics=results)
 
 
-def _partition_count(broker: Broker, topic: Any) -> int:
+def _partition_count(services: BrokerServices, topic: Any) -> int:
     if topic.assignments:
         for assignment in topic.assignments:
-            if list(assignment.broker_ids) != [broker.broker_id]:
+            if list(assignment.broker_ids) != [services.broker_id]:
                 raise InvalidReplicationFactorError(
                     f"assignment names brokers {list(assignment.broker_ids)}; "
-                    f"this cluster has one broker, id {broker.broker_id}"
+                    f"this cluster has one services, id {services.broker_id}"
                 )
         return len(topic.assignments)
     if topic.replication_factor not in (-1, 1):
         raise InvalidReplicationFactorError(
             f"replication factor {topic.replication_factor} is larger than the 1 broker available"
         )
-    return broker.config.num_partitions if topic.num_partitions == -1 else int(topic.num_partitions)
+    return (
+        services.config.num_partitions if topic.num_partitions == -1 else int(topic.num_partitions)
+    )
 
 
-@api(DeleteTopicsRequest, DeleteTopicsResponse, versions=(0, 6))
-async def handle_delete_topics(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(DeleteTopicsRequest, DeleteTopicsResponse, versions=(0, 6))
+async def handle_delete_topics(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = DeleteTopicsResponse
     # v6 moved names into a list of (name, topic id) entries
     names = [t.name for t in request.topics] if ctx.api_version >= 6 else list(request.topic_names)
@@ -98,13 +100,13 @@ async def handle_delete_topics(broker: Broker, ctx: RequestContext, request: Any
     for name in names:
         result = R.DeletableTopicResult(name=name, error_code=0, error_message=None)
         try:
-            if is_internal_topic(broker, name):
+            if services.partitions.is_internal(name):
                 raise InvalidRequestError(f"internal topic {name} cannot be deleted")
-            meta = broker.delete_topic(name)
+            meta = services.delete_topic(name)
             result.topic_id = meta.topic_id
             log.info("deleted topic %r for %s", name, ctx.client_id)
         except StreamBusError as exc:
-            broker.telemetry.error("DeleteTopics", exc.kafka_name)
+            services.telemetry.error("DeleteTopics", exc.kafka_name)
             log.info("DeleteTopics %r from %s refused: %s", name, ctx.client_id, exc)
             result.error_code = exc.errno
             result.error_message = str(exc)

@@ -1,5 +1,8 @@
 """The dispatch table: one handler per Kafka API key, registered once.
 
+Each handler module lists its handlers in an ``ApiRoutes``; the composition
+module (``streambus.app``) merges them into the one table the server serves.
+
 Requests and responses are encoded and decoded with kafka-python's message
 classes, which are generated from Kafka's own JSON message specs; StreamBus
 writes no per-API structs. Each entry advertises the version range StreamBus
@@ -12,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from streambus.broker import Broker
+from kafka.protocol.metadata import ApiVersionsResponse
+
+from streambus.protocol.context import BrokerServices
 
 # Request header v0/v1/v2 all start with these fields; they are read before
 # the full header so that an unknown API or version can still be answered.
@@ -40,9 +44,15 @@ class RequestContext:
     # Completes when the client goes (EOF or lost connection): a handler that waits
     # (a long poll) stops waiting for a client that can no longer take the answer.
     closed: asyncio.Future[None] | None = None
+    # The table being served (ApiVersions lists it).
+    apis: Mapping[int, ApiSpec] = field(default_factory=dict)
 
 
-Handler = Callable[["Broker", RequestContext, Any], Awaitable[Any | None]]
+class ConnectionClosedError(Exception):
+    """This connection is finished (peer closed, or it sent something unparseable)."""
+
+
+Handler = Callable[[BrokerServices, RequestContext, Any], Awaitable[Any | None]]
 
 
 class Streamed(Protocol):
@@ -73,26 +83,57 @@ class ApiSpec:
         return self.min_version <= version <= self.max_version
 
 
-APIS: dict[int, ApiSpec] = {}
+ApiTable = Mapping[int, ApiSpec]
 
 
-def api(
-    request: Any, response: Any, versions: tuple[int, int], encoder: Encoder | None = None
-) -> Callable[[Handler], Handler]:
-    """Register ``handler`` for ``request``'s API key, serving ``versions`` (inclusive)."""
+class ApiRoutes:
+    """The handlers one module serves, in the order they were declared."""
 
-    def register(handler: Handler) -> Handler:
-        key = int(request.API_KEY)
-        if key in APIS:
-            raise RuntimeError(f"API key {key} registered twice")
-        low, high = versions
-        if high > request.max_version:
-            raise RuntimeError(f"{request.name} v{high} is newer than the protocol library knows")
-        name = str(request.name).removesuffix("Request")
-        APIS[key] = ApiSpec(key, name, request, response, low, high, handler, encoder)
-        return handler
+    def __init__(self) -> None:
+        self.specs: list[ApiSpec] = []
 
-    return register
+    def api(
+        self,
+        request: Any,
+        response: Any,
+        versions: tuple[int, int],
+        encoder: Encoder | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Declare ``handler`` for ``request``'s API key, serving ``versions`` (inclusive)."""
+
+        def declare(handler: Handler) -> Handler:
+            low, high = versions
+            if high > request.max_version:
+                raise RuntimeError(
+                    f"{request.name} v{high} is newer than the protocol library knows"
+                )
+            name = str(request.name).removesuffix("Request")
+            key = int(request.API_KEY)
+            self.specs.append(ApiSpec(key, name, request, response, low, high, handler, encoder))
+            return handler
+
+        return declare
+
+
+def build_table(*routes: ApiRoutes) -> dict[int, ApiSpec]:
+    """One table from every module's routes; an API key declared twice is a bug."""
+    table: dict[int, ApiSpec] = {}
+    for group in routes:
+        for spec in group.specs:
+            if spec.key in table:
+                raise RuntimeError(f"API key {spec.key} registered twice")
+            table[spec.key] = spec
+    return table
+
+
+def api_versions_response(table: ApiTable, error_code: int = 0) -> Any:
+    keys = [
+        ApiVersionsResponse.ApiVersion(
+            api_key=spec.key, min_version=spec.min_version, max_version=spec.max_version
+        )
+        for spec in sorted(table.values(), key=lambda s: s.key)
+    ]
+    return ApiVersionsResponse(error_code=error_code, api_keys=keys, throttle_time_ms=0)
 
 
 def encode_frame(spec: ApiSpec, reply: Any, version: int, correlation_id: int) -> list[Chunk]:

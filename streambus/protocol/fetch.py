@@ -32,9 +32,9 @@ from kafka.protocol.consumer import (
 )
 from opentelemetry import trace
 
-from streambus.errors import InvalidRequestError, StreamBusError, error_name
+from streambus.errors import StreamBusError, error_name
 from streambus.instrumentation import MAX_LINKS
-from streambus.protocol.apis import RequestContext, api
+from streambus.protocol.apis import ApiRoutes, ConnectionClosedError, RequestContext
 from streambus.protocol.fetch_encoding import (
     Records,
     SplicedFetch,
@@ -42,17 +42,14 @@ from streambus.protocol.fetch_encoding import (
     marker_for,
     new_token,
 )
-from streambus.storage.batch import header_values, iter_records, payload_bytes, walk_batches
+from streambus.records.batch import header_values, iter_records, payload_bytes, walk_batches
 from streambus.structs import TopicPartition
 
 if TYPE_CHECKING:
-    from streambus.broker import Broker
-    from streambus.storage.log import PartitionLog
-    from streambus.storage.segment import Segment
+    from streambus.protocol.context import BrokerServices
 
+routes = ApiRoutes()
 PartitionData = FetchResponse.FetchableTopicResponse.PartitionData
-LATEST = -1
-EARLIEST = -2
 # Records read while the request is handled, per response; beyond this they are read
 # piece by piece as they are written. Normal consumer fetches (1 MiB per partition) stay
 # below it and keep the single read they always had.
@@ -74,8 +71,8 @@ class _Read:
     log_start_offset: int = -1
 
 
-@api(FetchRequest, FetchResponse, versions=(4, 12), encoder=encode_spliced)
-async def handle_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(FetchRequest, FetchResponse, versions=(4, 12), encoder=encode_spliced)
+async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     started = time.perf_counter()
     wanted = [
         (t.topic, p.partition, p.fetch_offset, p.partition_max_bytes)
@@ -83,52 +80,37 @@ async def handle_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any
         for p in t.partitions
     ]
     asked = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
-    max_bytes = min(asked, broker.config.fetch_max_bytes)
+    max_bytes = min(asked, services.config.fetch_max_bytes)
     deadline = started + max(request.max_wait_ms, 0) / 1000
+    # Closed segments this fetch may read for the first time are verified first, in a
+    # worker thread (again after each wait: an append may have rolled a segment).
+    to_verify = [(TopicPartition(t, p), o, min(m, max_bytes)) for t, p, o, m in wanted]
     while True:
-        await _verify(broker, wanted, max_bytes)
-        reads, total = await _read_all(broker, wanted, max_bytes)
+        await services.partitions.verify_for_read(to_verify, slice_size=SLICE_PARTITIONS)
+        reads, total = await _read_all(services, wanted, max_bytes)
         remaining = deadline - time.perf_counter()
         if (
             total >= max(request.min_bytes, 1)
             or remaining <= 0
             or any(r.error for r in reads)
-            or broker.stopping
+            or services.stopping
         ):
             break
         tps = [TopicPartition(t, p) for t, p, _, _ in wanted]
-        await broker.wait_for_append(tps, remaining, ctx.closed)
-    await _account(broker, reads)
+        await services.partitions.wait_for_append(tps, remaining, ctx.closed)
+        if ctx.closed is not None and ctx.closed.done():
+            raise ConnectionClosedError("client closed during a long poll")
+    await _account(services, reads)
     elapsed = time.perf_counter() - started
     for topic in {r.topic for r in reads}:
-        broker.telemetry.consume_latency(topic, elapsed)
+        services.telemetry.consume_latency(topic, elapsed)
     return _response(request, reads)
 
 
-async def _verify(
-    broker: Broker, wanted: Sequence[tuple[str, int, int, int]], max_bytes: int
-) -> None:
-    """Verify, in a worker thread, the closed segments this fetch may read for the first time."""
-    jobs: list[tuple[PartitionLog, Segment]] = []
-    for i, (topic, partition, offset, partition_max) in enumerate(wanted, 1):
-        if i % SLICE_PARTITIONS == 0:
-            await asyncio.sleep(0)
-        try:
-            plog = broker.logs.log(TopicPartition(topic, partition))
-        except StreamBusError:
-            continue
-        jobs += ((plog, seg) for seg in plog.unverified(offset, min(partition_max, max_bytes)))
-    if not jobs:
-        return
-    scans = [plog.scan_job(segment) for plog, segment in jobs]
-    results = await asyncio.to_thread(lambda: [scan() for scan in scans])
-    for (plog, _), result in zip(jobs, results, strict=True):
-        plog.apply_scan(result)
-
-
 async def _read_all(
-    broker: Broker, wanted: Sequence[tuple[str, int, int, int]], max_bytes: int
+    services: BrokerServices, wanted: Sequence[tuple[str, int, int, int]], max_bytes: int
 ) -> tuple[list[_Read], int]:
+    partitions = services.partitions
     reads: list[_Read] = []
     total = 0
     eager = EAGER_BYTES
@@ -137,18 +119,17 @@ async def _read_all(
             await asyncio.sleep(0)  # a fetch of 100,000 partitions must not stall everyone
         read = _Read(topic, partition, offset)
         reads.append(read)
+        tp = TopicPartition(topic, partition)
         try:
-            plog = broker.logs.log(TopicPartition(topic, partition))
+            read.log_start_offset, read.high_watermark = partitions.offsets(tp)
         except StreamBusError as exc:
             read.error = exc.errno
             continue
-        read.high_watermark = plog.log_end_offset
-        read.log_start_offset = plog.log_start_offset
         budget = min(partition_max, max_bytes - total)
         if budget <= 0 and total:
             continue
         try:
-            got = plog.read_slice(offset, max(budget, 1), eager_bytes=eager)
+            got = partitions.read_slice(tp, offset, max(budget, 1), eager_bytes=eager)
         except StreamBusError as exc:
             read.error = exc.errno
             continue
@@ -171,9 +152,9 @@ def _pieces(records: Records) -> Iterator[bytes | memoryview]:
         yield from records.pieces()
 
 
-async def _account(broker: Broker, reads: list[_Read]) -> None:
+async def _account(services: BrokerServices, reads: list[_Read]) -> None:
     """Count what the response hands out: per partition, never per record."""
-    tel = broker.telemetry
+    tel = services.telemetry
     span: trace.Span | None = None
     count_all = 0
     for i, read in enumerate(reads, 1):
@@ -185,26 +166,26 @@ async def _account(broker: Broker, reads: list[_Read]) -> None:
         if not read.records:
             continue
         tp = TopicPartition(read.topic, read.partition)
-        messages, payload = _consumed(broker, tp, read.records, read.fetch_offset)
+        messages, payload = _consumed(services, tp, read.records, read.fetch_offset)
         count_all += messages
         tel.consumed(read.topic, read.partition, messages, payload)
     if count_all and tel.tracing_enabled():
-        span = _fetch_span(broker, reads, count_all)
+        span = _fetch_span(services, reads, count_all)
         span.end()
 
 
 def _consumed(
-    broker: Broker, tp: TopicPartition, records: Records, fetch_offset: int
+    services: BrokerServices, tp: TopicPartition, records: Records, fetch_offset: int
 ) -> tuple[int, int]:
     """Messages and payload bytes at or after ``fetch_offset`` in whole stored batches."""
-    sizes = broker.payload_sizes
+    partitions = services.partitions
     messages = payload = 0
     for data in _pieces(records):
         view = memoryview(data)
         for pos, header in walk_batches(data):
             if header.base_offset >= fetch_offset:
                 messages += header.records_count
-                size = sizes.get(tp, header.base_offset, header.crc)
+                size = partitions.payload_size(tp, header.base_offset, header.crc)
                 payload += payload_bytes(view, pos, header) if size is None else size
             elif header.last_offset >= fetch_offset:
                 # The first batch may start before the offset asked for; the
@@ -223,8 +204,8 @@ def _record_payload(record: Any) -> int:
     return size
 
 
-def _fetch_span(broker: Broker, reads: list[_Read], count: int) -> trace.Span:
-    tel = broker.telemetry
+def _fetch_span(services: BrokerServices, reads: list[_Read], count: int) -> trace.Span:
+    tel = services.telemetry
     with_data = [r for r in reads if r.records]
     span = tel.start_record_span(
         "fetch", "receive", [(r.topic, r.partition) for r in with_data], count
@@ -288,8 +269,8 @@ def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
     return SplicedFetch(response, parts)
 
 
-@api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 6))
-async def handle_list_offsets(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 6))
+async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = ListOffsetsResponse
     topics = []
     for topic in request.topics:
@@ -297,11 +278,11 @@ async def handle_list_offsets(broker: Broker, ctx: RequestContext, request: Any)
         for p in topic.partitions:
             error, timestamp, offset = 0, -1, -1
             try:
-                plog = broker.logs.log(TopicPartition(topic.name, p.partition_index))
-                timestamp, offset = _lookup(plog, p.timestamp)
+                tp = TopicPartition(topic.name, p.partition_index)
+                timestamp, offset = services.partitions.list_offset(tp, p.timestamp)
             except StreamBusError as exc:
                 error = exc.errno
-                broker.telemetry.error("ListOffsets", exc.kafka_name)
+                services.telemetry.error("ListOffsets", exc.kafka_name)
             parts.append(
                 R.ListOffsetsTopicResponse.ListOffsetsPartitionResponse(
                     partition_index=p.partition_index,
@@ -313,17 +294,3 @@ async def handle_list_offsets(broker: Broker, ctx: RequestContext, request: Any)
             )
         topics.append(R.ListOffsetsTopicResponse(name=topic.name, partitions=parts))
     return R(throttle_time_ms=0, topics=topics)
-
-
-def _lookup(plog: PartitionLog, timestamp: int) -> tuple[int, int]:
-    if timestamp == LATEST:
-        return -1, plog.log_end_offset
-    if timestamp == EARLIEST:
-        return -1, plog.log_start_offset
-    if timestamp < 0:
-        raise InvalidRequestError(f"unsupported ListOffsets timestamp {timestamp}")
-    found = plog.offset_for_timestamp(timestamp)
-    if found is None:
-        return -1, -1  # Kafka's answer when no record is that new
-    offset, ts = found
-    return ts, offset

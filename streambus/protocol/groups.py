@@ -41,34 +41,37 @@ from streambus.errors import (
     error_name,
 )
 from streambus.groups import GroupState, JoinRequest, OffsetAndMetadata
-from streambus.protocol.apis import RequestContext, api
+from streambus.protocol.apis import ApiRoutes, RequestContext
 from streambus.structs import TopicPartition
 
 if TYPE_CHECKING:
-    from streambus.broker import Broker
+    from streambus.protocol.context import BrokerServices
 
 log = logging.getLogger("streambus.protocol")
+routes = ApiRoutes()
 
 GROUP_KEY = 0  # FindCoordinator key type; 1 is transactions, which StreamBus does not have
 
 
-@api(FindCoordinatorRequest, FindCoordinatorResponse, versions=(0, 4))
-async def handle_find_coordinator(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(FindCoordinatorRequest, FindCoordinatorResponse, versions=(0, 4))
+async def handle_find_coordinator(
+    services: BrokerServices, ctx: RequestContext, request: Any
+) -> Any:
     R = FindCoordinatorResponse
-    host, port = broker.advertised_address
+    host, port = services.advertised_address
     key_type = getattr(request, "key_type", GROUP_KEY)
     error, message = 0, None
     if key_type != GROUP_KEY:
         error = CoordinatorNotAvailableError.errno
         message = "transactions are not supported by this broker"
-        broker.telemetry.error("FindCoordinator", CoordinatorNotAvailableError.kafka_name)
+        services.telemetry.error("FindCoordinator", CoordinatorNotAvailableError.kafka_name)
     if ctx.api_version >= 4:
         return R(
             throttle_time_ms=0,
             coordinators=[
                 R.Coordinator(
                     key=key,
-                    node_id=broker.broker_id,
+                    node_id=services.broker_id,
                     host=host,
                     port=port,
                     error_code=error,
@@ -81,14 +84,14 @@ async def handle_find_coordinator(broker: Broker, ctx: RequestContext, request: 
         throttle_time_ms=0,
         error_code=error,
         error_message=message,
-        node_id=broker.broker_id,
+        node_id=services.broker_id,
         host=host,
         port=port,
     )
 
 
-@api(JoinGroupRequest, JoinGroupResponse, versions=(0, 9))
-async def handle_join_group(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(JoinGroupRequest, JoinGroupResponse, versions=(0, 9))
+async def handle_join_group(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = JoinGroupResponse
     version = ctx.api_version
     # v0 has no rebalance timeout: Kafka uses the session timeout for both
@@ -109,7 +112,7 @@ async def handle_join_group(broker: Broker, ctx: RequestContext, request: Any) -
     )
 
     def failed(code: int, member_id: str = "") -> Any:
-        broker.telemetry.error("JoinGroup", error_name(code))
+        services.telemetry.error("JoinGroup", error_name(code))
         return R(
             throttle_time_ms=0,
             error_code=code,
@@ -121,9 +124,9 @@ async def handle_join_group(broker: Broker, ctx: RequestContext, request: Any) -
             members=[],
         )
 
-    with broker.telemetry.group_span("join", join.group_id, join.member_id) as span:
+    with services.telemetry.group_span("join", join.group_id, join.member_id) as span:
         try:
-            result = await broker.groups.join(join)
+            result = await services.groups.join(join)
         except MemberIdRequiredError as exc:
             span.set_attribute("streambus.member_id", exc.member_id)
             return failed(exc.errno, exc.member_id)
@@ -151,13 +154,13 @@ async def handle_join_group(broker: Broker, ctx: RequestContext, request: Any) -
     )
 
 
-@api(SyncGroupRequest, SyncGroupResponse, versions=(0, 5))
-async def handle_sync_group(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(SyncGroupRequest, SyncGroupResponse, versions=(0, 5))
+async def handle_sync_group(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     version = ctx.api_version
-    group = broker.groups.groups().get(request.group_id)
-    with broker.telemetry.group_span("sync", request.group_id, request.member_id) as span:
+    group = services.groups.groups().get(request.group_id)
+    with services.telemetry.group_span("sync", request.group_id, request.member_id) as span:
         try:
-            assignment = await broker.groups.sync(
+            assignment = await services.groups.sync(
                 request.group_id,
                 generation=request.generation_id,
                 member_id=request.member_id,
@@ -170,7 +173,7 @@ async def handle_sync_group(broker: Broker, ctx: RequestContext, request: Any) -
         except StreamBusError as exc:
             if exc.errno not in (27,):  # a rebalance is routine, not a failure
                 log.info("SyncGroup %r from %s refused: %s", request.group_id, ctx.client_id, exc)
-            broker.telemetry.error("SyncGroup", exc.kafka_name)
+            services.telemetry.error("SyncGroup", exc.kafka_name)
             span.set_attribute("streambus.error", exc.kafka_name)
             assignment, error = b"", exc.errno
         span.set_attribute("streambus.generation", request.generation_id)
@@ -183,24 +186,24 @@ async def handle_sync_group(broker: Broker, ctx: RequestContext, request: Any) -
     )
 
 
-@api(HeartbeatRequest, HeartbeatResponse, versions=(0, 4))
-async def handle_heartbeat(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(HeartbeatRequest, HeartbeatResponse, versions=(0, 4))
+async def handle_heartbeat(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     error = 0
     try:
-        broker.groups.heartbeat(
+        services.groups.heartbeat(
             request.group_id,
             request.generation_id,
             request.member_id,
             request.group_instance_id if ctx.api_version >= 3 else None,
         )
     except StreamBusError as exc:
-        broker.telemetry.error("Heartbeat", exc.kafka_name)
+        services.telemetry.error("Heartbeat", exc.kafka_name)
         error = exc.errno
     return HeartbeatResponse(throttle_time_ms=0, error_code=error)
 
 
-@api(LeaveGroupRequest, LeaveGroupResponse, versions=(0, 5))
-async def handle_leave_group(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(LeaveGroupRequest, LeaveGroupResponse, versions=(0, 5))
+async def handle_leave_group(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = LeaveGroupResponse
     if ctx.api_version < 3:
         leaving = [(request.member_id, None)]
@@ -210,9 +213,9 @@ async def handle_leave_group(broker: Broker, ctx: RequestContext, request: Any) 
     for member_id, instance_id in leaving:
         error = 0
         try:
-            broker.groups.leave(request.group_id, member_id, instance_id)
+            services.groups.leave(request.group_id, member_id, instance_id)
         except StreamBusError as exc:
-            broker.telemetry.error("LeaveGroup", exc.kafka_name)
+            services.telemetry.error("LeaveGroup", exc.kafka_name)
             error = exc.errno
         results.append(
             R.MemberResponse(member_id=member_id, group_instance_id=instance_id, error_code=error)
@@ -221,15 +224,15 @@ async def handle_leave_group(broker: Broker, ctx: RequestContext, request: Any) 
     return R(throttle_time_ms=0, error_code=top, members=results)
 
 
-@api(OffsetCommitRequest, OffsetCommitResponse, versions=(0, 9))
-async def handle_offset_commit(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(OffsetCommitRequest, OffsetCommitResponse, versions=(0, 9))
+async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = OffsetCommitResponse
     started = time.perf_counter()
     version = ctx.api_version
     group_id = request.group_id
-    limit = broker.groups.settings.offset_metadata_max_bytes
+    limit = services.groups.settings.offset_metadata_max_bytes
     now_ms = int(time.time() * 1000)
-    topics = broker.logs.topics()
+    topics = services.partitions.topics()
     errors: dict[TopicPartition, int] = {}
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
     for topic in request.topics:
@@ -244,12 +247,14 @@ async def handle_offset_commit(broker: Broker, ctx: RequestContext, request: Any
             else:
                 epoch = p.committed_leader_epoch if version >= 6 else -1
                 offsets[tp] = OffsetAndMetadata(p.committed_offset, epoch, metadata, now_ms)
-    with broker.telemetry.group_span("commit", group_id, getattr(request, "member_id", "")) as span:
+    with services.telemetry.group_span(
+        "commit", group_id, getattr(request, "member_id", "")
+    ) as span:
         group_error = 0
         try:
             if not group_id:
                 raise InvalidGroupIdError("group id must not be empty")
-            broker.groups.commit(
+            services.groups.commit(
                 group_id,
                 request.generation_id_or_member_epoch if version >= 1 else -1,
                 request.member_id if version >= 1 else "",
@@ -267,24 +272,24 @@ async def handle_offset_commit(broker: Broker, ctx: RequestContext, request: Any
             tp = TopicPartition(topic.name, p.partition_index)
             code = errors.get(tp, group_error)
             if code:
-                broker.telemetry.error("OffsetCommit", error_name(code))
+                services.telemetry.error("OffsetCommit", error_name(code))
             by_topic.setdefault(topic.name, []).append(
                 R.OffsetCommitResponseTopic.OffsetCommitResponsePartition(
                     partition_index=p.partition_index, error_code=code
                 )
             )
-    broker.telemetry.commit_latency(group_id, time.perf_counter() - started)
+    services.telemetry.commit_latency(group_id, time.perf_counter() - started)
     return R(
         throttle_time_ms=0,
         topics=[R.OffsetCommitResponseTopic(name=n, partitions=ps) for n, ps in by_topic.items()],
     )
 
 
-@api(OffsetFetchRequest, OffsetFetchResponse, versions=(0, 7))
-async def handle_offset_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(OffsetFetchRequest, OffsetFetchResponse, versions=(0, 7))
+async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = OffsetFetchResponse
     T = R.OffsetFetchResponseTopic
-    committed = broker.groups.offsets.fetch(request.group_id)
+    committed = services.groups.committed(request.group_id)
     if request.topics is None:
         wanted: dict[str, list[int]] = {}
         for tp in committed:
@@ -309,8 +314,8 @@ async def handle_offset_fetch(broker: Broker, ctx: RequestContext, request: Any)
     return R(throttle_time_ms=0, topics=topics, error_code=0)
 
 
-@api(ListGroupsRequest, ListGroupsResponse, versions=(0, 4))
-async def handle_list_groups(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(ListGroupsRequest, ListGroupsResponse, versions=(0, 4))
+async def handle_list_groups(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = ListGroupsResponse
     states = set(request.states_filter) if ctx.api_version >= 4 else set()
     listed = [
@@ -319,19 +324,21 @@ async def handle_list_groups(broker: Broker, ctx: RequestContext, request: Any) 
             protocol_type=group.protocol_type or "",
             group_state=group.state.value,
         )
-        for group in broker.groups.groups().values()
+        for group in services.groups.groups().values()
         if not states or group.state.value in states
     ]
     return R(throttle_time_ms=0, error_code=0, groups=listed)
 
 
-@api(DescribeGroupsRequest, DescribeGroupsResponse, versions=(0, 5))
-async def handle_describe_groups(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(DescribeGroupsRequest, DescribeGroupsResponse, versions=(0, 5))
+async def handle_describe_groups(
+    services: BrokerServices, ctx: RequestContext, request: Any
+) -> Any:
     R = DescribeGroupsResponse
     G = R.DescribedGroup
     described = []
     for group_id in request.groups:
-        group = broker.groups.groups().get(group_id)
+        group = services.groups.groups().get(group_id)
         if group is None:
             # Kafka describes an unknown group as Dead rather than failing.
             described.append(
@@ -369,16 +376,16 @@ async def handle_describe_groups(broker: Broker, ctx: RequestContext, request: A
     return R(throttle_time_ms=0, groups=described)
 
 
-@api(DeleteGroupsRequest, DeleteGroupsResponse, versions=(0, 2))
-async def handle_delete_groups(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(DeleteGroupsRequest, DeleteGroupsResponse, versions=(0, 2))
+async def handle_delete_groups(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = DeleteGroupsResponse
     results = []
     for group_id in request.groups_names:
         error = 0
         try:
-            broker.groups.delete_group(group_id)
+            services.groups.delete_group(group_id)
         except StreamBusError as exc:
-            broker.telemetry.error("DeleteGroups", exc.kafka_name)
+            services.telemetry.error("DeleteGroups", exc.kafka_name)
             error = exc.errno
         results.append(R.DeletableGroupResult(group_id=group_id, error_code=error))
     return R(throttle_time_ms=0, results=results)

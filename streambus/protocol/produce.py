@@ -2,9 +2,10 @@
 
 A batch is validated (size, CRC-32C, record framing), de-duplicated for
 idempotent producers, and stored exactly as it arrived apart from its base
-offset. acks=all and acks=1 are the same on a single broker: the batch is in
-the log (written to the OS, so it survives the broker process dying) before
-the response goes out. acks=0 gets no response at all.
+offset, all by the partition service (``streambus.partitions``). acks=all and
+acks=1 are the same on a single broker: the batch is in the log (written to
+the OS, so it survives the broker process dying) before the response goes
+out. acks=0 gets no response at all.
 """
 
 from __future__ import annotations
@@ -25,31 +26,24 @@ from kafka.protocol.producer import (
 from opentelemetry import trace
 
 from streambus.errors import (
-    InvalidRecordError,
     InvalidRequestError,
     InvalidRequiredAcksError,
-    InvalidTopicError,
     KafkaStorageError,
     StreamBusError,
 )
 from streambus.instrumentation import MAX_LINKS
-from streambus.protocol.apis import Chunk, RequestContext, api, encode_response
-from streambus.protocol.validation import is_internal_topic
-from streambus.storage.batch import (
-    Buffer,
-    compression_of,
+from streambus.protocol.apis import ApiRoutes, Chunk, RequestContext, encode_response
+from streambus.records.batch import (
     header_values,
-    parse_batches,
-    validate_records,
     walk_batches,
 )
 from streambus.structs import TopicPartition
-from streambus.topic_config import TopicConfig
 
 if TYPE_CHECKING:
-    from streambus.broker import Broker
+    from streambus.protocol.context import BrokerServices
 
 log = logging.getLogger("streambus.protocol")
+routes = ApiRoutes()
 
 PartitionResponse = ProduceResponse.TopicProduceResponse.PartitionProduceResponse
 TRACEPARENT = "traceparent"
@@ -58,9 +52,6 @@ TRACEPARENT = "traceparent"
 # Partitions appended between yields to the event loop: a request naming 100,000
 # partitions must not hold every other client (heartbeats included) for seconds.
 PARTITIONS_PER_SLICE = 500
-# A compressed batch at least this large is decompressed and checked in a worker
-# thread before it is appended; smaller ones cost less than the hand-over.
-OFF_LOOP_COMPRESSED_BYTES = 32 * 1024
 # Rejected partitions named in a request's one log line.
 LOGGED_REJECTIONS = 5
 
@@ -72,14 +63,14 @@ def _encode(reply: Any, version: int, correlation_id: int) -> list[Chunk]:
     return [encode_response(reply, version, correlation_id)]
 
 
-@api(ProduceRequest, ProduceResponse, versions=(3, 9), encoder=_encode)
-async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> Any | None:
+@routes.api(ProduceRequest, ProduceResponse, versions=(3, 9), encoder=_encode)
+async def handle_produce(services: BrokerServices, ctx: RequestContext, request: Any) -> Any | None:
     started = time.perf_counter()
-    tel = broker.telemetry
+    tel = services.telemetry
     acks = request.acks
     span: trace.Span | None = None
     if tel.tracing_enabled():
-        span = _start_span(broker, request)
+        span = _start_span(services, request)
     refused = _refusal(request)
     topics_out = []
     touched: list[str] = []
@@ -89,13 +80,9 @@ async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> A
         for topic_data in request.topic_data:
             topic = topic_data.name
             touched.append(topic)
-            refused_here = refused
-            if refused_here is None and is_internal_topic(broker, topic):
-                # What Kafka's ReplicaManager answers: only the broker appends there.
-                refused_here = InvalidTopicError(f"cannot append to internal topic {topic}")
             parts = []
             for pd in topic_data.partition_data:
-                parts.append(await _append_one(broker, topic, pd, refused_here, rejected))
+                parts.append(await _append_one(services, topic, pd, refused, rejected))
                 done += 1
                 if done % PARTITIONS_PER_SLICE == 0:
                     await asyncio.sleep(0)
@@ -149,33 +136,19 @@ def _log_rejections(ctx: RequestContext, rejected: list[tuple[str, int, StreamBu
 
 
 async def _append_one(
-    broker: Broker,
+    services: BrokerServices,
     topic: str,
     pd: Any,
     refused: StreamBusError | None,
     rejected: list[tuple[str, int, StreamBusError]],
 ) -> Any:
-    tel = broker.telemetry
     partition = pd.index
-    tp = TopicPartition(topic, partition)
     try:
         if refused is not None:
             raise refused
-        if pd.records is None:
-            raise InvalidRequestError("produce request without records")
-        records = pd.records
-        payload = None
-        config = broker.logs.log(tp).config
-        if _decompress_off_loop(records, config):
-            payload = await asyncio.to_thread(_validate, records, config)
-            if broker.logs.log(tp).config is not config:  # changed while we waited: check again
-                payload = None
-        plog = broker.logs.log(tp)
-        result = plog.append(records, payload=payload)
-        if result.needs_sync:
-            await plog.wait_synced(result.last_offset + 1)
+        result = await services.partitions.append(TopicPartition(topic, partition), pd.records)
     except StreamBusError as exc:
-        tel.error("Produce", exc.kafka_name)
+        services.telemetry.error("Produce", exc.kafka_name)
         if isinstance(exc, KafkaStorageError):  # logged once per episode by storage health
             log.debug("produce to %s-%d failed: %s", topic, partition, exc)
         else:
@@ -188,11 +161,6 @@ async def _append_one(
             log_start_offset=-1,
             error_message=str(exc),
         )
-    tel.produced(topic, partition, result.record_count, result.payload_bytes)
-    if not result.duplicate:
-        tel.stored(topic, partition, result.record_count, result.payload_bytes)
-        broker.payload_sizes.remember(tp, result.base_offset, result.crc, result.payload_bytes)
-        broker.notify_append(tp)
     return PartitionResponse(
         index=partition,
         error_code=0,
@@ -202,35 +170,9 @@ async def _append_one(
     )
 
 
-def _decompress_off_loop(records: Buffer, config: TopicConfig) -> bool:
-    """A compressed batch worth a worker thread; one over the size limit is refused
-    by the append at once, without decompressing anything."""
-    return (
-        OFF_LOOP_COMPRESSED_BYTES <= len(records) <= config.max_message_bytes
-        and compression_of(records) != 0
-    )
-
-
-def _validate(records: Buffer, config: TopicConfig) -> int:
-    """In a worker thread: the append's checks of the batch's records, ending with their
-    payload bytes. Only ``records`` and ``config`` are read, and neither changes meanwhile;
-    the append repeats the cheap header checks on the loop and skips the decompression."""
-    batches = parse_batches(records)
-    if len(batches) != 1:
-        raise InvalidRecordError(f"expected exactly one record batch, got {len(batches)}")
-    pos, header = batches[0]
-    return validate_records(
-        records,
-        pos,
-        header,
-        limit=config.max_message_bytes,
-        keys_required=config.cleanup_policy.compacts,
-    )
-
-
-def _start_span(broker: Broker, request: Any) -> trace.Span:
+def _start_span(services: BrokerServices, request: Any) -> trace.Span:
     """One SERVER span for the request, joined to the producers' traces from record headers."""
-    tel = broker.telemetry
+    tel = services.telemetry
     partitions = [(td.name, pd.index) for td in request.topic_data for pd in td.partition_data]
     count = 0
     traceparents: list[bytes] = []
@@ -262,10 +204,12 @@ def _batches(request: Any) -> Iterator[tuple[str, int, bytes]]:
                 yield td.name, pd.index, pd.records
 
 
-@api(InitProducerIdRequest, InitProducerIdResponse, versions=(0, 4))
-async def handle_init_producer_id(broker: Broker, ctx: RequestContext, request: Any) -> Any:
+@routes.api(InitProducerIdRequest, InitProducerIdResponse, versions=(0, 4))
+async def handle_init_producer_id(
+    services: BrokerServices, ctx: RequestContext, request: Any
+) -> Any:
     if request.transactional_id is not None:
-        broker.telemetry.error("InitProducerId", InvalidRequestError.kafka_name)
+        services.telemetry.error("InitProducerId", InvalidRequestError.kafka_name)
         log.warning(
             "%s asked for a transactional producer id; transactions are not supported",
             ctx.client_id,
@@ -277,11 +221,11 @@ async def handle_init_producer_id(broker: Broker, ctx: RequestContext, request: 
             producer_epoch=-1,
         )
     try:
-        pid, epoch = broker.producer_ids.allocate(
+        pid, epoch = services.producer_ids.allocate(
             getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
         )
     except StreamBusError as exc:  # KafkaStorageError: the id block could not be reserved
-        broker.telemetry.error("InitProducerId", exc.kafka_name)
+        services.telemetry.error("InitProducerId", exc.kafka_name)
         return InitProducerIdResponse(
             throttle_time_ms=0, error_code=exc.errno, producer_id=-1, producer_epoch=-1
         )

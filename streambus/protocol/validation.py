@@ -19,23 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kafka.protocol.schemas.fields.codecs import String
 
 from streambus.errors import InvalidRequestError
-from streambus.groups.offsets import OFFSETS_TOPIC
-
-if TYPE_CHECKING:
-    from streambus.broker import Broker
 
 # Kafka's limit for any string field: its length must fit an int16.
 MAX_STRING_BYTES = 32767
-
-# Topics only the broker writes, creates and deletes (Kafka's Topic.INTERNAL_TOPICS).
-# Their names are reserved even before the broker creates them, so no client can
-# create one first with settings of its own.
-INTERNAL_TOPICS = frozenset({OFFSETS_TOPIC, "__transaction_state"})
 
 # One field's check: the value, the field's path for the message; the problem or None.
 _Check = Callable[[Any, str], str | None]
@@ -64,13 +55,6 @@ def error_response(response_cls: Any, version: int, error_code: int) -> Any | No
         return None
     # Every other field takes its schema default (empty lists, empty strings, -1s as specified).
     return response_cls(error_code=error_code)
-
-
-def is_internal_topic(broker: Broker, name: str) -> bool:
-    if name in INTERNAL_TOPICS:
-        return True
-    meta = broker.logs.topics().get(name)
-    return meta is not None and meta.internal
 
 
 _CACHE: dict[tuple[int, int], _Check] = {}

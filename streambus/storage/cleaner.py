@@ -34,7 +34,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from streambus.storage.batch import (
+from streambus.records.batch import (
     BatchHeader,
     Record,
     build_batch,

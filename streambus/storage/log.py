@@ -56,8 +56,7 @@ from streambus.errors import (
     RecordListTooLargeError,
     StreamBusError,
 )
-from streambus.storage import cleaner
-from streambus.storage.batch import (
+from streambus.records.batch import (
     BatchHeader,
     iter_records,
     parse_batches,
@@ -66,6 +65,7 @@ from streambus.storage.batch import (
     set_log_append_time,
     validate_records,
 )
+from streambus.storage import cleaner
 from streambus.storage.health import WriteHealth
 from streambus.storage.producer_state import ProducerState
 from streambus.storage.segment import Segment, fsync_dir

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from streambus.errors import InvalidProducerEpochError, OutOfOrderSequenceNumberError
-from streambus.storage.batch import BatchHeader
+from streambus.records.batch import BatchHeader
 
 CACHED_BATCHES = 5  # max.in.flight.requests.per.connection an idempotent producer may use
 _SEQUENCE_SPACE = 1 << 31  # sequences run 0 .. Int32.MAX and wrap to 0

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from streambus.errors import CorruptRecordError, KafkaStorageError
-from streambus.storage.batch import (
+from streambus.records.batch import (
     HEADER,
     LOG_OVERHEAD,
     MIN_BATCH_LENGTH,

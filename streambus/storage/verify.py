@@ -26,7 +26,7 @@ from pathlib import Path
 
 import crc32c
 
-from streambus.storage.batch import (
+from streambus.records.batch import (
     ATTRIBUTES_OFFSET,
     HEADER,
     LOG_OVERHEAD,

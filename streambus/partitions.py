@@ -1,0 +1,352 @@
+"""The partition service: the one path by which anything appends to, reads from or waits
+on a partition (Kafka's ``ReplicaManager``, between ``KafkaApis`` and ``UnifiedLog``).
+
+An append is validated, stored, counted, remembered (payload size, so Fetch need not
+walk the records again) and announced to waiting fetches here, whoever makes it: a
+producer, the group coordinator writing ``__consumer_offsets``, and later a replica
+fetcher. Protocol handlers and the group coordinator see partitions only through this
+service; ``storage/`` stays below it, knowing nothing of metrics or the wire.
+
+Leadership is asked here too, once per partition per request: every append and read
+first asks ``Leadership.check`` whether this broker may serve the partition. A single
+broker leads everything (``LeadsEverything``); a cluster answers from its metadata,
+and NotLeaderOrFollowerError is the answer clients follow to the right broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple, Protocol
+
+from streambus.errors import (
+    InvalidRecordError,
+    InvalidRequestError,
+    InvalidTopicError,
+    StreamBusError,
+)
+from streambus.instrumentation import BrokerTelemetry
+from streambus.payload_sizes import PayloadSizes
+from streambus.records.batch import Buffer, compression_of, parse_batches, validate_records
+from streambus.storage import LogManager, PartitionLog, TopicMeta
+from streambus.storage.catalog import OfflineTopic
+from streambus.storage.log import LogSlice
+from streambus.storage.segment import Segment
+from streambus.structs import AppendResult, TopicPartition
+from streambus.topic_config import TopicConfig
+
+__all__ = [
+    "INTERNAL_TOPICS",
+    "OFFSETS_TOPIC",
+    "AppendOrigin",
+    "AppendResult",
+    "Leadership",
+    "LeadsEverything",
+    "LogSlice",
+    "OfflineTopic",
+    "PartitionOffsets",
+    "PartitionService",
+    "TopicMeta",
+]
+
+OFFSETS_TOPIC = "__consumer_offsets"
+# Topics only the broker writes, creates and deletes (Kafka's Topic.INTERNAL_TOPICS).
+# Their names are reserved even before the broker creates them, so no client can
+# create one first with settings of its own.
+INTERNAL_TOPICS = frozenset({OFFSETS_TOPIC, "__transaction_state"})
+
+# ListOffsets' special timestamps.
+LATEST = -1
+EARLIEST = -2
+
+# A compressed batch at least this large is decompressed and checked in a worker
+# thread before it is appended; smaller ones cost less than the hand-over.
+OFF_LOOP_COMPRESSED_BYTES = 32 * 1024
+
+
+class AppendOrigin(enum.Enum):
+    """Who appends (Kafka's ``AppendOrigin``): it decides what is allowed and counted."""
+
+    CLIENT = "client"  # a producer: internal topics refused; counted as produced/stored
+    COORDINATOR = "coordinator"  # the broker's own writes (committed offsets)
+
+
+class Leadership(Protocol):
+    """Whether this broker may serve a partition now; a cluster answers from its metadata."""
+
+    def check(self, tp: TopicPartition) -> None:
+        """Raise NotLeaderOrFollowerError when another broker leads ``tp``."""
+
+
+class LeadsEverything:
+    """One broker: it leads every partition it has."""
+
+    def check(self, tp: TopicPartition) -> None:
+        return None
+
+
+class PartitionOffsets(NamedTuple):
+    log_start_offset: int
+    high_watermark: int  # the log end offset while there is one replica
+
+
+class PartitionService:
+    def __init__(
+        self,
+        logs: LogManager,
+        telemetry: BrokerTelemetry,
+        *,
+        stopping: Callable[[], bool],
+        leadership: Leadership | None = None,
+    ) -> None:
+        self._logs = logs
+        self._telemetry = telemetry
+        self._stopping = stopping
+        self.leadership: Leadership = leadership or LeadsEverything()
+        self._payload_sizes = PayloadSizes()
+        self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
+        self._long_polls: set[asyncio.Future[None]] = set()
+
+    def _partition(self, tp: TopicPartition) -> PartitionLog:
+        """The local log of ``tp`` if this broker serves it: UNKNOWN_TOPIC_OR_PARTITION
+        first (Kafka's order), then the leader check."""
+        plog = self._logs.log(tp)
+        self.leadership.check(tp)
+        return plog
+
+    # -- appends --------------------------------------------------------------------------
+    async def append(
+        self,
+        tp: TopicPartition,
+        records: Buffer | None,
+        *,
+        origin: AppendOrigin = AppendOrigin.CLIENT,
+    ) -> AppendResult:
+        """Append one record batch and return once it may be acknowledged: written to the
+        OS, and fsynced too when it reached flush.messages/flush.ms (the fsync runs in a
+        worker thread). A large compressed batch is checked in a worker thread first."""
+        self._check_origin(tp.topic, origin)
+        if records is None:
+            raise InvalidRequestError("produce request without records")
+        payload = None
+        config = self._partition(tp).config
+        if _decompress_off_loop(records, config):
+            payload = await asyncio.to_thread(_validate, records, config)
+            if self._logs.log(tp).config is not config:  # changed while we waited: check again
+                payload = None
+        plog = self._partition(tp)
+        result = plog.append(records, payload=payload)
+        if result.needs_sync:
+            await plog.wait_synced(result.last_offset + 1)
+        self._appended(tp, result, origin)
+        return result
+
+    def append_now(
+        self,
+        tp: TopicPartition,
+        records: Buffer,
+        *,
+        origin: AppendOrigin = AppendOrigin.COORDINATOR,
+    ) -> AppendResult:
+        """Append a small batch the broker built itself, on the loop, without waiting for
+        an fsync (committed offsets: written to the OS before the commit is answered)."""
+        self._check_origin(tp.topic, origin)
+        result = self._partition(tp).append(records)
+        self._appended(tp, result, origin)
+        return result
+
+    def _check_origin(self, topic: str, origin: AppendOrigin) -> None:
+        if origin is AppendOrigin.CLIENT and self.is_internal(topic):
+            # What Kafka's ReplicaManager answers: only the broker appends there.
+            raise InvalidTopicError(f"cannot append to internal topic {topic}")
+
+    def _appended(self, tp: TopicPartition, result: AppendResult, origin: AppendOrigin) -> None:
+        client = origin is AppendOrigin.CLIENT
+        if client:
+            self._telemetry.produced(
+                tp.topic, tp.partition, result.record_count, result.payload_bytes
+            )
+        if result.duplicate:
+            return
+        if client:
+            self._telemetry.stored(
+                tp.topic, tp.partition, result.record_count, result.payload_bytes
+            )
+        self._payload_sizes.remember(tp, result.base_offset, result.crc, result.payload_bytes)
+        self._wake(tp)
+
+    # -- reads ----------------------------------------------------------------------------
+    def offsets(self, tp: TopicPartition) -> PartitionOffsets:
+        plog = self._partition(tp)
+        return PartitionOffsets(plog.log_start_offset, plog.log_end_offset)
+
+    def read_slice(
+        self, tp: TopicPartition, offset: int, max_bytes: int, *, eager_bytes: int
+    ) -> LogSlice:
+        """Whole batches from ``offset``: the first ``eager_bytes`` read now, the rest
+        planned as spans of the log, read in bounded pieces as they are written."""
+        return self._partition(tp).read_slice(offset, max_bytes, eager_bytes=eager_bytes)
+
+    def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> bytes | memoryview:
+        return self._partition(tp).read(offset, max_bytes)
+
+    async def verify_for_read(
+        self, wanted: Sequence[tuple[TopicPartition, int, int]], *, slice_size: int
+    ) -> None:
+        """Verify, in a worker thread, the closed segments reads of ``(partition, offset,
+        max_bytes)`` may touch for the first time, yielding every ``slice_size`` partitions."""
+        jobs: list[tuple[PartitionLog, Segment]] = []
+        for i, (tp, offset, max_bytes) in enumerate(wanted, 1):
+            if i % slice_size == 0:
+                await asyncio.sleep(0)
+            try:
+                plog = self._partition(tp)
+            except StreamBusError:  # unknown, offline or led elsewhere: the read says so
+                continue
+            jobs += ((plog, seg) for seg in plog.unverified(offset, max_bytes))
+        if not jobs:
+            return
+        scans = [plog.scan_job(segment) for plog, segment in jobs]
+        results = await asyncio.to_thread(lambda: [scan() for scan in scans])
+        for (plog, _), result in zip(jobs, results, strict=True):
+            plog.apply_scan(result)
+
+    def list_offset(self, tp: TopicPartition, timestamp: int) -> tuple[int, int]:
+        """ListOffsets: (timestamp, offset) for LATEST (-1), EARLIEST (-2) or the first
+        record at or after ``timestamp``; (-1, -1) when no record is that new."""
+        plog = self._partition(tp)
+        if timestamp == LATEST:
+            return -1, plog.log_end_offset
+        if timestamp == EARLIEST:
+            return -1, plog.log_start_offset
+        if timestamp < 0:
+            raise InvalidRequestError(f"unsupported ListOffsets timestamp {timestamp}")
+        found = plog.offset_for_timestamp(timestamp)
+        if found is None:
+            return -1, -1  # Kafka's answer when no record is that new
+        offset, ts = found
+        return ts, offset
+
+    def payload_size(self, tp: TopicPartition, base_offset: int, crc: int) -> int | None:
+        """Payload bytes of a batch appended recently, as measured when it was validated."""
+        return self._payload_sizes.get(tp, base_offset, crc)
+
+    # -- waiting for appends (long-poll fetch) --------------------------------------------
+    def _wake(self, tp: TopicPartition) -> None:
+        waiters = self._waiters.pop(tp, None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def wait_for_append(
+        self,
+        tps: Iterable[TopicPartition],
+        timeout_s: float,
+        cancel: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Wait until one of ``tps`` gets an append, ``timeout_s`` passes, ``cancel``
+        completes (the client left) or the broker stops; the caller looks at which."""
+        if (cancel is not None and cancel.done()) or self._stopping():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keys = list(tps)
+        for tp in keys:
+            self._waiters.setdefault(tp, set()).add(waiter)
+        # Every wait is also in one service-wide set, so stopping ends waits that name no
+        # partition (a Fetch of no topics) as surely as the others.
+        self._long_polls.add(waiter)
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        if cancel is not None:
+            cancel.add_done_callback(wake)
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._long_polls.discard(waiter)
+            if cancel is not None:
+                cancel.remove_done_callback(wake)
+            for tp in keys:
+                waiting = self._waiters.get(tp)
+                if waiting is not None:
+                    waiting.discard(waiter)
+                    if not waiting:
+                        del self._waiters[tp]
+
+    def wake_all(self) -> None:
+        """End every wait now (shutdown): each fetch answers with what it has."""
+        for waiter in list(self._long_polls):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- topics ---------------------------------------------------------------------------
+    def topics(self) -> Mapping[str, TopicMeta]:
+        return self._logs.topics()
+
+    def offline_topics(self) -> Mapping[str, OfflineTopic]:
+        return self._logs.offline_topics()
+
+    def is_internal(self, topic: str) -> bool:
+        if topic in INTERNAL_TOPICS:
+            return True
+        meta = self._logs.topics().get(topic)
+        return meta is not None and meta.internal
+
+    @property
+    def topic_defaults(self) -> TopicConfig:
+        return self._logs.defaults
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        internal: bool = False,
+        validate_only: bool = False,
+    ) -> TopicMeta:
+        if validate_only:
+            return self._logs.validate_topic(name, partitions, overrides)
+        return self._logs.create_topic(name, partitions, overrides, internal=internal)
+
+    def restore_topic(self, name: str, partitions: int, overrides: Mapping[str, str]) -> bool:
+        """Rewrite the lost metadata of an internal topic whose data is still there."""
+        return self._logs.restore_metadata(name, partitions, overrides, internal=True)
+
+    def delete_topic(self, name: str) -> TopicMeta:
+        meta = self._logs.delete_topic(name)
+        self._telemetry.forget_topic(name)
+        return meta
+
+
+def _decompress_off_loop(records: Buffer, config: TopicConfig) -> bool:
+    """A compressed batch worth a worker thread; one over the size limit is refused
+    by the append at once, without decompressing anything."""
+    return (
+        OFF_LOOP_COMPRESSED_BYTES <= len(records) <= config.max_message_bytes
+        and compression_of(records) != 0
+    )
+
+
+def _validate(records: Buffer, config: TopicConfig) -> int:
+    """In a worker thread: the append's checks of the batch's records, ending with their
+    payload bytes. Only ``records`` and ``config`` are read, and neither changes meanwhile;
+    the append repeats the cheap header checks on the loop and skips the decompression."""
+    batches = parse_batches(records)
+    if len(batches) != 1:
+        raise InvalidRecordError(f"expected exactly one record batch, got {len(batches)}")
+    pos, header = batches[0]
+    return validate_records(
+        records,
+        pos,
+        header,
+        limit=config.max_message_bytes,
+        keys_required=config.cleanup_policy.compacts,
+    )
