@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streambus.records import parse_batches
-from tests.harness import BrokerProcess, scrape, total, wait_until
+from tests.harness import BrokerProcess, RawClient, fetch_request, scrape, total, wait_until
 
 MESSAGES = 60
 SEGMENT_BYTES = 2048  # about a dozen one-record batches per segment
@@ -195,6 +195,16 @@ def test_a_zeroed_last_segment_never_reuses_offsets(damaged: tuple[BrokerProcess
     assert f"offsets {min(case.lost)}..{MESSAGES - 1} are lost, continuing at {MESSAGES}" in line
     samples = scrape(f"http://127.0.0.1:{broker.metrics_port}/metrics")
     assert total(samples, METRIC, topic="zeroed", partition="0") == 1
+    # A Fetch inside the lost range, large enough to be streamed, answers
+    # empty (nothing follows yet) rather than failing.
+    request = fetch_request("zeroed", max_bytes=50_000_000)
+    wanted = request.topics[0].partitions[0]
+    wanted.fetch_offset, wanted.partition_max_bytes = min(case.lost), 50_000_000
+    with RawClient(broker.bootstrap) as client:
+        answer = client.request(request, 12).responses[0].partitions[0]
+    assert answer.error_code == 0
+    assert not answer.records
+    assert "Traceback" not in broker.log_text()
     producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
     delivered: list[int] = []
     producer.produce(

@@ -250,7 +250,7 @@ def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
             log_start_offset=read.log_start_offset,
             aborted_transactions=None,
             preferred_read_replica=-1,
-            records=read.records,
+            records=read.records if read.records else b"",
         )
         if read.records:
             marker = marker_for(token, index)

@@ -732,7 +732,8 @@ class PartitionLog:
             if remaining <= 0 or position + length < segment.size:
                 break
         if not eager:
-            return LogSlice(spans, None)
+            # Nothing found (a gap left by a lost tail): an empty slice, like a read at the end.
+            return LogSlice(spans, None if spans else b"")
         return LogSlice(spans, b"".join(chunks) if len(chunks) != 1 else chunks[0])
 
     def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
