@@ -285,43 +285,71 @@ def create_7000(ctx: Ctx) -> list[str]:
     ]
 
 
+def _committed(bootstrap: str, group: str, topic: str) -> str:
+    """The offset ``group`` has committed for partition 0 of ``topic``, as a client sees it."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        tp = consumer.committed([TopicPartition(topic, 0)], timeout=10)[0]
+        return str(tp.offset if tp.error is None else tp.error)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        consumer.close()
+
+
 def internal_topic(ctx: Ctx) -> list[str]:
     from kafka.protocol.admin import DeleteTopicsRequest  # noqa: PLC0415
 
-    with broker(ctx, "metrics") as server:
-        stall.create_topic(server.bootstrap, "t", 1)
-        consumer = Consumer({"bootstrap.servers": server.bootstrap, "group.id": "victim"})
+    junk = wire.simple_batch([(b"junk-key", b"junk-value")])
+    with tempfile.TemporaryDirectory(prefix="hostile-internal-", dir=ctx.parent) as tmp:
+        work = Path(tmp)
+        servers = [
+            StreamBusServer(work, "off", data_dir=work / "data", log_name=f"{i}.log")
+            for i in range(3)
+        ]
         try:
-            consumer.commit(offsets=[TopicPartition("t", 0, 100)], asynchronous=False)
-
-            def committed() -> str:
-                try:
-                    tp = consumer.committed([TopicPartition("t", 0)], timeout=10)[0]
-                    return str(tp.offset if tp.error is None else tp.error)
-                except Exception as exc:
-                    return f"{type(exc).__name__}: {exc}"
-
-            before = committed()
-            junk = wire.simple_batch([(b"junk-key", b"junk-value")])
-            with wire.RawClient(server.bootstrap) as client:
+            first, second, third = servers
+            first.start()
+            stall.create_topic(first.bootstrap, "t", 1)
+            committer = Consumer({"bootstrap.servers": first.bootstrap, "group.id": "victim"})
+            try:
+                committer.commit(offsets=[TopicPartition("t", 0, 100)], asynchronous=False)
+            finally:
+                committer.close()
+            before = _committed(first.bootstrap, "victim", "t")
+            with wire.RawClient(first.bootstrap) as client:
                 produce = client.request(
                     wire.produce_request("__consumer_offsets", ((p, junk) for p in range(10))), 9
                 )
-                codes = sorted(
-                    {p.error_code for t in produce.responses for p in t.partition_responses}
-                )
-                after_produce = committed()
-                delete = client.request(
-                    DeleteTopicsRequest(topic_names=["__consumer_offsets"], timeout_ms=30_000), 5
-                )
-            after_delete = committed()
+            codes = sorted({p.error_code for t in produce.responses for p in t.partition_responses})
+            first.stop()
+            restart = try_start(second)
+            after_produce = restart or _committed(second.bootstrap, "victim", "t")
+            if restart is None:
+                with wire.RawClient(second.bootstrap) as client:
+                    delete = raw_codes(
+                        client.request(
+                            DeleteTopicsRequest(
+                                topic_names=["__consumer_offsets"], timeout_ms=30_000
+                            ),
+                            5,
+                        )
+                    )
+                second.stop()
+                restart = try_start(third)
+                after_delete = restart or _committed(third.bootstrap, "victim", "t")
+            else:
+                delete = after_delete = "not tried"
         finally:
-            consumer.close()
+            for s in servers:
+                s.kill()
+                s.keep_log(ctx.log_dir / f"internal-topic-{s.log_path.stem}.log")
     return [
-        f"internal-topic: Produce into __consumer_offsets (10 partitions): codes {codes}; "
-        f"group 'victim' committed offset {before} -> {after_produce}",
-        f"internal-topic: DeleteTopics __consumer_offsets: code {raw_codes(delete)}; "
-        f"committed offset now {after_delete}",
+        f"internal-topic: Produce of a junk record into each of __consumer_offsets' 10 "
+        f"partitions: codes {codes}; group 'victim' committed offset {before}, after a restart "
+        f"{after_produce}",
+        f"internal-topic: DeleteTopics __consumer_offsets: code {delete}; committed offset "
+        f"after a restart {after_delete}",
     ]
 
 
@@ -380,32 +408,36 @@ def corrupt_metadata(ctx: Ctx) -> list[str]:
 def nonreading_fetch(ctx: Ctx) -> list[str]:
     s = ctx.sizes
     fetch_bytes = 50 * MIB  # librdkafka's fetch.max.bytes default (52428800)
-    with broker(ctx, "tracing") as server:
-        stall.create_topic(server.bootstrap, "big", 1)
-        stall.fill_topic(server.bootstrap, "big", s.fetch_topic_bytes)
-        frame = wire.encode(wire.fetch_request([("big", [0])], max_bytes=fetch_bytes), 12)
-        rss_before = server.rss_bytes()
-        clients: list[wire.RawClient] = []
-        with RssSampler(server.rss_bytes) as rss, stall.probing(server.bootstrap) as probe:
-            try:
-                for _ in range(s.nonreading_clients):
-                    client = wire.RawClient(server.bootstrap, timeout=5, rcvbuf=4096)
-                    clients.append(client)
-                    for _ in range(3):
-                        client.send(frame)
-                time.sleep(s.nonreading_window_s)
-            finally:
-                for client in clients:
-                    client.close()
-    n = len(clients)
-    return [
-        f"nonreading-fetch: {n} clients x 3 Fetches of {mib(fetch_bytes)} on a "
-        f"{mib(s.fetch_topic_bytes)} topic, never read, tracing on, {s.nonreading_window_s:.0f} s: "
-        f"broker RSS {mib(rss_before)} -> peak {mib(rss.peak)} "
-        f"({(rss.peak - rss_before) / max(1, n) / MIB:,.0f} MiB per connection)",
-        f"nonreading-fetch: max event-loop stall {probe.max_ms:,.0f} ms "
-        f"({probe.samples} probes{'; ' + probe.error if probe.error else ''})",
-    ]
+    lines = []
+    for mode in ("off", "tracing"):
+        with broker(ctx, mode, label=f"-{mode}") as server:
+            stall.create_topic(server.bootstrap, "big", 1)
+            stall.fill_topic(server.bootstrap, "big", s.fetch_topic_bytes)
+            frame = wire.encode(wire.fetch_request([("big", [0])], max_bytes=fetch_bytes), 12)
+            rss_before = server.rss_bytes()
+            clients: list[wire.RawClient] = []
+            with RssSampler(server.rss_bytes) as rss, stall.probing(server.bootstrap) as probe:
+                try:
+                    for _ in range(s.nonreading_clients):
+                        client = wire.RawClient(server.bootstrap, timeout=5, rcvbuf=4096)
+                        clients.append(client)
+                        for _ in range(3):
+                            client.send(frame)
+                    time.sleep(s.nonreading_window_s)
+                finally:
+                    for client in clients:
+                        client.close()
+        n = len(clients)
+        lines.append(
+            f"nonreading-fetch (tracing {'on' if mode == 'tracing' else 'off'}): {n} clients x 3 "
+            f"Fetches of {mib(fetch_bytes)} on a {mib(s.fetch_topic_bytes)} topic, never read, "
+            f"for {s.nonreading_window_s:.0f} s: broker RSS {mib(rss_before)} -> peak "
+            f"{mib(rss.peak)} ({(rss.peak - rss_before) / max(1, n) / MIB:,.0f} MiB per "
+            f"connection); max event-loop stall {probe.max_ms:,.0f} ms ({probe.samples} probes"
+            + (f"; {probe.error}" if probe.error else "")
+            + ")"
+        )
+    return lines
 
 
 def huge_fetch(ctx: Ctx) -> list[str]:
