@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -139,8 +140,9 @@ def consume_all(
                 continue
             err = msg.error()
             if err is not None:
-                if len(errors) < 3 and str(err) not in errors:
-                    errors.append(str(err))
+                text = str(err.str())[:90]
+                if len(errors) < 3 and text not in errors:
+                    errors.append(text)
                 continue
             last = time.monotonic()
             offset = msg.offset() or 0
@@ -792,6 +794,14 @@ def _segments(partition_dir: Path) -> list[Path]:
     return sorted(partition_dir.glob("*.log"))
 
 
+def _damaged_base(case: str, partition_dir: Path) -> int:
+    """The base offset of the segment ``_damage`` changes for ``case``."""
+    segs = _segments(partition_dir)
+    if case == "zeroed-last":
+        return int(segs[-1].stem)
+    return int((segs[1] if len(segs) > 2 else segs[0]).stem)
+
+
 def _damage(case: str, partition_dir: Path) -> str:
     segs = _segments(partition_dir)
     closed = segs[1] if len(segs) > 2 else segs[0]
@@ -818,6 +828,37 @@ def _damage(case: str, partition_dir: Path) -> str:
     return f"last segment {last.name} zeroed"
 
 
+def _raw_fetch(bootstrap: str, topic: str, offset: int) -> str:
+    """What one Fetch from ``offset`` answers: a closed connection, or its code and how many
+    of the served batches pass their CRC-32C."""
+    try:
+        with wire.RawClient(bootstrap, timeout=10) as client:
+            response = client.request(
+                wire.fetch_request([(topic, [0])], max_bytes=4 * MIB, offset=offset), 12
+            )
+    except (OSError, ConnectionError) as exc:
+        return f"connection closed ({type(exc).__name__})"
+    part = response.responses[0].partitions[0]
+    data = bytes(part.records or b"")
+    good = bad = 0
+    pos = 0
+    while pos + 61 <= len(data):
+        (length,) = struct.unpack_from(">i", data, pos + 8)
+        end = pos + 12 + length
+        if length < 49 or end > len(data):
+            break  # a partial batch at the end: what max_bytes cut, or what is left of one
+        (crc,) = struct.unpack_from(">I", data, pos + 17)
+        if crc32c.crc32c(data[pos + 21 : end]) == crc:
+            good += 1
+        else:
+            bad += 1
+        pos = end
+    return (
+        f"code {part.error_code}, {len(data):,} bytes, {good} batches with a good CRC, "
+        f"{bad} with a bad one"
+    )
+
+
 CORRUPTION_CASES = ("flipped-byte", "truncated", "zero-length", "base-offset", "zeroed-last")
 
 
@@ -839,6 +880,7 @@ def corruption(ctx: Ctx) -> list[str]:
         for case in CORRUPTION_CASES:
             data = work / f"data-{case}"
             shutil.copytree(seed.data_dir, data)
+            base = _damaged_base(case, data / "topics" / "c" / "0")
             what = _damage(case, data / "topics" / "c" / "0")
             server = StreamBusServer(work, "metrics", data_dir=data, log_name=f"{case}.log")
             try:
@@ -846,6 +888,7 @@ def corruption(ctx: Ctx) -> list[str]:
                 if failed:
                     lines.append(f"corruption {case}: {what}; broker starts: no: {failed}")
                     continue
+                raw = _raw_fetch(server.bootstrap, "c", base)
                 got, repeated, errors = consume_all(server.bootstrap, "c", deadline_s=12)
                 wrong = sum(1 for off, v in got.items() if not v.startswith(f"{off:08d}".encode()))
                 missing = sum(1 for off in acked if off not in got)
@@ -860,7 +903,8 @@ def corruption(ctx: Ctx) -> list[str]:
                 server.kill()
                 server.keep_log(ctx.log_dir / f"corruption-{case}.log")
             lines.append(
-                f"corruption {case}: {what}; consumer got {len(got):,}/{len(acked):,} "
+                f"corruption {case}: {what}; a Fetch from offset {base}: {raw}; "
+                f"a consumer got {len(got):,}/{len(acked):,} "
                 f"({missing:,} missing, {wrong:,} under a wrong offset, {repeated} repeated)"
                 + (f", errors {errors}" if errors else "")
                 + f"{extra}; corruption metric: "
