@@ -414,7 +414,9 @@ def nonreading_fetch(ctx: Ctx) -> list[str]:
     for mode in ("off", "tracing"):
         with broker(ctx, mode, label=f"-{mode}") as server:
             stall.create_topic(server.bootstrap, "big", 1)
-            stall.fill_topic(server.bootstrap, "big", s.fetch_topic_bytes)
+            stall.fill_topic(
+                server.bootstrap, "big", s.fetch_topic_bytes, batch_bytes=stall.FETCH_BATCH_BYTES
+            )
             frame = wire.encode(wire.fetch_request([("big", [0])], max_bytes=fetch_bytes), 12)
             rss_before = server.rss_bytes()
             clients: list[wire.RawClient] = []
@@ -446,7 +448,7 @@ def huge_fetch(ctx: Ctx) -> list[str]:
     size = ctx.sizes.fetch_topic_bytes
     with broker(ctx, "off") as server:
         stall.create_topic(server.bootstrap, "big", 1)
-        stall.fill_topic(server.bootstrap, "big", size)
+        stall.fill_topic(server.bootstrap, "big", size, batch_bytes=stall.FETCH_BATCH_BYTES)
         result = stall.fetch_stall(
             server,
             "big",
@@ -558,7 +560,9 @@ def stall_tracing_fetch(ctx: Ctx) -> list[str]:
     for mode in ("tracing", "off"):
         with broker(ctx, mode, label=f"-{mode}") as server:
             stall.create_topic(server.bootstrap, "fetched", 1)
-            stall.fill_topic(server.bootstrap, "fetched", size + size // 10)
+            stall.fill_topic(
+                server.bootstrap, "fetched", size + size // 10, batch_bytes=stall.FETCH_BATCH_BYTES
+            )
             result = stall.fetch_stall(
                 server,
                 "fetched",
