@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -45,7 +46,7 @@ MIB = 2**20
 DEFAULT_LOG_DIR = ROOT / "bench" / "results" / "logs" / "hostile"
 FUZZ_SEED = 14
 INT32_MAX = wire.INT32_MAX
-TRACEBACK = "Traceback (most recent call last)"
+_LOG_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ def try_start(server: StreamBusServer, timeout: float = 20) -> str | None:
     except (RuntimeError, TimeoutError) as exc:
         lines = [line for line in server.log_text().splitlines() if line.strip()]
         last = next((line for line in reversed(lines) if not line.startswith(" ")), "")
+        last = _LOG_STAMP.sub("", last)
         code = None if server.proc is None else server.proc.poll()
-        return f"{type(exc).__name__} (exit {code}): {last[-160:] or str(exc)[:160]}"
+        return f"{type(exc).__name__} (exit {code}): {last[:200] or str(exc)[:160]}"
     return None
 
 
@@ -439,6 +441,11 @@ def nonreading_fetch(ctx: Ctx) -> list[str]:
             f"{mib(rss.peak)} ({(rss.peak - rss_before) / max(1, n) / MIB:,.0f} MiB per "
             f"connection); max event-loop stall {probe.max_ms:,.0f} ms ({probe.samples} probes"
             + (f"; {probe.error}" if probe.error else "")
+            + (
+                "; a lower bound: a probe was still waiting when the window closed"
+                if probe.max_s >= s.nonreading_window_s - 1
+                else ""
+            )
             + ")"
         )
     return lines
