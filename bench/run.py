@@ -1018,7 +1018,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=" ".join((__doc__ or "").split("\n\n")[0].split())
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (about 3.5 minutes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     parser.add_argument(
         "--rounds", type=int, help="comparison rounds per system (default: 3, quick 2)"
