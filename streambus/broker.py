@@ -8,19 +8,18 @@ connections, let in-flight requests finish, flush every log, close.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import logging
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from opentelemetry import metrics, trace
 
 from streambus.config import BrokerConfig
+from streambus.errors import KafkaStorageError
 from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
 from streambus.payload_sizes import PayloadSizes
@@ -28,8 +27,16 @@ from streambus.producer_ids import ProducerIdAllocator
 
 # Importing the handler modules registers them in the dispatch table.
 from streambus.protocol import admin, fetch, groups, metadata, produce  # noqa: F401
-from streambus.server import KafkaServer
+from streambus.server import ConnectionClosedError, KafkaServer
 from streambus.storage import LogManager, TopicMeta
+from streambus.storage.datadir import (
+    DataDirLock,
+    load_cluster_id,
+    prepare_data_dir,
+    raise_open_files_limit,
+)
+from streambus.storage.health import WriteHealth
+from streambus.storage.verify import mark_clean_shutdown, take_clean_shutdown
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.broker")
@@ -54,9 +61,16 @@ class Broker:
         self.broker_id = config.broker_id
         self.status = BrokerStatus.STOPPED
         self.data_dir = Path(config.data_dir)
-        self.logs = LogManager(self.data_dir, config.topic_defaults)
+        self.storage_health = WriteHealth()
+        self.logs = LogManager(
+            self.data_dir,
+            config.topic_defaults,
+            max_partitions=config.max_partitions,
+            health=self.storage_health,
+        )
+        self._lock = DataDirLock(self.data_dir)
         self.telemetry = BrokerTelemetry(self, config.broker_id, meter_provider, tracer_provider)
-        self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids")
+        self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids", self.storage_health)
         self.groups = GroupCoordinator(
             self.logs,
             GroupSettings(
@@ -69,10 +83,12 @@ class Broker:
         )
         self.payload_sizes = PayloadSizes()
         self.cluster_id = ""
-        self._server = KafkaServer(self, config.host, config.port, config.max_request_bytes)
+        self._server = KafkaServer(self, config)
         self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
+        self._long_polls: set[asyncio.Future[None]] = set()
         self._started_at = time.monotonic()
         self._maintenance: asyncio.Task[None] | None = None
+        self._verifier: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -83,16 +99,26 @@ class Broker:
         self._started_at = time.monotonic()
         self._stopped.clear()
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self.cluster_id = self._load_cluster_id()
-            self.logs.load()
+            prepare_data_dir(self.data_dir)
+            self._lock.acquire()  # before anything in the directory is read or written
+        except BaseException:
+            self.status = BrokerStatus.STOPPED
+            raise
+        try:
+            raise_open_files_limit()
+            self.cluster_id = load_cluster_id(self.data_dir, self.broker_id)
+            clean = take_clean_shutdown(self.data_dir)
+            await self._load_logs()
             self.groups.load()
             await self._server.start()
         except BaseException:
             self.logs.close()
+            self._lock.release()
             self.status = BrokerStatus.STOPPED
             raise
         self._maintenance = asyncio.create_task(self._maintain(), name="streambus-maintenance")
+        if not clean:
+            self._verifier = asyncio.create_task(self._verify_logs(), name="streambus-verify")
         self.groups.start()
         self.status = BrokerStatus.RUNNING
         log.info(
@@ -106,6 +132,9 @@ class Broker:
     async def stop(self) -> None:
         if self.status is not BrokerStatus.RUNNING:
             return
+        # STOPPING first: a long poll that starts from here on returns at once; then the
+        # ones already waiting are woken, so in-flight requests finish before the server's
+        # grace period rather than at its end.
         self.status = BrokerStatus.STOPPING
         log.info("broker %d stopping", self.broker_id)
         self._wake_all()
@@ -115,11 +144,37 @@ class Broker:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
-        self.logs.flush_all()
+        if self._verifier is not None:
+            self._verifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._verifier
+            self._verifier = None
+        clean = True
+        try:
+            await self.logs.flush_all_in_background()  # also waits for work in worker threads
+        except OSError as exc:  # a full or failing disk: close what can be closed anyway
+            log.error("flushing logs at shutdown failed: %s", exc)
+            clean = False
         self.logs.close()
+        if clean:
+            with contextlib.suppress(OSError):
+                mark_clean_shutdown(self.data_dir)
+        self._lock.release()
         self.status = BrokerStatus.STOPPED
         self._stopped.set()
         log.info("broker %d stopped", self.broker_id)
+
+    async def _load_logs(self) -> None:
+        """Open every partition (segment scans, producer state) in a worker thread: the
+        event loop stays free (signals, /metrics) while a large data dir is recovered."""
+        loading = asyncio.get_running_loop().run_in_executor(None, self.logs.load)
+        try:
+            await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            # The thread cannot be interrupted: let it finish before the logs are closed.
+            with contextlib.suppress(Exception):
+                await loading
+            raise
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -162,10 +217,8 @@ class Broker:
         return self.logs.create_topic(name, partitions, overrides)
 
     def delete_topic(self, name: str) -> TopicMeta:
-        meta = self.logs.topics().get(name)
-        self.logs.delete_topic(name)
+        meta = self.logs.delete_topic(name)
         self.telemetry.forget_topic(name)
-        assert meta is not None  # delete_topic raised for an unknown name
         return meta
 
     # -- long-poll fetch support ---------------------------------------------------------------
@@ -176,62 +229,88 @@ class Broker:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def wait_for_append(self, tps: Iterable[TopicPartition], timeout_s: float) -> None:
+    async def wait_for_append(
+        self,
+        tps: Iterable[TopicPartition],
+        timeout_s: float,
+        client_gone: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Wait until one of ``tps`` gets an append, ``timeout_s`` passes, or the broker stops.
+
+        Raises :class:`ConnectionClosedError` when ``client_gone`` completes first: the
+        request has nobody left to answer, and its handler should end now.
+        """
+        if client_gone is not None and client_gone.done():
+            raise ConnectionClosedError("client closed during a long poll")
+        if self.stopping:
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         keys = list(tps)
         for tp in keys:
             self._waiters.setdefault(tp, set()).add(waiter)
+        # Every wait is also in one broker-wide set, so stopping ends waits that name no
+        # partition (a Fetch of no topics) as surely as the others.
+        self._long_polls.add(waiter)
+
+        def wake(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        if client_gone is not None:
+            client_gone.add_done_callback(wake)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await waiter
         except TimeoutError:
             pass
         finally:
+            self._long_polls.discard(waiter)
+            if client_gone is not None:
+                client_gone.remove_done_callback(wake)
             for tp in keys:
                 waiting = self._waiters.get(tp)
                 if waiting is not None:
                     waiting.discard(waiter)
                     if not waiting:
                         del self._waiters[tp]
+        if client_gone is not None and client_gone.done():
+            raise ConnectionClosedError("client closed during a long poll")
 
     def _wake_all(self) -> None:
-        for tp in list(self._waiters):
-            self.notify_append(tp)
+        """End every long poll now (shutdown): each answers with what it has."""
+        for waiter in list(self._long_polls):
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- background work ---------------------------------------------------------------------
+    async def _verify_logs(self) -> None:
+        """After an unclean stop, verify every closed segment now, one at a time in a worker
+        thread, so corruption is reported at start-up rather than at its first read."""
+        jobs = [(plog, seg) for _, plog in self.logs.logs() for seg in plog.unverified_segments()]
+        if not jobs:
+            return
+        log.info("unclean shutdown: verifying %d closed segments in the background", len(jobs))
+        for plog, segment in jobs:
+            try:
+                plog.apply_scan(await asyncio.to_thread(plog.scan_job(segment)))
+            except OSError as exc:
+                log.error("verifying %s failed: %s", segment.log_path, exc)
+        log.info("verified %d closed segments", len(jobs))
+
     async def _maintain(self) -> None:
         interval = self.config.maintenance_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
             try:
                 now_ms = int(time.time() * 1000)
-                self.groups.expire_offsets(now_ms)
-                report = self.logs.maintenance(now_ms)
+                with contextlib.suppress(KafkaStorageError):  # a full disk, reported once
+                    self.groups.expire_offsets(now_ms)  # by storage health; retried next round
+                # Unlinks, fsyncs and compaction run in worker threads; this task waits.
+                report = await self.logs.maintain(now_ms)
             except Exception:
                 log.exception("log maintenance failed; will retry in %.0fs", interval)
                 continue
             self.telemetry.compactions(report.compactions)
-
-    def _load_cluster_id(self) -> str:
-        """The cluster id, made once and kept in meta.properties as Kafka keeps it."""
-        path = self.data_dir / "meta.properties"
-        if path.exists():
-            props = dict(
-                line.split("=", 1) for line in path.read_text().splitlines() if "=" in line
-            )
-            if props.get("node.id") not in (None, str(self.broker_id)):
-                log.warning(
-                    "data dir %s belonged to broker %s; now serving as broker %d",
-                    self.data_dir,
-                    props.get("node.id"),
-                    self.broker_id,
-                )
-            if props.get("cluster.id"):
-                return props["cluster.id"]
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"version=1\ncluster.id={cluster_id}\nnode.id={self.broker_id}\n")
-        tmp.replace(path)
-        return cluster_id
 
     # -- BrokerStats: what the observable instruments read -----------------------------------
     def uptime_seconds(self) -> float:
@@ -247,6 +326,9 @@ class Broker:
 
     def active_request_count(self) -> int:
         return self._server.active_requests
+
+    def request_memory_bytes(self) -> int:
+        return self._server.memory.used
 
     def topic_count(self) -> int:
         return sum(1 for meta in self.logs.topics().values() if not meta.internal)
@@ -271,6 +353,20 @@ class Broker:
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]:
         for group, tp, lag in self.groups.lags():
             yield group, tp.topic, tp.partition, lag
+
+    def storage_corruptions(self) -> Iterable[tuple[str, int, int]]:
+        for tp, plog in self.logs.logs():
+            if plog.corruptions:
+                yield tp.topic, tp.partition, plog.corruptions
+
+    def offline_partition_count(self) -> int:
+        return self.logs.offline_partition_count()
+
+    def storage_write_failing(self) -> int:
+        return int(self.storage_health.failing)
+
+    def storage_write_errors(self) -> Iterable[tuple[str, int]]:
+        return self.storage_health.errors().items()
 
     def storage_available_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0

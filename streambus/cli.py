@@ -20,6 +20,7 @@ from pathlib import Path
 from streambus.broker import Broker
 from streambus.config import BrokerConfig
 from streambus.errors import StreamBusError
+from streambus.storage.datadir import DataDirError
 from streambus.tracefile import add_traces_parser, run_traces
 from telemetry import TelemetryConfig, start_pipeline
 
@@ -68,6 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Kafka's auto.create.topics.enable (default true)",
     )
     serve.add_argument(
+        "--connections-max-idle-ms",
+        type=int,
+        metavar="MS",
+        help="Kafka's connections.max.idle.ms: close connections idle this long "
+        "(default 600000; 0 or less: never)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="Kafka's max.connections: refuse connections beyond N (default 0: half of what "
+        "the open-file limit leaves after 256 descriptors)",
+    )
+    serve.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        metavar="N",
+        help="Kafka's max.connections.per.ip (default 0: max.connections)",
+    )
+    serve.add_argument(
+        "--queued-max-request-bytes",
+        type=int,
+        metavar="BYTES",
+        help="Kafka's queued.max.request.bytes: memory for request frames being read or "
+        "handled, broker-wide (default 268435456)",
+    )
+    serve.add_argument(
         "--topic-config",
         type=_topic_setting,
         action="append",
@@ -93,6 +121,10 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "num_partitions": args.num_partitions,
         "auto_create_topics_enable": args.auto_create_topics_enable,
         "tracing": False if args.no_tracing else None,
+        "connections_max_idle_ms": args.connections_max_idle_ms,
+        "max_connections": args.max_connections,
+        "max_connections_per_ip": args.max_connections_per_ip,
+        "queued_max_request_bytes": args.queued_max_request_bytes,
     }
     return BrokerConfig.load(overrides, dict(args.topic_config))
 
@@ -138,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         return asyncio.run(serve(config))
+    except DataDirError as exc:  # locked, not a directory, unreadable meta.properties
+        log.error("cannot start: %s", exc)
+        return 1
     except StreamBusError as exc:
         log.error("%s", exc)
         return 2

@@ -37,6 +37,16 @@ class BrokerConfig:
     num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
     auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
     max_request_bytes: int = 100 * 1024 * 1024  # Kafka's socket.request.max.bytes
+    # Kafka's queued.max.request.bytes: request frames being read or handled hold at most
+    # this much memory broker-wide; a connection whose next frame does not fit is not read
+    # until memory is released. At least max_request_bytes, so any one frame fits.
+    queued_max_request_bytes: int = 256 * 1024 * 1024
+    connections_max_idle_ms: int = 600_000  # Kafka's connections.max.idle.ms; <= 0: never
+    # Kafka's max.connections. 0: automatic, half of what the open-file limit leaves after
+    # datadir.FD_RESERVE descriptors, so log segments, /metrics and telemetry export keep theirs.
+    max_connections: int = 0
+    max_connections_per_ip: int = 0  # Kafka's max.connections.per.ip; 0: max_connections
+    fetch_max_bytes: int = 55 * 1024 * 1024  # Kafka's fetch.max.bytes: caps every Fetch response
     maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks
     shutdown_timeout_s: float = 30.0
     # Consumer groups, named as Kafka names them (group.initial.rebalance.delay.ms, ...)
@@ -45,6 +55,9 @@ class BrokerConfig:
     group_max_session_timeout_ms: int = 1_800_000
     offsets_retention_minutes: int = 7 * 24 * 60
     offsets_topic_num_partitions: int = 10
+    # Partitions this broker hosts at most (internal ones included); CreateTopics beyond it
+    # is refused. The open-files limit may allow fewer (3 descriptors per partition).
+    max_partitions: int = 10_000
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -91,8 +104,26 @@ class BrokerConfig:
             raise InvalidConfigError(
                 f"num.partitions must be at least 1, got {self.num_partitions}"
             )
+        if self.fetch_max_bytes < 1:
+            raise InvalidConfigError(
+                f"fetch.max.bytes must be at least 1, got {self.fetch_max_bytes}"
+            )
+        if self.max_partitions < 1:
+            raise InvalidConfigError(f"max partitions must be >= 1, got {self.max_partitions}")
         if self.broker_id < 0:
             raise InvalidConfigError(f"broker id must be >= 0, got {self.broker_id}")
+        for name in ("max_connections", "max_connections_per_ip"):
+            if getattr(self, name) < 0:
+                raise InvalidConfigError(
+                    f"{name.replace('_', '.')} must be >= 0 (0: automatic), "
+                    f"got {getattr(self, name)}"
+                )
+        if self.queued_max_request_bytes < self.max_request_bytes:
+            raise InvalidConfigError(
+                f"queued.max.request.bytes ({self.queued_max_request_bytes}) must be at least "
+                f"socket.request.max.bytes ({self.max_request_bytes}), or no frame of that "
+                "size could ever be read"
+            )
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:

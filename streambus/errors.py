@@ -296,6 +296,44 @@ class FencedInstanceIdError(StreamBusError):
     )
 
 
+class InvalidReplicaAssignmentError(StreamBusError):
+    errno = 39
+    kafka_name = "INVALID_REPLICA_ASSIGNMENT"
+    description = "Replica assignment is invalid."
+
+
+class NotControllerError(StreamBusError):
+    errno = 41
+    kafka_name = "NOT_CONTROLLER"
+    retriable = True
+    description = "This is not the correct controller for this cluster."
+
+
+class FencedLeaderEpochError(StreamBusError):
+    errno = 74
+    kafka_name = "FENCED_LEADER_EPOCH"
+    retriable = True
+    description = "The leader epoch in the request is older than the epoch on the broker."
+
+
+class StaleBrokerEpochError(StreamBusError):
+    errno = 77
+    kafka_name = "STALE_BROKER_EPOCH"
+    description = "Broker epoch has changed."
+
+
+class DuplicateBrokerRegistrationError(StreamBusError):
+    errno = 101
+    kafka_name = "DUPLICATE_BROKER_REGISTRATION"
+    description = "This broker ID is already in use."
+
+
+class BrokerIdNotRegisteredError(StreamBusError):
+    errno = 102
+    kafka_name = "BROKER_ID_NOT_REGISTERED"
+    description = "The given broker ID was not registered."
+
+
 class FrameError(StreamBusError):
     """A request frame that cannot be parsed: the connection that sent it is closed."""
 

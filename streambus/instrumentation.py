@@ -44,6 +44,7 @@ class BrokerStats(Protocol):
     def status_code(self) -> int: ...
     def connection_count(self) -> int: ...
     def active_request_count(self) -> int: ...
+    def request_memory_bytes(self) -> int: ...
     def topic_count(self) -> int: ...
     def partition_count(self) -> int: ...
     def segment_count(self) -> int: ...
@@ -52,6 +53,10 @@ class BrokerStats(Protocol):
     def group_count(self) -> int: ...
     def group_member_counts(self) -> Iterable[tuple[str, int]]: ...
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]: ...  # group, topic, partition, lag
+    def storage_corruptions(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, count
+    def offline_partition_count(self) -> int: ...
+    def storage_write_failing(self) -> int: ...  # 1 while writes to the data dir fail
+    def storage_write_errors(self) -> Iterable[tuple[str, int]]: ...  # reason, failed writes
 
 
 class BrokerTelemetry:
@@ -114,6 +119,22 @@ class BrokerTelemetry:
         self._compactions = counter(
             "streambus.compactions", "{compaction}", "Total log compactions run"
         )
+        self._rejected = counter(
+            "streambus.connections.rejected",
+            "{connection}",
+            "Connections closed on accept for a connection limit, by limit",
+        )
+        self._idle_closed = counter(
+            "streambus.connections.idle_closed",
+            "{connection}",
+            "Connections closed after connections.max.idle.ms without traffic",
+        )
+        self._loop_lag = meter.create_histogram(
+            "streambus.event_loop.lag",
+            "s",
+            "How late the event loop ran a timer due now: its stalls, every client waits them",
+        )
+        self._reason_attrs: dict[str, Attrs] = {}
         self._produce_latency = meter.create_histogram(
             "streambus.produce.latency", "s", "Produce request latency in seconds"
         )
@@ -129,11 +150,23 @@ class BrokerTelemetry:
             unit="{member}",
             description="Consumer group members",
         )
+        meter.create_observable_counter(
+            "streambus.storage.corruptions",
+            [self._observe_many("storage corruptions", self._corruptions)],
+            unit="{region}",
+            description="Corrupt regions found in partition logs (skipped, never served)",
+        )
         meter.create_observable_gauge(
             "streambus.consumer_group.lag",
             [self._observe_many("group lag", self._group_lags)],
             unit="{message}",
             description="Consumer group lag: log end offset minus committed offset",
+        )
+        meter.create_observable_counter(
+            "streambus.storage.write_errors",
+            [self._observe_many("storage write errors", self._storage_write_errors)],
+            unit="{error}",
+            description="Failed writes to the data directory, by errno name (ENOSPC, EIO, ...)",
         )
 
         gauges: Sequence[tuple[str, str, str, Callable[[], float]]] = (
@@ -155,6 +188,12 @@ class BrokerTelemetry:
                 "{request}",
                 "Requests being processed",
                 stats.active_request_count,
+            ),
+            (
+                "streambus.network.request_memory",
+                "By",
+                "Bytes reserved by request frames being read or handled (queued.max.request.bytes)",
+                stats.request_memory_bytes,
             ),
             ("streambus.topics.total", "{topic}", "Total number of topics", stats.topic_count),
             (
@@ -182,6 +221,18 @@ class BrokerTelemetry:
                 "By",
                 "Bytes used by partition logs in the data directory",
                 stats.storage_used_bytes,
+            ),
+            (
+                "streambus.offline.partitions",
+                "{partition}",
+                "Partitions found on disk that cannot be served (metadata or log unreadable)",
+                stats.offline_partition_count,
+            ),
+            (
+                "streambus.storage.write_failing",
+                "{state}",
+                "1 while writes to the data directory fail (disk full, I/O error), else 0",
+                stats.storage_write_failing,
             ),
             (
                 "streambus.storage.available",
@@ -248,10 +299,18 @@ class BrokerTelemetry:
         for group, count in self._stats.group_member_counts():
             yield Observation(count, {**self._base, "group": group})
 
+    def _corruptions(self) -> Iterable[Observation]:
+        for topic, partition, count in self._stats.storage_corruptions():
+            yield Observation(count, self.tp_attrs(topic, partition))
+
     def _group_lags(self) -> Iterable[Observation]:
         for group, topic, partition, lag in self._stats.group_lags():
             attrs = {**self._base, "group": group, "topic": topic, "partition": str(partition)}
             yield Observation(lag, attrs)
+
+    def _storage_write_errors(self) -> Iterable[Observation]:
+        for reason, count in self._stats.storage_write_errors():
+            yield Observation(count, {**self._base, "reason": reason})
 
     # -- events the broker reports ------------------------------------------------------
     def request_done(self, api: str, bytes_in: int, bytes_out: int) -> None:
@@ -312,6 +371,18 @@ class BrokerTelemetry:
             yield span
         finally:
             span.end()
+
+    def connection_rejected(self, reason: str) -> None:
+        attrs = self._reason_attrs.get(reason)
+        if attrs is None:
+            attrs = self._reason_attrs[reason] = {**self._base, "reason": reason}
+        self._rejected.add(1, attrs)
+
+    def connections_idle_closed(self, count: int) -> None:
+        self._idle_closed.add(count, self._base)
+
+    def event_loop_lag(self, seconds: float) -> None:
+        self._loop_lag.record(seconds, self._base)
 
     def compactions(self, count: int) -> None:
         if count:

@@ -3,21 +3,27 @@
 Ids are handed out from blocks; the end of the current block is written to
 disk before any id from it is used, so a restart (even after SIGKILL) resumes
 past every id that may have been given out. The file holds one decimal
-integer: the first id not yet reserved.
+integer: the first id not yet reserved. A block that cannot be written (a full
+disk) is not used: the caller gets KafkaStorageError and the next request tries
+again.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from streambus.errors import KafkaStorageError
+from streambus.storage.datadir import write_atomically
+from streambus.storage.health import WriteHealth
 
 BLOCK = 1000
 MAX_EPOCH = 32767
 
 
 class ProducerIdAllocator:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, health: WriteHealth | None = None) -> None:
         self._path = path
+        self._health = health
         self._next = -1
         self._block_end = -1
 
@@ -33,15 +39,20 @@ class ProducerIdAllocator:
 
     def _reserve(self) -> None:
         start = 0
-        if self._path.exists():
-            text = self._path.read_text().strip()
-            start = int(text) if text else 0
-        start = max(start, self._block_end)
-        end = start + BLOCK
-        tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{end}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self._path)
+        try:
+            if self._path.exists():
+                text = self._path.read_text().strip()
+                if text and not text.isdigit():
+                    # Guessing could hand out ids already in use: refuse until it is fixed.
+                    raise KafkaStorageError(f"{self._path} is corrupt: {text[:40]!r}")
+                start = int(text) if text else 0
+            start = max(start, self._block_end)
+            end = start + BLOCK
+            write_atomically(self._path, f"{end}\n".encode())
+        except OSError as exc:
+            if self._health is not None:
+                self._health.failed(str(self._path), exc)
+            raise KafkaStorageError(f"{self._path}: cannot reserve producer ids: {exc}") from exc
+        if self._health is not None:
+            self._health.succeeded()
         self._next, self._block_end = start, end

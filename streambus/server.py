@@ -5,15 +5,33 @@ Requests on one connection are served one at a time, in order, as Kafka does
 correlation id but expect them in request order. Anything that cannot be
 parsed closes that connection only, with a log line naming the peer and the
 reason; every other connection keeps being served.
+
+What a client can hold is bounded, the way Kafka bounds it:
+
+* ``max.connections`` and ``max.connections.per.ip``: a connection over a
+  limit is accepted and closed at once (counted, logged rate-limited), so a
+  flood never drives the process to its open-file limit, where ``accept()``
+  itself fails and ``/metrics`` and log segments could not open either.
+* ``queued.max.request.bytes``: a frame's size is reserved from one
+  broker-wide pool before its body is read, and the body is read in bounded
+  pieces; a connection whose frame does not fit is simply not read until
+  memory is released (backpressure).
+* ``connections.max.idle.ms``: a connection that neither sends a request nor
+  takes response bytes for that long is closed, stalled half-frames included.
+  A request being handled (a long poll) is not idleness.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import errno
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import resource
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from streambus.errors import StreamBusError, UnsupportedVersionError
 from streambus.protocol.apis import (
@@ -26,28 +44,159 @@ from streambus.protocol.apis import (
     encode_response,
 )
 from streambus.protocol.metadata import api_versions_response
+from streambus.protocol.validation import check_request
+from streambus.storage.datadir import FD_RESERVE, connection_fd_budget
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
+    from streambus.config import BrokerConfig
 
 log = logging.getLogger("streambus.server")
+
+ACCEPT_BACKLOG = 100
+# Frame bodies are read in pieces this large: the stream's own buffer never grows past
+# about two pieces, whatever size the frame announces.
+READ_PIECE = 64 * 1024
+# One log line per cause at most this often; the lines in between are counted.
+LOG_EVERY_S = 5.0
+# How often idle connections are looked for and the loop's lateness is measured.
+TICK_MAX_S = 0.5
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class ConnectionClosedError(Exception):
     """This connection is finished (peer closed, or it sent something unparseable)."""
 
 
+class Phase:
+    """Where a connection is; only READING and WRITING can be idle."""
+
+    READING = "reading"  # waiting for, or in the middle of, a request frame
+    QUEUED = "queued"  # a frame header read; waiting for request memory (not read meanwhile)
+    HANDLING = "handling"  # the handler runs (a long poll may wait here)
+    WRITING = "writing"  # the response is being handed to a client that may not read
+
+
+class ThrottledLog:
+    """At most one line per key every ``every_s``; the suppressed ones are counted into the
+    next line (or into :meth:`flush`'s summary), so a flood costs a few lines, not gigabytes."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
+        self._log = logger
+        self._every = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, tuple[int, int, str]] = {}  # key -> count, level, summary text
+
+    def log(self, key: str, level: int, summary: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is None or now - last >= self._every:
+            held, _, _ = self._held.pop(key, (0, level, summary))
+            self._last[key] = now
+            if held:
+                self._log.log(
+                    level, msg + " (and %d more %s since the last line)", *args, held, summary
+                )
+            else:
+                self._log.log(level, msg, *args)
+        else:
+            count, _, _ = self._held.get(key, (0, level, summary))
+            self._held[key] = (count + 1, level, summary)
+
+    def flush(self) -> None:
+        """Report counts held back for longer than the interval (the flood has stopped)."""
+        now = time.monotonic()
+        for key, (count, level, summary) in list(self._held.items()):
+            if now - self._last.get(key, 0.0) >= self._every:
+                del self._held[key]
+                self._last[key] = now
+                self._log.log(level, "%d more %s since the last line", count, summary)
+
+
+class RequestMemory:
+    """Kafka's ``queued.max.request.bytes``: a byte budget shared by every connection.
+
+    A frame reserves its size before its body is read and gives it back once its
+    response is written. Waiters are served first-fit in arrival order: a small
+    request is not held behind a large one that does not fit yet.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def reserve(self, size: int, gone: asyncio.Future[None]) -> None:
+        """Reserve ``size`` bytes; raise ConnectionClosedError if ``gone`` completes first."""
+        if not self._waiters and self.used + size <= self.capacity:
+            self.used += size
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (size, granted)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait((granted, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not granted.done():
+                self._waiters.remove(entry)
+                granted.cancel()
+        if not granted.done() or granted.cancelled():
+            raise ConnectionClosedError("closed while waiting for request memory")
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        for entry in list(self._waiters):
+            want, granted = entry
+            if self.used + want <= self.capacity:
+                self._waiters.remove(entry)
+                self.used += want
+                granted.set_result(None)
+
+
+def connection_limit(config: BrokerConfig) -> tuple[int, int]:
+    """(max.connections, max.connections.per.ip) with the automatic values resolved."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = config.max_connections or connection_fd_budget()
+    if config.max_connections > soft - FD_RESERVE:
+        log.warning(
+            "max.connections=%d leaves fewer than %d of the %d open files allowed "
+            "(ulimit -n) for the listener, /metrics and log segments",
+            config.max_connections,
+            FD_RESERVE,
+            soft,
+        )
+    per_ip = min(config.max_connections_per_ip or limit, limit)
+    return limit, per_ip
+
+
 class KafkaServer:
-    def __init__(self, broker: Broker, host: str, port: int, max_request_bytes: int) -> None:
+    def __init__(self, broker: Broker, config: BrokerConfig) -> None:
         self._broker = broker
-        self._host = host
-        self._port = port
-        self._max_request_bytes = max_request_bytes
+        self._host = config.host
+        self._port = config.port
+        self._config = config
+        self._max_request_bytes = config.max_request_bytes
+        self.memory = RequestMemory(config.queued_max_request_bytes)
+        self._idle_s = config.connections_max_idle_ms / 1000
+        self.max_connections, self.max_connections_per_ip = 0, 0
         self._server: asyncio.Server | None = None
+        self._accepting = False
         self.connections: set[Connection] = set()
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._open = 0  # admitted transports, counted as they are made (before their task runs)
         self.active_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._all_gone = asyncio.Event()
+        self._all_gone.set()
+        self._throttled = ThrottledLog(log)
+        self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous_handler: Any = None
 
     @property
     def port(self) -> int:
@@ -56,13 +205,128 @@ class KafkaServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._on_connect, self._host, self._port, reuse_address=True
+        self.max_connections, self.max_connections_per_ip = connection_limit(self._config)
+        loop = self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._server = await loop.create_server(
+            lambda: _KafkaProtocol(self),
+            self._host,
+            self._port,
+            reuse_address=True,
+            backlog=ACCEPT_BACKLOG,
         )
-        log.info("listening for Kafka clients on %s:%d", self._host, self.port)
+        # asyncio reports a failed accept() (EMFILE) through the loop's exception handler,
+        # once per attempt: routed through a throttled line instead of a traceback each.
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._on_loop_error)
+        self._ticker = asyncio.create_task(self._tick(), name="streambus-connections")
+        log.info(
+            "listening for Kafka clients on %s:%d (max.connections %d, per ip %d, "
+            "connections.max.idle.ms %d, queued.max.request.bytes %d)",
+            self._host,
+            self.port,
+            self.max_connections,
+            self.max_connections_per_ip,
+            self._config.connections_max_idle_ms,
+            self.memory.capacity,
+        )
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection(self, reader, writer)
+    # -- admission ------------------------------------------------------------------------
+    def admit(self, ip: str, peer: str) -> bool:
+        """Count a new transport in, or refuse it (the caller closes it at once)."""
+        if not self._accepting:
+            reason = "stopping"
+        elif self._open >= self.max_connections:
+            reason = "max_connections"
+        elif self._per_ip[ip] >= self.max_connections_per_ip:
+            reason = "max_connections_per_ip"
+        else:
+            self._open += 1
+            self._per_ip[ip] += 1
+            self._all_gone.clear()
+            return True
+        self._broker.telemetry.connection_rejected(reason)
+        limit = self.max_connections if reason == "max_connections" else self.max_connections_per_ip
+        self._throttled.log(
+            reason,
+            logging.WARNING,
+            "connections refused for " + reason.replace("_", "."),
+            "refused connection from %s: %s=%d reached",
+            peer,
+            reason.replace("_", "."),
+            limit,
+        )
+        return False
+
+    def release(self, ip: str) -> None:
+        self._open -= 1
+        self._per_ip[ip] -= 1
+        if not self._per_ip[ip]:
+            del self._per_ip[ip]
+        if not self._open:
+            self._all_gone.set()
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_DESCRIPTORS:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            self._throttled.log(
+                "accept",
+                logging.ERROR,
+                "failed accepts",
+                "cannot accept connections: %s (%d connections open, open-file limit %d); "
+                "asyncio retries in a second",
+                exc,
+                self._open,
+                soft,
+            )
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    # -- connections that end -------------------------------------------------------------
+    async def _tick(self) -> None:
+        """Close idle connections and measure how late the loop wakes (its stalls)."""
+        loop = asyncio.get_running_loop()
+        interval = (
+            TICK_MAX_S if self._idle_s <= 0 else min(TICK_MAX_S, max(self._idle_s / 10, 0.01))
+        )
+        telemetry = self._broker.telemetry
+        while True:
+            planned = loop.time() + interval
+            await asyncio.sleep(interval)
+            now = loop.time()
+            telemetry.event_loop_lag(max(now - planned, 0.0))
+            if self._idle_s > 0:
+                self._close_idle(now)
+            self._throttled.flush()
+
+    def _close_idle(self, now: float) -> None:
+        closed = 0
+        for conn in list(self.connections):
+            if conn.idle_since(now) > self._idle_s:
+                log.debug(
+                    "closing connection from %s: idle (%s) for more than %d ms",
+                    conn.peer,
+                    conn.phase,
+                    self._config.connections_max_idle_ms,
+                )
+                conn.abort()
+                closed += 1
+        if closed:
+            self._broker.telemetry.connections_idle_closed(closed)
+            self._throttled.log(
+                "idle",
+                logging.INFO,
+                "sweeps closing idle connections",
+                "closed %d connections idle for more than %d ms (connections.max.idle.ms)",
+                closed,
+                self._config.connections_max_idle_ms,
+            )
+
+    async def _serve(self, conn: Connection) -> None:
         self.connections.add(conn)
         try:
             await conn.serve()
@@ -82,7 +346,9 @@ class KafkaServer:
         """Stop accepting, let in-flight requests finish (bounded), then close every connection."""
         if self._server is None:
             return
-        self._server.close()
+        server, self._server = self._server, None
+        self._accepting = False
+        server.close()
         for conn in list(self.connections):
             conn.stop_reading()
         try:
@@ -95,8 +361,20 @@ class KafkaServer:
             )
         for conn in list(self.connections):
             conn.close()
-        await self._server.wait_closed()
-        self._server = None
+        try:
+            # Closed transports report connection_lost on the next loop turns; a client
+            # that never takes its last response is cut off after the grace period.
+            await asyncio.wait_for(self._all_gone.wait(), 1.0)
+        except TimeoutError:
+            for conn in list(self.connections):
+                conn.abort()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        await server.wait_closed()
+        if self._loop is not None and self._loop.get_exception_handler() == self._on_loop_error:
+            self._loop.set_exception_handler(self._previous_handler)
 
     @property
     def broker(self) -> Broker:
@@ -107,62 +385,158 @@ class KafkaServer:
         return self._max_request_bytes
 
 
+class _KafkaProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, plus admission and a future that completes when the
+    client goes (EOF or a lost connection) even while no read is pending."""
+
+    def __init__(self, server: KafkaServer) -> None:
+        loop = asyncio.get_running_loop()
+        self._kafka = server
+        self._ip: str | None = None
+        self.gone: asyncio.Future[None] = loop.create_future()
+        super().__init__(asyncio.StreamReader(loop=loop), self._connected, loop=loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        label = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self._kafka.admit(ip, label):
+            self._mark_gone()
+            transport.close()  # nothing written yet: closes the socket now
+            return
+        self._ip = ip
+        super().connection_made(transport)
+
+    def _connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Coroutine[Any, Any, None]:
+        return self._kafka._serve(Connection(self._kafka, reader, writer, self.gone))
+
+    def eof_received(self) -> bool | None:
+        self._mark_gone()  # Kafka clients do not half-close: EOF means the client left
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._mark_gone()
+        if self._ip is not None:
+            self._kafka.release(self._ip)
+            self._ip = None
+        super().connection_lost(exc)
+
+    def _mark_gone(self) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+
 class Connection:
     def __init__(
-        self, server: KafkaServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        server: KafkaServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        gone: asyncio.Future[None] | None = None,
     ) -> None:
         self._server = server
         self._reader = reader
         self._writer = writer
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.gone: asyncio.Future[None] = (
+            gone if gone is not None else asyncio.get_running_loop().create_future()
+        )
         self._stopping = False
-        self._busy = False
+        self.phase = Phase.READING
+        self._clock: Callable[[], float] = asyncio.get_running_loop().time
+        self._last_progress = self._clock()
+        self._seen_write_buffer = 0
+        self._reserved = 0
+
+    def idle_since(self, now: float) -> float:
+        """Seconds since this connection last moved bytes; 0 while its request is handled."""
+        if self.phase in (Phase.HANDLING, Phase.QUEUED):
+            return 0.0
+        if self.phase == Phase.WRITING:
+            # Progress is the transport's buffer changing as the client takes bytes.
+            size = self._writer.transport.get_write_buffer_size()
+            if size != self._seen_write_buffer:
+                self._seen_write_buffer = size
+                self._last_progress = now
+        return now - self._last_progress
 
     def stop_reading(self) -> None:
         """Finish the request in hand, read no more; an idle connection closes now."""
         self._stopping = True
-        if not self._busy:
+        if self.phase in (Phase.READING, Phase.QUEUED):
             self.close()
 
     def close(self) -> None:
         if not self._writer.is_closing():
             self._writer.close()
 
+    def abort(self) -> None:
+        """Close without flushing: for a client that stopped taking what was written."""
+        self._writer.transport.abort()
+
     async def serve(self) -> None:
         try:
             while not self._stopping:
                 frame = await self._read_frame()
-                self._busy = True
+                self.phase = Phase.HANDLING
                 try:
                     await self._handle(frame)
                 finally:
-                    self._busy = False
+                    del frame
+                    self._release()
+                    self.phase = Phase.READING
+                    self._last_progress = self._clock()
         except ConnectionClosedError:
             pass
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away, mid-frame or between frames
         finally:
+            self._release()
             self.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
 
-    async def _read_frame(self) -> bytes:
+    def _release(self) -> None:
+        if self._reserved:
+            self._server.memory.release(self._reserved)
+            self._reserved = 0
+
+    async def _read_frame(self) -> bytes | bytearray:
         head = await self._reader.readexactly(4)
+        self._last_progress = self._clock()
         (size,) = FRAME_SIZE.unpack(head)
         if size < REQUEST_PREFIX.size or size > self._server.max_request_bytes:
             self._reject(
                 f"frame size {size} outside [{REQUEST_PREFIX.size}, "
                 f"{self._server.max_request_bytes}] (socket.request.max.bytes)"
             )
-        return await self._reader.readexactly(size)
+        self.phase = Phase.QUEUED
+        await self._server.memory.reserve(size, self.gone)
+        self._reserved = size
+        self.phase = Phase.READING
+        self._last_progress = self._clock()
+        if size <= READ_PIECE:
+            return await self._reader.readexactly(size)
+        # In pieces: the stream buffers one piece at a time, and a client that stops
+        # mid-frame holds only what it sent (within its reservation) until the idle timeout.
+        frame = bytearray()
+        while len(frame) < size:
+            piece = await self._reader.read(min(READ_PIECE, size - len(frame)))
+            if not piece:
+                raise asyncio.IncompleteReadError(bytes(frame), size)
+            frame += piece
+            self._last_progress = self._clock()
+        return frame
 
     def _reject(self, reason: str, api: str = "unknown") -> None:
         log.warning("closing connection from %s: %s", self.peer, reason)
         self._server.broker.telemetry.error(api, "INVALID_REQUEST")
         raise ConnectionClosedError(reason)
 
-    async def _handle(self, frame: bytes) -> None:
+    async def _handle(self, frame: bytes | bytearray) -> None:
         api_key, version, correlation_id = REQUEST_PREFIX.unpack_from(frame)
         spec = APIS.get(api_key)
         if spec is None:
@@ -173,7 +547,7 @@ class Connection:
                 # Kafka's rule for version negotiation: answer a too-new
                 # ApiVersions with error 35 in a v0 body listing what we serve.
                 response = api_versions_response(UnsupportedVersionError.errno)
-                await self._send(
+                await self._write(
                     [encode_response(response, 0, correlation_id)], spec.name, len(frame)
                 )
                 return
@@ -188,7 +562,19 @@ class Connection:
             self._reject(f"malformed {spec.name} v{version} request: {exc!r}", spec.name)
             return
         header = request.header
-        ctx = _ctx(spec.key, version, correlation_id, header.client_id, self.peer)
+        refusal = check_request(spec.request, spec.response, request, version)
+        if refusal is not None:
+            reason = f"{spec.name} v{version} from client {header.client_id!r}: {refusal.reason}"
+            if refusal.response is None:
+                self._reject(reason, spec.name)
+            log.warning("answering INVALID_REQUEST to %s: %s", self.peer, reason)
+            self._server.broker.telemetry.error(spec.name, "INVALID_REQUEST")
+            reply = encode_response(refusal.response, version, correlation_id)
+            await self._write([reply], spec.name, len(frame))
+            return
+        ctx = RequestContext(
+            spec.key, version, correlation_id, header.client_id, self.peer, self.gone
+        )
         server = self._server
         server.request_started()
         try:
@@ -196,6 +582,8 @@ class Connection:
             chunks: Sequence[Chunk] = (
                 () if response is None else encode_frame(spec, response, version, correlation_id)
             )
+        except ConnectionClosedError:
+            raise  # the client left during a long poll: nobody to answer
         except StreamBusError as exc:
             log.warning("%s from %s failed: %s", spec.name, self.peer, exc)
             server.broker.telemetry.error(spec.name, exc.kafka_name)
@@ -208,21 +596,36 @@ class Connection:
             raise ConnectionClosedError("handler failed") from None
         finally:
             server.request_finished()
-        await self._send(chunks, spec.name, len(frame))
+        await self._write(chunks, spec.name, len(frame))
+
+    async def _write(self, chunks: Sequence[Chunk], api: str, bytes_in: int) -> None:
+        self.phase = Phase.WRITING
+        self._last_progress = self._clock()
+        self._seen_write_buffer = -1
+        await self._send(chunks, api, bytes_in)
 
     async def _send(self, chunks: Sequence[Chunk], api: str, bytes_in: int) -> None:
         size = 0
-        for chunk in chunks:
-            # One write per piece: a transport sends what the socket takes at once
-            # without copying it first (writelines would join the pieces).
-            self._writer.write(chunk)
-            size += len(chunk)
+        writer = self._writer
+        try:
+            for chunk in chunks:
+                if isinstance(chunk, bytes | bytearray | memoryview):
+                    # One write per piece: a transport sends what the socket takes at once
+                    # without copying it first (writelines would join the pieces).
+                    writer.write(chunk)
+                    size += len(chunk)
+                    continue
+                # Stored records: read a bounded piece, hand it over, and read the next only
+                # once the transport has drained, so a client that does not read holds
+                # one piece, not the response.
+                for piece in chunk.pieces():
+                    writer.write(piece)
+                    size += len(piece)
+                    await writer.drain()
+        except StreamBusError as exc:  # the log changed under a response half written
+            log.warning("closing connection from %s: %s response failed: %s", self.peer, api, exc)
+            self._server.broker.telemetry.error(api, exc.kafka_name)
+            raise ConnectionClosedError(str(exc)) from exc
         if size:
-            await self._writer.drain()
+            await writer.drain()
         self._server.broker.telemetry.request_done(api, bytes_in + 4, size)
-
-
-def _ctx(
-    key: int, version: int, correlation_id: int, client_id: str | None, peer: str
-) -> RequestContext:
-    return RequestContext(key, version, correlation_id, client_id, peer)

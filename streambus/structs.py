@@ -25,3 +25,6 @@ class AppendResult(NamedTuple):
     payload_bytes: int  # key + value + header bytes of the batch's records
     duplicate: bool  # an idempotent retry of a batch already stored
     crc: int  # the stored batch's CRC-32C: with the base offset, it names the batch
+    # flush.messages / flush.ms was reached and the fsync runs in a worker thread: the
+    # append is acknowledged only after PartitionLog.wait_synced(last_offset + 1).
+    needs_sync: bool = False

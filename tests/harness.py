@@ -137,8 +137,15 @@ def total(
 class BrokerProcess:
     """``streambus serve`` as a child process: what a user runs, and what SIGKILL can hit."""
 
-    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        preexec_fn: Any = None,  # e.g. lowering RLIMIT_NOFILE in the child
+    ) -> None:
         self.data_dir = data_dir
+        self.preexec_fn = preexec_fn
         self.port = free_port()
         self.metrics_port = free_port()
         self.extra = extra
@@ -170,7 +177,12 @@ class BrokerProcess:
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+            preexec_fn=self.preexec_fn,  # noqa: PLW1509 - only what a test passes
         )
         wait_for_port(self.port, self.proc)
         return self

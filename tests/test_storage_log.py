@@ -172,6 +172,8 @@ def test_torn_tail_truncated_on_reopen(
     fill(plog, 12)
     good = plog.read(0, 1 << 20)
     plog.close()  # a SIGKILL leaves the same bytes: appends use unbuffered os.write
+    # ... but writes no checkpoint (close does): the cut tail was never flushed.
+    (tmp_path / "p0" / "leo.checkpoint").unlink()
     active = max((tmp_path / "p0").glob("*.log"))
     size = active.stat().st_size
     if damage == "garbage":

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from streambus.errors import KafkaStorageError
 from streambus.storage import LogManager, build_batch, iter_records
 from streambus.storage.batch import walk_batches
 from streambus.structs import TopicPartition
@@ -28,6 +29,7 @@ from streambus.structs import TopicPartition
 log = logging.getLogger("streambus.groups")
 
 OFFSETS_TOPIC = "__consumer_offsets"
+_TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.bytes": str(100 * 1024 * 1024)}
 
 # Offset commit key, version 1 (Kafka's OffsetCommitKey):
 #   version    int16   1
@@ -120,16 +122,27 @@ class OffsetStore:
         return TopicPartition(OFFSETS_TOPIC, zlib.crc32(group.encode()) % self.partitions)
 
     def ensure_topic(self) -> None:
-        if OFFSETS_TOPIC not in self.logs.topics():
-            self.logs.create_topic(
-                OFFSETS_TOPIC,
-                self.partitions,
-                {"cleanup.policy": "compact", "segment.bytes": str(100 * 1024 * 1024)},
-                internal=True,
-            )
+        """Create the topic on first use. A creation that fails (a full disk) leaves
+        nothing behind, so the next commit simply tries again."""
+        if OFFSETS_TOPIC in self.logs.topics():
+            return
+        offline = self.logs.offline_topics().get(OFFSETS_TOPIC)
+        if offline is not None and not self._restore():
+            raise KafkaStorageError(f"{OFFSETS_TOPIC} is offline: {offline.path}: {offline.reason}")
+        if offline is None:
+            self.logs.create_topic(OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG, internal=True)
+
+    def _restore(self) -> bool:
+        """Bring back a topic whose topic.json was lost (by a crash or a full disk while it
+        was made): the broker knows what this topic's metadata must say."""
+        return self.logs.restore_metadata(
+            OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG, internal=True
+        )
 
     def load(self) -> int:
         """Rebuild the table from the log; returns the number of committed offsets loaded."""
+        if OFFSETS_TOPIC in self.logs.offline_topics():
+            self._restore()
         if OFFSETS_TOPIC not in self.logs.topics():
             return 0
         for partition in range(self.logs.topics()[OFFSETS_TOPIC].partitions):

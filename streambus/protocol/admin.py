@@ -12,8 +12,9 @@ from kafka.protocol.admin import (
     DeleteTopicsResponse,
 )
 
-from streambus.errors import InvalidReplicationFactorError, StreamBusError
+from streambus.errors import InvalidReplicationFactorError, InvalidRequestError, StreamBusError
 from streambus.protocol.apis import RequestContext, api
+from streambus.protocol.validation import is_internal_topic
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
@@ -33,6 +34,8 @@ async def handle_create_topics(broker: Broker, ctx: RequestContext, request: Any
     for topic in request.topics:
         result = R.CreatableTopicResult(name=topic.name, error_code=0, error_message=None)
         try:
+            if is_internal_topic(broker, topic.name):
+                raise InvalidRequestError(f"creation of internal topic {topic.name} is prohibited")
             partitions = _partition_count(broker, topic)
             overrides = {c.name: c.value for c in topic.configs}
             meta = broker.create_topic(
@@ -95,11 +98,14 @@ async def handle_delete_topics(broker: Broker, ctx: RequestContext, request: Any
     for name in names:
         result = R.DeletableTopicResult(name=name, error_code=0, error_message=None)
         try:
+            if is_internal_topic(broker, name):
+                raise InvalidRequestError(f"internal topic {name} cannot be deleted")
             meta = broker.delete_topic(name)
             result.topic_id = meta.topic_id
             log.info("deleted topic %r for %s", name, ctx.client_id)
         except StreamBusError as exc:
             broker.telemetry.error("DeleteTopics", exc.kafka_name)
+            log.info("DeleteTopics %r from %s refused: %s", name, ctx.client_id, exc)
             result.error_code = exc.errno
             result.error_message = str(exc)
         results.append(result)

@@ -10,10 +10,11 @@ ids in Fetch v13+, for one).
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
@@ -36,10 +37,23 @@ class RequestContext:
     correlation_id: int
     client_id: str | None
     peer: str
+    # Completes when the client goes (EOF or lost connection): a handler that waits
+    # (a long poll) stops waiting for a client that can no longer take the answer.
+    closed: asyncio.Future[None] | None = None
 
 
 Handler = Callable[["Broker", RequestContext, Any], Awaitable[Any | None]]
-Chunk = bytes | bytearray | memoryview
+
+
+class Streamed(Protocol):
+    """A piece of a response read only while it is written (stored records), in
+    bounded pieces, so a response never sits whole in memory."""
+
+    def __len__(self) -> int: ...
+    def pieces(self) -> Iterator[bytes | memoryview]: ...
+
+
+Chunk = bytes | bytearray | memoryview | Streamed
 # Turns a handler's reply into the frame's bytes, in pieces written one after another.
 Encoder = Callable[[Any, int, int], list[Chunk]]
 

@@ -6,12 +6,21 @@ reads again. Batches are returned whole, as stored; the first batch of the
 response is returned even when it is larger than the limits, so a consumer
 always makes progress (Kafka's rule). Sessions (KIP-227) are not kept: every
 response says session 0, which clients take as "send full requests".
+
+Memory and loop time are bounded whatever the request asks: the broker's
+``fetch_max_bytes`` caps every response; only its first ``EAGER_BYTES`` of
+records are read while handling it, the rest are planned as spans of the log
+and read in bounded pieces while the connection writes them; closed segments
+are verified (CRC and offsets) in a worker thread before they are first read;
+and a request for very many partitions yields to the event loop every
+``SLICE_PARTITIONS`` partitions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,17 +35,32 @@ from opentelemetry import trace
 from streambus.errors import InvalidRequestError, StreamBusError, error_name
 from streambus.instrumentation import MAX_LINKS
 from streambus.protocol.apis import RequestContext, api
-from streambus.protocol.fetch_encoding import SplicedFetch, encode_spliced, marker_for, new_token
+from streambus.protocol.fetch_encoding import (
+    Records,
+    SplicedFetch,
+    encode_spliced,
+    marker_for,
+    new_token,
+)
 from streambus.storage.batch import header_values, iter_records, payload_bytes, walk_batches
 from streambus.structs import TopicPartition
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
     from streambus.storage.log import PartitionLog
+    from streambus.storage.segment import Segment
 
 PartitionData = FetchResponse.FetchableTopicResponse.PartitionData
 LATEST = -1
 EARLIEST = -2
+# Records read while the request is handled, per response; beyond this they are read
+# piece by piece as they are written. Normal consumer fetches (1 MiB per partition) stay
+# below it and keep the single read they always had.
+EAGER_BYTES = 2 * 1024 * 1024
+SLICE_PARTITIONS = 2000  # partitions handled between yields to the event loop
+# Bytes of records searched for trace context per response: the span needs at most
+# MAX_LINKS traceparents, and the search must stay linear and bounded in the response.
+TRACE_SCAN_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -45,7 +69,7 @@ class _Read:
     partition: int
     fetch_offset: int
     error: int = 0
-    records: bytes | memoryview = b""
+    records: Records = b""
     high_watermark: int = -1
     log_start_offset: int = -1
 
@@ -58,10 +82,12 @@ async def handle_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any
         for t in request.topics
         for p in t.partitions
     ]
-    max_bytes = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
+    asked = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
+    max_bytes = min(asked, broker.config.fetch_max_bytes)
     deadline = started + max(request.max_wait_ms, 0) / 1000
     while True:
-        reads, total = _read_all(broker, wanted, max_bytes)
+        await _verify(broker, wanted, max_bytes)
+        reads, total = await _read_all(broker, wanted, max_bytes)
         remaining = deadline - time.perf_counter()
         if (
             total >= max(request.min_bytes, 1)
@@ -70,20 +96,45 @@ async def handle_fetch(broker: Broker, ctx: RequestContext, request: Any) -> Any
             or broker.stopping
         ):
             break
-        await broker.wait_for_append([TopicPartition(t, p) for t, p, _, _ in wanted], remaining)
-    _account(broker, reads)
+        tps = [TopicPartition(t, p) for t, p, _, _ in wanted]
+        await broker.wait_for_append(tps, remaining, ctx.closed)
+    await _account(broker, reads)
     elapsed = time.perf_counter() - started
     for topic in {r.topic for r in reads}:
         broker.telemetry.consume_latency(topic, elapsed)
     return _response(request, reads)
 
 
-def _read_all(
+async def _verify(
+    broker: Broker, wanted: Sequence[tuple[str, int, int, int]], max_bytes: int
+) -> None:
+    """Verify, in a worker thread, the closed segments this fetch may read for the first time."""
+    jobs: list[tuple[PartitionLog, Segment]] = []
+    for i, (topic, partition, offset, partition_max) in enumerate(wanted, 1):
+        if i % SLICE_PARTITIONS == 0:
+            await asyncio.sleep(0)
+        try:
+            plog = broker.logs.log(TopicPartition(topic, partition))
+        except StreamBusError:
+            continue
+        jobs += ((plog, seg) for seg in plog.unverified(offset, min(partition_max, max_bytes)))
+    if not jobs:
+        return
+    scans = [plog.scan_job(segment) for plog, segment in jobs]
+    results = await asyncio.to_thread(lambda: [scan() for scan in scans])
+    for (plog, _), result in zip(jobs, results, strict=True):
+        plog.apply_scan(result)
+
+
+async def _read_all(
     broker: Broker, wanted: Sequence[tuple[str, int, int, int]], max_bytes: int
 ) -> tuple[list[_Read], int]:
     reads: list[_Read] = []
     total = 0
-    for topic, partition, offset, partition_max in wanted:
+    eager = EAGER_BYTES
+    for i, (topic, partition, offset, partition_max) in enumerate(wanted, 1):
+        if i % SLICE_PARTITIONS == 0:
+            await asyncio.sleep(0)  # a fetch of 100,000 partitions must not stall everyone
         read = _Read(topic, partition, offset)
         reads.append(read)
         try:
@@ -97,23 +148,37 @@ def _read_all(
         if budget <= 0 and total:
             continue
         try:
-            data = plog.read(offset, max(budget, 1))
+            got = plog.read_slice(offset, max(budget, 1), eager_bytes=eager)
         except StreamBusError as exc:
             read.error = exc.errno
             continue
-        if total and len(data) > budget:
+        if total and len(got) > budget:
             continue  # only the response's first batch may exceed the limits
-        read.records = data
-        total += len(data)
+        if got.data is not None:
+            read.records = got.data
+            eager -= len(got)
+        else:
+            read.records = got
+        total += len(got)
     return reads, total
 
 
-def _account(broker: Broker, reads: list[_Read]) -> None:
+def _pieces(records: Records) -> Iterator[bytes | memoryview]:
+    if isinstance(records, bytes | memoryview):
+        if records:
+            yield records
+    else:
+        yield from records.pieces()
+
+
+async def _account(broker: Broker, reads: list[_Read]) -> None:
     """Count what the response hands out: per partition, never per record."""
     tel = broker.telemetry
     span: trace.Span | None = None
     count_all = 0
-    for read in reads:
+    for i, read in enumerate(reads, 1):
+        if i % SLICE_PARTITIONS == 0:
+            await asyncio.sleep(0)
         if read.error:
             tel.error("Fetch", error_name(read.error))
             continue
@@ -129,24 +194,25 @@ def _account(broker: Broker, reads: list[_Read]) -> None:
 
 
 def _consumed(
-    broker: Broker, tp: TopicPartition, data: bytes | memoryview, fetch_offset: int
+    broker: Broker, tp: TopicPartition, records: Records, fetch_offset: int
 ) -> tuple[int, int]:
     """Messages and payload bytes at or after ``fetch_offset`` in whole stored batches."""
     sizes = broker.payload_sizes
     messages = payload = 0
-    view = memoryview(data)
-    for pos, header in walk_batches(data):
-        if header.base_offset >= fetch_offset:
-            messages += header.records_count
-            size = sizes.get(tp, header.base_offset, header.crc)
-            payload += payload_bytes(view, pos, header) if size is None else size
-        elif header.last_offset >= fetch_offset:
-            # The first batch may start before the offset asked for; the
-            # client skips those records, so they are not counted as consumed.
-            for record in iter_records(view, pos, header):
-                if record.offset >= fetch_offset:
-                    messages += 1
-                    payload += _record_payload(record)
+    for data in _pieces(records):
+        view = memoryview(data)
+        for pos, header in walk_batches(data):
+            if header.base_offset >= fetch_offset:
+                messages += header.records_count
+                size = sizes.get(tp, header.base_offset, header.crc)
+                payload += payload_bytes(view, pos, header) if size is None else size
+            elif header.last_offset >= fetch_offset:
+                # The first batch may start before the offset asked for; the
+                # client skips those records, so they are not counted as consumed.
+                for record in iter_records(view, pos, header):
+                    if record.offset >= fetch_offset:
+                        messages += 1
+                        payload += _record_payload(record)
     return messages, payload
 
 
@@ -167,22 +233,33 @@ def _fetch_span(broker: Broker, reads: list[_Read], count: int) -> trace.Span:
         span.set_attribute("messaging.kafka.offset", with_data[0].fetch_offset)
     if span.is_recording():
         # Links cost a scan of the records, so only spans that will be exported get them.
-        traceparents: list[bytes] = []
-        for read in with_data:
-            for pos, header in walk_batches(read.records):
-                if header.last_offset >= read.fetch_offset:
-                    traceparents += header_values(
-                        read.records, pos, header, "traceparent", MAX_LINKS
-                    )
-        for context in tel.contexts_from_traceparents(traceparents):
+        for context in tel.contexts_from_traceparents(_traceparents(with_data)):
             span.add_link(context)
     return span
+
+
+def _traceparents(reads: list[_Read]) -> list[bytes]:
+    """Up to MAX_LINKS distinct traceparent values from the first TRACE_SCAN_BYTES of
+    records: each batch is searched once, so the cost is linear and bounded."""
+    found: dict[bytes, None] = {}
+    budget = TRACE_SCAN_BYTES
+    for read in reads:
+        for data in _pieces(read.records):
+            for pos, header in walk_batches(data):
+                if header.last_offset < read.fetch_offset:
+                    continue
+                want = MAX_LINKS - len(found)
+                found.update(dict.fromkeys(header_values(data, pos, header, "traceparent", want)))
+                budget -= header.size
+                if len(found) >= MAX_LINKS or budget <= 0:
+                    return list(found)[:MAX_LINKS]
+    return list(found)
 
 
 def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
     token = new_token()
     by_topic: dict[str, list[Any]] = {}
-    parts: list[tuple[Any, bytes, bytes | memoryview]] = []
+    parts: list[tuple[Any, bytes, Records]] = []
     for index, read in enumerate(reads):
         data = PartitionData(
             partition_index=read.partition,

@@ -6,7 +6,8 @@ quarter of the broker's time. So the Fetch handler encodes each non-empty
 record set as a 16-byte marker, and :func:`encode_spliced` puts the real
 length prefix in place of the marker's and hands the stored bytes to the
 socket as a piece of their own. Everything else is still encoded by the
-library.
+library. A record set may also be a ``Streamed`` slice of the log, read in
+bounded pieces only while the connection writes it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from streambus.protocol.apis import FRAME_SIZE, Chunk, encode_response
+from streambus.protocol.apis import FRAME_SIZE, Chunk, Streamed, encode_response
 
 log = logging.getLogger("streambus.protocol")
 
 # Marker: 4 fixed bytes, 8 random per response, 4 for the partition's index.
 _MARKER = b"\xfe\x5b\x5d\xfe"
 _MARKER_SIZE = 16
+Records = bytes | memoryview | Streamed
 FLEXIBLE_FROM = 12  # Fetch v12+ encodes records as compact bytes (unsigned varint length + 1)
 
 
@@ -54,7 +56,9 @@ def _encode_whole(reply: SplicedFetch, version: int, correlation_id: int) -> lis
     """The plain encoding, for the (never yet seen) case of a marker not found where expected."""
     log.warning("Fetch response splice point not found; encoding the records inline")
     for data, _, records in reply.parts:
-        data.records = records
+        data.records = (
+            records if isinstance(records, bytes | memoryview) else b"".join(records.pieces())
+        )
     return [encode_response(reply.response, version, correlation_id)]
 
 
@@ -72,7 +76,7 @@ class SplicedFetch:
     """A FetchResponse with markers for record sets, and the record sets themselves."""
 
     response: Any
-    parts: list[tuple[Any, bytes, bytes | memoryview]]  # (PartitionData, marker, records)
+    parts: list[tuple[Any, bytes, Records]]  # (PartitionData, marker, records)
 
 
 def new_token() -> bytes:

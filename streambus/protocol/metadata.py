@@ -12,11 +12,18 @@ from kafka.protocol.metadata import (
     MetadataResponse,
 )
 
-from streambus.errors import StreamBusError, UnknownTopicOrPartitionError, error_name
+from streambus.errors import (
+    KafkaStorageError,
+    StreamBusError,
+    UnknownTopicOrPartitionError,
+    error_name,
+)
 from streambus.protocol.apis import APIS, RequestContext, api
+from streambus.protocol.validation import is_internal_topic
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
+    from streambus.storage.catalog import OfflineTopic
 
 log = logging.getLogger("streambus.protocol")
 
@@ -43,6 +50,7 @@ async def handle_metadata(broker: Broker, ctx: RequestContext, request: Any) -> 
     requested = request.topics
     if requested is None or (version == 0 and not requested):
         names = [name for name, meta in broker.logs.topics().items() if not meta.internal]
+        names += [n for n, o in broker.logs.offline_topics().items() if not o.internal]
         errors: dict[str, int] = {}
     else:
         names = []
@@ -54,9 +62,11 @@ async def handle_metadata(broker: Broker, ctx: RequestContext, request: Any) -> 
             if name is None:
                 continue
             names.append(name)
-            if name in broker.logs.topics():
+            if name in broker.logs.topics() or name in broker.logs.offline_topics():
                 continue
-            if allow_create and broker.config.auto_create_topics_enable:
+            if is_internal_topic(broker, name):  # only the broker creates those
+                errors[name] = UnknownTopicOrPartitionError.errno
+            elif allow_create and broker.config.auto_create_topics_enable:
                 try:
                     broker.create_topic(name, broker.config.num_partitions, {})
                     log.info("auto-created topic %r for %s", name, ctx.client_id)
@@ -69,6 +79,10 @@ async def handle_metadata(broker: Broker, ctx: RequestContext, request: Any) -> 
     for name in names:
         error = errors.get(name, 0)
         meta = broker.logs.topics().get(name)
+        offline = broker.logs.offline_topics().get(name)
+        if offline is not None:
+            topics.append(_offline_topic(broker, offline))
+            continue
         if error or meta is None:
             error = error or UnknownTopicOrPartitionError.errno
             broker.telemetry.error("Metadata", error_name(error))
@@ -111,4 +125,30 @@ async def handle_metadata(broker: Broker, ctx: RequestContext, request: Any) -> 
         cluster_id=broker.cluster_id,
         controller_id=broker.broker_id,
         topics=topics,
+    )
+
+
+def _offline_topic(broker: Broker, offline: OfflineTopic) -> Any:
+    """A topic whose files cannot be served: every partition KAFKA_STORAGE_ERROR, no leader."""
+    R = MetadataResponse.MetadataResponseTopic
+    broker.telemetry.error("Metadata", KafkaStorageError.kafka_name)
+    partitions = [
+        R.MetadataResponsePartition(
+            error_code=KafkaStorageError.errno,
+            partition_index=i,
+            leader_id=-1,
+            leader_epoch=-1,
+            replica_nodes=[broker.broker_id],
+            isr_nodes=[],
+            offline_replicas=[broker.broker_id],
+        )
+        for i in range(offline.partitions)
+    ]
+    return R(
+        # With no partition to carry the error, the topic carries it.
+        error_code=0 if partitions else KafkaStorageError.errno,
+        name=offline.name,
+        topic_id=offline.topic_id,
+        is_internal=offline.internal,
+        partitions=partitions,
     )

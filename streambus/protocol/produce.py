@@ -9,6 +9,7 @@ the response goes out. acks=0 gets no response at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import time
@@ -24,14 +25,26 @@ from kafka.protocol.producer import (
 from opentelemetry import trace
 
 from streambus.errors import (
+    InvalidRecordError,
     InvalidRequestError,
     InvalidRequiredAcksError,
+    InvalidTopicError,
+    KafkaStorageError,
     StreamBusError,
 )
 from streambus.instrumentation import MAX_LINKS
-from streambus.protocol.apis import RequestContext, api
-from streambus.storage.batch import header_values, walk_batches
+from streambus.protocol.apis import Chunk, RequestContext, api, encode_response
+from streambus.protocol.validation import is_internal_topic
+from streambus.storage.batch import (
+    Buffer,
+    compression_of,
+    header_values,
+    parse_batches,
+    validate_records,
+    walk_batches,
+)
 from streambus.structs import TopicPartition
+from streambus.topic_config import TopicConfig
 
 if TYPE_CHECKING:
     from streambus.broker import Broker
@@ -42,7 +55,24 @@ PartitionResponse = ProduceResponse.TopicProduceResponse.PartitionProduceRespons
 TRACEPARENT = "traceparent"
 
 
-@api(ProduceRequest, ProduceResponse, versions=(3, 9))
+# Partitions appended between yields to the event loop: a request naming 100,000
+# partitions must not hold every other client (heartbeats included) for seconds.
+PARTITIONS_PER_SLICE = 500
+# A compressed batch at least this large is decompressed and checked in a worker
+# thread before it is appended; smaller ones cost less than the hand-over.
+OFF_LOOP_COMPRESSED_BYTES = 32 * 1024
+# Rejected partitions named in a request's one log line.
+LOGGED_REJECTIONS = 5
+
+
+def _encode(reply: Any, version: int, correlation_id: int) -> list[Chunk]:
+    """A response, or the frame a worker thread already encoded (see ``handle_produce``)."""
+    if isinstance(reply, bytearray):
+        return [reply]
+    return [encode_response(reply, version, correlation_id)]
+
+
+@api(ProduceRequest, ProduceResponse, versions=(3, 9), encoder=_encode)
 async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> Any | None:
     started = time.perf_counter()
     tel = broker.telemetry
@@ -53,13 +83,22 @@ async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> A
     refused = _refusal(request)
     topics_out = []
     touched: list[str] = []
+    rejected: list[tuple[str, int, StreamBusError]] = []
+    done = 0
     try:
         for topic_data in request.topic_data:
             topic = topic_data.name
             touched.append(topic)
+            refused_here = refused
+            if refused_here is None and is_internal_topic(broker, topic):
+                # What Kafka's ReplicaManager answers: only the broker appends there.
+                refused_here = InvalidTopicError(f"cannot append to internal topic {topic}")
             parts = []
             for pd in topic_data.partition_data:
-                parts.append(_append_one(broker, ctx, topic, pd, refused))
+                parts.append(await _append_one(broker, topic, pd, refused_here, rejected))
+                done += 1
+                if done % PARTITIONS_PER_SLICE == 0:
+                    await asyncio.sleep(0)
             topics_out.append(
                 ProduceResponse.TopicProduceResponse(name=topic, partition_responses=parts)
             )
@@ -69,9 +108,18 @@ async def handle_produce(broker: Broker, ctx: RequestContext, request: Any) -> A
             tel.produce_latency(topic, elapsed)
         if span is not None:
             _finish_span(span, topics_out)
+        if rejected:
+            _log_rejections(ctx, rejected)
     if acks == 0:
         return None
-    return ProduceResponse(responses=topics_out, throttle_time_ms=0)
+    response = ProduceResponse(responses=topics_out, throttle_time_ms=0)
+    if done > PARTITIONS_PER_SLICE:
+        # Encoding costs about as much per partition as appending; for a response this
+        # large it would hold the loop in one piece, so a worker thread does it.
+        return await asyncio.to_thread(
+            encode_response, response, ctx.api_version, ctx.correlation_id
+        )
+    return response
 
 
 def _refusal(request: Any) -> StreamBusError | None:
@@ -83,28 +131,55 @@ def _refusal(request: Any) -> StreamBusError | None:
     return None
 
 
-def _append_one(
-    broker: Broker, ctx: RequestContext, topic: str, pd: Any, refused: StreamBusError | None
+def _log_rejections(ctx: RequestContext, rejected: list[tuple[str, int, StreamBusError]]) -> None:
+    """One line per request, however many partitions it named."""
+    first = ", ".join(
+        f"{topic}-{partition}: {exc.kafka_name}: {exc}"
+        for topic, partition, exc in rejected[:LOGGED_REJECTIONS]
+    )
+    more = len(rejected) - LOGGED_REJECTIONS
+    log.warning(
+        "produce from %s (%s): %d partition(s) rejected: %s%s",
+        ctx.client_id,
+        ctx.peer,
+        len(rejected),
+        first,
+        f" and {more} more" if more > 0 else "",
+    )
+
+
+async def _append_one(
+    broker: Broker,
+    topic: str,
+    pd: Any,
+    refused: StreamBusError | None,
+    rejected: list[tuple[str, int, StreamBusError]],
 ) -> Any:
     tel = broker.telemetry
     partition = pd.index
+    tp = TopicPartition(topic, partition)
     try:
         if refused is not None:
             raise refused
         if pd.records is None:
             raise InvalidRequestError("produce request without records")
-        result = broker.logs.log(TopicPartition(topic, partition)).append(pd.records)
+        records = pd.records
+        payload = None
+        config = broker.logs.log(tp).config
+        if _decompress_off_loop(records, config):
+            payload = await asyncio.to_thread(_validate, records, config)
+            if broker.logs.log(tp).config is not config:  # changed while we waited: check again
+                payload = None
+        plog = broker.logs.log(tp)
+        result = plog.append(records, payload=payload)
+        if result.needs_sync:
+            await plog.wait_synced(result.last_offset + 1)
     except StreamBusError as exc:
         tel.error("Produce", exc.kafka_name)
-        log.warning(
-            "produce to %s-%d from %s (%s) rejected: %s: %s",
-            topic,
-            partition,
-            ctx.client_id,
-            ctx.peer,
-            exc.kafka_name,
-            exc,
-        )
+        if isinstance(exc, KafkaStorageError):  # logged once per episode by storage health
+            log.debug("produce to %s-%d failed: %s", topic, partition, exc)
+        else:
+            rejected.append((topic, partition, exc))
         return PartitionResponse(
             index=partition,
             error_code=exc.errno,
@@ -115,7 +190,6 @@ def _append_one(
         )
     tel.produced(topic, partition, result.record_count, result.payload_bytes)
     if not result.duplicate:
-        tp = TopicPartition(topic, partition)
         tel.stored(topic, partition, result.record_count, result.payload_bytes)
         broker.payload_sizes.remember(tp, result.base_offset, result.crc, result.payload_bytes)
         broker.notify_append(tp)
@@ -125,6 +199,32 @@ def _append_one(
         base_offset=result.base_offset,
         log_append_time_ms=result.log_append_time_ms,
         log_start_offset=result.log_start_offset,
+    )
+
+
+def _decompress_off_loop(records: Buffer, config: TopicConfig) -> bool:
+    """A compressed batch worth a worker thread; one over the size limit is refused
+    by the append at once, without decompressing anything."""
+    return (
+        OFF_LOOP_COMPRESSED_BYTES <= len(records) <= config.max_message_bytes
+        and compression_of(records) != 0
+    )
+
+
+def _validate(records: Buffer, config: TopicConfig) -> int:
+    """In a worker thread: the append's checks of the batch's records, ending with their
+    payload bytes. Only ``records`` and ``config`` are read, and neither changes meanwhile;
+    the append repeats the cheap header checks on the loop and skips the decompression."""
+    batches = parse_batches(records)
+    if len(batches) != 1:
+        raise InvalidRecordError(f"expected exactly one record batch, got {len(batches)}")
+    pos, header = batches[0]
+    return validate_records(
+        records,
+        pos,
+        header,
+        limit=config.max_message_bytes,
+        keys_required=config.cleanup_policy.compacts,
     )
 
 
@@ -176,9 +276,15 @@ async def handle_init_producer_id(broker: Broker, ctx: RequestContext, request: 
             producer_id=-1,
             producer_epoch=-1,
         )
-    pid, epoch = broker.producer_ids.allocate(
-        getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
-    )
+    try:
+        pid, epoch = broker.producer_ids.allocate(
+            getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
+        )
+    except StreamBusError as exc:  # KafkaStorageError: the id block could not be reserved
+        broker.telemetry.error("InitProducerId", exc.kafka_name)
+        return InitProducerIdResponse(
+            throttle_time_ms=0, error_code=exc.errno, producer_id=-1, producer_epoch=-1
+        )
     return InitProducerIdResponse(
         throttle_time_ms=0, error_code=0, producer_id=pid, producer_epoch=epoch
     )

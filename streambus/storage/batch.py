@@ -26,13 +26,19 @@ All varints are zigzag encoded, as in protobuf.
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import crc32c
 from kafka import codec
 
-from streambus.errors import CorruptRecordError, InvalidRecordError, UnsupportedCompressionTypeError
+from streambus.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    MessageTooLargeError,
+    UnsupportedCompressionTypeError,
+)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -131,6 +137,12 @@ def read_header(data: Buffer, pos: int) -> BatchHeader:
     return BatchHeader._make(HEADER.unpack_from(data, pos))
 
 
+def compression_of(data: Buffer, pos: int = 0) -> int:
+    """The compression codec of the batch at ``pos`` (0: none), read from its attributes."""
+    (attributes,) = _ATTRIBUTES.unpack_from(data, pos + ATTRIBUTES_OFFSET)
+    return int(attributes) & COMPRESSION_MASK
+
+
 def check_batch(view: memoryview, pos: int) -> BatchHeader:
     """Validate the batch starting at ``pos`` of ``view`` and return its header."""
     remaining = len(view) - pos
@@ -177,10 +189,28 @@ _DECODERS: dict[int, tuple[str, Callable[[], bool], Callable[[bytes], bytes]]] =
     3: ("lz4", codec.has_lz4, codec.lz4_decode),  # None without an lz4 library
     4: ("zstd", codec.has_zstd, codec.zstd_decode),
 }
+GZIP = 1
+
+# Decompressed records of one batch above this are refused on every path that
+# reads stored batches (fetch counting, compaction, offset loading); the produce
+# path refuses far earlier, at the topic's max.message.bytes. A few hundred
+# bytes of gzip can inflate to gigabytes, so the size is checked while
+# inflating, never after.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+# Output produced per decompression step between checks of the running total.
+_INFLATE_STEP = 256 * 1024
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # gzip header and trailer, as Kafka's GZIPOutputStream writes
 
 
-def _records_section(data: Buffer, pos: int, header: BatchHeader) -> tuple[Buffer, int, int]:
-    """(buffer, start, end) of the batch's records, decompressed if need be."""
+def _records_section(
+    data: Buffer,
+    pos: int,
+    header: BatchHeader,
+    limit: int = MAX_INFLATED_BYTES,
+    limit_name: str = "the broker's decompression limit",
+) -> tuple[Buffer, int, int]:
+    """(buffer, start, end) of the batch's records, decompressed if need be (at most ``limit``
+    bytes of output: more raises MessageTooLargeError naming ``limit_name``)."""
     start, end = pos + HEADER.size, pos + header.size
     compression = header.compression
     if compression == 0:
@@ -191,11 +221,45 @@ def _records_section(data: Buffer, pos: int, header: BatchHeader) -> tuple[Buffe
     name, available, decode = entry
     if not available():
         raise UnsupportedCompressionTypeError(f"{name} compression is not available on this broker")
+    compressed = memoryview(data)[start:end]
     try:
-        raw = decode(bytes(memoryview(data)[start:end]))
+        # The other codecs' libraries inflate whole and the size is checked after;
+        # none of them ships with StreamBus.
+        raw = _gunzip(compressed, limit) if compression == GZIP else decode(bytes(compressed))
+    except _InflatedTooMuchError:
+        raw = None
     except Exception as exc:  # the codecs raise whatever their libraries raise
         raise InvalidRecordError(f"cannot decompress {name} batch: {exc}") from exc
+    if raw is None or len(raw) > limit:
+        raise MessageTooLargeError(
+            f"{name} batch inflates to more than {limit} bytes ({limit_name})"
+        )
     return raw, 0, len(raw)
+
+
+class _InflatedTooMuchError(Exception):
+    pass
+
+
+def _gunzip(compressed: Buffer, limit: int) -> bytes:
+    """Inflate gzip members one after another in steps of at most ``_INFLATE_STEP`` bytes,
+    stopping as soon as the output passes ``limit``."""
+    out = bytearray()
+    pending = bytes(compressed)
+    while pending:
+        inflater = zlib.decompressobj(_GZIP_WBITS)
+        chunk = pending
+        while not inflater.eof:
+            piece = inflater.decompress(chunk, _INFLATE_STEP)
+            out += piece
+            if len(out) > limit:
+                raise _InflatedTooMuchError
+            chunk = inflater.unconsumed_tail
+            if not piece and not chunk:
+                raise InvalidRecordError("gzip data ends before its end-of-stream marker")
+        # Like Python's gzip module: members may follow, and zero padding after the last.
+        pending = inflater.unused_data.lstrip(b"\0")
+    return bytes(out)
 
 
 def _varint(buf: Buffer, i: int) -> tuple[int, int]:
@@ -233,10 +297,29 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
     longer ones pay for a call.
     """
     buf, i, end = _records_section(data, pos, header)
+    return _payload(buf, i, end, header.records_count)
+
+
+def validate_records(
+    data: Buffer, pos: int, header: BatchHeader, *, limit: int, keys_required: bool
+) -> int:
+    """The produce path's check of a batch's records, decompressing them once, to at most
+    ``limit`` bytes (the topic's max.message.bytes): ``payload_bytes``, and for compacted
+    topics a key on every record."""
+    buf, i, end = _records_section(data, pos, header, limit, "max.message.bytes")
+    total = _payload(buf, i, end, header.records_count)
+    if keys_required:
+        for record in _records(buf, i, end, header):
+            if record.key is None:
+                raise InvalidRecordError("compacted topic cannot accept a record without key")
+    return total
+
+
+def _payload(buf: Buffer, i: int, end: int, records_count: int) -> int:
     total = 0
     varint = _varint
     try:
-        for _ in range(header.records_count):
+        for _ in range(records_count):
             b = buf[i]
             if b < 0x80:
                 length, i = (b >> 1) ^ -(b & 1), i + 1
@@ -301,7 +384,7 @@ def payload_bytes(data: Buffer, pos: int, header: BatchHeader) -> int:
     except IndexError:
         raise InvalidRecordError("record runs past the end of the batch") from None
     if i != end:
-        raise InvalidRecordError(f"batch holds more data than its {header.records_count} records")
+        raise InvalidRecordError(f"batch holds more data than its {records_count} records")
     return total
 
 
@@ -327,7 +410,9 @@ def header_values(data: Buffer, pos: int, header: BatchHeader, key: str, limit: 
     """
     buf, start, end = _records_section(data, pos, header)
     if isinstance(buf, memoryview):
-        buf = bytes(buf)
+        # memoryview has no find: copy this batch's records only. Copying all of
+        # ``data`` here made a response's scan quadratic in its number of batches.
+        buf, start, end = bytes(buf[start:end]), 0, end - start
     encoded = key.encode()
     needle = bytearray()
     _put_bytes(needle, encoded)
@@ -359,6 +444,10 @@ def _bytes_at(buf: Buffer, i: int) -> tuple[bytes | None, int]:
 def iter_records(data: Buffer, pos: int, header: BatchHeader) -> Iterator[Record]:
     """The records of one batch, decompressed; assumes ``payload_bytes`` accepted it."""
     buf, i, end = _records_section(data, pos, header)
+    return _records(buf, i, end, header)
+
+
+def _records(buf: Buffer, i: int, end: int, header: BatchHeader) -> Iterator[Record]:
     log_append = header.timestamp_type == 1
     try:
         for _ in range(header.records_count):

@@ -6,8 +6,14 @@ is younger than min.compaction.lag.ms):
 1. map every key to the offset of its latest record, counting keyed records per
    segment, so segments where every keyed record is still the latest are left
    untouched without a second decode;
-2. rewrite each other segment into ``<base>.log.cleaned`` and swap it in
-   atomically (``Segment.replace_log``).
+2. rewrite each other segment into ``<base>.log.cleaned`` (with its indexes, also
+   under ``.cleaned`` names), fsynced, for the log to swap in (``Segment.adopt``).
+
+``clean`` is the slow part and runs in a worker thread: it reads twins of the
+segments (``Segment.reader``, each with a descriptor of its own) and never touches
+the segments the event loop serves from; the log swaps the results in on the loop.
+It checks an abort flag between batches, so a topic deleted or a broker stopped
+mid-way waits for at most one batch, and removes what it staged when aborted.
 
 A batch that loses no record is copied byte for byte (producer ids, compression
 and all). A batch that loses some becomes one uncompressed batch of its
@@ -22,7 +28,8 @@ Records without a key (written before the topic became compacted) are kept.
 
 from __future__ import annotations
 
-import os
+import threading
+import time
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -32,6 +39,7 @@ from streambus.storage.batch import (
     Record,
     build_batch,
     iter_records,
+    read_header,
     set_log_append_time,
 )
 from streambus.storage.segment import Segment
@@ -39,10 +47,14 @@ from streambus.topic_config import TopicConfig
 
 
 class CleanResult(NamedTuple):
-    rewritten: int  # segments replaced by a cleaned copy
+    staged: list[tuple[int, Segment]]  # (index in the input, cleaned copy to adopt)
     records_removed: int
-    emptied: list[Segment]  # rewritten segments left without any batch
     tombstones_due_ms: int  # when the oldest kept tombstone may go; -1 if none kept
+
+    @property
+    def rewritten(self) -> int:
+        """Segments replaced by a cleaned copy."""
+        return len(self.staged)
 
 
 def cleanable_segments(
@@ -71,12 +83,69 @@ def _rebuild(survivors: list[Record], header: BatchHeader) -> bytes:
     return data
 
 
-def clean(segments: Sequence[Segment], config: TopicConfig, now_ms: int) -> CleanResult:
+class _AbortedError(Exception):
+    """The cleaning was called off; never leaves this module."""
+
+
+_YIELD_BYTES = 64 * 1024  # batch bytes decoded between two hand-overs of the GIL
+
+
+class _Pace:
+    """Called between batches: stops an aborted cleaning, and hands the GIL to the event
+    loop's thread often. Without that the loop waits up to the interpreter's switch
+    interval (5 ms) each time it wants the GIL back, several times per request."""
+
+    def __init__(self, abort: threading.Event) -> None:
+        self._abort = abort
+        self._since = 0
+
+    def step(self, size: int) -> None:
+        if self._abort.is_set():
+            raise _AbortedError
+        self._since += size
+        if self._since >= _YIELD_BYTES:
+            self._since = 0
+            time.sleep(0)
+
+
+def clean(
+    segments: Sequence[Segment],
+    config: TopicConfig,
+    now_ms: int,
+    abort: threading.Event | None = None,
+) -> CleanResult | None:
+    """Clean ``segments`` (twins from ``Segment.reader``) into staged copies.
+
+    None if ``abort`` was set meanwhile; whatever was staged is then removed.
+    """
+    staged: list[tuple[int, Segment]] = []
+    try:
+        return _clean(segments, config, now_ms, abort or threading.Event(), staged)
+    except BaseException:
+        for _, copy in staged:
+            copy.discard_staging()
+        if abort is not None and abort.is_set():
+            return None
+        raise
+    finally:
+        for segment in segments:
+            segment.release_fd()
+
+
+def _clean(
+    segments: Sequence[Segment],
+    config: TopicConfig,
+    now_ms: int,
+    abort: threading.Event,
+    staged: list[tuple[int, Segment]],
+) -> CleanResult:
+    pace = _Pace(abort)
     latest: dict[bytes, int] = {}
     tombstones: set[bytes] = set()  # keys whose latest record is a tombstone
     keyed = [0] * len(segments)
     for i, segment in enumerate(segments):
         for _, header, view in segment.iter_batches():
+            pace.step(header.size)
             if header.is_control:
                 continue
             for record in iter_records(view, 0, header):
@@ -88,6 +157,7 @@ def clean(segments: Sequence[Segment], config: TopicConfig, now_ms: int) -> Clea
                     tombstones.add(record.key)
                 else:
                     tombstones.discard(record.key)
+        segment.release_fd()  # one descriptor at a time, however many segments
 
     horizon = now_ms - config.delete_retention_ms
     drop_tombstones = [segment.largest_time_ms < horizon for segment in segments]
@@ -103,40 +173,48 @@ def clean(segments: Sequence[Segment], config: TopicConfig, now_ms: int) -> Clea
             tombstones_due_ms = due if tombstones_due_ms < 0 else min(tombstones_due_ms, due)
         survivors[i] += 1
 
-    rewritten = removed = 0
-    emptied: list[Segment] = []
+    removed = 0
     for i, segment in enumerate(segments):
         if survivors[i] == keyed[i]:
             continue
-        removed += _rewrite(segment, latest, drop_tombstones[i])
-        rewritten += 1
-        if segment.size == 0:
-            emptied.append(segment)
-    return CleanResult(rewritten, removed, emptied, tombstones_due_ms)
+        copy = segment.staging()
+        staged.append((i, copy))
+        removed += _rewrite(
+            segment, copy, latest, drop_tombstones=drop_tombstones[i], now_ms=now_ms, pace=pace
+        )
+        segment.release_fd()
+    return CleanResult(staged, removed, tombstones_due_ms)
 
 
-def _rewrite(segment: Segment, latest: dict[bytes, int], drop_tombstones: bool) -> int:
-    """Write the segment's surviving records to its .cleaned file and swap it in."""
+def _rewrite(
+    segment: Segment,
+    copy: Segment,
+    latest: dict[bytes, int],
+    *,
+    drop_tombstones: bool,
+    now_ms: int,
+    pace: _Pace,
+) -> int:
+    """Write the segment's surviving records into ``copy``, fsynced."""
     removed = 0
-    with segment.cleaned_path.open("wb") as out:
-        for _, header, view in segment.iter_batches():
-            if header.is_control:
-                out.write(view)
+    for _, header, view in segment.iter_batches():
+        pace.step(header.size)
+        if header.is_control:
+            copy.append(view, header, now_ms)
+            continue
+        kept: list[Record] = []
+        for record in iter_records(view, 0, header):
+            if record.key is not None and (
+                latest.get(record.key) != record.offset
+                or (record.value is None and drop_tombstones)
+            ):
                 continue
-            kept: list[Record] = []
-            for record in iter_records(view, 0, header):
-                if record.key is not None and (
-                    latest.get(record.key) != record.offset
-                    or (record.value is None and drop_tombstones)
-                ):
-                    continue
-                kept.append(record)
-            removed += header.records_count - len(kept)
-            if len(kept) == header.records_count:
-                out.write(view)
-            elif kept:
-                out.write(_rebuild(kept, header))
-        out.flush()
-        os.fsync(out.fileno())
-    segment.replace_log()
+            kept.append(record)
+        removed += header.records_count - len(kept)
+        if len(kept) == header.records_count:
+            copy.append(view, header, now_ms)
+        elif kept:
+            data = _rebuild(kept, header)
+            copy.append(data, read_header(data, 0), now_ms)
+    segment.finish_staging(copy)
     return removed

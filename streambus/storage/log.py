@@ -9,19 +9,48 @@ Durability: ``append`` leaves the batch in the page cache (it survives a
 process kill); fsync follows flush.messages / flush.ms. A rolled segment is
 fsynced by the next ``flush``/``maybe_flush`` rather than inside the produce
 request that rolled it, and only the last segment is re-checked on open.
+
+Corruption: a closed segment is verified before it is first read (see
+segment.py); every bad region found is logged once at ERROR, naming the file,
+byte position and offset, and counted in ``corruptions`` for the broker to
+export. The log end offset is also written to ``leo.checkpoint`` at each flush
+and on close: a log that opens with a lower end (its last segment cut or
+zeroed) reports it and continues at the checkpoint, so no offset is handed out
+twice.
+
+Slow work leaves the event loop once the log is given a background submitter
+(``set_background``, as the LogManager does): the flush.messages / flush.ms
+trigger in ``append`` then starts an fsync in a worker thread instead of
+syncing inline; the thread opens the files itself, so the loop may close its
+own descriptors meanwhile. Maintenance is split the same way: the loop picks what to do and
+swaps results in (``detach_expired``, ``start_compaction`` /
+``finish_compaction``, ``flush_if_due``); files are unlinked, cleaned and
+fsynced in threads. While a compaction runs the log is marked as cleaning:
+retention waits, and a close aborts the cleaner and discards its result.
+Without a submitter (tests, tools) everything runs inline as before.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import logging
+import os
 import shutil
+import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from streambus.errors import (
+    CorruptRecordError,
     InvalidRecordError,
+    KafkaStorageError,
     MessageTooLargeError,
     OffsetOutOfRangeError,
     RecordListTooLargeError,
@@ -32,13 +61,15 @@ from streambus.storage.batch import (
     BatchHeader,
     iter_records,
     parse_batches,
-    payload_bytes,
     read_header,
     set_base_offset,
     set_log_append_time,
+    validate_records,
 )
+from streambus.storage.health import WriteHealth
 from streambus.storage.producer_state import ProducerState
 from streambus.storage.segment import Segment, fsync_dir
+from streambus.storage.verify import BadRegion, ScanResult
 from streambus.structs import AppendResult
 from streambus.topic_config import TimestampType, TopicConfig
 
@@ -46,9 +77,106 @@ log = logging.getLogger("streambus.storage")
 
 _SEGMENT_SUFFIX = ".log"
 _NAME_DIGITS = 20
+# Log end offset checkpoint, text: a format version line ("0"), then the offset.
+CHECKPOINT_FILE = "leo.checkpoint"
+_CHECKPOINT_VERSION = "0"
+
+
+Scanned = tuple[Segment, int, ScanResult]  # segment, its generation when scanned, result
+
+
+class Span(NamedTuple):
+    """Whole batches of one segment, to be read when they are sent."""
+
+    segment: Segment
+    position: int
+    length: int
+    generation: int  # the segment's, when planned
+
+
+class LogSlice:
+    """Whole batches planned by ``PartitionLog.read_slice``, read in bounded pieces on demand.
+
+    ``data`` holds the bytes when they were read while planning (small slices);
+    otherwise ``pieces`` reads each span, batch-aligned, when asked.
+    """
+
+    __slots__ = ("data", "size", "spans")
+
+    def __init__(self, spans: list[Span], data: bytes | memoryview | None) -> None:
+        self.spans = spans
+        self.data = data
+        self.size = sum(span.length for span in spans)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        if self.data is not None:
+            if self.data:
+                yield self.data
+            return
+        for span in self.spans:
+            yield from span.segment.read_pieces(span.position, span.length, span.generation)
+
+
+# Runs a job in a worker thread: the LogManager's executor, set with set_background.
+Submit = Callable[[Callable[[], None]], "Future[None]"]
+
+
+def _fsync_files(directory: Path, paths: list[Path], sync_dir: bool) -> None:
+    """Worker thread: fsync files and, after a roll, the directory.
+
+    Each file is opened here, by name: the thread never uses a descriptor the event
+    loop may close meanwhile, and a queued fsync holds no descriptor. A file deleted
+    in between (retention, a deleted topic) needs no sync; one replaced by compaction
+    was fsynced before the swap.
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if sync_dir:
+        with contextlib.suppress(FileNotFoundError):  # the topic was deleted meanwhile
+            fsync_dir(directory)
+
+
+@dataclass
+class CompactionJob:
+    """One compaction: ``run`` in a worker thread, then ``finish_compaction`` on the
+    loop, then ``settle`` in a worker thread."""
+
+    segments: list[Segment]  # the log's own closed segments being cleaned
+    readers: list[Segment]  # their twins, read by the worker
+    config: TopicConfig
+    now_ms: int
+    end: int  # first offset not cleaned
+    abort: threading.Event = field(default_factory=threading.Event)
+    future: Future[cleaner.CleanResult | None] | None = None  # set by whoever runs it
+    adopted: list[tuple[Segment, Segment]] = field(default_factory=list)
+    discarded: list[Segment] = field(default_factory=list)
+
+    def run(self) -> cleaner.CleanResult | None:
+        return cleaner.clean(self.readers, self.config, self.now_ms, self.abort)
+
+    def settle(self) -> None:
+        """Worker thread: make adopted copies durable, remove discarded ones."""
+        for segment, staged in self.adopted:
+            segment.settle_adopted(staged)
+        for staged in self.discarded:
+            staged.discard_staging()
 
 
 class PartitionLog:
+    # Told about every append's outcome, so a full disk is logged once per episode and
+    # exported; set by the LogManager that opened the log.
+    health: WriteHealth | None = None
+
     def __init__(
         self,
         directory: Path,
@@ -68,6 +196,18 @@ class PartitionLog:
         self._tombstones_due_ms = -1  # when a kept tombstone may be dropped
         self._closed = False
         self._bases: list[int] = []  # segment base offsets for bisect; cleared on any change
+        self.corruptions = 0  # bad regions found since open, each counted once
+        # Closed segments not yet verified; may overcount once retention deleted one.
+        self._unverified = sum(not seg.verified for seg in segments)
+        self._checkpointed = -1  # last log end offset written to the checkpoint
+        self._checkpoint_failing = False
+        self._background: Submit | None = None
+        self._flushing: Future[None] | None = None  # background fsync in flight
+        # What the fsync in flight covers, to redo on failure: rolled segments, messages,
+        # first unflushed time, and the log end offset when it started.
+        self._flush_covers: tuple[list[Segment], int, int, int] = ([], 0, -1, 0)
+        self._synced_end = -1  # log end offset covered by the last completed fsync
+        self._cleaning: CompactionJob | None = None
         self._segments[-1].open_for_append()
 
     @classmethod
@@ -84,20 +224,169 @@ class PartitionLog:
             if len(p.stem) == _NAME_DIGITS and p.stem.isdigit()
         )
         interval = config.index_interval_bytes
+        compacts = config.cleanup_policy.compacts
         if not bases:
             segments = [Segment.create(directory, 0, interval, now_ms)]
         else:
             segments = [
-                Segment.load(directory, base, interval, now_ms, recover=base == bases[-1])
-                for base in bases
+                Segment.load(
+                    directory,
+                    base,
+                    interval,
+                    now_ms,
+                    recover=i == len(bases) - 1,
+                    upper=None if i == len(bases) - 1 else bases[i + 1],
+                    contiguous=not compacts,
+                    may_be_empty=compacts and i == 0,
+                )
+                for i, base in enumerate(bases)
             ]
         plog = cls(directory, config, segments, clock)
-        plog._producers.rebuild(h for seg in segments for _, h in seg.iter_headers())
-        for segment in segments[:-1]:
+        for segment in segments:
+            plog._report(segment, segment.take_found())
+        plog._resume_at_checkpoint(now_ms)
+        plog._producers.rebuild(_headers(plog._segments))
+        for segment in plog._segments[:-1]:
             segment.release_fd()  # most old segments are never read again
         return plog
 
+    def _resume_at_checkpoint(self, now_ms: int) -> None:
+        """Never reuse an offset: continue at the checkpointed end if the log lost its tail."""
+        saved = _read_checkpoint(self.directory / CHECKPOINT_FILE)
+        self._checkpointed = saved
+        end = self.log_end_offset
+        if saved <= end:
+            return
+        active = self._active
+        self.corruptions += 1
+        log.error(
+            "%s: corrupt log: ends at offset %d (byte %d of %s) but offsets up to %d were "
+            "written (%s); offsets %d..%d are lost, continuing at %d",
+            self.directory,
+            end,
+            active.size,
+            active.log_path,
+            saved - 1,
+            CHECKPOINT_FILE,
+            end,
+            saved - 1,
+            saved,
+        )
+        if active.size == 0:  # nothing left in it: the new segment takes its place
+            self._segments.pop()
+            active.delete()
+        else:
+            active.seal()
+            self._needs_sync.append(active)
+        segment = Segment.create(self.directory, saved, self._config.index_interval_bytes, now_ms)
+        segment.open_for_append()
+        self._segments.append(segment)
+        self._bases.clear()
+        fsync_dir(self.directory)
+
+    def _write_checkpoint(self) -> None:
+        """Record the log end offset: no offset below it is handed out again after a restart."""
+        end = self.log_end_offset
+        if end == self._checkpointed:
+            return
+        path = self.directory / CHECKPOINT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(f"{_CHECKPOINT_VERSION}\n{end}\n")
+            tmp.replace(path)
+        except OSError as exc:
+            # The data is flushed; only the guard against reuse lags (a full disk). Said
+            # once until a write succeeds again.
+            if not self._checkpoint_failing:
+                log.warning("%s: cannot write %s: %s", self.directory, CHECKPOINT_FILE, exc)
+            self._checkpoint_failing = True
+            return
+        self._checkpoint_failing = False
+        self._checkpointed = end
+
+    def _report(self, segment: Segment, regions: Iterable[BadRegion]) -> None:
+        for region in regions:
+            self.corruptions += 1
+            log.error(
+                "%s: corrupt data at byte %d (to %d), offset %d: %s; %s",
+                segment.log_path,
+                region.start,
+                region.end,
+                region.offset,
+                region.reason,
+                "skipped" if region.end > region.start else "nothing to serve",
+            )
+
+    # -- verification ----------------------------------------------------------
+
+    def unverified(self, offset: int, max_bytes: int) -> list[Segment]:
+        """Closed segments a read of ``max_bytes`` from ``offset`` may need verified first."""
+        out: list[Segment] = []
+        if self._unverified <= 0 or not self.log_start_offset <= offset < self.log_end_offset:
+            return out  # the common case costs no walk over the segments
+        ahead = 0
+        for segment in self._segments[self._segment_index(offset) :]:
+            if not segment.verified:
+                out.append(segment)
+            ahead += segment.size
+            if ahead > max_bytes:
+                break
+        return out
+
+    def unverified_segments(self) -> list[Segment]:
+        """Every closed segment not yet verified (all of them after an unclean stop)."""
+        if self._unverified <= 0:
+            return []
+        return [segment for segment in self._segments[:-1] if not segment.verified]
+
+    def scan_job(self, segment: Segment) -> Callable[[], Scanned | None]:
+        """A full check of a closed segment, to run in a worker thread (it only reads);
+        its result goes to ``apply_scan`` back on the owning thread."""
+        generation = segment.generation
+        args = self._scan_args(segment)
+
+        def job() -> Scanned | None:
+            try:
+                return segment, generation, segment.scan(**args)
+            except FileNotFoundError:  # deleted by retention meanwhile: nothing to serve
+                return None
+
+        return job
+
+    def apply_scan(self, scanned: Scanned | None) -> None:
+        """Adopt a ``scan``'s result unless the segment was verified or changed since."""
+        if scanned is None:
+            return
+        segment, generation, result = scanned
+        if (
+            segment.verified
+            or generation != segment.generation
+            or segment not in self._segments
+            or result.size != segment.size
+        ):
+            return
+        self._report(segment, segment.apply_scan(result))
+        segment.take_found()
+        self._unverified -= 1
+
+    def _verify(self, segment: Segment) -> None:
+        if not segment.verified:
+            self.apply_scan(self.scan_job(segment)())
+
+    def _scan_args(self, segment: Segment) -> dict[str, Any]:
+        i = self._segments.index(segment)
+        compacts = self._config.cleanup_policy.compacts
+        return {
+            "upper": self._segments[i + 1].base_offset if i + 1 < len(self._segments) else None,
+            "contiguous": not compacts,
+            "may_be_empty": compacts and i == 0,
+        }
+
     # -- properties ------------------------------------------------------------
+
+    def set_background(self, submit: Submit) -> None:
+        """Run fsyncs triggered by ``append`` in worker threads through ``submit``."""
+        self._background = submit
 
     @property
     def config(self) -> TopicConfig:
@@ -133,8 +422,14 @@ class PartitionLog:
 
     # -- writing ---------------------------------------------------------------
 
-    def append(self, data: bytes | bytearray | memoryview) -> AppendResult:
-        """Store one record batch; a retried idempotent batch is answered, not stored."""
+    def append(
+        self, data: bytes | bytearray | memoryview, *, payload: int | None = None
+    ) -> AppendResult:
+        """Store one record batch; a retried idempotent batch is answered, not stored.
+
+        ``payload``: what ``validate_records`` returned for ``data`` under this log's
+        config, when the caller already ran it (off the event loop, for a large batch).
+        """
         config = self._config
         if len(data) > config.max_message_bytes:
             raise MessageTooLargeError(
@@ -155,11 +450,14 @@ class PartitionLog:
                 f"batch of {header.records_count} records has last offset delta "
                 f"{header.last_offset_delta}"
             )
-        payload = payload_bytes(data, 0, header)
-        if config.cleanup_policy.compacts:
-            for record in iter_records(data, 0, header):
-                if record.key is None:
-                    raise InvalidRecordError("compacted topic cannot accept a record without key")
+        if payload is None:
+            payload = validate_records(
+                data,
+                0,
+                header,
+                limit=config.max_message_bytes,
+                keys_required=config.cleanup_policy.compacts,
+            )
         duplicate = self._producers.check(header)
         if duplicate is not None:
             return AppendResult(
@@ -182,18 +480,37 @@ class PartitionLog:
             set_log_append_time(buf, 0, now_ms)
             append_time_ms = now_ms
         header = read_header(buf, 0)
-        self._maybe_roll(header, now_ms)
-        self._active.append(buf, header, now_ms)
+        health = self.health
+        try:
+            self._maybe_roll(header, now_ms)
+            self._active.append(buf, header, now_ms)
+        except KafkaStorageError as exc:
+            if health is not None:
+                health.failed(str(self.directory), exc)
+            raise
         self._producers.update(header, base_offset)
 
         self._unflushed_messages += header.records_count
         if self._first_unflushed_ms < 0:
             self._first_unflushed_ms = now_ms
+        needs_sync = False
         if (
             self._unflushed_messages >= config.flush_messages
             or now_ms - self._first_unflushed_ms >= config.flush_ms
         ):
-            self.flush()
+            needs_sync = self._background is not None
+            try:
+                self._flush_for_append()
+            except OSError as exc:
+                # The batch is stored (a retry of an idempotent producer is answered as a
+                # duplicate), but its durability cannot be promised.
+                error = KafkaStorageError(f"{self.directory}: fsync failed: {exc}")
+                error.__cause__ = exc
+                if health is not None:
+                    health.failed(str(self.directory), error)
+                raise error from exc
+        if health is not None and health.failing:
+            health.succeeded()
         return AppendResult(
             base_offset,
             header.last_offset,
@@ -203,7 +520,21 @@ class PartitionLog:
             payload,
             False,  # duplicate
             header.crc,
+            needs_sync,
         )
+
+    async def wait_synced(self, end: int) -> None:
+        """Return once an fsync covered every offset below ``end`` (Kafka acknowledges a
+        batch that reached flush.messages only after its fsync); the fsync itself runs in
+        a worker thread. Raises KafkaStorageError if it fails."""
+        while self._synced_end < end and not self._closed:
+            pending = self._flushing if self._flushing is not None else self.flush_in_background()
+            if pending is None:  # no background submitter: flushed inline just now
+                return
+            await asyncio.wrap_future(pending)
+            failed = self._reap_flush()
+            if failed is not None:
+                raise KafkaStorageError(f"{self.directory}: fsync failed: {failed}") from failed
 
     def _maybe_roll(self, header: BatchHeader, now_ms: int) -> None:
         active = self._active
@@ -220,18 +551,29 @@ class PartitionLog:
         """Close the active segment and start a new one at log_end_offset."""
         now_ms = self._now_ms() if now_ms is None else now_ms
         active = self._active
-        active.seal()
+        try:
+            active.seal()
+            segment = Segment.create(
+                self.directory, active.next_offset, self._config.index_interval_bytes, now_ms
+            )
+            try:
+                segment.open_for_append()
+            except OSError:
+                segment.delete()
+                raise
+        except OSError as exc:
+            # The active segment stays active; its index files are reopened (or rewritten)
+            # by the next append, and the roll is tried again then.
+            active.mark_index_stale()
+            raise KafkaStorageError(f"{self.directory}: segment roll failed: {exc}") from exc
         self._needs_sync.append(active)
-        segment = Segment.create(
-            self.directory, active.next_offset, self._config.index_interval_bytes, now_ms
-        )
-        segment.open_for_append()
         self._segments.append(segment)
         self._bases.clear()
         log.debug("%s: rolled to segment %d", self.directory, segment.base_offset)
 
     def flush(self) -> None:
-        """fsync everything appended so far."""
+        """fsync everything appended so far, inline."""
+        self._reap_flush()
         for segment in self._needs_sync:
             segment.flush()
             segment.release_fd()
@@ -239,19 +581,105 @@ class PartitionLog:
             fsync_dir(self.directory)
             self._needs_sync.clear()
         self._active.flush()
+        self._synced_end = self.log_end_offset
+        self._write_checkpoint()
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
+
+    def flush_in_background(self) -> Future[None] | None:
+        """Start an fsync of everything appended so far in a worker thread (inline and
+        None without a background submitter). While one is in flight, that one."""
+        if self._background is None:
+            self.flush()
+            return None
+        self._reap_flush()
+        if self._flushing is not None:
+            return self._flushing
+        self._active.push_index_buffers()
+        # The guard against reusing offsets needs only what was handed out, not what is
+        # synced: written now, while the thread syncs the data below it.
+        self._write_checkpoint()
+        rolled, self._needs_sync = self._needs_sync, []
+        paths = [segment.log_path for segment in (*rolled, self._active)]
+        for segment in rolled:
+            segment.release_fd()  # its writes are in the page cache, synced by name
+        self._flush_covers = (
+            rolled,
+            self._unflushed_messages,
+            self._first_unflushed_ms,
+            self.log_end_offset,
+        )
+        self._unflushed_messages = 0
+        self._first_unflushed_ms = -1
+        self._flushing = self._background(lambda: _fsync_files(self.directory, paths, bool(rolled)))
+        return self._flushing
+
+    def _flush_for_append(self) -> None:
+        """flush.messages / flush.ms reached: fsync inline without a background submitter,
+        else start an fsync in a worker thread unless one is in flight. The failure of
+        the previous background fsync is raised here, to the append that finds it."""
+        if self._background is None:
+            self.flush()
+            return
+        if self._flushing is not None and not self._flushing.done():
+            # What is appended meanwhile stays counted: the next append or maintenance
+            # run picks it up.
+            return
+        failed = self._reap_flush()
+        if failed is not None:
+            raise failed
+        self.flush_in_background()
+
+    def _reap_flush(self) -> OSError | None:
+        """Collect a finished background fsync; if it failed, its work is due again and
+        its error is returned."""
+        pending = self._flushing
+        if pending is None or not pending.done():
+            return None
+        self._flushing = None
+        if pending.cancelled():
+            error: OSError = OSError("background fsync cancelled")
+        else:
+            exc = pending.exception()
+            if exc is None:
+                self._synced_end = max(self._synced_end, self._flush_covers[3])
+                return None
+            error = exc if isinstance(exc, OSError) else OSError(f"background fsync: {exc!r}")
+        rolled, messages, first_ms, _end = self._flush_covers
+        live = set(map(id, self._segments))
+        self._needs_sync.extend(s for s in rolled if id(s) in live and s not in self._needs_sync)
+        self._unflushed_messages += messages
+        if first_ms >= 0 and not 0 <= self._first_unflushed_ms <= first_ms:
+            self._first_unflushed_ms = first_ms
+        return error
+
+    def _flush_due(self, now_ms: int) -> bool:
+        return bool(self._needs_sync) or (
+            self._first_unflushed_ms >= 0
+            and (
+                now_ms - self._first_unflushed_ms >= self._config.flush_ms
+                or self._unflushed_messages >= self._config.flush_messages
+            )
+        )
 
     def maybe_flush(self, now_ms: int) -> bool:
         """fsync if flush.ms has passed since the oldest unflushed append, or a rolled
         segment awaits its fsync. True if it flushed."""
-        due = self._first_unflushed_ms >= 0 and (
-            now_ms - self._first_unflushed_ms >= self._config.flush_ms
-        )
-        if due or self._needs_sync:
+        self._reap_flush()
+        if self._flush_due(now_ms):
             self.flush()
             return True
         return False
+
+    def flush_if_due(self, now_ms: int) -> Future[None] | None:
+        """``maybe_flush`` in a worker thread: the fsync started, else None. Raises the
+        error of a failed background fsync not yet reported (its work is due again)."""
+        failed = self._reap_flush()
+        if failed is not None:
+            raise failed
+        if self._flushing is None and self._flush_due(now_ms):
+            return self.flush_in_background()
+        return None
 
     # -- reading ---------------------------------------------------------------
 
@@ -269,22 +697,43 @@ class PartitionLog:
     def read(self, offset: int, max_bytes: int) -> bytes | memoryview:
         """Whole batches from the one holding ``offset``; at most ``max_bytes`` except
         that the first batch always comes whole, so a consumer can make progress."""
+        got = self.read_slice(offset, max_bytes, eager_bytes=max_bytes)
+        if got.data is not None:
+            return got.data
+        return b"".join(got.pieces())
+
+    def read_slice(self, offset: int, max_bytes: int, *, eager_bytes: int) -> LogSlice:
+        """What ``read`` returns, as spans of segments; the bytes are read now only if
+        they come to at most ``eager_bytes``, else by ``LogSlice.pieces`` when sent.
+        Bad regions are stepped over; closed segments are verified first."""
         self._check_offset(offset)
+        spans: list[Span] = []
         if offset == self.log_end_offset:
-            return b""
+            return LogSlice(spans, b"")
         chunks: list[bytes | memoryview] = []
+        eager = max_bytes <= eager_bytes
         remaining = max_bytes
         for segment in self._segments[self._segment_index(offset) :]:
-            position = segment.lookup(offset) if not chunks else 0
+            self._verify(segment)
+            position = segment.lookup(offset)  # steps over bad regions at the start too
             if position is None:  # compaction emptied the rest of this segment
                 continue
-            data = segment.read_batches(position, remaining, whole_first=not chunks)
-            if data:
-                chunks.append(data)
-                remaining -= len(data)
-            if remaining <= 0 or position + len(data) < segment.size:
+            whole_first = not spans
+            if eager:
+                data = segment.read_batches(position, remaining, whole_first=whole_first)
+                length = len(data)
+                if data:
+                    chunks.append(data)
+            else:
+                length = segment.span_length(position, remaining, whole_first=whole_first)
+            if length:
+                spans.append(Span(segment, position, length, segment.generation))
+                remaining -= length
+            if remaining <= 0 or position + length < segment.size:
                 break
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        if not eager:
+            return LogSlice(spans, None)
+        return LogSlice(spans, b"".join(chunks) if len(chunks) != 1 else chunks[0])
 
     def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
         """(offset, timestamp) of the first record stamped at or after ``timestamp_ms``."""
@@ -327,12 +776,11 @@ class PartitionLog:
 
     # -- cleanup ---------------------------------------------------------------
 
-    def _delete_oldest(self, reason: str) -> None:
+    def _detach_oldest(self, reason: str) -> Segment:
         segment = self._segments.pop(0)
         self._bases.clear()
         if segment in self._needs_sync:
             self._needs_sync.remove(segment)
-        segment.delete()
         log.info(
             "%s: deleted segment %d (%d bytes, offsets %d..%d): %s; log start offset now %d",
             self.directory,
@@ -343,24 +791,34 @@ class PartitionLog:
             reason,
             self.log_start_offset,
         )
+        return segment
 
     def enforce_retention(self, now_ms: int) -> int:
-        """Delete closed segments past retention.ms or retention.bytes; the count deleted.
+        """Delete closed segments past retention.ms or retention.bytes; the count deleted."""
+        doomed = self.detach_expired(now_ms)
+        for segment in doomed:
+            segment.delete()
+        return len(doomed)
+
+    def detach_expired(self, now_ms: int) -> list[Segment]:
+        """Take closed segments past retention.ms or retention.bytes out of the log; the
+        caller deletes their files (``Segment.delete``, a worker thread may).
 
         Like Kafka, only a prefix of the log goes, and a segment is deleted for
-        size only if the log stays at or above retention.bytes without it.
+        size only if the log stays at or above retention.bytes without it. Nothing
+        goes while a compaction works on that prefix.
         """
         config = self._config
-        if not config.cleanup_policy.deletes:
-            return 0
-        deleted = 0
+        if not config.cleanup_policy.deletes or self._cleaning is not None:
+            return []
+        doomed: list[Segment] = []
         if config.retention_ms >= 0:
             while len(self._segments) > 1:
                 age = now_ms - self._segments[0].largest_time_ms
                 if age <= config.retention_ms:
                     break
-                self._delete_oldest(f"{age} ms old, retention.ms is {config.retention_ms}")
-                deleted += 1
+                reason = f"{age} ms old, retention.ms is {config.retention_ms}"
+                doomed.append(self._detach_oldest(reason))
         if config.retention_bytes >= 0:
             size = self.size_bytes
             while len(self._segments) > 1:
@@ -368,38 +826,80 @@ class PartitionLog:
                 if size - oldest < config.retention_bytes:
                     break
                 reason = f"log is {size} bytes, retention.bytes is {config.retention_bytes}"
-                self._delete_oldest(reason)
+                doomed.append(self._detach_oldest(reason))
                 size -= oldest
-                deleted += 1
-        if deleted:
+        if doomed:
             self._producers.truncate_head(self.log_start_offset)
-        return deleted
+        return doomed
 
     def compact(self, now_ms: int) -> bool:
-        """Keep the latest record per key in closed segments; True if anything changed.
+        """Keep the latest record per key in closed segments, inline; True if anything
+        changed. See ``start_compaction`` for when it is skipped."""
+        job = self.start_compaction(now_ms)
+        if job is None:
+            return False
+        try:
+            result = job.run()
+        except BaseException:
+            self.finish_compaction(job, None)
+            raise
+        changed = self.finish_compaction(job, result)
+        job.settle()
+        return changed
 
-        Skipped when no segment was closed since the last run and no kept tombstone
-        has reached delete.retention.ms.
+    def start_compaction(self, now_ms: int) -> CompactionJob | None:
+        """A compaction to ``run`` in a worker thread, or None if there is nothing to do.
+
+        Nothing to do when the topic does not compact, a compaction is already running,
+        or no segment was closed since the last run and no kept tombstone has reached
+        delete.retention.ms.
         """
         config = self._config
-        if not config.cleanup_policy.compacts:
-            return False
+        if self._closed or self._cleaning is not None or not config.cleanup_policy.compacts:
+            return None
         cleanable = cleaner.cleanable_segments(self._segments, config, now_ms)
         if not cleanable:
-            return False
+            return None
         end = self._segments[len(cleanable)].base_offset  # first uncleanable offset
         if end == self._cleaned_up_to and not 0 <= self._tombstones_due_ms <= now_ms:
+            return None
+        readers = [segment.reader() for segment in cleanable]
+        self._cleaning = CompactionJob(cleanable, readers, config, now_ms, end)
+        return self._cleaning
+
+    def finish_compaction(self, job: CompactionJob, result: cleaner.CleanResult | None) -> bool:
+        """Swap a finished compaction's segments in (event loop, no data touched); True
+        if anything changed. ``result`` None: the run failed or was aborted.
+
+        The result is discarded if the log was closed, its settings changed or a
+        cleaned segment left the log meanwhile; ``job.settle`` removes its files.
+        """
+        if self._cleaning is job:
+            self._cleaning = None
+        if result is None:
             return False
-        result = cleaner.clean(cleanable, config, now_ms)
-        self._cleaned_up_to = end
+        live = set(map(id, self._segments))
+        if (
+            self._closed
+            or job.abort.is_set()
+            or job.config is not self._config
+            or not all(id(segment) in live for segment in job.segments)
+        ):
+            job.discarded.extend(staged for _, staged in result.staged)
+            return False
+        self._cleaned_up_to = job.end
         self._tombstones_due_ms = result.tombstones_due_ms
-        for segment in result.emptied:
-            if segment is not self._segments[0]:  # the first one holds log_start_offset
+        for i, staged in result.staged:
+            segment = job.segments[i]
+            segment.adopt(staged)
+            job.adopted.append((segment, staged))
+            # An emptied segment goes, except the first: it holds log_start_offset.
+            if segment.size == 0 and segment is not self._segments[0]:
                 self._segments.remove(segment)
-                self._bases.clear()
                 if segment in self._needs_sync:
                     self._needs_sync.remove(segment)
                 segment.delete()
+        self._bases.clear()
         if result.rewritten:
             log.info(
                 "%s: compacted %d segments, %d records removed",
@@ -409,19 +909,52 @@ class PartitionLog:
             )
         return result.rewritten > 0
 
+    def _stop_cleaning(self) -> None:
+        """Abort a running compaction and wait for its thread (it stops within a batch),
+        removing what it staged: nothing may write in a closed log's directory."""
+        job = self._cleaning
+        if job is None:
+            return
+        self._cleaning = None
+        job.abort.set()
+        if job.future is None:
+            return
+        concurrent.futures.wait([job.future])
+        if job.future.cancelled() or job.future.exception() is not None:
+            return
+        result = job.future.result()
+        if result is not None:
+            for _, staged in result.staged:
+                staged.discard_staging()
+
+    def background_work(self) -> list[Future[Any]]:
+        """Work in worker threads not yet finished (a running compaction is aborted)."""
+        pending: list[Future[Any]] = []
+        if self._cleaning is not None and self._cleaning.future is not None:
+            self._cleaning.abort.set()
+            pending.append(self._cleaning.future)
+        if self._flushing is not None:
+            pending.append(self._flushing)
+        return pending
+
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
         """Flush and release every file; a second call does nothing."""
         if self._closed:
             return
-        self.flush()
+        self._stop_cleaning()
+        self._reap_flush()
+        if self._unflushed_messages or self._needs_sync or self._background is None:
+            self.flush()  # after a background flush of everything, nothing left to sync
+        self._write_checkpoint()  # also when a background flush left nothing to sync
         for segment in self._segments:
             segment.close()
         self._closed = True
 
     def delete(self) -> None:
         """Remove the partition's files and directory; the log is unusable afterwards."""
+        self._stop_cleaning()
         for segment in self._segments:
             segment.delete()
         self._closed = True
@@ -432,3 +965,28 @@ class PartitionLog:
             f"PartitionLog({str(self.directory)!r}, start={self.log_start_offset}, "
             f"end={self.log_end_offset}, segments={len(self._segments)})"
         )
+
+
+def _headers(segments: list[Segment]) -> Iterator[BatchHeader]:
+    """Every batch header, for rebuilding producer state; a closed segment whose headers
+    do not chain is left for its verification to report."""
+    for segment in segments:
+        try:
+            for _, header in segment.iter_headers():
+                yield header
+        except CorruptRecordError:
+            continue
+
+
+def _read_checkpoint(path: Path) -> int:
+    """The checkpointed log end offset; -1 if there is none or it cannot be read."""
+    try:
+        version, value = path.read_text(encoding="ascii").split()
+        if version != _CHECKPOINT_VERSION:
+            raise ValueError(f"version {version}")
+        return int(value)
+    except FileNotFoundError:
+        return -1
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        log.warning("%s: ignoring unreadable checkpoint: %s", path, exc)
+        return -1

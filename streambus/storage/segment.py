@@ -11,10 +11,17 @@ bytes are in the page cache and survive a SIGKILL. The indexes are derived data,
 written through a buffered file and rebuilt from the ``.log`` whenever they are
 missing, torn or inconsistent, so they never need an fsync of their own on the
 produce path.
+
+A segment is *verified* before any of its batches is served: the active one by
+``append`` (each batch checked as it arrives) and by recovery on open, a closed
+one by a full scan (``verify.scan``) on its first read. What the scan rejects
+becomes a bad region that every reader steps over; closed segments are never
+truncated, so the evidence stays on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -24,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from streambus.errors import CorruptRecordError, InvalidRecordError, KafkaStorageError
+from streambus.errors import CorruptRecordError, KafkaStorageError
 from streambus.storage.batch import (
     HEADER,
     LOG_OVERHEAD,
@@ -35,6 +42,7 @@ from streambus.storage.batch import (
     check_batch,
     read_header,
 )
+from streambus.storage.verify import BadRegion, ScanResult, scan
 
 log = logging.getLogger("streambus.storage")
 
@@ -57,6 +65,7 @@ TIME_ENTRY = struct.Struct(
 _WINDOW = 16 * 1024  # bytes read per step while walking batch headers
 _CHUNK = 1024 * 1024  # bytes read per step while walking whole batches
 _MAX_RELATIVE = 0xFFFFFFFF  # both index fields are uint32
+PIECE = 1024 * 1024  # largest piece of a record set read at once while it is being sent
 
 
 def segment_name(base_offset: int) -> str:
@@ -97,6 +106,15 @@ class Segment:
         self._bytes_since_index = 0
         self._index_file: BinaryIO | None = None
         self._time_file: BinaryIO | None = None
+        self.verified = False  # every batch checked (see the module docstring)
+        self._bad: dict[int, int] = {}  # bad regions never served: start -> end position
+        self.found: list[BadRegion] = []  # regions found on open, for the log to report
+        # Bumped when the .log is replaced or deleted: a record set planned from the old
+        # file must not be read from the new one.
+        self.generation = 0
+        self._deleted = False
+        self._index_stale = False  # index files need rewriting from memory before use
+        self._truncate_pending = False  # a failed append's bytes are still past _size
 
     # -- opening ---------------------------------------------------------------
 
@@ -106,12 +124,25 @@ class Segment:
     ) -> Segment:
         seg = cls(directory, base_offset, index_interval_bytes)
         seg._open_fd()
-        seg._size = os.fstat(seg._fd).st_size
-        seg.created_ms = seg.last_append_ms = now_ms
-        if seg._size:  # a leftover file of that name: trust nothing about it
-            seg.recover()
-        else:
-            seg._rewrite_indexes()
+        try:
+            seg._size = os.fstat(seg._fd).st_size
+            seg.created_ms = seg.last_append_ms = now_ms
+            if seg._size:  # a leftover file of that name: trust nothing about it
+                seg.recover()
+            else:
+                seg._rewrite_indexes()
+        except BaseException:
+            # No descriptor leaks and, for a new empty segment, no files stay behind
+            # (a full disk or EMFILE during a roll or a topic creation).
+            empty = seg._size == 0
+            seg._close_index_files_quietly()
+            seg.release_fd()
+            if empty:
+                for path in (seg.log_path, seg.index_path, seg.timeindex_path):
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+            raise
+        seg.verified = True
         return seg
 
     @classmethod
@@ -123,19 +154,29 @@ class Segment:
         now_ms: int,
         *,
         recover: bool,
+        upper: int | None = None,
+        contiguous: bool = False,
+        may_be_empty: bool = True,
     ) -> Segment:
-        """Open an existing segment; ``recover`` re-checks every batch (the last segment)."""
+        """Open an existing segment; ``recover`` re-checks every batch and cuts a torn
+        tail (the last segment). A closed segment is checked here only if its indexes
+        do not fit its .log, otherwise on its first read (``verify``); ``upper``,
+        ``contiguous`` and ``may_be_empty`` are :func:`verify.scan`'s."""
         seg = cls(directory, base_offset, index_interval_bytes)
         seg._open_fd()
         stat = os.fstat(seg._fd)
         seg._size = stat.st_size
         seg.created_ms = now_ms
         seg.last_append_ms = stat.st_mtime_ns // 1_000_000
-        if recover or not seg._load_indexes():
+        if recover:
             seg.recover()
         else:
-            seg._scan_tail()
-        if recover and seg._size:
+            loaded = seg._load_indexes()
+            if not loaded:
+                seg._reset_indexes()  # half-read entries must not be cross-checked
+            if not loaded or not seg._scan_tail():
+                seg.apply_scan(seg.scan(upper, contiguous=contiguous, may_be_empty=may_be_empty))
+        if recover and seg._size and not seg._bad:
             # segment.ms counts from the first batch, as Kafka does, so a restart does
             # not postpone the roll; a clock in the future counts as now.
             first = read_header(os.pread(seg._fd, HEADER.size, 0), 0)
@@ -181,43 +222,92 @@ class Segment:
             self._offset_of_max = self._time_offsets[-1]
         return True
 
-    def _scan_tail(self) -> None:
-        """next_offset and max timestamp from the batches after the last index entry."""
+    def _scan_tail(self) -> bool:
+        """next_offset and max timestamp from the batches after the last index entry;
+        False if the headers there do not even chain (the segment needs a full scan)."""
         start = self._positions[-1] if self._positions else 0
-        for _, header in self.iter_headers(start):
-            self.next_offset = header.last_offset + 1
-            self._note_timestamp(header)
+        try:
+            for _, header in self.iter_headers(start):
+                self.next_offset = header.last_offset + 1
+                self._note_timestamp(header)
+        except CorruptRecordError:
+            return False
         self._bytes_since_index = self._size - start
+        return True
 
     # -- recovery --------------------------------------------------------------
 
     def recover(self) -> int:
-        """Re-check every batch, cut a torn or corrupt tail, rebuild both indexes.
+        """Re-check every batch, cut a torn tail, rebuild both indexes.
 
-        Returns the number of bytes dropped.
+        A bad region with valid batches after it is kept and skipped (and left in
+        ``found`` for the log to report): only what no valid batch follows is a
+        torn write. Returns the number of bytes dropped.
         """
-        self._reset_indexes()
-        valid_end = 0
-        problem: str | None = None
-        try:
-            for pos, header, _ in self.iter_batches():
-                self._index_batch(pos, header)
-                valid_end = pos + header.size
-        except (CorruptRecordError, InvalidRecordError) as exc:
-            problem = str(exc)
-        dropped = self._size - valid_end
-        if dropped:
+        self._open_fd()
+        result = self.scan(None, contiguous=False, may_be_empty=True)
+        dropped = 0
+        if result.regions and result.regions[-1].end == result.size:
+            tail = result.regions.pop()
+            dropped = result.size - tail.start
             log.warning(
                 "%s: truncating %d bytes at position %d: %s",
                 self.log_path,
                 dropped,
-                valid_end,
-                problem,
+                tail.start,
+                tail.reason,
             )
-            os.ftruncate(self._fd, valid_end)
-            self._size = valid_end
-        self._rewrite_indexes()
+            os.ftruncate(self._fd, tail.start)
+            result.size = tail.start
+        self._size = result.size
+        self.apply_scan(result, rewrite=True)
         return dropped
+
+    def scan(self, upper: int | None, *, contiguous: bool, may_be_empty: bool) -> ScanResult:
+        """Check every batch (see ``verify.scan``); reads only, safe in a worker thread."""
+        indexed = dict(zip(self._positions, self._offsets, strict=True))
+        return scan(
+            self.log_path,
+            self.base_offset,
+            self.index_interval_bytes,
+            upper=upper,
+            contiguous=contiguous,
+            may_be_empty=may_be_empty,
+            indexed=indexed,
+        )
+
+    def apply_scan(self, result: ScanResult, *, rewrite: bool = False) -> list[BadRegion]:
+        """Take a scan's indexes and bad regions; the regions are returned (and kept in
+        ``found``) for the caller to report."""
+        changed = rewrite or (
+            result.offsets != self._offsets
+            or result.positions != self._positions
+            or result.times != self._times
+        )
+        self._offsets, self._positions = result.offsets, result.positions
+        self._times, self._time_offsets = result.times, result.time_offsets
+        self.next_offset = result.next_offset
+        self.max_timestamp = result.max_timestamp
+        self._offset_of_max = result.offset_of_max
+        self._bytes_since_index = result.bytes_since_index
+        self._bad = {r.start: r.end for r in result.regions if r.end > r.start}
+        self.verified = True
+        if changed:
+            self._rewrite_indexes()
+        self.found += result.regions
+        return result.regions
+
+    def take_found(self) -> list[BadRegion]:
+        found, self.found = self.found, []
+        return found
+
+    def _serve_end(self, position: int) -> int:
+        """Where the batches readable from ``position`` end: a bad region or the file's end."""
+        end = self._size
+        for start in self._bad:
+            if position <= start < end:
+                end = start
+        return end
 
     def _reset_indexes(self) -> None:
         for arr in (self._offsets, self._positions, self._times, self._time_offsets):
@@ -239,20 +329,82 @@ class Segment:
     # -- writing ---------------------------------------------------------------
 
     def append(self, data: Buffer, header: BatchHeader, now_ms: int) -> None:
-        """Write one validated batch whose base offset is already assigned."""
+        """Write one validated batch whose base offset is already assigned.
+
+        All or nothing: if the .log or an index file cannot be written (ENOSPC, EIO,
+        ...) the .log is cut back to where it was, the in-memory indexes forget the
+        batch, and KafkaStorageError is raised; the next append starts from the same
+        offset and position.
+        """
+        try:
+            if self._truncate_pending:
+                os.ftruncate(self._fd, self._size)
+                self._truncate_pending = False
+            if self._index_stale:
+                self._repair_index_files()
+        except OSError as exc:
+            raise KafkaStorageError(f"{self.log_path}: cannot prepare for append: {exc}") from exc
         pos = self._size
+        undo = self._undo_point()
         view = memoryview(data)
+        indexing = False
         try:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+            self._size += len(data)
+            indexing = True
+            self._index_batch(pos, header)
         except OSError as exc:
             # Never leave half a batch behind: the next append would land after it.
-            os.ftruncate(self._fd, pos)
+            self._roll_back(pos, undo, indexing)
             raise KafkaStorageError(f"{self.log_path}: write failed: {exc}") from exc
-        self._size += len(data)
         self.last_append_ms = now_ms
-        self._index_batch(pos, header)
+
+    def _undo_point(self) -> tuple[int, int, int, int, int, int]:
+        return (
+            len(self._offsets),
+            len(self._times),
+            self.next_offset,
+            self.max_timestamp,
+            self._offset_of_max,
+            self._bytes_since_index,
+        )
+
+    def _roll_back(
+        self, pos: int, undo: tuple[int, int, int, int, int, int], indexing: bool
+    ) -> None:
+        offsets, times, self.next_offset, self.max_timestamp, self._offset_of_max, since = undo
+        self._bytes_since_index = since
+        del self._offsets[offsets:], self._positions[offsets:]
+        del self._times[times:], self._time_offsets[times:]
+        self._size = pos
+        try:
+            os.ftruncate(self._fd, pos)
+        except OSError:
+            self._truncate_pending = True  # retried before the next write lands after it
+        if indexing:
+            # What a failed buffered write left in the index files is unknown: they are
+            # rewritten from memory before the next append.
+            self.mark_index_stale()
+
+    def mark_index_stale(self) -> None:
+        """Drop the open index files (their content is in doubt); the next append or
+        seal rewrites them from the in-memory indexes."""
+        self._close_index_files_quietly()
+        self._index_stale = True
+
+    def _close_index_files_quietly(self) -> None:
+        for f in (self._index_file, self._time_file):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()  # closes the descriptor even when the flush fails
+        self._index_file = self._time_file = None
+
+    def _repair_index_files(self) -> None:
+        self._rewrite_indexes()
+        self._index_stale = False
+        self.open_for_append()
 
     def _index_batch(self, pos: int, header: BatchHeader) -> None:
         rel = header.base_offset - self.base_offset
@@ -284,9 +436,13 @@ class Segment:
 
     def open_for_append(self) -> None:
         """Make this the active segment: index entries now also go to the files."""
-        if self._index_file is None:
-            self._index_file = self.index_path.open("ab")
-            self._time_file = self.timeindex_path.open("ab")
+        if self._index_file is None or self._time_file is None:
+            try:
+                self._index_file = self._index_file or self.index_path.open("ab")
+                self._time_file = self.timeindex_path.open("ab")
+            except OSError:
+                self.mark_index_stale()
+                raise
 
     def fits(self, size: int, last_offset: int) -> bool:
         """Whether a batch can go here without overflowing the uint32 index fields."""
@@ -296,10 +452,16 @@ class Segment:
 
     def seal(self) -> None:
         """Stop appending: record the final max timestamp, push index files to the OS."""
-        if self.max_timestamp > self._last_time_entry():
-            self.open_for_append()
-            self._maybe_append_time_entry()
-        self._close_index_files()
+        try:
+            if self._index_stale:
+                self._repair_index_files()
+            if self.max_timestamp > self._last_time_entry():
+                self.open_for_append()
+                self._maybe_append_time_entry()
+            self._close_index_files()
+        except OSError:
+            self.mark_index_stale()
+            raise
 
     def flush(self) -> None:
         """fsync the .log (the indexes are rebuilt if a crash tears them)."""
@@ -320,29 +482,112 @@ class Segment:
         self.release_fd()
 
     def delete(self) -> None:
+        self.generation += 1
+        self._deleted = True
         self._close_index_files()
         self.release_fd()
         for path in (self.log_path, self.index_path, self.timeindex_path, self.cleaned_path):
             path.unlink(missing_ok=True)
 
-    def replace_log(self) -> None:
-        """Swap in ``cleaned_path`` (already fsynced) as the .log, keeping its mtime.
+    # -- compaction hand-over ----------------------------------------------------
+    # The cleaner works in a worker thread on twins of closed segments, never on the
+    # objects the event loop reads through: a twin reads with a descriptor of its own and
+    # writes a staged copy under ``.cleaned`` names; the loop then ``adopt``s the copy in
+    # one step (renames and field swaps, no data touched), so a reader sees the old
+    # segment or the new one, never a mix.
 
-        The indexes are removed before the rename: a crash in between leaves the
-        old .log without indexes, which the next open rebuilds.
-        """
+    def reader(self) -> Segment:
+        """A twin of this closed segment for a worker thread: same file and facts, its
+        own descriptor (opened on first read; the thread releases it)."""
+        twin = Segment(self.log_path.parent, self.base_offset, self.index_interval_bytes)
+        twin._size = self._size
+        twin.next_offset = self.next_offset
+        twin.max_timestamp = self.max_timestamp
+        twin.created_ms = self.created_ms
+        twin.last_append_ms = self.last_append_ms
+        return twin
+
+    def staging(self) -> Segment:
+        """An empty segment of the same base offset whose files carry the ``.cleaned``
+        suffix (removed on open if a crash leaves them), filled with ``append``."""
+        twin = Segment(self.log_path.parent, self.base_offset, self.index_interval_bytes)
+        for attr in ("log_path", "index_path", "timeindex_path"):
+            path: Path = getattr(twin, attr)
+            staged = path.with_name(path.name + ".cleaned")
+            staged.unlink(missing_ok=True)  # a leftover of an interrupted run
+            setattr(twin, attr, staged)
+        twin.cleaned_path = twin.log_path
+        twin.created_ms = self.created_ms
+        twin.last_append_ms = self.last_append_ms
+        twin._open_fd()
+        twin.open_for_append()
+        return twin
+
+    def finish_staging(self, staged: Segment) -> None:
+        """Seal and fsync a filled staging segment, keeping this one's mtime (cleaning
+        does not make data younger). Worker thread."""
+        staged.seal()
+        staged.flush()
+        staged.last_append_ms = self.last_append_ms
         mtime = os.stat(self.log_path).st_mtime_ns
+        os.utime(staged.log_path, ns=(mtime, mtime))
+
+    def adopt(self, staged: Segment) -> None:
+        """Swap in a finished staging segment: its ``.log`` replaces this one's and its
+        in-memory indexes replace this one's. Event loop, a few syscalls.
+
+        This segment's index files are removed before the rename and the staged ones are
+        moved in by ``settle_adopted`` after the directory is fsynced: a crash in between
+        leaves a .log without indexes, which the next open rebuilds. The replaced .log
+        stays open, its descriptor handed to ``staged``: freeing hundreds of megabytes of
+        blocks happens when ``settle_adopted`` closes it, not inside the rename.
+        """
+        self.generation += 1  # a Fetch streaming the old file stops rather than mix the two
         self._close_index_files()
-        self.release_fd()
+        old = self._fd if self._fd >= 0 else os.open(self.log_path, os.O_RDONLY)
         self.index_path.unlink(missing_ok=True)
         self.timeindex_path.unlink(missing_ok=True)
-        os.replace(self.cleaned_path, self.log_path)
-        os.utime(self.log_path, ns=(mtime, mtime))  # cleaning does not make data younger
-        fsync_dir(self.log_path.parent)
-        self._open_fd()
-        self._size = os.fstat(self._fd).st_size
-        self.recover()
-        self.seal()
+        os.replace(staged.log_path, self.log_path)
+        self._fd, staged._fd = staged._fd, old
+        self._size = staged._size
+        self.next_offset = staged.next_offset
+        self.max_timestamp = staged.max_timestamp
+        self._offset_of_max = staged._offset_of_max
+        self._bytes_since_index = staged._bytes_since_index
+        self._offsets, self._positions = staged._offsets, staged._positions
+        self._times, self._time_offsets = staged._times, staged._time_offsets
+        staged.log_path = self.log_path
+        self.verified = True  # the cleaner wrote it from CRC-checked batches, in order
+
+    def settle_adopted(self, staged: Segment) -> None:
+        """Make an ``adopt`` durable and give the segment its index files back. Worker
+        thread; a segment deleted meanwhile is left alone."""
+        staged.release_fd()  # the replaced .log: its blocks are freed here
+        try:
+            fsync_dir(self.log_path.parent)
+        except FileNotFoundError:  # the topic was deleted: its directory went with it
+            return
+        for src, dst in (
+            (staged.index_path, self.index_path),
+            (staged.timeindex_path, self.timeindex_path),
+        ):
+            if self.log_path.exists():
+                os.replace(src, dst)
+            else:
+                src.unlink(missing_ok=True)
+
+    def discard_staging(self) -> None:
+        """Remove a staging segment's files (a cleaning thrown away)."""
+        self._close_index_files()
+        self.release_fd()
+        for path in (self.log_path, self.index_path, self.timeindex_path):
+            path.unlink(missing_ok=True)
+
+    def push_index_buffers(self) -> None:
+        """Hand buffered index entries to the OS (no fsync: indexes are rebuilt if torn)."""
+        for f in (self._index_file, self._time_file):
+            if f is not None:
+                f.flush()
 
     # -- reading ---------------------------------------------------------------
 
@@ -356,6 +601,8 @@ class Segment:
         return self.max_timestamp if self.max_timestamp >= 0 else self.last_append_ms
 
     def read(self, position: int, size: int) -> bytes:
+        if self._deleted:  # reopening would create an empty file of that name
+            raise KafkaStorageError(f"{self.log_path} was deleted")
         self._open_fd()
         return os.pread(self._fd, size, position)
 
@@ -363,8 +610,9 @@ class Segment:
         self, position: int, max_bytes: int, *, whole_first: bool
     ) -> bytes | memoryview:
         """Whole batches from ``position`` totalling at most ``max_bytes``; with
-        ``whole_first`` the first batch is returned even if it alone is bigger."""
-        available = self._size - position
+        ``whole_first`` the first batch is returned even if it alone is bigger.
+        Stops before a bad region."""
+        available = self._serve_end(position) - position
         if available <= 0:
             return b""
         data = self.read(position, min(max_bytes, available))
@@ -382,13 +630,54 @@ class Segment:
         # the consume path's profile.
         return data if cut == len(data) else memoryview(data)[:cut]
 
+    def span_length(self, position: int, max_bytes: int, *, whole_first: bool) -> int:
+        """Bytes of the whole batches from ``position`` that fit ``max_bytes`` (the first
+        one whatever its size with ``whole_first``), reading headers only."""
+        end, total = self._serve_end(position), 0
+        for pos, header in self.iter_headers(position):
+            if pos != position + total or pos + header.size > end:
+                break  # a bad region starts here
+            if total + header.size > max_bytes and not (whole_first and total == 0):
+                break
+            total += header.size
+        return total
+
+    def read_pieces(self, position: int, length: int, generation: int) -> Iterator[memoryview]:
+        """The bytes [position, position + length), planned from whole batches, in
+        batch-aligned pieces of at most PIECE bytes (a bigger batch comes whole)."""
+        end = position + length
+        while position < end:
+            if generation != self.generation:
+                raise KafkaStorageError(f"{self.log_path} changed while it was being sent")
+            data = memoryview(self.read(position, min(PIECE, end - position)))
+            cut = 0
+            while cut + LOG_OVERHEAD.size <= len(data):
+                _, size = LOG_OVERHEAD.unpack_from(data, cut)
+                if cut + size + LOG_OVERHEAD.size > len(data):
+                    break
+                cut += size + LOG_OVERHEAD.size
+            if cut == 0:  # one batch bigger than PIECE: bounded by max.message.bytes
+                _, size = LOG_OVERHEAD.unpack_from(data, 0)
+                whole = min(size + LOG_OVERHEAD.size, end - position)
+                data = memoryview(self.read(position, whole))
+                cut = len(data)
+            if generation != self.generation or cut == 0:
+                raise KafkaStorageError(f"{self.log_path} changed while it was being sent")
+            yield data[:cut]
+            position += cut
+
     def iter_headers(self, start: int = 0) -> Iterator[tuple[int, BatchHeader]]:
         """(position, header) of each batch from ``start``, reading no record bytes
-        beyond a small window; assumes the file was recovered."""
+        beyond a small window and stepping over bad regions; assumes the file was
+        recovered or verified."""
         self._open_fd()
         pos, end = start, self._size
         buf, buf_pos = b"", start
+        bad = self._bad
         while pos + HEADER.size <= end:
+            if bad and pos in bad:
+                pos = bad[pos]
+                continue
             off = pos - buf_pos
             if off + HEADER.size > len(buf):
                 buf, buf_pos, off = os.pread(self._fd, _WINDOW, pos), pos, 0
@@ -399,12 +688,17 @@ class Segment:
             pos += header.size
 
     def iter_batches(self, start: int = 0) -> Iterator[tuple[int, BatchHeader, memoryview]]:
-        """(position, header, bytes) of each batch, CRC-checked; raises at the first bad one."""
+        """(position, header, bytes) of each batch, CRC-checked, stepping over known bad
+        regions; raises at the first bad one found."""
         self._open_fd()
         pos, end = start, self._size
         chunk, chunk_pos = memoryview(b""), start
         last_read = (-1, -1)
+        bad = self._bad
         while pos < end:
+            if bad and pos in bad:
+                pos = bad[pos]
+                continue
             off = pos - chunk_pos
             want = HEADER.size
             if off + LOG_OVERHEAD.size <= len(chunk):

@@ -1,0 +1,229 @@
+"""The controller loop every broker runs; it acts only while its node leads the quorum.
+
+Every broker: registers itself at start (a fresh incarnation id per start) and
+submits a ``BrokerHeartbeat`` every ``heartbeat_interval_ms``.
+
+The Raft leader (the controller) additionally notes, on its own monotonic
+clock, when it last applied a heartbeat of each broker - not in the replicated
+state, which has no clock - and fences a broker silent for longer than
+``session_timeout_ms``, unfencing it when its heartbeats return. A node that
+becomes controller gives every unfenced broker a full session from that moment
+(it has not been watching them), so a controller change never fences anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from streambus.cluster.config import ClusterConfig
+from streambus.cluster.quorum import Applied, Quorum, RaftStatus
+from streambus.cluster.records import (
+    BrokerHeartbeat,
+    FenceBroker,
+    RegisterBroker,
+    UnfenceBroker,
+)
+from streambus.errors import (
+    DuplicateBrokerRegistrationError,
+    NotControllerError,
+    RequestTimedOutError,
+    StreamBusError,
+)
+
+log = logging.getLogger("streambus.cluster")
+
+
+class Controller:
+    """Registration, heartbeats, and (on the leader) fencing by session timeout."""
+
+    def __init__(
+        self,
+        quorum: Quorum,
+        config: ClusterConfig,
+        host: str,
+        port: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        registration_timeout_s: float | None = None,
+    ) -> None:
+        self.quorum = quorum
+        self.config = config
+        self.broker_id = config.node_id
+        self.host = host  # advertised Kafka address, what Metadata tells clients
+        self.port = port
+        self.incarnation = str(uuid.uuid4())
+        self._clock = clock
+        self._interval = config.heartbeat_interval_ms / 1000
+        self._session = config.session_timeout_ms / 1000
+        # A restart of this id is refused while its previous incarnation is still live;
+        # that one is fenced after a session, so keep trying a little longer than that.
+        self._registration_timeout = (
+            registration_timeout_s
+            if registration_timeout_s is not None
+            else self._session + 3 * self._interval
+        )
+        self._last_seen: dict[int, float] = {}
+        self._was_leader = False
+        self._task: asyncio.Task[None] | None = None
+        quorum.on_change(self._on_applied)
+        quorum.on_leader_change(self._on_leader)
+        if quorum.is_leader:  # a quorum started before us (LocalQuorum always leads)
+            self._on_leader(RaftStatus(quorum.leader_id, quorum.term, True))
+
+    async def start(self) -> None:
+        """Register this broker, send its first heartbeat, then run the loop.
+
+        Raises DuplicateBrokerRegistrationError when this node id stays live
+        as another incarnation (a second broker with the same id).
+        """
+        await self._register()
+        await self._heartbeat()
+        await self.check_sessions()
+        self._task = asyncio.create_task(self._run(), name=f"controller-{self.broker_id}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _register(self) -> None:
+        record = RegisterBroker(self.broker_id, self.host, self.port, self.incarnation)
+        deadline = self._clock() + self._registration_timeout
+        refused: str | None = None  # the last refusal, None while no leader answered
+        while True:
+            try:
+                result = await self.quorum.submit(record)
+            except (NotControllerError, RequestTimedOutError) as exc:
+                reason = str(exc)
+            else:
+                if result.ok:
+                    log.info(
+                        "broker %d registered at %s:%d (incarnation %s)",
+                        self.broker_id,
+                        self.host,
+                        self.port,
+                        self.incarnation,
+                    )
+                    return
+                err = result.error()
+                if not isinstance(err, DuplicateBrokerRegistrationError):
+                    raise err or StreamBusError(result.message)
+                if refused is None:
+                    log.warning(
+                        "broker %d registration refused, retrying: %s",
+                        self.broker_id,
+                        result.message,
+                    )
+                reason = refused = result.message or err.message
+            if self._clock() >= deadline:
+                if refused is not None:
+                    raise DuplicateBrokerRegistrationError(
+                        f"node id {self.broker_id} is in use by another live broker: {reason}"
+                    )
+                raise NotControllerError(f"broker {self.broker_id} could not register: {reason}")
+            await asyncio.sleep(min(self._interval, 0.5))
+
+    async def _heartbeat(self) -> None:
+        try:
+            result = await self.quorum.submit(
+                BrokerHeartbeat(self.broker_id, self.incarnation), timeout_s=self._interval * 2
+            )
+        except (NotControllerError, RequestTimedOutError) as exc:
+            log.debug("broker %d heartbeat not committed: %s", self.broker_id, exc)
+            return
+        if not result.ok:
+            # e.g. a controller lost our registration: register again
+            log.warning("broker %d heartbeat refused: %s", self.broker_id, result.message)
+            with contextlib.suppress(StreamBusError):
+                await self._register()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self._heartbeat()
+                await self.check_sessions()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("controller round of broker %d failed", self.broker_id)
+
+    async def check_sessions(self) -> None:
+        """On the controller: fence the silent, unfence the returned. No-op elsewhere."""
+        if not self.quorum.is_leader:
+            return
+        now = self._clock()
+        state = self.quorum.state
+        for broker_id, info in sorted(state.brokers.items()):
+            seen = self._last_seen.get(broker_id)
+            if not info.fenced:
+                if seen is None:
+                    self._last_seen[broker_id] = now
+                    continue
+                silent = now - seen
+                if silent > self._session:
+                    reason = (
+                        f"no heartbeat for {silent:.1f} s "
+                        f"(broker.session.timeout.ms={self.config.session_timeout_ms})"
+                    )
+                    await self._submit_quietly(FenceBroker(broker_id, reason))
+            elif seen is not None and now - seen <= self._session:
+                await self._submit_quietly(UnfenceBroker(broker_id))
+
+    async def _submit_quietly(self, record: FenceBroker | UnfenceBroker) -> None:
+        try:
+            result = await self.quorum.submit(record)
+        except (NotControllerError, RequestTimedOutError) as exc:
+            log.warning("controller could not submit %s: %s", record, exc)
+            return
+        if not result.ok:
+            log.warning("controller's %s refused: %s", record, result.message)
+
+    # --- callbacks on the loop ---------------------------------------------------------------
+
+    def _on_applied(self, applied: Applied) -> None:
+        record = applied.record
+        if not applied.result.ok:
+            return
+        if isinstance(record, BrokerHeartbeat | RegisterBroker):
+            self._last_seen[record.broker_id] = self._clock()
+        elif isinstance(record, FenceBroker):
+            self._last_seen.pop(record.broker_id, None)
+            if applied.changed and not applied.replayed:
+                log.warning("broker %d fenced: %s", record.broker_id, record.reason)
+                self._log_moves(applied)
+        elif isinstance(record, UnfenceBroker) and applied.changed and not applied.replayed:
+            log.info("broker %d unfenced: its heartbeats are back", record.broker_id)
+            self._log_moves(applied)
+
+    def _log_moves(self, applied: Applied) -> None:
+        state = applied.state
+        offline = state.offline_partitions()
+        log.info(
+            "after %s: %d live brokers, %d offline partitions",
+            type(applied.record).__name__,
+            len(state.live_brokers()),
+            offline,
+        )
+
+    def _on_leader(self, status: RaftStatus) -> None:
+        if status.is_leader and not self._was_leader:
+            now = self._clock()
+            state = self.quorum.state
+            self._last_seen = {b: now for b, info in state.brokers.items() if not info.fenced}
+            log.info("node %d is now the controller (term %d)", self.broker_id, status.term)
+        elif self._was_leader and not status.is_leader:
+            log.warning(
+                "node %d is no longer the controller (term %d, controller now %s)",
+                self.broker_id,
+                status.term,
+                status.leader_id,
+            )
+        self._was_leader = status.is_leader

@@ -1,0 +1,189 @@
+"""The records that change the cluster's metadata, and their wire form.
+
+A record is a small frozen dataclass. Every voter applies the same records in
+the same order (see ``state.apply``), so a record carries every value the
+change needs, chosen by whoever submits it (topic ids, replica placement):
+applying one never consults a clock, a random source or the local disk.
+
+Wire form (what the Raft journal stores and pysyncobj pickles): a flat dict
+of JSON types only, never an object of ours, so a journal outlives the code
+that wrote it and unpickling it builds nothing but dicts, lists, strings and
+numbers::
+
+    {"type": "CreateTopic",   # the record class's name
+     "v": 1,                  # format version of that record type
+     ...fields}               # the dataclass fields; tuples become lists,
+                              # UUIDs their canonical string
+
+A record of an unknown type or version is answered with an INVALID_REQUEST
+result by ``apply``, never raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from streambus.errors import ERROR_BY_CODE, StreamBusError, UnknownServerError
+
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterBroker:
+    """A broker announces itself; a new incarnation starts fenced."""
+
+    broker_id: int  # the node id (``--node-id``)
+    host: str  # the address clients are told to connect to
+    port: int  # its Kafka listener port
+    incarnation: str  # a UUID the broker draws at each start: tells a restart from a twin
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerHeartbeat:
+    """A broker is alive; the controller notes when it applied one (its own clock)."""
+
+    broker_id: int
+    incarnation: str  # must match the registration, else STALE_BROKER_EPOCH
+
+
+@dataclass(frozen=True, slots=True)
+class FenceBroker:
+    """The controller takes a silent broker out: its partitions' leadership moves."""
+
+    broker_id: int
+    reason: str  # for the logs of every voter ("no heartbeat for 9.4 s")
+
+
+@dataclass(frozen=True, slots=True)
+class UnfenceBroker:
+    """A fenced broker heartbeats again: leaderless partitions it holds return to it."""
+
+    broker_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateTopic:
+    name: str
+    topic_id: uuid.UUID  # drawn by the submitter
+    replicas: tuple[tuple[int, ...], ...]  # per partition, its replicas' broker ids
+    configs: tuple[tuple[str, str], ...] = ()  # Kafka-named overrides, sorted by key
+    internal: bool = False  # __consumer_offsets and the like
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTopic:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePartitionLeader:
+    """Set a partition's leader and ISR; the leader epoch is bumped by one."""
+
+    topic: str
+    partition: int
+    leader: int  # a broker in ``isr``, or -1 for none
+    isr: tuple[int, ...]  # a subset of the partition's replicas
+    expected_leader_epoch: int = -1  # compare-and-set: -1 skips the check
+
+
+@dataclass(frozen=True, slots=True)
+class AlterTopicConfigs:
+    name: str
+    configs: tuple[tuple[str, str | None], ...]  # key -> new value, None removes the override
+
+
+Record = (
+    RegisterBroker
+    | BrokerHeartbeat
+    | FenceBroker
+    | UnfenceBroker
+    | CreateTopic
+    | DeleteTopic
+    | ChangePartitionLeader
+    | AlterTopicConfigs
+)
+
+RECORD_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        RegisterBroker,
+        BrokerHeartbeat,
+        FenceBroker,
+        UnfenceBroker,
+        CreateTopic,
+        DeleteTopic,
+        ChangePartitionLeader,
+        AlterTopicConfigs,
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What applying a record answered: 0, or a Kafka error code and why."""
+
+    error_code: int = 0
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code == 0
+
+    @classmethod
+    def of(cls, exc: StreamBusError) -> Result:
+        return cls(exc.errno, exc.message)
+
+    def error(self) -> StreamBusError | None:
+        """The matching StreamBusError (to raise or answer with), None when ok."""
+        if self.ok:
+            return None
+        return ERROR_BY_CODE.get(self.error_code, UnknownServerError)(self.message)
+
+
+OK = Result()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def to_wire(record: Record) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(record).__name__, "v": WIRE_VERSION}
+    for field in dataclasses.fields(record):
+        out[field.name] = _jsonable(getattr(record, field.name))
+    return out
+
+
+def from_wire(wire: Any) -> Record:
+    """The record a wire dict describes; ValueError when it describes none."""
+    if not isinstance(wire, dict):
+        raise ValueError(f"a record is a dict, not {type(wire).__name__}")
+    cls = RECORD_TYPES.get(wire.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown record type {wire.get('type')!r}")
+    if wire.get("v") != WIRE_VERSION:
+        raise ValueError(f"{cls.__name__} version {wire.get('v')!r} is not {WIRE_VERSION}")
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in wire:
+            kwargs[field.name] = _tuples(wire[field.name])
+    try:
+        if "topic_id" in kwargs:
+            kwargs["topic_id"] = uuid.UUID(str(kwargs["topic_id"]))
+        record: Record = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad {cls.__name__}: {exc}") from exc
+    return record

@@ -1,0 +1,479 @@
+"""The cluster's replicated metadata: brokers, topics, partitions, and ``apply``.
+
+Pure and deterministic: no clock, no randomness, no I/O. Every voter applies
+the same records in the same order and so holds the same :class:`ClusterState`.
+States are frozen and copy-on-write: ``apply`` returns a new state sharing
+what did not change, so a reader holding a state always sees a consistent one
+while the next is being built on another thread.
+
+Liveness is not in the state (it would need a clock): the controller notes
+heartbeats on its own clock and submits ``FenceBroker``/``UnfenceBroker``.
+A partition's leader is -1 when none of its in-sync replicas is live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from streambus.cluster.records import (
+    OK,
+    AlterTopicConfigs,
+    BrokerHeartbeat,
+    ChangePartitionLeader,
+    CreateTopic,
+    DeleteTopic,
+    FenceBroker,
+    Record,
+    RegisterBroker,
+    Result,
+    UnfenceBroker,
+)
+from streambus.errors import (
+    BrokerIdNotRegisteredError,
+    DuplicateBrokerRegistrationError,
+    FencedLeaderEpochError,
+    InvalidConfigError,
+    InvalidPartitionsError,
+    InvalidReplicaAssignmentError,
+    InvalidReplicationFactorError,
+    InvalidRequestError,
+    StaleBrokerEpochError,
+    StreamBusError,
+    TopicAlreadyExistsError,
+    UnknownServerError,
+    UnknownTopicOrPartitionError,
+)
+from streambus.storage.catalog import validate_topic_name
+from streambus.topic_config import TopicConfig
+
+NO_LEADER = -1
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerInfo:
+    broker_id: int
+    host: str
+    port: int
+    incarnation: str  # the UUID of the broker's current start
+    fenced: bool  # True: registered but not heartbeating (or not yet unfenced)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    replicas: tuple[int, ...]  # broker ids; the first is the preferred leader
+    isr: tuple[int, ...]  # in-sync replicas, a subset of replicas
+    leader: int  # a broker id, or -1 (offline)
+    leader_epoch: int  # +1 on every leader change
+
+
+@dataclass(frozen=True, slots=True)
+class TopicState:
+    name: str
+    topic_id: uuid.UUID
+    internal: bool
+    configs: Mapping[str, str]  # Kafka-named overrides only (read-only view)
+    partitions: tuple[PartitionState, ...]
+
+
+def _frozen_map(d: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    brokers: Mapping[int, BrokerInfo] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    topics: Mapping[str, TopicState] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    metadata_version: int = 0  # how many applied records changed the state
+
+    def live_brokers(self) -> list[BrokerInfo]:
+        """Registered and unfenced, by id: what Metadata lists and placement uses."""
+        return [b for _, b in sorted(self.brokers.items()) if not b.fenced]
+
+    def is_live(self, broker_id: int) -> bool:
+        b = self.brokers.get(broker_id)
+        return b is not None and not b.fenced
+
+    def partition(self, topic: str, partition: int) -> PartitionState | None:
+        t = self.topics.get(topic)
+        if t is None or not 0 <= partition < len(t.partitions):
+            return None
+        return t.partitions[partition]
+
+    def leader_of(self, topic: str, partition: int) -> int:
+        p = self.partition(topic, partition)
+        return NO_LEADER if p is None else p.leader
+
+    def partitions_led_by(self, broker_id: int) -> int:
+        return sum(1 for t in self.topics.values() for p in t.partitions if p.leader == broker_id)
+
+    def offline_partitions(self) -> int:
+        return sum(1 for t in self.topics.values() for p in t.partitions if p.leader == NO_LEADER)
+
+    def hosted_by(self, broker_id: int) -> list[tuple[str, int]]:
+        """(topic, partition) of every replica assigned to ``broker_id``."""
+        return [
+            (t.name, i)
+            for t in self.topics.values()
+            for i, p in enumerate(t.partitions)
+            if broker_id in p.replicas
+        ]
+
+
+# --- apply -----------------------------------------------------------------------------------
+
+
+def apply(state: ClusterState, record: Record) -> tuple[ClusterState, Result]:
+    """The state after ``record``, and its result. Never raises: errors are results.
+
+    A record answered with an error leaves ``state`` itself (the same object),
+    so ``new is state`` tells a reader that nothing changed.
+    """
+    handler = _HANDLERS.get(type(record))
+    if handler is None:
+        return state, Result(InvalidRequestError.errno, f"unknown record {record!r}")
+    try:
+        new = handler(state, record)
+    except StreamBusError as exc:
+        return state, Result.of(exc)
+    except Exception as exc:  # a malformed record: the same answer on every voter
+        return state, Result(UnknownServerError.errno, f"{type(record).__name__}: {exc!r}")
+    if new is state:
+        return state, OK
+    return dataclasses.replace(new, metadata_version=state.metadata_version + 1), OK
+
+
+def _with_broker(state: ClusterState, info: BrokerInfo) -> ClusterState:
+    brokers = dict(state.brokers)
+    brokers[info.broker_id] = info
+    return dataclasses.replace(state, brokers=MappingProxyType(brokers))
+
+
+def _with_topics(state: ClusterState, changed: Mapping[str, TopicState | None]) -> ClusterState:
+    topics = dict(state.topics)
+    for name, topic in changed.items():
+        if topic is None:
+            topics.pop(name, None)
+        else:
+            topics[name] = topic
+    return dataclasses.replace(state, topics=MappingProxyType(topics))
+
+
+def _registered(state: ClusterState, broker_id: int) -> BrokerInfo:
+    info = state.brokers.get(broker_id)
+    if info is None:
+        raise BrokerIdNotRegisteredError(f"broker {broker_id} is not registered")
+    return info
+
+
+def _register(state: ClusterState, r: RegisterBroker) -> ClusterState:
+    if not isinstance(r.broker_id, int) or r.broker_id < 0:
+        raise InvalidRequestError(f"broker id {r.broker_id!r} is not a non-negative integer")
+    old = state.brokers.get(r.broker_id)
+    if old is not None and old.incarnation == r.incarnation:
+        if (old.host, old.port) == (r.host, r.port):
+            return state  # a retried registration
+        return _with_broker(state, dataclasses.replace(old, host=r.host, port=r.port))
+    if old is not None and not old.fenced:
+        raise DuplicateBrokerRegistrationError(
+            f"broker {r.broker_id} is registered and live as another incarnation "
+            f"({old.host}:{old.port}); a restart is accepted once that one is fenced"
+        )
+    return _with_broker(state, BrokerInfo(r.broker_id, r.host, r.port, r.incarnation, True))
+
+
+def _heartbeat(state: ClusterState, r: BrokerHeartbeat) -> ClusterState:
+    info = _registered(state, r.broker_id)
+    if info.incarnation != r.incarnation:
+        raise StaleBrokerEpochError(
+            f"broker {r.broker_id} heartbeat from incarnation {r.incarnation}, "
+            f"registered is {info.incarnation}"
+        )
+    return state
+
+
+def _fence(state: ClusterState, r: FenceBroker) -> ClusterState:
+    info = _registered(state, r.broker_id)
+    if info.fenced:
+        return state
+    state = _with_broker(state, dataclasses.replace(info, fenced=True))
+    changed: dict[str, TopicState | None] = {}
+    for topic in state.topics.values():
+        parts = list(topic.partitions)
+        for i, p in enumerate(parts):
+            if p.leader != r.broker_id:
+                continue
+            others = [b for b in p.isr if b != r.broker_id and state.is_live(b)]
+            if others:  # the fenced broker leaves the ISR it no longer leads
+                isr = tuple(b for b in p.isr if b != r.broker_id)
+                parts[i] = PartitionState(p.replicas, isr, others[0], p.leader_epoch + 1)
+            else:  # offline; the ISR is kept so the broker can lead again when back
+                parts[i] = dataclasses.replace(p, leader=NO_LEADER, leader_epoch=p.leader_epoch + 1)
+        if parts != list(topic.partitions):
+            changed[topic.name] = dataclasses.replace(topic, partitions=tuple(parts))
+    return _with_topics(state, changed) if changed else state
+
+
+def _unfence(state: ClusterState, r: UnfenceBroker) -> ClusterState:
+    info = _registered(state, r.broker_id)
+    if not info.fenced:
+        return state
+    state = _with_broker(state, dataclasses.replace(info, fenced=False))
+    changed: dict[str, TopicState | None] = {}
+    for topic in state.topics.values():
+        parts = list(topic.partitions)
+        for i, p in enumerate(parts):
+            if p.leader == NO_LEADER and r.broker_id in p.isr:
+                parts[i] = dataclasses.replace(
+                    p, leader=r.broker_id, leader_epoch=p.leader_epoch + 1
+                )
+        if parts != list(topic.partitions):
+            changed[topic.name] = dataclasses.replace(topic, partitions=tuple(parts))
+    return _with_topics(state, changed) if changed else state
+
+
+def _check_configs(configs: Iterable[tuple[str, str | None]]) -> None:
+    TopicConfig().with_overrides(dict(configs))  # raises InvalidConfigError
+
+
+def _create_topic(state: ClusterState, r: CreateTopic) -> ClusterState:
+    validate_topic_name(r.name)
+    if r.name in state.topics:
+        raise TopicAlreadyExistsError(f"topic {r.name!r} already exists")
+    if not r.replicas:
+        raise InvalidPartitionsError(f"topic {r.name!r} has no partitions")
+    width = len(r.replicas[0])
+    parts: list[PartitionState] = []
+    for i, replicas in enumerate(r.replicas):
+        if not replicas:
+            raise InvalidReplicationFactorError(f"partition {i} of {r.name!r} has no replicas")
+        if len(replicas) != width:
+            raise InvalidReplicaAssignmentError(
+                f"partition {i} of {r.name!r} has {len(replicas)} replicas, partition 0 {width}"
+            )
+        if len(set(replicas)) != len(replicas):
+            raise InvalidReplicaAssignmentError(f"partition {i} of {r.name!r} repeats a broker")
+        unknown = [b for b in replicas if b not in state.brokers]
+        if unknown:
+            raise InvalidReplicaAssignmentError(
+                f"partition {i} of {r.name!r} names unregistered brokers {unknown}"
+            )
+        live = [b for b in replicas if state.is_live(b)]
+        parts.append(PartitionState(tuple(replicas), tuple(replicas), live[0] if live else -1, 0))
+    try:
+        _check_configs(r.configs)
+    except InvalidConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise InvalidConfigError(str(exc)) from exc
+    topic = TopicState(
+        r.name, r.topic_id, bool(r.internal), _frozen_map(dict(r.configs)), tuple(parts)
+    )
+    return _with_topics(state, {r.name: topic})
+
+
+def _delete_topic(state: ClusterState, r: DeleteTopic) -> ClusterState:
+    if r.name not in state.topics:
+        raise UnknownTopicOrPartitionError(f"topic {r.name!r} does not exist")
+    return _with_topics(state, {r.name: None})
+
+
+def _change_leader(state: ClusterState, r: ChangePartitionLeader) -> ClusterState:
+    topic = state.topics.get(r.topic)
+    if topic is None or not 0 <= r.partition < len(topic.partitions):
+        raise UnknownTopicOrPartitionError(f"{r.topic}-{r.partition} does not exist")
+    p = topic.partitions[r.partition]
+    if r.expected_leader_epoch not in (-1, p.leader_epoch):
+        raise FencedLeaderEpochError(
+            f"{r.topic}-{r.partition} is at leader epoch {p.leader_epoch}, "
+            f"not {r.expected_leader_epoch}"
+        )
+    if not r.isr or not set(r.isr) <= set(p.replicas) or len(set(r.isr)) != len(r.isr):
+        raise InvalidReplicaAssignmentError(
+            f"ISR {list(r.isr)} is not a non-empty subset of replicas {list(p.replicas)}"
+        )
+    if r.leader != NO_LEADER:
+        if r.leader not in r.isr:
+            raise InvalidReplicaAssignmentError(f"leader {r.leader} is not in ISR {list(r.isr)}")
+        if not state.is_live(r.leader):
+            raise InvalidReplicaAssignmentError(f"leader {r.leader} is not a live broker")
+    parts = list(topic.partitions)
+    parts[r.partition] = PartitionState(p.replicas, tuple(r.isr), r.leader, p.leader_epoch + 1)
+    return _with_topics(state, {r.topic: dataclasses.replace(topic, partitions=tuple(parts))})
+
+
+def _alter_configs(state: ClusterState, r: AlterTopicConfigs) -> ClusterState:
+    topic = state.topics.get(r.name)
+    if topic is None:
+        raise UnknownTopicOrPartitionError(f"topic {r.name!r} does not exist")
+    configs = dict(topic.configs)
+    for key, value in r.configs:
+        if value is None:
+            configs.pop(key, None)
+        else:
+            configs[key] = value
+    try:
+        _check_configs(configs.items())
+        _check_configs((key, None) for key, _ in r.configs)  # unknown keys even when removed
+    except InvalidConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise InvalidConfigError(str(exc)) from exc
+    if configs == dict(topic.configs):
+        return state
+    return _with_topics(state, {r.name: dataclasses.replace(topic, configs=_frozen_map(configs))})
+
+
+_HANDLERS: dict[type[Any], Callable[[ClusterState, Any], ClusterState]] = {
+    RegisterBroker: _register,
+    BrokerHeartbeat: _heartbeat,
+    FenceBroker: _fence,
+    UnfenceBroker: _unfence,
+    CreateTopic: _create_topic,
+    DeleteTopic: _delete_topic,
+    ChangePartitionLeader: _change_leader,
+    AlterTopicConfigs: _alter_configs,
+}
+
+
+# --- placement and coordinators --------------------------------------------------------------
+
+
+def assign_replicas(
+    broker_ids: Sequence[int],
+    partitions: int,
+    replication_factor: int,
+    start_index: int,
+    replica_shift: int | None = None,
+) -> tuple[tuple[int, ...], ...]:
+    """Kafka's rack-unaware assignment (``AdminUtils.assignReplicasToBrokersRackUnaware``).
+
+    Partition ``p``'s first replica is broker ``(p + start_index) % n`` of the sorted
+    ids; followers follow at a shift that grows every ``n`` partitions, so leaders
+    and followers both spread. The caller draws ``start_index`` (and the shift,
+    which defaults to it) at random, so topics do not all start on the same broker.
+    """
+    brokers = sorted(set(broker_ids))
+    n = len(brokers)
+    if partitions < 1:
+        raise InvalidPartitionsError(f"{partitions} partitions: at least 1 is needed")
+    if replication_factor < 1:
+        raise InvalidReplicationFactorError(f"replication factor {replication_factor} is below 1")
+    if replication_factor > n:
+        raise InvalidReplicationFactorError(
+            f"replication factor {replication_factor} is larger than the {n} live brokers"
+        )
+    start = start_index % n
+    shift = (start_index if replica_shift is None else replica_shift) % n
+    out: list[tuple[int, ...]] = []
+    for p in range(partitions):
+        if p > 0 and p % n == 0:
+            shift += 1
+        first = (p + start) % n
+        replicas = [brokers[first]]
+        for j in range(replication_factor - 1):
+            replicas.append(brokers[(first + 1 + (shift + j) % (n - 1)) % n])
+        out.append(tuple(replicas))
+    return tuple(out)
+
+
+def plan_topic(
+    state: ClusterState,
+    name: str,
+    partitions: int,
+    replication_factor: int,
+    *,
+    start_index: int,
+    topic_id: uuid.UUID,
+    configs: Mapping[str, str] | None = None,
+    internal: bool = False,
+) -> CreateTopic:
+    """The CreateTopic record for a new topic placed over the live brokers.
+
+    The caller draws ``start_index`` (``random.randrange``) and ``topic_id``
+    (``uuid.uuid4()``), so the record, not ``apply``, carries every choice.
+    Raises InvalidPartitionsError / InvalidReplicationFactorError.
+    """
+    live = [b.broker_id for b in state.live_brokers()]
+    if not live:
+        raise InvalidReplicationFactorError("no live brokers to place replicas on")
+    replicas = assign_replicas(live, partitions, replication_factor, start_index)
+    return CreateTopic(name, topic_id, replicas, tuple(sorted((configs or {}).items())), internal)
+
+
+def java_string_hashcode(text: str) -> int:
+    """Java's ``String.hashCode``: ``s[0]*31^(n-1) + ... + s[n-1]`` over UTF-16 code
+    units, in signed 32-bit arithmetic."""
+    h = 0
+    units = text.encode("utf-16-be", "surrogatepass")
+    for i in range(0, len(units), 2):
+        h = (31 * h + (units[i] << 8 | units[i + 1])) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def coordinator_partition(group_id: str, num_partitions: int) -> int:
+    """The ``__consumer_offsets`` partition of a group: Kafka's
+    ``Utils.abs(groupId.hashCode()) % n``, where ``Utils.abs(MIN_VALUE)`` is 0."""
+    h = java_string_hashcode(group_id)
+    return (0 if h == -(1 << 31) else abs(h)) % num_partitions
+
+
+# --- wire form of a whole state (the Raft snapshot) ------------------------------------------
+
+
+def state_to_wire(state: ClusterState) -> dict[str, Any]:
+    """JSON types only, for the Raft full-dump file: see ``state_from_wire``."""
+    return {
+        "v": 1,
+        "metadata_version": state.metadata_version,
+        "brokers": [
+            [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
+            for _, b in sorted(state.brokers.items())
+        ],
+        "topics": [
+            {
+                "name": t.name,
+                "topic_id": str(t.topic_id),
+                "internal": t.internal,
+                "configs": dict(t.configs),
+                # per partition: [replicas, isr, leader, leader_epoch]
+                "partitions": [
+                    [list(p.replicas), list(p.isr), p.leader, p.leader_epoch] for p in t.partitions
+                ],
+            }
+            for _, t in sorted(state.topics.items())
+        ],
+    }
+
+
+def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
+    if wire.get("v") != 1:
+        raise ValueError(f"cluster state version {wire.get('v')!r} is not 1")
+    brokers = {
+        int(b[0]): BrokerInfo(int(b[0]), str(b[1]), int(b[2]), str(b[3]), bool(b[4]))
+        for b in wire["brokers"]
+    }
+    topics = {
+        t["name"]: TopicState(
+            str(t["name"]),
+            uuid.UUID(t["topic_id"]),
+            bool(t["internal"]),
+            _frozen_map({str(k): str(v) for k, v in t["configs"].items()}),
+            tuple(
+                PartitionState(tuple(p[0]), tuple(p[1]), int(p[2]), int(p[3]))
+                for p in t["partitions"]
+            ),
+        )
+        for t in wire["topics"]
+    }
+    return ClusterState(
+        MappingProxyType(brokers), MappingProxyType(topics), int(wire["metadata_version"])
+    )

@@ -1,0 +1,479 @@
+"""The cluster's pure state machine, placement, coordinator hash, and the controller
+driven through a LocalQuorum on an injected clock (no sleeping, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from streambus.cluster import (
+    AlterTopicConfigs,
+    BrokerHeartbeat,
+    ChangePartitionLeader,
+    ClusterConfig,
+    ClusterState,
+    Controller,
+    CreateTopic,
+    DeleteTopic,
+    FenceBroker,
+    LocalQuorum,
+    RaftStatus,
+    Record,
+    RegisterBroker,
+    UnfenceBroker,
+    apply,
+    assign_replicas,
+    coordinator_partition,
+    java_string_hashcode,
+    parse_quorum,
+    plan_topic,
+)
+from streambus.cluster.records import from_wire, to_wire
+from streambus.cluster.state import state_from_wire, state_to_wire
+from streambus.errors import (
+    DuplicateBrokerRegistrationError,
+    InvalidConfigError,
+    InvalidReplicationFactorError,
+)
+
+TID = uuid.UUID("0f0e0d0c-0b0a-0908-0706-050403020100")
+
+
+def run(state: ClusterState, *records: Record) -> ClusterState:
+    """Apply records that must all succeed."""
+    for record in records:
+        state, result = apply(state, record)
+        assert result.ok, (record, result)
+    return state
+
+
+def error_of(state: ClusterState, record: Record) -> int:
+    new, result = apply(state, record)
+    assert new is state  # an error changes nothing
+    assert result.message
+    return result.error_code
+
+
+def cluster(*ids: int) -> ClusterState:
+    state = ClusterState()
+    for n in ids:
+        state = run(state, RegisterBroker(n, "h", 9000 + n, f"inc-{n}"), UnfenceBroker(n))
+    return state
+
+
+# --- brokers --------------------------------------------------------------------------------
+
+
+def test_register_heartbeat_and_incarnations() -> None:
+    s = run(ClusterState(), RegisterBroker(1, "h1", 9092, "a"))
+    assert s.brokers[1].fenced  # registered brokers start fenced
+    assert s.metadata_version == 1
+    assert s.live_brokers() == []
+    again, result = apply(s, RegisterBroker(1, "h1", 9092, "a"))  # a retry changes nothing
+    assert result.ok
+    assert again is s
+    moved = run(s, RegisterBroker(1, "h2", 9093, "a"))
+    assert (moved.brokers[1].host, moved.brokers[1].port) == ("h2", 9093)
+
+    s = run(s, UnfenceBroker(1))
+    assert [b.broker_id for b in s.live_brokers()] == [1]
+    assert error_of(s, RegisterBroker(1, "h1", 9092, "b")) == 101  # live as another: refused
+    hb, result = apply(s, BrokerHeartbeat(1, "a"))
+    assert result.ok
+    assert hb is s
+    assert error_of(s, BrokerHeartbeat(1, "b")) == 77  # STALE_BROKER_EPOCH
+    assert error_of(s, BrokerHeartbeat(5, "a")) == 102  # BROKER_ID_NOT_REGISTERED
+    assert error_of(s, UnfenceBroker(5)) == 102
+    assert error_of(s, FenceBroker(5, "x")) == 102
+    assert error_of(ClusterState(), RegisterBroker(-1, "h", 1, "a")) == 42
+
+    s = run(s, FenceBroker(1, "silent"))
+    restarted = run(s, RegisterBroker(1, "h1", 9092, "b"))  # fenced: a restart is accepted
+    assert restarted.brokers[1].incarnation == "b"
+    assert restarted.brokers[1].fenced
+
+
+# --- topics ---------------------------------------------------------------------------------
+
+
+def test_create_topic_and_its_errors() -> None:
+    s = cluster(1, 2, 3)
+    version = s.metadata_version
+    s = run(
+        s,
+        CreateTopic("t", TID, ((1, 2), (2, 3), (3, 1)), (("retention.ms", "1000"),), False),
+    )
+    t = s.topics["t"]
+    assert s.metadata_version == version + 1
+    assert t.topic_id == TID
+    assert not t.internal
+    assert dict(t.configs) == {"retention.ms": "1000"}
+    assert [(p.replicas, p.isr, p.leader, p.leader_epoch) for p in t.partitions] == [
+        ((1, 2), (1, 2), 1, 0),
+        ((2, 3), (2, 3), 2, 0),
+        ((3, 1), (3, 1), 3, 0),
+    ]
+    assert s.leader_of("t", 2) == 3
+    assert s.leader_of("t", 3) == -1
+    assert s.leader_of("x", 0) == -1
+    assert s.hosted_by(1) == [("t", 0), ("t", 2)]
+    assert s.partitions_led_by(2) == 1
+
+    assert error_of(s, CreateTopic("t", uuid.uuid4(), ((1,),))) == 36  # TOPIC_ALREADY_EXISTS
+    assert error_of(s, CreateTopic("bad name", TID, ((1,),))) == 17  # INVALID_TOPIC_EXCEPTION
+    assert error_of(s, CreateTopic("u", TID, ())) == 37  # INVALID_PARTITIONS
+    assert error_of(s, CreateTopic("u", TID, ((),))) == 38  # INVALID_REPLICATION_FACTOR
+    assert error_of(s, CreateTopic("u", TID, ((1,), (1, 2)))) == 39  # uneven
+    assert error_of(s, CreateTopic("u", TID, ((1, 1),))) == 39  # repeated broker
+    assert error_of(s, CreateTopic("u", TID, ((9,),))) == 39  # unregistered broker
+    assert error_of(s, CreateTopic("u", TID, ((1,),), (("no.such", "1"),))) == 40
+    assert error_of(s, CreateTopic("u", TID, ((1,),), (("retention.ms", "soon"),))) == 40
+
+    # a replica on a fenced broker is not made leader at creation
+    f = run(s, FenceBroker(1, "x"), FenceBroker(3, "x"), CreateTopic("u", TID, ((1, 2), (1, 3))))
+    assert [p.leader for p in f.topics["u"].partitions] == [2, -1]
+
+    gone = run(s, DeleteTopic("t"))
+    assert "t" not in gone.topics
+    assert "t" in s.topics
+    assert error_of(gone, DeleteTopic("t")) == 3
+
+
+def test_alter_topic_configs() -> None:
+    s = run(cluster(1), CreateTopic("t", TID, ((1,),), (("retention.ms", "1000"),)))
+    s2 = run(s, AlterTopicConfigs("t", (("retention.ms", None), ("segment.bytes", "4096"))))
+    assert dict(s2.topics["t"].configs) == {"segment.bytes": "4096"}
+    same, result = apply(s2, AlterTopicConfigs("t", (("segment.bytes", "4096"),)))
+    assert result.ok
+    assert same is s2
+    assert error_of(s2, AlterTopicConfigs("t", (("bogus.key", None),))) == 40
+    assert error_of(s2, AlterTopicConfigs("t", (("segment.bytes", "big"),))) == 40
+    assert error_of(s2, AlterTopicConfigs("nope", ())) == 3
+
+
+def test_change_partition_leader() -> None:
+    s = run(cluster(1, 2, 3), CreateTopic("t", TID, ((1, 2, 3),)))
+    s = run(s, ChangePartitionLeader("t", 0, 2, (2, 3), expected_leader_epoch=0))
+    p = s.topics["t"].partitions[0]
+    assert (p.leader, p.isr, p.leader_epoch) == (2, (2, 3), 1)
+    assert error_of(s, ChangePartitionLeader("t", 0, 3, (3,), expected_leader_epoch=0)) == 74
+    assert error_of(s, ChangePartitionLeader("t", 0, 1, (2, 3))) == 39  # leader not in ISR
+    assert error_of(s, ChangePartitionLeader("t", 0, 2, (2, 4))) == 39  # ISR beyond replicas
+    assert error_of(s, ChangePartitionLeader("t", 0, 2, ())) == 39
+    assert error_of(s, ChangePartitionLeader("t", 1, 2, (2,))) == 3
+    fenced = run(s, FenceBroker(3, "x"))
+    assert error_of(fenced, ChangePartitionLeader("t", 0, 3, (3,))) == 39  # not live
+    offline = run(s, ChangePartitionLeader("t", 0, -1, (2,)))
+    assert offline.leader_of("t", 0) == -1
+    assert offline.offline_partitions() == 1
+
+
+# --- fencing --------------------------------------------------------------------------------
+
+
+def test_fencing_moves_leadership_to_a_live_isr_member_or_offline() -> None:
+    s = run(
+        cluster(1, 2, 3),
+        CreateTopic("r", TID, ((1, 2), (2, 1), (1, 3))),  # replicated: leadership can move
+        CreateTopic("solo", uuid.uuid4(), ((1,), (2,))),
+    )
+    s = run(s, FenceBroker(3, "first"))  # 3 leads nothing; only its flag changes
+    assert s.brokers[3].fenced
+    assert s.leader_of("r", 2) == 1
+
+    before = s
+    s = run(s, FenceBroker(1, "no heartbeat"))
+    r = s.topics["r"].partitions
+    assert (r[0].leader, r[0].isr, r[0].leader_epoch) == (2, (2,), 1)  # moved to live ISR
+    assert (r[1].leader, r[1].isr, r[1].leader_epoch) == (2, (2, 1), 0)  # untouched
+    assert (r[2].leader, r[2].isr, r[2].leader_epoch) == (-1, (1, 3), 1)  # 3 is fenced too
+    solo = s.topics["solo"].partitions
+    assert (solo[0].leader, solo[0].leader_epoch) == (-1, 1)
+    assert solo[1].leader == 2
+    assert s.offline_partitions() == 2
+    assert before.topics["r"].partitions[0].leader == 1  # the old state is unchanged
+
+    same, result = apply(s, FenceBroker(1, "again"))  # already fenced: nothing changes
+    assert result.ok
+    assert same is s
+
+    s = run(s, UnfenceBroker(1))
+    r = s.topics["r"].partitions
+    assert (r[0].leader, r[0].leader_epoch) == (2, 1)  # has a leader: stays
+    assert (r[2].leader, r[2].leader_epoch) == (1, 2)  # back in ISR, no leader: restored
+    assert (s.topics["solo"].partitions[0].leader, s.topics["solo"].partitions[0].leader_epoch) == (
+        1,
+        2,
+    )
+    assert s.offline_partitions() == 0
+    same, result = apply(s, UnfenceBroker(1))
+    assert result.ok
+    assert same is s
+
+
+# --- wire forms -----------------------------------------------------------------------------
+
+
+RECORDS: list[Any] = [
+    RegisterBroker(1, "h", 9092, "inc"),
+    BrokerHeartbeat(1, "inc"),
+    FenceBroker(1, "why"),
+    UnfenceBroker(1),
+    CreateTopic("t", TID, ((1, 2), (2, 1)), (("retention.ms", "5"),), True),
+    DeleteTopic("t"),
+    ChangePartitionLeader("t", 0, 2, (2,), 3),
+    AlterTopicConfigs("t", (("retention.ms", None), ("segment.bytes", "9"))),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
+def test_records_round_trip_through_json_types(record: Any) -> None:
+    import json
+
+    wire = json.loads(json.dumps(to_wire(record)))  # JSON types only
+    assert from_wire(wire) == record
+
+
+def test_bad_wire_records_are_refused() -> None:
+    for bad in ({"type": "Nope", "v": 1}, {"type": "DeleteTopic", "v": 2, "name": "t"}, [1]):
+        with pytest.raises(ValueError, match=r"."):
+            from_wire(bad)
+    with pytest.raises(ValueError, match="bad DeleteTopic"):
+        from_wire({"type": "DeleteTopic", "v": 1})
+
+
+def test_state_round_trips_through_its_snapshot_form() -> None:
+    s = run(
+        cluster(1, 2),
+        CreateTopic("t", TID, ((1, 2), (2, 1)), (("retention.ms", "5"),), True),
+        FenceBroker(2, "x"),
+    )
+    import json
+
+    assert state_from_wire(json.loads(json.dumps(state_to_wire(s)))) == s
+
+
+# --- placement and the coordinator hash -----------------------------------------------------
+
+
+def test_placement_is_kafkas_round_robin() -> None:
+    # Kafka's AdminUtils example: 5 brokers, 10 partitions, 3 replicas, start 0
+    placed = assign_replicas([5, 4, 3, 2, 1], 10, 3, start_index=0)
+    assert placed[0] == (1, 2, 3)
+    assert placed[5] == (1, 3, 4)
+    assert placed[9] == (5, 2, 3)
+    leaders = Counter(p[0] for p in placed)
+    assert set(leaders.values()) == {2}  # leaders spread evenly
+    replicas = Counter(b for p in placed for b in p)
+    assert set(replicas.values()) == {6}
+    assert all(len(set(p)) == 3 for p in placed)
+    # the start offset moves the first leader
+    assert assign_replicas([1, 2, 3], 3, 1, start_index=1) == ((2,), (3,), (1,))
+    with pytest.raises(InvalidReplicationFactorError, match="larger than the 2 live"):
+        assign_replicas([1, 2], 1, 3, 0)
+
+
+def test_plan_topic_places_over_live_brokers_only() -> None:
+    s = run(cluster(1, 2, 3), FenceBroker(2, "x"))
+    record = plan_topic(s, "p", 4, 1, start_index=0, topic_id=TID, configs={"retention.ms": "7"})
+    assert record.replicas == ((1,), (3,), (1,), (3,))
+    assert record.configs == (("retention.ms", "7"),)
+    s = run(s, record)
+    assert [p.leader for p in s.topics["p"].partitions] == [1, 3, 1, 3]
+    with pytest.raises(InvalidReplicationFactorError):
+        plan_topic(s, "q", 1, 3, start_index=0, topic_id=TID)
+    with pytest.raises(InvalidReplicationFactorError, match="no live brokers"):
+        plan_topic(ClusterState(), "q", 1, 1, start_index=0, topic_id=TID)
+
+
+@pytest.mark.parametrize(
+    ("group", "hashcode", "partition"),
+    [
+        # Java String.hashCode values (s[0]*31^(n-1) + ... over UTF-16 units, int32)
+        ("", 0, 0),
+        ("a", 97, 47),
+        ("hello", 99162322, 22),
+        ("Hello World", -862545276, 26),
+        ("my-group", -1906497762, 12),
+        ("\U0001f600", 1772899, 49),  # a surrogate pair: 0xD83D * 31 + 0xDE00
+        ("polygenelubricants", -(2**31), 0),  # Integer.MIN_VALUE: Utils.abs gives 0
+    ],
+)
+def test_coordinator_partition_is_kafkas_hash(group: str, hashcode: int, partition: int) -> None:
+    assert java_string_hashcode(group) == hashcode
+    assert coordinator_partition(group, 50) == partition
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_parse_quorum() -> None:
+    voters = parse_quorum("2@b:9300, 1@a,3@[::1]:9400")
+    assert [(v.node_id, v.host, v.port) for v in voters] == [
+        (1, "a", 9193),
+        (2, "b", 9300),
+        (3, "::1", 9400),
+    ]
+    for bad in ("", "x@a:1", "1@", "1@a:0", "1@a:1,1@b:2", "1@a:1,2@a:1"):
+        with pytest.raises(InvalidConfigError):
+            parse_quorum(bad)
+    with pytest.raises(InvalidConfigError, match="secret"):
+        ClusterConfig(node_id=1, voters=voters)
+    with pytest.raises(InvalidConfigError, match="not one of"):
+        ClusterConfig(node_id=7, voters=voters, secret="s")  # noqa: S106
+
+
+# --- the controller on a LocalQuorum, on a clock the test moves -----------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _config(node_id: int = 1) -> ClusterConfig:
+    return ClusterConfig(node_id=node_id, session_timeout_ms=9000, heartbeat_interval_ms=2000)
+
+
+async def test_controller_registers_fences_and_unfences_on_its_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="streambus.cluster")
+    clock = Clock()
+    q = LocalQuorum(1)
+    await q.start()
+    c = Controller(q, _config(), "localhost", 9092, clock=clock)
+    await c.start()
+    c_task_alive = c._task is not None
+    await c.stop()  # the test drives the rounds itself
+    assert c_task_alive
+    assert not q.state.brokers[1].fenced  # registered, heartbeat, unfenced at start
+    assert (await q.submit(CreateTopic("t", TID, ((1,),)))).ok
+
+    # another broker (no controller of its own here: the test heartbeats for it)
+    assert (await q.submit(RegisterBroker(2, "h2", 9093, "two"))).ok
+    await c.check_sessions()
+    assert not q.state.brokers[2].fenced
+    assert (await q.submit(CreateTopic("u", uuid.uuid4(), ((2,),)))).ok
+
+    clock.now += 8
+    assert (await q.submit(BrokerHeartbeat(1, c.incarnation))).ok
+    await c.check_sessions()
+    assert not q.state.brokers[2].fenced  # 8 s silent: within the 9 s session
+    clock.now += 2
+    assert (await q.submit(BrokerHeartbeat(1, c.incarnation))).ok
+    await c.check_sessions()
+    assert q.state.brokers[2].fenced
+    assert not q.state.brokers[1].fenced
+    assert q.state.leader_of("u", 0) == -1
+    assert q.state.leader_of("t", 0) == 1
+    assert any("broker 2 fenced: no heartbeat for 10.0 s" in r.getMessage() for r in caplog.records)
+
+    clock.now += 30  # still silent: stays fenced, no flapping
+    assert (await q.submit(BrokerHeartbeat(1, c.incarnation))).ok
+    await c.check_sessions()
+    assert q.state.brokers[2].fenced
+
+    assert (await q.submit(BrokerHeartbeat(2, "two"))).ok  # it is back
+    await c.check_sessions()
+    assert not q.state.brokers[2].fenced
+    assert q.state.leader_of("u", 0) == 2
+    assert q.state.partition("u", 0).leader_epoch == 2  # type: ignore[union-attr]
+    assert any("broker 2 unfenced" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_second_broker_with_a_live_node_id_is_refused() -> None:
+    q = LocalQuorum(1)
+    await q.start()
+    first = Controller(q, _config(), "localhost", 9092, clock=Clock())
+    await first.start()
+    twin = Controller(q, _config(), "localhost", 9099, clock=Clock(), registration_timeout_s=0)
+    with pytest.raises(DuplicateBrokerRegistrationError, match="in use by another live broker"):
+        await twin.start()
+    assert q.state.brokers[1].port == 9092  # the live one keeps its registration
+    await first.stop()
+
+
+async def test_a_restarted_broker_registers_once_its_old_incarnation_is_fenced() -> None:
+    clock = Clock()
+    q = LocalQuorum(1)
+    await q.start()
+    controller = Controller(q, _config(), "localhost", 9092, clock=clock)
+    await controller.start()
+    await controller.stop()
+    assert (await q.submit(RegisterBroker(2, "h2", 9093, "old"))).ok
+    await controller.check_sessions()
+    # broker 2 restarts with a new incarnation while the old one still counts as live
+    restart = asyncio.ensure_future(
+        Controller(LocalQuorumView(q, 2), _config(2), "h2", 9093, clock=clock)._register()
+    )
+    await asyncio.sleep(0)
+    assert not restart.done()  # refused for now, retrying
+    clock.now += 10
+    assert (await q.submit(BrokerHeartbeat(1, controller.incarnation))).ok
+    await controller.check_sessions()  # the old incarnation is fenced ...
+    await asyncio.wait_for(restart, 5)  # ... and the retry is accepted
+    assert q.state.brokers[2].incarnation != "old"
+
+
+class LocalQuorumView:
+    """Another broker's handle on the same LocalQuorum (its own node id, not leader)."""
+
+    def __init__(self, quorum: LocalQuorum, node_id: int) -> None:
+        self._q = quorum
+        self.node_id = node_id
+        self.leading = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._q, name)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leading
+
+
+async def test_local_quorum_applies_on_submit_and_reports_changes() -> None:
+    q = LocalQuorum(4)
+    leaders: list[Any] = []
+    changes: list[Any] = []
+    q.on_leader_change(leaders.append)
+    q.on_change(changes.append)
+    await q.start()
+    assert (q.is_leader, q.leader_id, q.term, q.commit_index) == (True, 4, 1, 0)
+    assert q.live_voters() == {4}
+    assert leaders[0].leader_id == 4
+    assert (await q.submit(RegisterBroker(4, "h", 1, "i"))).ok
+    refused = await q.submit(BrokerHeartbeat(4, "other"))
+    assert refused.error_code == 77
+    assert q.commit_index == 2  # every record applied counts, refused ones too
+    assert q.state.metadata_version == 1  # only changes count
+    assert [(a.log_index, a.changed, a.result.ok) for a in changes] == [
+        (1, True, True),
+        (2, False, False),
+    ]
+
+
+async def test_a_new_controller_gives_every_broker_a_full_session() -> None:
+    clock = Clock()
+    q = LocalQuorum(1)
+    await q.start()
+    view = LocalQuorumView(q, 2)  # broker 2's controller: not the leader yet
+    c = Controller(view, _config(2), "h2", 9093, clock=clock)
+    assert (await q.submit(RegisterBroker(1, "h1", 9092, "one"))).ok
+    assert (await q.submit(UnfenceBroker(1))).ok
+    clock.now += 60  # broker 1 silent for a minute, but nobody was watching on this clock
+    view.leading = True
+    c._on_leader(RaftStatus(2, 2, True))  # what the quorum calls when node 2 takes over
+    await c.check_sessions()
+    assert not q.state.brokers[1].fenced
+    clock.now += 9.5
+    await c.check_sessions()
+    assert q.state.brokers[1].fenced
