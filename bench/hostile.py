@@ -487,31 +487,39 @@ def partial_frames(ctx: Ctx) -> list[str]:
     with broker(ctx, "off") as server:
         rss_before = server.rss_bytes()
         socks: list[socket.socket] = []
-        refused = 0
+        cut = stuck = 0
         block = bytes(4 * MIB)
+        # A broker that stops reading (a memory budget) leaves sendall blocked: each
+        # connection gets 5 s without progress, the whole repro 90 s.
+        deadline = time.monotonic() + 90
         try:
             with RssSampler(server.rss_bytes) as rss:
                 for _ in range(count):
+                    if time.monotonic() > deadline:
+                        break
                     try:
-                        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+                        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
                         socks.append(sock)
                         sock.sendall(struct.pack(">i", frame_size))
                         left = sent_size
-                        while left:
+                        while left and time.monotonic() < deadline:
                             n = min(left, len(block))
                             sock.sendall(block[:n])
                             left -= n
+                    except TimeoutError:
+                        stuck += 1
                     except OSError:
-                        refused += 1
+                        cut += 1
                 time.sleep(2)
             held = server.rss_bytes()
         finally:
             for sock in socks:
                 sock.close()
     return [
-        f"partial-frames: {count} connections each sending {sent_size / 1e6:.0f} MB of a "
+        f"partial-frames: {len(socks)} connections each sending {sent_size / 1e6:.0f} MB of a "
         f"{frame_size / 1e6:.0f} MB frame: broker RSS {mib(rss_before)} -> peak {mib(rss.peak)}, "
-        f"{mib(held)} held; {refused} connections cut off while sending"
+        f"{mib(held)} held; {cut} connections cut off while sending, {stuck} left unread "
+        "(the broker stopped reading them for 5 s)"
     ]
 
 
