@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo cluster test lint otelcol bench bench-quick clean
+.PHONY: install deb demo cluster test lint otelcol bench bench-quick bench-hostile clean
 
 install: $(STAMP) deb
 
@@ -61,6 +61,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick $(ARGS)
+
+# Each hardening finding reproduced against a fresh `streambus serve` of this checkout, one line
+# per figure (ARGS="--quick" or ARGS="--only huge-fetch,fuzz"); logs in bench/results/logs/hostile/.
+bench-hostile: $(STAMP)
+	$(BIN)/python -m bench.hostile $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,9 +221,20 @@ class ServerProcess:
         return self.proc.pid
 
     def launch(
-        self, cmd: list[str], cwd: Path, env: dict[str, str] | None = None
+        self,
+        cmd: list[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``cmd`` with its output in the log; it dies with the harness."""
+        """Start ``cmd`` with its output in the log; it dies with the harness. ``preexec``
+        runs in the child before exec, after :func:`die_with_parent` (e.g. a lower rlimit)."""
+
+        def child_setup() -> None:
+            die_with_parent()
+            if preexec is not None:
+                preexec()
+
         with open(self.log_path, "wb") as log:
             self.proc = proc = subprocess.Popen(
                 cmd,
@@ -230,7 +242,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=cwd,
-                preexec_fn=die_with_parent,  # noqa: PLW1509
+                preexec_fn=child_setup,  # noqa: PLW1509
             )
         return proc
 
@@ -245,6 +257,16 @@ class ServerProcess:
 
     def tail(self) -> str:
         return tail(self.log_path)
+
+    def log_text(self) -> str:
+        """The whole log so far ('' if there is none)."""
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def tracebacks(self) -> int:
+        """How many Python tracebacks the log holds."""
+        return self.log_text().count("Traceback (most recent call last)")
 
     def problem_lines(self) -> list[str]:
         return problem_lines(self.log_path, self.routine_warnings)

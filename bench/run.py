@@ -17,6 +17,12 @@ Run: ``python -m bench.run [--quick] [--out bench/results/latest.json]`` (``make
    1000 partitions exist, a message produced to every partition, then timed GETs of /metrics.
 4. Memory: a fresh broker of each system, 1000 partitions created; RSS idle, then sampled
    during a produce run across all of them.
+5. Event-loop stalls (``bench.stall``): the longest a probe connection waits for an
+   ApiVersions answer while StreamBus compacts a 200 MiB topic, serves a 50 MiB fetch with
+   tracing on, and takes a Produce naming 10,000 partitions.
+
+Beside throughput, every produce and consume run reports the broker's own CPU time per
+message (utime + stime of the broker process from /proc, before and after the timed window).
 
 Goals are reported, never asserted.
 """
@@ -36,12 +42,12 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import workloads
+from bench import stall, workloads
 from bench.common import ROOT, loadavg, machine_info
 from bench.kafka import KafkaHome, KafkaServer, ensure_kafka, java_version, running_kafka
 from bench.otlp import OtlpSink
@@ -64,6 +70,7 @@ GOAL_METRICS_PCT = 5.0
 GOAL_TRACING_PCT = 15.0
 GOAL_SCRAPE_MS = 100.0
 GOAL_IDLE_RSS_MIB = 150.0
+GOAL_STALL_MS = stall.GOAL_STALL_MS
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class Plan:
     kafka_memory: bool  # also measure Kafka's RSS (a fresh node with 1000 partitions)
     scrape_partitions: tuple[int, ...] = (10, 100, 1000)
     memory_partitions: int = 1000
+    stalls: stall.StallPlan = stall.BENCH_FULL
 
 
 FULL = Plan(
@@ -120,6 +128,7 @@ QUICK = Plan(
     memory_load_s=3,
     # Kafka drains 1000 partitions slowly (about 20 s for the client's queue): full run only.
     kafka_memory=False,
+    stalls=stall.BENCH_QUICK,
 )
 
 
@@ -151,6 +160,7 @@ class Outcome:
     log_problems: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     kafka_start_s: list[float] = field(default_factory=list)
+    stalls: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -202,6 +212,11 @@ def broker(
 
 def _cpu_pct(cpu_s: float, seconds: float) -> float | None:
     return _r(cpu_s / seconds * 100, 1) if seconds > 0 else None
+
+
+def _us_per_msg(t: workloads.Throughput) -> float | None:
+    """The broker's own CPU time (utime + stime from /proc) per message of the window, in µs."""
+    return _r(t.broker_cpu_s / t.messages * 1e6) if t.messages else None
 
 
 def _cpu_extra(t: workloads.Throughput) -> dict[str, float | None]:
@@ -260,6 +275,7 @@ def comparison_turn(
                         "warmup_messages": t.warmup_messages,
                         "seconds": _r(t.seconds),
                         **_cpu_extra(t),
+                        "broker_cpu_us_per_msg": _us_per_msg(t),
                         "max_delivery_gap_ms": _r(t.max_gap_s * 1000, 1),
                     },
                 )
@@ -344,7 +360,12 @@ def consume_run(
         c.mb_per_s,
         None,
         None,
-        {"messages": c.messages, "seconds": _r(c.seconds), **_cpu_extra(c)},
+        {
+            "messages": c.messages,
+            "seconds": _r(c.seconds),
+            **_cpu_extra(c),
+            "broker_cpu_us_per_msg": _us_per_msg(c),
+        },
     )
 
 
@@ -381,7 +402,7 @@ def telemetry_run(
             "telemetry": mode,
             "messages": t.messages,
             "seconds": _r(t.seconds),
-            "broker_cpu_us_per_msg": _r(t.broker_cpu_s / t.messages * 1e6),
+            "broker_cpu_us_per_msg": _us_per_msg(t),
             **_cpu_extra(t),
             "metrics_messages_produced": metric,
             "otlp_requests": after[0] - before[0],
@@ -489,6 +510,9 @@ def aggregate(samples: list[Sample], suite: str) -> list[dict[str, Any]]:
             "mb_per_s": _r(_median([s.mb_per_s for s in group])),
             "p50_ms": _r(_median([s.p50_ms for s in group])),
             "p99_ms": _r(_median([s.p99_ms for s in group])),
+            "broker_cpu_us_per_msg": _r(
+                _median([s.extra.get("broker_cpu_us_per_msg") for s in group])
+            ),
             "suite": suite,
             "telemetry": telemetry
             if telemetry is not None
@@ -526,6 +550,9 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
             }
         else:
             r["ratio_vs_kafka"] = _ratio(r["msgs_per_s"], ref["msgs_per_s"])
+            r["cpu_per_msg_vs_kafka"] = _ratio(
+                r["broker_cpu_us_per_msg"], ref["broker_cpu_us_per_msg"]
+            )
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -555,14 +582,24 @@ def _pct_lost(base: float | None, other: float | None) -> float | None:
     return _r((base - other) / base * 100, 2) if base and other is not None else None
 
 
-def telemetry_overhead(runs: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Produce throughput lost against ``off``, in percent (negative: faster)."""
+def telemetry_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Produce throughput lost against ``off``, in percent (negative: faster), and the
+    broker's CPU time per message by mode with its increase against ``off``, in percent."""
     by_mode = {r["telemetry"]: r["msgs_per_s"] for r in runs}
+    cpu = {r["telemetry"]: r.get("broker_cpu_us_per_msg") for r in runs}
     base = by_mode.get("off")
     return {
         "metrics_pct": _pct_lost(base, by_mode.get("metrics")),
         "tracing_pct": _pct_lost(base, by_mode.get("tracing")),
+        # The steadier measure: the broker's CPU time per message, on against off.
+        "broker_cpu_us_per_msg": cpu,
+        "metrics_cpu_pct": _cpu_pct_more(cpu.get("off"), cpu.get("metrics")),
+        "tracing_cpu_pct": _cpu_pct_more(cpu.get("off"), cpu.get("tracing")),
     }
+
+
+def _cpu_pct_more(base: float | None, other: float | None) -> float | None:
+    return _r((other - base) / base * 100, 2) if base and other is not None else None
 
 
 def _fs_type(path: Path) -> str:
@@ -627,6 +664,14 @@ def goals(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             at_1000[0]["ms"] < GOAL_SCRAPE_MS if at_1000 else None,
         )
     )
+    for st in result.get("stalls", []):
+        out.append(
+            (
+                f"event-loop stall < {GOAL_STALL_MS:.0f} ms: {st['name']}",
+                f"{st['max_stall_ms']:,.0f} ms" + (f" ({st['error']})" if st["error"] else ""),
+                st["max_stall_ms"] < GOAL_STALL_MS and not st["error"],
+            )
+        )
     idle = result["memory"].get("streambus", {}).get("rss_idle_bytes")
     out.append(
         (
@@ -640,6 +685,34 @@ def goals(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _render_cpu(runs: list[dict[str, Any]]) -> list[str]:
+    """Each broker's own CPU time per message, the figure a busy 2-core machine moves least."""
+    kafka = {
+        (r["workload"], r["value_bytes"], r["acks"]): r for r in runs if r["system"] == "kafka"
+    }
+    rows = [
+        r for r in runs if r["system"] == "streambus" and r["workload"] in ("produce", "consume")
+    ]
+    if not rows:
+        return []
+    out = [
+        "",
+        "Broker CPU per message (µs; utime+stime of the broker process from /proc over the "
+        "timed window, median of rounds)",
+        f"{'workload':<13}{'value':>7}{'acks':>5} | {'StreamBus':>10} | {'Kafka':>8} | "
+        f"{'SB/Kafka':>9}",
+    ]
+    for r in rows:
+        k = kafka.get((r["workload"], r["value_bytes"], r["acks"]), {})
+        out.append(
+            f"{r['workload']:<13}{r['value_bytes']:>5} B{r['acks']:>5} | "
+            f"{_fmt(r.get('broker_cpu_us_per_msg'), '.2f'):>10} | "
+            f"{_fmt(k.get('broker_cpu_us_per_msg'), '.2f'):>8} | "
+            f"{_fmt(r.get('cpu_per_msg_vs_kafka'), '.2f') + 'x':>9}"
+        )
+    return out
 
 
 def render(result: dict[str, Any]) -> str:
@@ -701,6 +774,7 @@ def render(result: dict[str, Any]) -> str:
             "CPU taken by other processes in the timed windows (median, % of one core): "
             + ", ".join(noise)
         )
+    lines += _render_cpu(runs)
     tele = [r for r in result["runs"] if r["suite"] == "telemetry"]
     if tele:
         base = next((r["msgs_per_s"] for r in tele if r["telemetry"] == "off"), None)
@@ -724,6 +798,16 @@ def render(result: dict[str, Any]) -> str:
                 f"{r['telemetry']:<10}{r['msgs_per_s']:>12,.0f}{over:>10}"
                 f"{_fmt(cost, '.2f'):>15}{spans:>8}   {per_round}"
             )
+        over = result["telemetry_overhead"]
+        cpu = over.get("broker_cpu_us_per_msg") or {}
+        if cpu.get("off"):
+            lines.append(
+                "telemetry cost as StreamBus CPU per message: off "
+                f"{_fmt(cpu.get('off'), '.2f')} µs, metrics {_fmt(cpu.get('metrics'), '.2f')} µs "
+                f"({_fmt(over.get('metrics_cpu_pct'), '+.1f')} %), tracing "
+                f"{_fmt(cpu.get('tracing'), '.2f')} µs "
+                f"({_fmt(over.get('tracing_cpu_pct'), '+.1f')} %)"
+            )
     if result["scrape"]:
         lines += ["", "StreamBus /metrics scrape (median of timed GETs)"]
         lines.append(f"{'partitions':>10}{'median ms':>11}{'max ms':>9}{'bytes':>12}{'series':>9}")
@@ -746,6 +830,17 @@ def render(result: dict[str, Any]) -> str:
                 )
         if "kafka" not in mem and not plan["kafka_memory"]:
             lines.append("kafka: measured in the full run only")
+    if result.get("stalls"):
+        lines += [
+            "",
+            "StreamBus event-loop stalls (longest ApiVersions round trip of a probe every 10 ms)",
+        ]
+        for st in result["stalls"]:
+            detail = ", ".join(f"{k} {v}" for k, v in st["detail"].items())
+            lines.append(
+                f"  {st['max_stall_ms']:>9,.0f} ms  {st['name']} ({st['seconds']:.1f} s; {detail})"
+                + (f" ERROR {st['error']}" if st["error"] else "")
+            )
     lines += ["", "Goals (reported, not asserted)"]
     for goal, measured, met in goals(result):
         status = "n/a" if met is None else ("met" if met else "NOT met")
@@ -767,6 +862,7 @@ def build_result(outcome: Outcome, machine: dict[str, Any]) -> dict[str, Any]:
         "telemetry_overhead": telemetry_overhead(telemetry),
         "scrape": outcome.scrape,
         "memory": outcome.memory,
+        "stalls": outcome.stalls,
     }
 
 
@@ -813,7 +909,7 @@ def run(plan: Plan, args: argparse.Namespace) -> tuple[dict[str, Any], Outcome]:
         phases[name] = round(now - mark, 1)
         mark = now
 
-    say(f"[1/4] comparison: {plan.rounds} round(s) of {' then '.join(systems)}")
+    say(f"[1/5] comparison: {plan.rounds} round(s) of {' then '.join(systems)}")
     for round_no in range(1, plan.rounds + 1):
         for system in systems:
             label = f"{system}-round{round_no}"
@@ -827,7 +923,7 @@ def run(plan: Plan, args: argparse.Namespace) -> tuple[dict[str, Any], Outcome]:
             _phase(outcome, label, turn)
 
     phase_done("comparison")
-    say(f"[2/4] telemetry overhead: {plan.telemetry_rounds} round(s) of off, metrics, tracing")
+    say(f"[2/5] telemetry overhead: {plan.telemetry_rounds} round(s) of off, metrics, tracing")
     with OtlpSink() as sink:
         for round_no in range(1, plan.telemetry_rounds + 1):
             for mode in TELEMETRY_MODES:
@@ -850,11 +946,11 @@ def run(plan: Plan, args: argparse.Namespace) -> tuple[dict[str, Any], Outcome]:
                 _phase(outcome, label, tele)
 
     phase_done("telemetry")
-    say(f"[3/4] /metrics scrape at {', '.join(map(str, plan.scrape_partitions))} partitions")
+    say(f"[3/5] /metrics scrape at {', '.join(map(str, plan.scrape_partitions))} partitions")
     _phase(outcome, "scrape", lambda: scrape_phase(plan, outcome, args))
 
     phase_done("scrape")
-    say(f"[4/4] memory with {plan.memory_partitions} partitions")
+    say(f"[4/5] memory with {plan.memory_partitions} partitions")
     for system in systems:
         if system == "kafka" and not plan.kafka_memory:
             say("    kafka: skipped in a quick run (full run only)")
@@ -880,6 +976,28 @@ def run(plan: Plan, args: argparse.Namespace) -> tuple[dict[str, Any], Outcome]:
         )
 
     phase_done("memory")
+    say(
+        f"[5/5] event-loop stalls: compaction of {plan.stalls.compaction_bytes // MIB} MiB, a "
+        f"{plan.stalls.fetch_bytes // MIB} MiB fetch with tracing on, a Produce to "
+        f"{plan.stalls.produce_partitions:,} partitions"
+    )
+
+    def stalls() -> None:
+        for s in stall.bench_stalls(plan.stalls, args.work_dir, args.log_dir):
+            say(f"    {s.line()}")
+            outcome.stalls.append(
+                {
+                    "name": s.name,
+                    "max_stall_ms": _r(s.max_stall_ms, 1),
+                    "seconds": _r(s.seconds),
+                    "probes": s.samples,
+                    "detail": s.detail,
+                    "error": s.error,
+                }
+            )
+
+    _phase(outcome, "stalls", stalls)
+    phase_done("stalls")
     machine.update(
         phase_seconds=phases,
         order=outcome.order,
@@ -900,7 +1018,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=" ".join((__doc__ or "").split("\n\n")[0].split())
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (about 3.5 minutes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     parser.add_argument(
         "--rounds", type=int, help="comparison rounds per system (default: 3, quick 2)"
@@ -938,7 +1056,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds is not None:
         if args.rounds < 1:
             raise SystemExit("--rounds must be >= 1")
-        plan = Plan(**{**asdict(plan), "rounds": args.rounds})
+        plan = replace(plan, rounds=args.rounds)
     args.work_dir = args.work_dir.resolve()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if args.log_dir is not None:

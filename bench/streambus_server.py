@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from bench.common import (
@@ -44,15 +45,29 @@ class StreamBusServer(ServerProcess):
 
     system = "streambus"
 
-    def __init__(self, work_dir: Path, mode: str = "metrics", sink: OtlpSink | None = None) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        mode: str = "metrics",
+        sink: OtlpSink | None = None,
+        *,
+        data_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        nofile: int | None = None,
+        log_name: str = "broker.log",
+    ) -> None:
+        """``data_dir`` defaults to ``work_dir/data``; ``env`` adds ``STREAMBUS_*`` settings
+        (after the cleaned caller environment); ``nofile`` lowers the broker's
+        RLIMIT_NOFILE (soft and hard) to that many descriptors."""
         if mode not in MODES:
             raise ValueError(f"unknown telemetry mode {mode!r}; one of {', '.join(MODES)}")
         if mode == "tracing" and sink is None:
             raise ValueError("tracing mode needs an OtlpSink to export to")
-        super().__init__(work_dir, "broker.log")
+        super().__init__(work_dir, log_name)
         self.mode = mode
         self.metrics_port = 0 if mode in ("off", "sdk-disabled") else free_port()
-        self.data_dir = work_dir / "data"
+        self.data_dir = work_dir / "data" if data_dir is None else data_dir
+        self.nofile = nofile
         args = [
             "--data-dir",
             str(self.data_dir),
@@ -67,12 +82,14 @@ class StreamBusServer(ServerProcess):
             "--num-partitions",
             "3",
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STREAMBUS_"))}
+        child_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STREAMBUS_"))
+        }
         # As the Kafka reference is configured: new groups do not wait for more members.
-        env["STREAMBUS_GROUP_INITIAL_REBALANCE_DELAY_MS"] = "0"
+        child_env["STREAMBUS_GROUP_INITIAL_REBALANCE_DELAY_MS"] = "0"
         if mode == "tracing":
             assert sink is not None
-            env.update(
+            child_env.update(
                 OTEL_TRACES_SAMPLER="always_on",
                 OTEL_TRACES_EXPORTER="otlp",
                 OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
@@ -83,18 +100,24 @@ class StreamBusServer(ServerProcess):
         else:
             args.append("--no-tracing")
         if mode == "sdk-disabled":
-            env["OTEL_SDK_DISABLED"] = "true"
+            child_env["OTEL_SDK_DISABLED"] = "true"
+        child_env.update(env or {})
         self.cmd = [sys.executable, "-m", "streambus", "serve", *args]
-        self.env = env
+        self.env = child_env
 
     @property
     def metrics_url(self) -> str | None:
         return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
 
-    def start(self) -> None:
+    def _limit_files(self) -> None:
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Launch and wait until the Kafka port accepts; raises if the broker exits first."""
         started = time.monotonic()
-        proc = self.launch(self.cmd, ROOT, self.env)
-        wait_for_port(self.port, proc, START_TIMEOUT_S, "streambus", self.log_path)
+        proc = self.launch(self.cmd, ROOT, self.env, self._limit_files)
+        wait_for_port(self.port, proc, timeout, "streambus", self.log_path)
         self.start_seconds = time.monotonic() - started
 
     def stop(self) -> int:
@@ -102,17 +125,23 @@ class StreamBusServer(ServerProcess):
         assert self.proc is not None
         return terminate(self.proc)
 
-    def messages_produced_metric(self) -> float | None:
-        """``streambus_messages_produced_total`` summed over series, from a real scrape."""
+    def metric_sum(self, contains: str, timeout: float = 10) -> float | None:
+        """The sum of every sample whose name contains ``contains``, from a real scrape of
+        /metrics; None without an endpoint or a series of that name."""
         if self.metrics_url is None:
             return None
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:  # noqa: S310
+        with urllib.request.urlopen(self.metrics_url, timeout=timeout) as response:  # noqa: S310
             text = response.read().decode()
-        return sum(
+        values = [
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if line.startswith("streambus_messages_produced_total")
-        )
+            if line and not line.startswith("#") and contains in line.split("{", 1)[0].split()[0]
+        ]
+        return sum(values) if values else None
+
+    def messages_produced_metric(self) -> float | None:
+        """``streambus_messages_produced_total`` summed over series, from a real scrape."""
+        return self.metric_sum("streambus_messages_produced_total")
 
 
 @contextlib.contextmanager
