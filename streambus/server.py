@@ -37,6 +37,7 @@ from streambus.errors import StreamBusError, UnsupportedVersionError
 from streambus.protocol.apis import (
     FRAME_SIZE,
     REQUEST_PREFIX,
+    ApiSpec,
     ApiTable,
     Chunk,
     ConnectionClosedError,
@@ -45,7 +46,7 @@ from streambus.protocol.apis import (
     encode_frame,
     encode_response,
 )
-from streambus.protocol.validation import check_request
+from streambus.protocol.validation import Refusal, check_request
 from streambus.storage.datadir import FD_RESERVE, connection_fd_budget
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ ACCEPT_BACKLOG = 100
 # Frame bodies are read in pieces this large: the stream's own buffer never grows past
 # about two pieces, whatever size the frame announces.
 READ_PIECE = 64 * 1024
+# Requests in frames larger than this are decoded, checked and answered in a worker thread.
+LARGE_FRAME = 256 * 1024
 # One log line per cause at most this often; the lines in between are counted.
 LOG_EVERY_S = 5.0
 # How often idle connections are looked for and the loop's lateness is measured.
@@ -555,13 +558,18 @@ class Connection:
                 f"-v{spec.max_version})",
                 spec.name,
             )
-        try:
-            request = spec.request.decode(frame, version=version, header=True)
-        except Exception as exc:  # kafka-python raises assorted errors on truncated input
-            self._reject(f"malformed {spec.name} v{version} request: {exc!r}", spec.name)
+        # A frame naming 100,000 partitions takes seconds of pure Python to decode, check and
+        # answer: large frames do that in a worker thread, which hands the loop the
+        # interpreter every few milliseconds instead of holding every other client.
+        large = len(frame) > LARGE_FRAME
+        parsed = await asyncio.to_thread(_parse, spec, frame, version) if large else None
+        if parsed is None:
+            parsed = _parse(spec, frame, version)
+        if isinstance(parsed, Exception):  # kafka-python raises assorted errors on bad input
+            self._reject(f"malformed {spec.name} v{version} request: {parsed!r}", spec.name)
             return
+        request, refusal = parsed
         header = request.header
-        refusal = check_request(spec.request, spec.response, request, version)
         if refusal is not None:
             reason = f"{spec.name} v{version} from client {header.client_id!r}: {refusal.reason}"
             if refusal.response is None:
@@ -578,9 +586,13 @@ class Connection:
         server.request_started()
         try:
             response = await spec.handler(server.services, ctx, request)
-            chunks: Sequence[Chunk] = (
-                () if response is None else encode_frame(spec, response, version, correlation_id)
-            )
+            chunks: Sequence[Chunk] = ()
+            if response is not None and large:
+                chunks = await asyncio.to_thread(
+                    encode_frame, spec, response, version, correlation_id
+                )
+            elif response is not None:
+                chunks = encode_frame(spec, response, version, correlation_id)
         except ConnectionClosedError:
             raise  # the client left during a long poll: nobody to answer
         except StreamBusError as exc:
@@ -628,3 +640,15 @@ class Connection:
         if size:
             await writer.drain()
         self._server.services.telemetry.request_done(api, bytes_in + 4, size)
+
+
+def _parse(
+    spec: ApiSpec, frame: bytes | bytearray, version: int
+) -> tuple[Any, Refusal | None] | Exception:
+    """The decoded request and its schema refusal, if any; the decoding error itself for a
+    frame that does not parse (returned, not raised, so a worker thread can hand it back)."""
+    try:
+        request = spec.request.decode(frame, version=version, header=True)
+    except Exception as exc:
+        return exc
+    return request, check_request(spec.request, spec.response, request, version)

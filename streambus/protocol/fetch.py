@@ -166,7 +166,17 @@ async def _account(services: BrokerServices, reads: list[_Read]) -> None:
         if not read.records:
             continue
         tp = TopicPartition(read.topic, read.partition)
-        messages, payload = _consumed(services, tp, read.records, read.fetch_offset)
+        if isinstance(read.records, bytes | memoryview):
+            messages, payload = _consumed(services, tp, read.records, read.fetch_offset)
+        else:
+            # A streamed slice is not in memory: counting it reads it, which is disk and
+            # CPU work for a worker thread, not for the loop every client shares.
+            try:
+                messages, payload = await asyncio.to_thread(
+                    _consumed, services, tp, read.records, read.fetch_offset
+                )
+            except StreamBusError:  # the log changed under it; sending it fails the same way
+                continue
         count_all += messages
         tel.consumed(read.topic, read.partition, messages, payload)
     if count_all and tel.tracing_enabled():
