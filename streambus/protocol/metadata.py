@@ -162,7 +162,7 @@ async def handle_describe_cluster(
             R.DescribeClusterBroker(broker_id=b.node_id, host=b.host, port=b.port, rack=None)
             for b in live_brokers(services)
         ],
-        authorized_operations=-2147483648,  # not computed
+        authorized_operations=None,  # not computed (encoded as Kafka's "not requested")
         **fields,
     )
 
