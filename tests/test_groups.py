@@ -357,3 +357,44 @@ def test_admin_lists_describes_and_deletes_groups(tmp_path: Path) -> None:
         assert total(s, "streambus_consumer_group_lag", group="admin-g") == 0
         with pytest.raises(KafkaException, match="GROUP_ID_NOT_FOUND"):
             admin.delete_consumer_groups(["admin-g"])["admin-g"].result(10)
+
+
+def test_offsets_written_under_an_earlier_placement_still_load_but_never_win(
+    tmp_path: Path,
+) -> None:
+    """Committed offsets are placed by Kafka's hash of the group id. A data dir whose records
+    sit in another partition (an earlier placement) keeps them, unless the group's own
+    partition holds something about the same topic-partition: that is newer."""
+    from streambus.cluster.state import coordinator_partition
+    from streambus.groups.offsets import OffsetAndMetadata, encode_key, encode_value
+    from streambus.partitions import OFFSETS_TOPIC
+    from streambus.records import build_batch
+    from streambus.structs import TopicPartition as Tp
+
+    data = tmp_path / "data"
+    tp = Tp("events", 0)
+    with BrokerThread(data) as broker:
+        groups = broker.broker.groups
+
+        def write() -> int:
+            groups.offsets.commit("keeper", {tp: OffsetAndMetadata(37, -1, "", 1)})
+            count = broker.broker.partitions.topics()[OFFSETS_TOPIC].partitions
+            home = coordinator_partition("keeper", count)
+            elsewhere = (home + 1) % count  # read after the home partition, unless it wraps
+            old = OffsetAndMetadata(5, -1, "", 0)
+            batch = build_batch(
+                [
+                    (encode_key("keeper", tp), encode_value(old), [], 0),
+                    (encode_key("legacy", tp), encode_value(old), [], 0),
+                ]
+            )
+            broker.broker.partitions.append_now(Tp(OFFSETS_TOPIC, elsewhere), batch)
+            return count
+
+        broker.run(write)
+    with BrokerThread(data) as broker:
+        loaded = broker.run(
+            lambda: {g: broker.broker.groups.committed(g) for g in ("keeper", "legacy")}
+        )
+    assert loaded["keeper"][tp].offset == 37
+    assert loaded["legacy"][tp].offset == 5

@@ -151,7 +151,21 @@ class OffsetStore:
             self._restore()
         if OFFSETS_TOPIC not in self.service.topics():
             return 0
-        for partition in range(self.service.topics()[OFFSETS_TOPIC].partitions):
+        # A group's records belong in its own partition (partition_for). Records found in
+        # another one were written under an earlier placement: they count only where the
+        # group's own partition says nothing newer about that topic-partition.
+        own: _Loaded = {}
+        earlier: _Loaded = {}
+        count = self.service.topics()[OFFSETS_TOPIC].partitions
+        homes: dict[str, int] = {}
+
+        def home_of(group: str) -> int:
+            home = homes.get(group)
+            if home is None:
+                home = homes[group] = coordinator_partition(group, count)
+            return home
+
+        for partition in range(count):
             tp = TopicPartition(OFFSETS_TOPIC, partition)
             offset, end = self.service.offsets(tp)
             while offset < end:
@@ -160,28 +174,21 @@ class OffsetStore:
                     break
                 for pos, header in walk_batches(data):
                     for record in iter_records(data, pos, header):
-                        self._apply(record.key, record.value)
+                        _apply_record(
+                            record.key,
+                            record.value,
+                            partition=partition,
+                            home_of=home_of,
+                            own=own,
+                            earlier=earlier,
+                        )
                     offset = header.last_offset + 1
+        for group in own.keys() | earlier.keys():
+            merged = {**earlier.get(group, {}), **own.get(group, {})}
+            table = {tp: value for tp, value in merged.items() if value is not None}
+            if table:
+                self._offsets[group] = table
         return sum(len(v) for v in self._offsets.values())
-
-    def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        if key is None:
-            return
-        try:
-            decoded = decode_key(key)
-            if decoded is None:
-                return
-            group, tp = decoded
-            if value is None:
-                table = self._offsets.get(group)
-                if table is not None:
-                    table.pop(tp, None)
-                    if not table:
-                        del self._offsets[group]
-                return
-            self._offsets.setdefault(group, {})[tp] = decode_value(value)
-        except (struct.error, ValueError, UnicodeDecodeError) as exc:
-            log.warning("skipping unreadable record in %s: %s", OFFSETS_TOPIC, exc)
 
     def commit(self, group: str, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None:
         """Durably record ``offsets``; raises the storage error if the append fails."""
@@ -219,3 +226,30 @@ class OffsetStore:
         for group, table in self._offsets.items():
             for tp, value in table.items():
                 yield group, tp, value.offset
+
+
+_Loaded = dict[str, dict[TopicPartition, OffsetAndMetadata | None]]
+
+
+def _apply_record(
+    key: bytes | None,
+    value: bytes | None,
+    *,
+    partition: int,
+    home_of: Callable[[str], int],
+    own: _Loaded,
+    earlier: _Loaded,
+) -> None:
+    """File one loaded record under its group's own partition or an earlier placement's."""
+    if key is None:
+        return
+    try:
+        decoded = decode_key(key)
+        if decoded is None:
+            return
+        group, tp = decoded
+        # A tombstone is kept as None so that it also hides an earlier placement's record.
+        entry = None if value is None else decode_value(value)
+        (own if home_of(group) == partition else earlier).setdefault(group, {})[tp] = entry
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        log.warning("skipping unreadable record in %s: %s", OFFSETS_TOPIC, exc)
