@@ -34,6 +34,7 @@ import crc32c
 from streambus.errors import (
     CorruptRecordError,
     InvalidRecordError,
+    MessageTooLargeError,
 )
 from streambus.records.compression import MAX_INFLATED_BYTES, inflate
 
@@ -76,6 +77,12 @@ TRANSACTIONAL_MASK = 0x10
 CONTROL_MASK = 0x20
 
 NO_TIMESTAMP = -1
+
+# A trace-header scan inflates a compressed batch at most this far. The produce path scans
+# before the append has checked the batch against max.message.bytes, so without this bound a
+# small bomb would be inflated to MAX_INFLATED_BYTES on the event loop just to look for
+# traceparents. A batch inflating further yields no trace links; its append decides its fate.
+TRACE_SCAN_INFLATED_BYTES = 8 * 1024 * 1024
 
 
 class BatchHeader(NamedTuple):
@@ -342,7 +349,12 @@ def header_values(data: Buffer, pos: int, header: BatchHeader, key: str, limit: 
     that merely contains those bytes can be mistaken for a header, so callers
     validate what they get (a traceparent that does not parse is dropped).
     """
-    buf, start, end = _records_section(data, pos, header)
+    try:
+        buf, start, end = _records_section(
+            data, pos, header, TRACE_SCAN_INFLATED_BYTES, "trace scan limit"
+        )
+    except MessageTooLargeError:
+        return []
     if isinstance(buf, memoryview):
         # memoryview has no find: copy this batch's records only. Copying all of
         # ``data`` here made a response's scan quadratic in its number of batches.
