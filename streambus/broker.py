@@ -11,21 +11,48 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from opentelemetry import metrics, trace
 
 from streambus.app import build_server
+from streambus.cluster import (
+    Applied,
+    BrokerInfo,
+    ClusterState,
+    Controller,
+    CreateTopic,
+    DeleteTopic,
+    LocalQuorum,
+    PartitionState,
+    TopicState,
+    coordinator_partition,
+    make_quorum,
+    plan_topic,
+)
 from streambus.config import BrokerConfig
-from streambus.errors import KafkaStorageError
-from streambus.groups import GroupCoordinator, GroupSettings, GroupState
+from streambus.errors import (
+    CoordinatorNotAvailableError,
+    DuplicateBrokerRegistrationError,
+    KafkaStorageError,
+    NotControllerError,
+    NotCoordinatorError,
+    RequestTimedOutError,
+    StreamBusError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
+from streambus.groups import OFFSETS_TOPIC, GroupCoordinator, GroupSettings, GroupState
+from streambus.groups.offsets import OFFSETS_TOPIC_CONFIG
 from streambus.instrumentation import BrokerTelemetry
-from streambus.partitions import PartitionService
+from streambus.partitions import PartitionService, QuorumLeadership
 from streambus.producer_ids import ProducerIdAllocator
-from streambus.storage import LogManager, TopicMeta
+from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
     load_cluster_id,
@@ -66,9 +93,23 @@ class Broker:
         )
         self._lock = DataDirLock(self.data_dir)
         self.telemetry = BrokerTelemetry(self, config.broker_id, meter_provider, tracer_provider)
+        # The cluster's metadata: a Raft quorum of the configured voters, or (no
+        # --controller-quorum) a one-node quorum of this broker, seeded from its disk at start.
+        self.cluster_config = config.cluster()
+        self.quorum = make_quorum(self.cluster_config)
+        self.controller: Controller | None = None
+        self._seen_state = self.quorum.state  # the state before the record being applied
+        self._local_failures: dict[str, StreamBusError] = {}  # reconcile's, by topic
+        self.quorum.on_change(self._reconcile)
+        self._joining: asyncio.Task[None] | None = None
+        self.failure: str | None = None  # why this broker cannot go on (a duplicate node id)
+        self._failed = asyncio.Event()
         # Every append, read and wait for an append goes through this one service.
         self.partitions = PartitionService(
-            self.logs, self.telemetry, stopping=lambda: self.stopping
+            self.logs,
+            self.telemetry,
+            stopping=lambda: self.stopping,
+            leadership=QuorumLeadership(lambda: self.quorum.state, self.broker_id),
         )
         self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids", self.storage_health)
         self.groups = GroupCoordinator(
@@ -80,6 +121,7 @@ class Broker:
                 offsets_retention_minutes=config.offsets_retention_minutes,
                 offsets_topic_partitions=config.offsets_topic_num_partitions,
             ),
+            create_offsets_topic=self._create_offsets_topic_now,
         )
         self.cluster_id = ""
         self._server = build_server(self, config)
@@ -108,6 +150,12 @@ class Broker:
             await self._load_logs()
             self.groups.load()
             await self._server.start()
+            try:
+                await self._start_cluster()
+            except BaseException:
+                await self._stop_cluster()
+                await self._server.stop(0)
+                raise
         except BaseException:
             self.logs.close()
             self._lock.release()
@@ -137,6 +185,7 @@ class Broker:
         self.partitions.wake_all()
         await self.groups.stop()  # answers waiting JoinGroup/SyncGroup calls so they finish now
         await self._server.stop(self.config.shutdown_timeout_s)
+        await self._stop_cluster()
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -160,6 +209,281 @@ class Broker:
         self.status = BrokerStatus.STOPPED
         self._stopped.set()
         log.info("broker %d stopped", self.broker_id)
+
+    # -- cluster ---------------------------------------------------------------------------
+    async def _start_cluster(self) -> None:
+        """Start the quorum and the controller. A single broker registers and seeds its
+        topics at once; a cluster member joins in the background, so a broker that cannot
+        reach the others (wrong secret, voters down) keeps running and keeps trying."""
+        await self.quorum.start()  # OSError if the Raft port cannot be bound
+        self.controller = Controller(
+            self.quorum, self.cluster_config, self.config.advertised, self.port
+        )
+        if isinstance(self.quorum, LocalQuorum):
+            await self.controller.start()
+            self._seed_local(self.quorum)
+        else:
+            self._joining = asyncio.create_task(self._join(), name="streambus-cluster-join")
+
+    async def _join(self) -> None:
+        assert self.controller is not None
+        while True:
+            try:
+                await self.controller.start()
+                return
+            except DuplicateBrokerRegistrationError as exc:
+                self.failure = str(exc)
+                log.error("broker %d cannot join the cluster: %s", self.broker_id, exc)
+                self._failed.set()
+                return
+            except (NotControllerError, RequestTimedOutError) as exc:
+                log.warning("broker %d not registered yet, retrying: %s", self.broker_id, exc)
+
+    async def _stop_cluster(self) -> None:
+        if self._joining is not None:
+            self._joining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._joining
+            self._joining = None
+        if self.controller is not None:
+            await self.controller.stop()
+        await self.quorum.stop()
+
+    async def wait_failed(self) -> None:
+        """Returns if the broker cannot go on (``failure`` says why; logged once)."""
+        await self._failed.wait()
+
+    def _seed_local(self, quorum: LocalQuorum) -> None:
+        """A single broker's metadata is what its disk holds: one record per topic."""
+        me = (self.broker_id,)
+        for name, meta in self.logs.topics().items():
+            record = CreateTopic(
+                name,
+                meta.topic_id,
+                (me,) * meta.partitions,
+                tuple(sorted(meta.overrides.items())),
+                meta.internal,
+            )
+            result = quorum.apply_now(record)
+            if not result.ok:
+                log.warning("topic %r not in the cluster metadata: %s", name, result.message)
+
+    def _reconcile(self, applied: Applied) -> None:
+        """Local storage follows the replicated state: logs for topics with a replica here,
+        and the logs of a deleted topic (the same topic id only) removed."""
+        before, self._seen_state = self._seen_state, applied.state
+        if not applied.changed:
+            return
+        record = applied.record
+        if isinstance(record, DeleteTopic):
+            gone = before.topics.get(record.name)
+            local = self.logs.topics().get(record.name) or self.logs.offline_topics().get(
+                record.name
+            )
+            if gone is not None and local is not None and local.topic_id == gone.topic_id:
+                try:
+                    self.partitions.delete_topic(record.name)
+                    log.info("deleted local logs of topic %r", record.name)
+                except StreamBusError as exc:
+                    log.error("deleting local logs of topic %r failed: %s", record.name, exc)
+        self._create_hosted(applied.state)
+
+    def _create_hosted(self, state: ClusterState) -> None:
+        local, offline = self.logs.topics(), self.logs.offline_topics()
+        for name, topic in state.topics.items():
+            if name in local or name in offline:
+                continue
+            if not any(self.broker_id in p.replicas for p in topic.partitions):
+                continue
+            try:
+                # Every partition's log is made here; only those this broker leads are served.
+                self.partitions.create_topic(
+                    name,
+                    len(topic.partitions),
+                    dict(topic.configs),
+                    internal=topic.internal,
+                    topic_id=topic.topic_id,
+                )
+            except StreamBusError as exc:
+                self._local_failures[name] = exc
+                log.error("creating local logs of topic %r failed: %s", name, exc)
+            else:
+                self._local_failures.pop(name, None)
+
+    def _plan_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        replication_factor: int,
+        internal: bool,
+    ) -> CreateTopic:
+        """Check locally (name, configs, limits), then place the replicas over the live
+        brokers: the CreateTopic record to submit."""
+        meta = self.partitions.create_topic(
+            name, partitions, overrides, internal=internal, validate_only=True
+        )
+        state = self.quorum.state
+        if name in state.topics:
+            raise TopicAlreadyExistsError(f"topic {name!r} already exists")
+        return plan_topic(
+            state,
+            name,
+            partitions,
+            replication_factor,
+            start_index=random.randrange(1 << 16),
+            topic_id=meta.topic_id,
+            configs=dict(meta.overrides),
+            internal=internal,
+        )
+
+    async def create_cluster_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        replication_factor: int = 1,
+        internal: bool = False,
+        validate_only: bool = False,
+    ) -> TopicState:
+        """Submit a new topic to the quorum (from any broker); the topic as the cluster
+        holds it. NOT_CONTROLLER / REQUEST_TIMED_OUT when no leader commits it."""
+        record = self._plan_topic(
+            name, partitions, overrides, replication_factor=replication_factor, internal=internal
+        )
+        if validate_only:
+            return _topic_of(record)
+        result = await self.quorum.submit(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return self._created(record)
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        validate_only: bool = False,
+    ) -> TopicState:
+        """``create_cluster_topic`` without waiting: a single broker's (tools and tests)."""
+        record = self._plan_topic(name, partitions, overrides, replication_factor=1, internal=False)
+        if validate_only:
+            return _topic_of(record)
+        result = self._local_quorum().apply_now(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return self._created(record)
+
+    def _local_quorum(self) -> LocalQuorum:
+        if not isinstance(self.quorum, LocalQuorum):
+            raise NotControllerError("metadata of a cluster changes through the Raft quorum")
+        return self.quorum
+
+    def _created(self, record: CreateTopic) -> TopicState:
+        failure = self._local_failures.pop(record.name, None)
+        if failure is not None and isinstance(self.quorum, LocalQuorum):
+            # One broker: a topic it could not store does not exist (as before the quorum).
+            self.quorum.apply_now(DeleteTopic(record.name))
+            raise failure
+        return self.quorum.state.topics.get(record.name) or _topic_of(record)
+
+    async def delete_cluster_topic(self, name: str) -> uuid.UUID:
+        """Submit the deletion to the quorum; every broker deletes its logs on applying it."""
+        topic = self.quorum.state.topics.get(name)
+        if topic is None:
+            if name in self.logs.offline_topics():  # unreadable here, never in the metadata
+                return self.partitions.delete_topic(name).topic_id
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        result = await self.quorum.submit(DeleteTopic(name))
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return topic.topic_id
+
+    def delete_topic(self, name: str) -> uuid.UUID:
+        """``delete_cluster_topic`` without waiting: a single broker's."""
+        topic = self.quorum.state.topics.get(name)
+        if topic is None:
+            return self.partitions.delete_topic(name).topic_id
+        result = self._local_quorum().apply_now(DeleteTopic(name))
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return topic.topic_id
+
+    def _create_offsets_topic_now(self) -> None:
+        """The group coordinator's first commit on a single broker: create the topic now.
+        In a cluster FindCoordinator creates it, and only its leaders coordinate groups."""
+        state = self.quorum.state
+        if OFFSETS_TOPIC in state.topics:
+            self._create_hosted(state)  # a local creation that failed before: try again
+            failure = self._local_failures.pop(OFFSETS_TOPIC, None)
+            if failure is not None:
+                raise failure
+            return
+        if not isinstance(self.quorum, LocalQuorum):
+            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} does not exist yet")
+        record = plan_topic(
+            state,
+            OFFSETS_TOPIC,
+            self.config.offsets_topic_num_partitions,
+            1,
+            start_index=0,
+            topic_id=uuid.uuid4(),
+            configs=OFFSETS_TOPIC_CONFIG,
+            internal=True,
+        )
+        result = self.quorum.apply_now(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        self._created(record)
+
+    async def ensure_offsets_topic(self) -> None:
+        """FindCoordinator: create ``__consumer_offsets`` through the quorum if needed. A
+        single broker leaves it to the first commit, as it always has."""
+        if OFFSETS_TOPIC in self.quorum.state.topics or isinstance(self.quorum, LocalQuorum):
+            return
+        with contextlib.suppress(TopicAlreadyExistsError):  # another broker was faster
+            await self.create_cluster_topic(
+                OFFSETS_TOPIC,
+                self.config.offsets_topic_num_partitions,
+                OFFSETS_TOPIC_CONFIG,
+                internal=True,
+            )
+
+    def group_coordinator(self, group_id: str) -> BrokerInfo:
+        """The live broker leading the group's ``__consumer_offsets`` partition."""
+        state = self.quorum.state
+        topic = state.topics.get(OFFSETS_TOPIC)
+        if topic is None and isinstance(self.quorum, LocalQuorum):
+            host, port = self.advertised_address  # one broker coordinates every group
+            return BrokerInfo(self.broker_id, host, port, "", False)
+        if topic is None:
+            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} does not exist yet")
+        partition = coordinator_partition(group_id, len(topic.partitions))
+        leader = topic.partitions[partition].leader
+        info = state.brokers.get(leader)
+        if info is None or info.fenced:
+            raise CoordinatorNotAvailableError(
+                f"{OFFSETS_TOPIC} partition {partition} (group {group_id!r}) has no live leader"
+            )
+        return info
+
+    def check_coordinator(self, group_id: str) -> None:
+        """Raise NOT_COORDINATOR unless this broker coordinates ``group_id``."""
+        if OFFSETS_TOPIC not in self.quorum.state.topics and isinstance(self.quorum, LocalQuorum):
+            return  # one broker: it creates the topic on the first commit
+        info = self.group_coordinator(group_id)
+        if info.broker_id != self.broker_id:
+            raise NotCoordinatorError(
+                f"group {group_id!r} is coordinated by broker {info.broker_id}, "
+                f"not {self.broker_id}"
+            )
+
+    def controller_id(self) -> int:
+        leader = self.quorum.leader_id
+        return -1 if leader is None else leader
 
     async def _load_logs(self) -> None:
         """Open every partition (segment scans, producer state) in a worker thread: the
@@ -199,22 +523,6 @@ class Broker:
     def bootstrap(self) -> str:
         host, port = self.advertised_address
         return f"{host}:{port}"
-
-    # -- topics ------------------------------------------------------------------------------
-    def create_topic(
-        self,
-        name: str,
-        partitions: int,
-        overrides: Mapping[str, str | None],
-        *,
-        validate_only: bool = False,
-    ) -> TopicMeta:
-        return self.partitions.create_topic(
-            name, partitions, overrides, validate_only=validate_only
-        )
-
-    def delete_topic(self, name: str) -> TopicMeta:
-        return self.partitions.delete_topic(name)
 
     # -- background work ---------------------------------------------------------------------
     async def _verify_logs(self) -> None:
@@ -294,7 +602,24 @@ class Broker:
                 yield tp.topic, tp.partition, plog.corruptions
 
     def offline_partition_count(self) -> int:
-        return self.logs.offline_partition_count()
+        """Partitions stored here that cannot be served, plus partitions the cluster has no
+        leader for (a topic offline on disk still has a leader in the state: not twice)."""
+        return self.logs.offline_partition_count() + self.quorum.state.offline_partitions()
+
+    def cluster_size(self) -> int:
+        return len(self.quorum.state.live_brokers())
+
+    def cluster_leader(self) -> int:
+        return int(self.quorum.is_leader)
+
+    def raft_term(self) -> int:
+        return self.quorum.term
+
+    def raft_commit_index(self) -> int:
+        return self.quorum.commit_index
+
+    def partitions_led(self) -> int:
+        return self.quorum.state.partitions_led_by(self.broker_id)
 
     def storage_write_failing(self) -> int:
         return int(self.storage_health.failing)
@@ -304,3 +629,14 @@ class Broker:
 
     def storage_available_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0
+
+
+def _topic_of(record: CreateTopic) -> TopicState:
+    """The topic a CreateTopic record describes, before (or without) applying it."""
+    return TopicState(
+        record.name,
+        record.topic_id,
+        record.internal,
+        dict(record.configs),
+        tuple(PartitionState(r, r, r[0], 0) for r in record.replicas),
+    )

@@ -58,7 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on for Kafka clients (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="Kafka protocol port (default 9092)")
     serve.add_argument("--advertised-host", help="host name clients are told to connect to")
-    serve.add_argument("--broker-id", type=int, help="this broker's node id (default 1)")
+    serve.add_argument(
+        "--broker-id",
+        "--node-id",
+        dest="broker_id",
+        type=int,
+        help="this broker's node id (default 1)",
+    )
+    serve.add_argument(
+        "--controller-quorum",
+        metavar="ID@HOST:PORT,...",
+        help="the Raft voters, e.g. 1@h1:9193,2@h2:9193,3@h3:9193 (default: none, a one-node "
+        "cluster of this broker); this node must be one of them",
+    )
+    serve.add_argument(
+        "--raft-port", type=int, help="Raft port for quorum entries given without one (9193)"
+    )
+    serve.add_argument(
+        "--cluster-secret",
+        help="shared secret that encrypts and authenticates Raft traffic; required with more "
+        "than one voter (prefer STREAMBUS_CLUSTER_SECRET: flags show in ps)",
+    )
+    serve.add_argument(
+        "--broker-session-timeout-ms",
+        type=int,
+        metavar="MS",
+        help="Kafka's broker.session.timeout.ms: a broker silent this long is fenced (9000)",
+    )
+    serve.add_argument(
+        "--broker-heartbeat-interval-ms",
+        type=int,
+        metavar="MS",
+        help="Kafka's broker.heartbeat.interval.ms (2000)",
+    )
     serve.add_argument("--metrics-host", help="address of the /metrics endpoint (default 0.0.0.0)")
     serve.add_argument("--metrics-port", type=int, help="/metrics port (default 9090; 0 = off)")
     serve.add_argument("--num-partitions", type=int, help="Kafka's num.partitions (default 1)")
@@ -125,6 +157,11 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "max_connections": args.max_connections,
         "max_connections_per_ip": args.max_connections_per_ip,
         "queued_max_request_bytes": args.queued_max_request_bytes,
+        "controller_quorum": args.controller_quorum,
+        "raft_port": args.raft_port,
+        "cluster_secret": args.cluster_secret,
+        "broker_session_timeout_ms": args.broker_session_timeout_ms,
+        "broker_heartbeat_interval_ms": args.broker_heartbeat_interval_ms,
     }
     return BrokerConfig.load(overrides, dict(args.topic_config))
 
@@ -151,7 +188,13 @@ async def serve(config: BrokerConfig) -> int:
         # process: freezing it keeps the garbage collector from re-scanning it on every
         # full collection, which showed as ~30 ms pauses under load.
         gc.freeze()
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(broker.wait_failed())
+        await asyncio.wait((stopping, failed), return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopping, failed):
+            task.cancel()
+        if broker.failure is not None:  # logged by the broker, once
+            return 2
         log.info("signal received; shutting down")
     finally:
         await broker.stop()

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from streambus.cluster.config import ClusterConfig, parse_quorum
 from streambus.errors import InvalidConfigError
 from streambus.topic_config import KAFKA_NAMES, TopicConfig
 
@@ -54,7 +55,14 @@ class BrokerConfig:
     group_min_session_timeout_ms: int = 6000
     group_max_session_timeout_ms: int = 1_800_000
     offsets_retention_minutes: int = 7 * 24 * 60
-    offsets_topic_num_partitions: int = 10
+    offsets_topic_num_partitions: int = 50  # Kafka's default
+    # The cluster (see streambus/cluster): without a controller quorum the broker is a
+    # one-node cluster of itself. ``broker_id`` is the node id (``--node-id``).
+    controller_quorum: str | None = None  # "1@host:9193,2@host:9193,3@host:9193"
+    raft_port: int = 9193  # for quorum entries given without a port
+    cluster_secret: str | None = None  # required with more than one voter
+    broker_session_timeout_ms: int = 9000  # Kafka's broker.session.timeout.ms
+    broker_heartbeat_interval_ms: int = 2000  # Kafka's broker.heartbeat.interval.ms
     # Partitions this broker hosts at most (internal ones included); CreateTopics beyond it
     # is refused. The open-files limit may allow fewer (3 descriptors per partition).
     max_partitions: int = 10_000
@@ -66,6 +74,20 @@ class BrokerConfig:
             return self.advertised_host
         return "localhost" if self.host in ("0.0.0.0", "::", "") else self.host
 
+    def cluster(self) -> ClusterConfig:
+        """The cluster core's view of these settings (raises InvalidConfigError)."""
+        voters = (
+            parse_quorum(self.controller_quorum, self.raft_port) if self.controller_quorum else ()
+        )
+        return ClusterConfig(
+            node_id=self.broker_id,
+            voters=voters,
+            secret=self.cluster_secret or None,
+            raft_dir=Path(self.data_dir) / "raft",
+            session_timeout_ms=self.broker_session_timeout_ms,
+            heartbeat_interval_ms=self.broker_heartbeat_interval_ms,
+        )
+
     @classmethod
     def load(
         cls,
@@ -76,6 +98,10 @@ class BrokerConfig:
         """Defaults, then ``STREAMBUS_*`` from ``env``, then ``overrides`` (flags; None = unset)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        # KRaft's name for the broker id, as operators write it in compose files.
+        node_id = env.get(ENV_PREFIX + "NODE_ID")
+        if node_id is not None:
+            values["broker_id"] = _convert("node_id", "int", node_id)
         for field in dataclasses.fields(cls):
             if field.name == "topic_defaults":
                 continue
@@ -118,6 +144,11 @@ class BrokerConfig:
                     f"{name.replace('_', '.')} must be >= 0 (0: automatic), "
                     f"got {getattr(self, name)}"
                 )
+        if not 0 < self.raft_port < 65536:
+            raise InvalidConfigError(f"raft port must be 1-65535, got {self.raft_port}")
+        if self.offsets_topic_num_partitions < 1:
+            raise InvalidConfigError("offsets.topic.num.partitions must be at least 1")
+        self.cluster()  # quorum syntax, secret, timings
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise InvalidConfigError(
                 f"queued.max.request.bytes ({self.queued_max_request_bytes}) must be at least "

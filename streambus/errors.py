@@ -62,6 +62,13 @@ class InvalidFetchSizeError(StreamBusError):
     description = "The requested fetch size is invalid."
 
 
+class LeaderNotAvailableError(StreamBusError):
+    errno = 5
+    kafka_name = "LEADER_NOT_AVAILABLE"
+    retriable = True
+    description = "There is no leader for this topic-partition (an election is under way)."
+
+
 class NotLeaderOrFollowerError(StreamBusError):
     errno = 6
     kafka_name = "NOT_LEADER_OR_FOLLOWER"

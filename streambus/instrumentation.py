@@ -55,6 +55,12 @@ class BrokerStats(Protocol):
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]: ...  # group, topic, partition, lag
     def storage_corruptions(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, count
     def offline_partition_count(self) -> int: ...
+    def cluster_size(self) -> int: ...  # live (registered, unfenced) brokers
+    def cluster_leader(self) -> int: ...  # 1 while this node is the Raft leader
+    def controller_id(self) -> int: ...  # -1 while there is none
+    def raft_term(self) -> int: ...
+    def raft_commit_index(self) -> int: ...
+    def partitions_led(self) -> int: ...
     def storage_write_failing(self) -> int: ...  # 1 while writes to the data dir fail
     def storage_write_errors(self) -> Iterable[tuple[str, int]]: ...  # reason, failed writes
 
@@ -225,8 +231,34 @@ class BrokerTelemetry:
             (
                 "streambus.offline.partitions",
                 "{partition}",
-                "Partitions found on disk that cannot be served (metadata or log unreadable)",
+                "Partitions that cannot be served: found on disk unreadable, or without a leader",
                 stats.offline_partition_count,
+            ),
+            ("streambus.cluster.size", "{broker}", "Live registered brokers", stats.cluster_size),
+            (
+                "streambus.cluster.leader",
+                "{state}",
+                "1 on the broker that is the Raft leader (the controller), else 0",
+                stats.cluster_leader,
+            ),
+            (
+                "streambus.controller.id",
+                "{node}",
+                "Node id of the controller as this broker knows it, -1 if none",
+                stats.controller_id,
+            ),
+            ("streambus.raft.term", "{term}", "The Raft term", stats.raft_term),
+            (
+                "streambus.raft.commit_index",
+                "{entry}",
+                "Index of the last committed Raft log entry",
+                stats.raft_commit_index,
+            ),
+            (
+                "streambus.partitions.leader",
+                "{partition}",
+                "Partitions this broker leads",
+                stats.partitions_led,
             ),
             (
                 "streambus.storage.write_failing",

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from streambus.errors import (
     InvalidRecordError,
     InvalidRequestError,
     InvalidTopicError,
+    NotLeaderOrFollowerError,
     StreamBusError,
 )
 from streambus.instrumentation import BrokerTelemetry
@@ -36,6 +37,11 @@ from streambus.storage.segment import Segment
 from streambus.structs import AppendResult, TopicPartition
 from streambus.topic_config import TopicConfig
 
+if TYPE_CHECKING:
+    import uuid
+
+    from streambus.cluster.state import ClusterState
+
 __all__ = [
     "INTERNAL_TOPICS",
     "OFFSETS_TOPIC",
@@ -47,6 +53,7 @@ __all__ = [
     "OfflineTopic",
     "PartitionOffsets",
     "PartitionService",
+    "QuorumLeadership",
     "TopicMeta",
 ]
 
@@ -86,6 +93,27 @@ class LeadsEverything:
         return None
 
 
+class QuorumLeadership:
+    """A cluster member: it serves a partition the replicated state says it leads.
+
+    A partition the state does not know (a topic only on this disk) is left to the
+    local log to answer (UNKNOWN_TOPIC_OR_PARTITION, or served while the state catches up).
+    """
+
+    def __init__(self, state: Callable[[], ClusterState], broker_id: int) -> None:
+        self._state = state
+        self._broker_id = broker_id
+
+    def check(self, tp: TopicPartition) -> None:
+        p = self._state().partition(tp.topic, tp.partition)
+        if p is None or p.leader == self._broker_id:
+            return
+        leader = "none" if p.leader < 0 else f"broker {p.leader}"
+        raise NotLeaderOrFollowerError(
+            f"broker {self._broker_id} does not lead {tp.topic}-{tp.partition} (leader: {leader})"
+        )
+
+
 class PartitionOffsets(NamedTuple):
     log_start_offset: int
     high_watermark: int  # the log end offset while there is one replica
@@ -109,11 +137,12 @@ class PartitionService:
         self._long_polls: set[asyncio.Future[None]] = set()
 
     def _partition(self, tp: TopicPartition) -> PartitionLog:
-        """The local log of ``tp`` if this broker serves it: UNKNOWN_TOPIC_OR_PARTITION
-        first (Kafka's order), then the leader check."""
-        plog = self._logs.log(tp)
+        """The local log of ``tp`` if this broker serves it. The leader check comes first:
+        a broker that does not host a partition the cluster knows answers
+        NOT_LEADER_OR_FOLLOWER, not UNKNOWN_TOPIC_OR_PARTITION, so clients refresh
+        Metadata and go to the leader."""
         self.leadership.check(tp)
-        return plog
+        return self._logs.log(tp)
 
     # -- appends --------------------------------------------------------------------------
     async def append(
@@ -311,10 +340,15 @@ class PartitionService:
         *,
         internal: bool = False,
         validate_only: bool = False,
+        topic_id: uuid.UUID | None = None,
     ) -> TopicMeta:
         if validate_only:
-            return self._logs.validate_topic(name, partitions, overrides)
-        return self._logs.create_topic(name, partitions, overrides, internal=internal)
+            return self._logs.validate_topic(
+                name, partitions, overrides, internal=internal, topic_id=topic_id
+            )
+        return self._logs.create_topic(
+            name, partitions, overrides, internal=internal, topic_id=topic_id
+        )
 
     def restore_topic(self, name: str, partitions: int, overrides: Mapping[str, str]) -> bool:
         """Rewrite the lost metadata of an internal topic whose data is still there."""

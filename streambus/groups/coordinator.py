@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from streambus.errors import (
@@ -53,7 +53,7 @@ class GroupSettings:
     min_session_timeout_ms: int = 6000  # group.min.session.timeout.ms
     max_session_timeout_ms: int = 1_800_000  # group.max.session.timeout.ms
     offsets_retention_minutes: int = 7 * 24 * 60  # offsets.retention.minutes
-    offsets_topic_partitions: int = 10  # offsets.topic.num.partitions
+    offsets_topic_partitions: int = 50  # offsets.topic.num.partitions
     offset_metadata_max_bytes: int = 4096  # offset.metadata.max.bytes
 
 
@@ -72,10 +72,17 @@ class JoinRequest:
 
 
 class GroupCoordinator:
-    def __init__(self, partitions: PartitionService, settings: GroupSettings) -> None:
+    def __init__(
+        self,
+        partitions: PartitionService,
+        settings: GroupSettings,
+        create_offsets_topic: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self._partitions = partitions
-        self.offsets = OffsetStore(partitions, settings.offsets_topic_partitions)
+        self.offsets = OffsetStore(
+            partitions, settings.offsets_topic_partitions, create_offsets_topic
+        )
         self._groups: dict[str, Group] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False

@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import struct
 import time
-import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from streambus.cluster.state import coordinator_partition
 from streambus.errors import KafkaStorageError
 from streambus.partitions import OFFSETS_TOPIC, AppendOrigin, PartitionService
 from streambus.records import build_batch, iter_records, walk_batches
@@ -28,7 +28,7 @@ from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.groups")
 
-_TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.bytes": str(100 * 1024 * 1024)}
+OFFSETS_TOPIC_CONFIG = {"cleanup.policy": "compact", "segment.bytes": str(100 * 1024 * 1024)}
 
 # Offset commit key, version 1 (Kafka's OffsetCommitKey):
 #   version    int16   1
@@ -112,13 +112,18 @@ class OffsetStore:
 
     service: PartitionService
     partitions: int
+    # Creates the topic through the cluster's metadata (the broker's hook); None: locally.
+    create_topic: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self._offsets: dict[str, dict[TopicPartition, OffsetAndMetadata]] = {}
 
     def partition_for(self, group: str) -> TopicPartition:
-        # A stable hash (not Python's salted one): a group keeps its partition across restarts.
-        return TopicPartition(OFFSETS_TOPIC, zlib.crc32(group.encode()) % self.partitions)
+        # Kafka's hash of the group id, over the partitions the topic has (it may predate a
+        # change of offsets.topic.num.partitions), so every broker names the same coordinator.
+        meta = self.service.topics().get(OFFSETS_TOPIC)
+        count = meta.partitions if meta is not None else self.partitions
+        return TopicPartition(OFFSETS_TOPIC, coordinator_partition(group, count))
 
     def ensure_topic(self) -> None:
         """Create the topic on first use. A creation that fails (a full disk) leaves
@@ -128,13 +133,17 @@ class OffsetStore:
         offline = self.service.offline_topics().get(OFFSETS_TOPIC)
         if offline is not None and not self._restore():
             raise KafkaStorageError(f"{OFFSETS_TOPIC} is offline: {offline.path}: {offline.reason}")
-        if offline is None:
-            self.service.create_topic(OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG, internal=True)
+        if offline is None and self.create_topic is not None:
+            self.create_topic()
+        elif offline is None:
+            self.service.create_topic(
+                OFFSETS_TOPIC, self.partitions, OFFSETS_TOPIC_CONFIG, internal=True
+            )
 
     def _restore(self) -> bool:
         """Bring back a topic whose topic.json was lost (by a crash or a full disk while it
         was made): the broker knows what this topic's metadata must say."""
-        return self.service.restore_topic(OFFSETS_TOPIC, self.partitions, _TOPIC_CONFIG)
+        return self.service.restore_topic(OFFSETS_TOPIC, self.partitions, OFFSETS_TOPIC_CONFIG)
 
     def load(self) -> int:
         """Rebuild the table from the log; returns the number of committed offsets loaded."""

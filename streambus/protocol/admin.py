@@ -38,7 +38,7 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
                 raise InvalidRequestError(f"creation of internal topic {topic.name} is prohibited")
             partitions = _partition_count(services, topic)
             overrides = {c.name: c.value for c in topic.configs}
-            meta = services.create_topic(
+            meta = await services.create_cluster_topic(
                 topic.name, partitions, overrides, validate_only=validate_only
             )
         except StreamBusError as exc:
@@ -52,19 +52,19 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
             log.info(
                 "created topic %r with %d partitions for %s",
                 meta.name,
-                meta.partitions,
+                len(meta.partitions),
                 ctx.client_id,
             )
         result.topic_id = meta.topic_id
-        result.num_partitions = meta.partitions
+        result.num_partitions = len(meta.partitions)
         result.replication_factor = 1
-        effective = services.partitions.topic_defaults.with_overrides(meta.overrides).to_kafka()
+        effective = services.partitions.topic_defaults.with_overrides(meta.configs).to_kafka()
         result.configs = [
             R.CreatableTopicResult.CreatableTopicConfigs(
                 name=key,
                 value=value,
                 read_only=False,
-                config_source=SOURCE_TOPIC if key in meta.overrides else SOURCE_DEFAULT,
+                config_source=SOURCE_TOPIC if key in meta.configs else SOURCE_DEFAULT,
                 is_sensitive=False,
             )
             for key, value in effective.items()
@@ -76,15 +76,18 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
 def _partition_count(services: BrokerServices, topic: Any) -> int:
     if topic.assignments:
         for assignment in topic.assignments:
-            if list(assignment.broker_ids) != [services.broker_id]:
+            if len(assignment.broker_ids) != 1:
                 raise InvalidReplicationFactorError(
-                    f"assignment names brokers {list(assignment.broker_ids)}; "
-                    f"this cluster has one services, id {services.broker_id}"
+                    f"assignment names brokers {list(assignment.broker_ids)}: "
+                    "replication is not supported yet (one replica per partition)"
                 )
+        # Explicit placement is not followed yet: the partitions are placed over the
+        # live brokers like any others.
         return len(topic.assignments)
     if topic.replication_factor not in (-1, 1):
         raise InvalidReplicationFactorError(
-            f"replication factor {topic.replication_factor} is larger than the 1 broker available"
+            f"replication factor {topic.replication_factor}: replication is not supported yet "
+            "(one replica per partition)"
         )
     return (
         services.config.num_partitions if topic.num_partitions == -1 else int(topic.num_partitions)
@@ -102,8 +105,7 @@ async def handle_delete_topics(services: BrokerServices, ctx: RequestContext, re
         try:
             if services.partitions.is_internal(name):
                 raise InvalidRequestError(f"internal topic {name} cannot be deleted")
-            meta = services.delete_topic(name)
-            result.topic_id = meta.topic_id
+            result.topic_id = await services.delete_cluster_topic(name)
             log.info("deleted topic %r for %s", name, ctx.client_id)
         except StreamBusError as exc:
             services.telemetry.error("DeleteTopics", exc.kafka_name)

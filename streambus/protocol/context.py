@@ -8,13 +8,15 @@ is reached only through ``partitions``; storage stays out of sight.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Protocol
 
+from streambus.cluster import BrokerInfo, Quorum, TopicState
 from streambus.config import BrokerConfig
 from streambus.groups import GroupCoordinator
 from streambus.instrumentation import BrokerTelemetry
-from streambus.partitions import PartitionService, TopicMeta
+from streambus.partitions import PartitionService
 from streambus.producer_ids import ProducerIdAllocator
 
 
@@ -41,15 +43,31 @@ class BrokerServices(Protocol):
     @property
     def telemetry(self) -> BrokerTelemetry: ...
 
-    # Topic metadata writes: the broker decides how they are made (locally today; through
-    # the metadata quorum in a cluster). Reads go through ``partitions``.
-    def create_topic(
+    @property
+    def quorum(self) -> Quorum:
+        """The cluster's metadata: ``quorum.state`` is what Metadata answers from."""
+        ...
+
+    def controller_id(self) -> int:
+        """The Raft leader's node id, -1 during an election."""
+        ...
+
+    # Topic metadata writes go through the quorum (a record submitted from any broker);
+    # every broker's local storage follows the state.
+    async def create_cluster_topic(
         self,
         name: str,
         partitions: int,
         overrides: Mapping[str, str | None],
         *,
+        replication_factor: int = 1,
+        internal: bool = False,
         validate_only: bool = False,
-    ) -> TopicMeta: ...
+    ) -> TopicState: ...
 
-    def delete_topic(self, name: str) -> TopicMeta: ...
+    async def delete_cluster_topic(self, name: str) -> uuid.UUID: ...
+
+    # Group coordination: a group lives on the leader of its __consumer_offsets partition.
+    async def ensure_offsets_topic(self) -> None: ...
+    def group_coordinator(self, group_id: str) -> BrokerInfo: ...
+    def check_coordinator(self, group_id: str) -> None: ...

@@ -1,5 +1,9 @@
 """The group APIs: FindCoordinator, JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit,
-OffsetFetch, ListGroups, DescribeGroups, DeleteGroups. This broker coordinates every group."""
+OffsetFetch, ListGroups, DescribeGroups, DeleteGroups.
+
+A group lives on the broker leading its ``__consumer_offsets`` partition (Kafka's hash
+of the group id); group APIs sent to another broker answer NOT_COORDINATOR.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from streambus.errors import (
     UnknownTopicOrPartitionError,
     error_name,
 )
-from streambus.groups import GroupState, JoinRequest, OffsetAndMetadata
+from streambus.groups import OFFSETS_TOPIC, GroupState, JoinRequest, OffsetAndMetadata
 from streambus.protocol.apis import ApiRoutes, RequestContext
 from streambus.structs import TopicPartition
 
@@ -58,33 +62,50 @@ async def handle_find_coordinator(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
     R = FindCoordinatorResponse
-    host, port = services.advertised_address
     key_type = getattr(request, "key_type", GROUP_KEY)
-    error, message = 0, None
-    if key_type != GROUP_KEY:
-        error = CoordinatorNotAvailableError.errno
-        message = "transactions are not supported by this broker"
-        services.telemetry.error("FindCoordinator", CoordinatorNotAvailableError.kafka_name)
+    keys = list(request.coordinator_keys) if ctx.api_version >= 4 else [request.key]
+    answers: list[tuple[str, int, str, int, int, str | None]] = []
+    if key_type == GROUP_KEY:
+        try:
+            await services.ensure_offsets_topic()
+        except StreamBusError as exc:  # no controller reachable: the client retries
+            log.info("FindCoordinator: %s not created: %s", OFFSETS_TOPIC, exc)
+    for key in keys:
+        if key_type != GROUP_KEY:
+            err: StreamBusError = CoordinatorNotAvailableError(
+                "transactions are not supported by this broker"
+            )
+        else:
+            try:
+                info = services.group_coordinator(key)
+            except StreamBusError as exc:
+                err = exc
+            else:
+                answers.append((key, info.broker_id, info.host, info.port, 0, None))
+                continue
+        services.telemetry.error("FindCoordinator", err.kafka_name)
+        answers.append((key, -1, "", -1, err.errno, err.message))
     if ctx.api_version >= 4:
         return R(
             throttle_time_ms=0,
             coordinators=[
                 R.Coordinator(
                     key=key,
-                    node_id=services.broker_id,
+                    node_id=node,
                     host=host,
                     port=port,
                     error_code=error,
                     error_message=message,
                 )
-                for key in request.coordinator_keys
+                for key, node, host, port, error, message in answers
             ],
         )
+    _, node, host, port, error, message = answers[0]
     return R(
         throttle_time_ms=0,
         error_code=error,
         error_message=message,
-        node_id=services.broker_id,
+        node_id=node,
         host=host,
         port=port,
     )
@@ -126,6 +147,7 @@ async def handle_join_group(services: BrokerServices, ctx: RequestContext, reque
 
     with services.telemetry.group_span("join", join.group_id, join.member_id) as span:
         try:
+            services.check_coordinator(join.group_id)
             result = await services.groups.join(join)
         except MemberIdRequiredError as exc:
             span.set_attribute("streambus.member_id", exc.member_id)
@@ -160,6 +182,7 @@ async def handle_sync_group(services: BrokerServices, ctx: RequestContext, reque
     group = services.groups.groups().get(request.group_id)
     with services.telemetry.group_span("sync", request.group_id, request.member_id) as span:
         try:
+            services.check_coordinator(request.group_id)
             assignment = await services.groups.sync(
                 request.group_id,
                 generation=request.generation_id,
@@ -190,6 +213,7 @@ async def handle_sync_group(services: BrokerServices, ctx: RequestContext, reque
 async def handle_heartbeat(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     error = 0
     try:
+        services.check_coordinator(request.group_id)
         services.groups.heartbeat(
             request.group_id,
             request.generation_id,
@@ -213,6 +237,7 @@ async def handle_leave_group(services: BrokerServices, ctx: RequestContext, requ
     for member_id, instance_id in leaving:
         error = 0
         try:
+            services.check_coordinator(request.group_id)
             services.groups.leave(request.group_id, member_id, instance_id)
         except StreamBusError as exc:
             services.telemetry.error("LeaveGroup", exc.kafka_name)
@@ -254,6 +279,7 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
         try:
             if not group_id:
                 raise InvalidGroupIdError("group id must not be empty")
+            services.check_coordinator(group_id)
             services.groups.commit(
                 group_id,
                 request.generation_id_or_member_epoch if version >= 1 else -1,
@@ -289,6 +315,11 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
 async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = OffsetFetchResponse
     T = R.OffsetFetchResponseTopic
+    try:
+        services.check_coordinator(request.group_id)
+    except StreamBusError as exc:
+        services.telemetry.error("OffsetFetch", exc.kafka_name)
+        return R(throttle_time_ms=0, topics=[], error_code=exc.errno)
     committed = services.groups.committed(request.group_id)
     if request.topics is None:
         wanted: dict[str, list[int]] = {}
@@ -383,6 +414,7 @@ async def handle_delete_groups(services: BrokerServices, ctx: RequestContext, re
     for group_id in request.groups_names:
         error = 0
         try:
+            services.check_coordinator(group_id)
             services.groups.delete_group(group_id)
         except StreamBusError as exc:
             services.telemetry.error("DeleteGroups", exc.kafka_name)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from kafka.protocol.admin import DescribeClusterRequest, DescribeClusterResponse
 from kafka.protocol.metadata import (
     ApiVersionsRequest,
     ApiVersionsResponse,
@@ -14,6 +15,7 @@ from kafka.protocol.metadata import (
 
 from streambus.errors import (
     KafkaStorageError,
+    LeaderNotAvailableError,
     StreamBusError,
     UnknownTopicOrPartitionError,
     error_name,
@@ -38,9 +40,11 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
     R = MetadataResponse
     version = ctx.api_version
     requested = request.topics
+    cluster = services.quorum.state
+    offline_here = services.partitions.offline_topics()
     if requested is None or (version == 0 and not requested):
-        names = [name for name, meta in services.partitions.topics().items() if not meta.internal]
-        names += [n for n, o in services.partitions.offline_topics().items() if not o.internal]
+        names = [name for name, t in cluster.topics.items() if not t.internal]
+        names += [n for n, o in offline_here.items() if not o.internal and n not in names]
         errors: dict[str, int] = {}
     else:
         names = []
@@ -52,24 +56,25 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
             if name is None:
                 continue
             names.append(name)
-            if name in services.partitions.topics() or name in services.partitions.offline_topics():
+            if name in cluster.topics or name in offline_here:
                 continue
             if services.partitions.is_internal(name):  # only the broker creates those
                 errors[name] = UnknownTopicOrPartitionError.errno
             elif allow_create and services.config.auto_create_topics_enable:
                 try:
-                    services.create_topic(name, services.config.num_partitions, {})
+                    await services.create_cluster_topic(name, services.config.num_partitions, {})
                     log.info("auto-created topic %r for %s", name, ctx.client_id)
                 except StreamBusError as exc:
                     errors[name] = exc.errno
             else:
                 errors[name] = UnknownTopicOrPartitionError.errno
 
+    cluster = services.quorum.state  # as it is after any auto-creation
     topics = []
     for name in names:
         error = errors.get(name, 0)
-        meta = services.partitions.topics().get(name)
-        offline = services.partitions.offline_topics().get(name)
+        meta = cluster.topics.get(name)
+        offline = offline_here.get(name)
         if offline is not None:
             topics.append(_offline_topic(services, offline))
             continue
@@ -85,18 +90,22 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
                 )
             )
             continue
-        partitions = [
-            R.MetadataResponseTopic.MetadataResponsePartition(
-                error_code=0,
-                partition_index=i,
-                leader_id=services.broker_id,
-                leader_epoch=0,
-                replica_nodes=[services.broker_id],
-                isr_nodes=[services.broker_id],
-                offline_replicas=[],
+        partitions = []
+        for i, p in enumerate(meta.partitions):
+            code = 0 if p.leader >= 0 else LeaderNotAvailableError.errno
+            if code:
+                services.telemetry.error("Metadata", LeaderNotAvailableError.kafka_name)
+            partitions.append(
+                R.MetadataResponseTopic.MetadataResponsePartition(
+                    error_code=code,
+                    partition_index=i,
+                    leader_id=p.leader,
+                    leader_epoch=p.leader_epoch,
+                    replica_nodes=list(p.replicas),
+                    isr_nodes=list(p.isr),
+                    offline_replicas=[b for b in p.replicas if not cluster.is_live(b)],
+                )
             )
-            for i in range(meta.partitions)
-        ]
         topics.append(
             R.MetadataResponseTopic(
                 error_code=0,
@@ -106,15 +115,55 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
                 partitions=partitions,
             )
         )
-    host, port = services.advertised_address
     return R(
         throttle_time_ms=0,
         brokers=[
-            R.MetadataResponseBroker(node_id=services.broker_id, host=host, port=port, rack=None)
+            R.MetadataResponseBroker(node_id=b.node_id, host=b.host, port=b.port, rack=None)
+            for b in live_brokers(services)
         ],
         cluster_id=services.cluster_id,
-        controller_id=services.broker_id,
+        controller_id=services.controller_id(),
         topics=topics,
+    )
+
+
+class _Node(NamedTuple):
+    node_id: int
+    host: str
+    port: int
+
+
+def live_brokers(services: BrokerServices) -> list[_Node]:
+    """The registered, unfenced brokers; this one too while its registration is on the
+    way (a client that reached it can always be told about it)."""
+    nodes = [_Node(b.broker_id, b.host, b.port) for b in services.quorum.state.live_brokers()]
+    if all(n.node_id != services.broker_id for n in nodes):
+        host, port = services.advertised_address
+        nodes.append(_Node(services.broker_id, host, port))
+        nodes.sort()
+    return nodes
+
+
+@routes.api(DescribeClusterRequest, DescribeClusterResponse, versions=(0, 1))
+async def handle_describe_cluster(
+    services: BrokerServices, ctx: RequestContext, request: Any
+) -> Any:
+    R = DescribeClusterResponse
+    fields: dict[str, Any] = {}
+    if ctx.api_version >= 1:
+        fields["endpoint_type"] = getattr(request, "endpoint_type", 1)
+    return R(
+        throttle_time_ms=0,
+        error_code=0,
+        error_message=None,
+        cluster_id=services.cluster_id,
+        controller_id=services.controller_id(),
+        brokers=[
+            R.DescribeClusterBroker(broker_id=b.node_id, host=b.host, port=b.port, rack=None)
+            for b in live_brokers(services)
+        ],
+        authorized_operations=None,  # not computed (encoded as Kafka's "not requested")
+        **fields,
     )
 
 

@@ -284,6 +284,7 @@ class LogManager:
         overrides: Mapping[str, str | None],
         *,
         internal: bool = False,
+        topic_id: uuid.UUID | None = None,
     ) -> TopicMeta:
         """What ``create_topic`` would create, raising what it would raise; creates nothing
         (CreateTopics with validate_only)."""
@@ -310,7 +311,7 @@ class LogManager:
         kept = {key: value for key, value in overrides.items() if value is not None}
         return TopicMeta(
             name=name,
-            topic_id=uuid.uuid4(),
+            topic_id=topic_id or uuid.uuid4(),  # the cluster's id when it chose one
             partitions=partitions,
             overrides=MappingProxyType(kept),
             internal=internal,
@@ -341,8 +342,11 @@ class LogManager:
         overrides: Mapping[str, str | None],
         *,
         internal: bool = False,
+        topic_id: uuid.UUID | None = None,
     ) -> TopicMeta:
-        meta = self.validate_topic(name, partitions, overrides, internal=internal)
+        meta = self.validate_topic(
+            name, partitions, overrides, internal=internal, topic_id=topic_id
+        )
         config = self.defaults.with_overrides(meta.overrides)
         topic_dir = self._root / name
         if topic_dir.exists():  # debris without valid metadata, already reported by load
