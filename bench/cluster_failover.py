@@ -18,7 +18,23 @@ import time
 from pathlib import Path
 
 from tests.harness import ClusterProcesses
-from tests.test_cluster import CLUSTER_ENV, kill_controller, metrics_of, wait_cluster_size
+from tests.test_cluster import (
+    CLUSTER_ENV,
+    kill_controller,
+    metrics_of,
+    restart,
+    wait_cluster_size,
+)
+
+METRICS = (
+    "streambus_cluster_size",
+    "streambus_cluster_leader",
+    "streambus_controller_id",
+    "streambus_raft_term",
+    "streambus_raft_commit_index",
+    "streambus_partitions_leader",
+    "streambus_offline_partitions",
+)
 
 
 def main() -> None:
@@ -30,27 +46,32 @@ def main() -> None:
     args = parser.parse_args()
     times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, ClusterProcesses(Path(tmp), 3, env=CLUSTER_ENV) as c:
-        started = time.monotonic()
-        wait_cluster_size(c, 3)
-        print(f"cluster of 3 ready in {time.monotonic() - started:.2f}s")
-        for round_ in range(1, args.rounds + 1):
-            old, term, new, elapsed = kill_controller(c)
-            times.append(elapsed)
-            print(
-                f"round {round_}: controller {old} killed in term {term:g}; "
-                f"broker {new} controller after {elapsed * 1000:.0f} ms",
-                flush=True,
-            )
-            c.brokers[old].start()
-            rejoin = time.monotonic()
+        try:
+            started = time.monotonic()
             wait_cluster_size(c, 3)
-            print(f"         broker {old} back in the cluster {time.monotonic() - rejoin:.2f}s")
-        for name in ("streambus_cluster_size", "streambus_cluster_leader", "streambus_raft_term"):
-            print(f"{name}: {metrics_of(c, name)}")
-        if args.keep_logs is not None:
-            args.keep_logs.mkdir(parents=True, exist_ok=True)
-            for log in Path(tmp).glob("*.log"):
-                (args.keep_logs / log.name).write_bytes(log.read_bytes())
+            print(f"cluster of 3 ready in {time.monotonic() - started:.2f}s")
+            for round_ in range(1, args.rounds + 1):
+                old, term, new, elapsed = kill_controller(c)
+                times.append(elapsed)
+                print(
+                    f"round {round_}: controller {old} killed in term {term:g}; "
+                    f"broker {new} controller after {elapsed * 1000:.0f} ms",
+                    flush=True,
+                )
+                rejoin = time.monotonic()
+                restart(c, old)
+                print(f"  broker {old} back in the cluster {time.monotonic() - rejoin:.2f}s")
+            for name in (
+                "streambus_cluster_size",
+                "streambus_cluster_leader",
+                "streambus_raft_term",
+            ):
+                print(f"{name}: {metrics_of(c, name)}")
+        finally:
+            if args.keep_logs is not None:
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                for log in Path(tmp).glob("*.log"):
+                    (args.keep_logs / log.name).write_bytes(log.read_bytes())
     print(
         "failover (SIGKILL -> new controller): "
         + ", ".join(f"{t * 1000:.0f}" for t in times)

@@ -495,6 +495,31 @@ def kill_controller(cluster: ClusterProcesses) -> tuple[int, float, int, float]:
     return old, term, new, time.monotonic() - killed_at
 
 
+def restart(cluster: ClusterProcesses, node: int, timeout: float = 60) -> None:
+    """Start ``node`` again; return once it registered anew and every broker agrees on the
+    size (3), the controller and the term. (Its journal alone reports the old size at once.)"""
+    broker = cluster.brokers[node]
+    before = len(broker.log_text())
+    broker.start()
+
+    def registered() -> bool:
+        assert broker.proc is not None
+        log = broker.log_text()[before:]
+        assert broker.proc.poll() is None, f"broker {node} exited on restart:\n{log[-3000:]}"
+        return f"broker {node} registered" in log
+
+    wait_until(registered, timeout, 0.1)
+
+    def agreed() -> bool:
+        seen = [
+            metrics_of(cluster, name)
+            for name in ("streambus_cluster_size", "streambus_controller_id", "streambus_raft_term")
+        ]
+        return set(seen[0].values()) == {3} and all(len(set(s.values())) == 1 for s in seen[1:])
+
+    wait_until(agreed, timeout, 0.1)
+
+
 @pytest.fixture
 def failover_cluster(tmp_path: Path) -> Iterator[ClusterProcesses]:
     with ClusterProcesses(tmp_path, 3, env=CLUSTER_ENV) as c:
@@ -522,11 +547,23 @@ def test_controller_failover(failover_cluster: ClusterProcesses) -> None:
     placement = wait_topic_everywhere(cluster, "after-failover", 4)
     assert set(placement.values()) <= set(cluster.live()), placement
 
-    cluster.brokers[old].start()
     started = time.monotonic()
-    wait_cluster_size(cluster, 3, 60)
+    restart(cluster, old)
     print(f"broker {old} rejoined (cluster_size 3) {time.monotonic() - started:.2f}s after restart")
     assert sum(v or 0 for v in metrics_of(cluster, "streambus_cluster_leader").values()) == 1
     terms = metrics_of(cluster, "streambus_raft_term")
     print(f"after the rejoin: raft_term {terms}")
     assert "after-failover" in cluster_metadata(cluster.brokers[old].bootstrap).topics
+
+
+def test_a_controller_restarted_at_once_rejoins(failover_cluster: ClusterProcesses) -> None:
+    """The crash-and-restart a supervisor does: SIGKILL the controller and start it again at
+    once, before its old incarnation's session ends. It must wait for that session to end
+    (through the controller change its own death causes) and rejoin, not give up."""
+    cluster = failover_cluster
+    old = wait_until(lambda: controller(cluster), 30)
+    cluster.brokers[old].kill()
+    started = time.monotonic()
+    restart(cluster, old)
+    print(f"\ncontroller {old} restarted at once: back in {time.monotonic() - started:.2f}s")
+    assert sum(v or 0 for v in metrics_of(cluster, "streambus_cluster_leader").values()) == 1
