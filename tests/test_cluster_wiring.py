@@ -140,6 +140,8 @@ def test_three_processes_form_one_cluster(tmp_path: Path) -> None:
         TD = ProduceRequest.TopicProduceData
         PD = TD.PartitionProduceData
         with RawClient(other.bootstrap) as client:
+            # that broker has applied the topic's record too (it follows the leader's log)
+            wait_until(lambda: metadata(client, ["spread"]).topics[0].error_code == 0, 30, 0.2)
             response = client.request(
                 ProduceRequest(
                     transactional_id=None,
