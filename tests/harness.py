@@ -241,7 +241,11 @@ class ClusterProcesses:
         self.root = root
         self.secret = secret or secrets.token_hex(16)
         self.env = env or {}
-        self.raft_ports = {node: free_port() for node in range(1, size + 1)}
+        self.size = size
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        self.raft_ports = {node: free_port() for node in range(1, self.size + 1)}
         self.brokers = {node: self.process(node) for node in self.raft_ports}
 
     def quorum(self, **replace: int) -> str:
@@ -282,11 +286,22 @@ class ClusterProcesses:
             broker.__exit__()
 
     def __enter__(self) -> ClusterProcesses:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        # A port picked free can be taken before the broker binds it (free_port closes its
+        # socket); a broker then exits saying it cannot bind, and new ports are picked.
+        for attempt in range(3):
+            try:
+                return self.start()
+            except (RuntimeError, TimeoutError):
+                self.stop()
+                logs = [b.log_text() for b in self.brokers.values() if b.log_path.exists()]
+                taken = ("cannot bind", "Address already in use")
+                if attempt == 2 or not any(t in log for log in logs for t in taken):
+                    raise
+                self._pick_ports()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
