@@ -299,8 +299,6 @@ def test_three_clients_across_three_brokers(cluster: ClusterProcesses) -> None:
     assert set(placement.values()) == {1, 2, 3}, f"leaders not spread: {placement}"
     md = cluster_metadata(cluster.brokers[2].bootstrap)
     assert sorted(md.brokers) == [1, 2, 3]
-    cluster_ids = {n: cluster_metadata(b.bootstrap).cluster_id for n, b in cluster.brokers.items()}
-    assert len(set(cluster_ids.values())) == 1, f"one cluster, one cluster id: {cluster_ids}"
     assert {b.port for b in md.brokers.values()} == {b.port for b in cluster.brokers.values()}
 
     sent = {
@@ -337,6 +335,9 @@ def test_three_clients_across_three_brokers(cluster: ClusterProcesses) -> None:
                 f"__consumer_offsets partition {partition} is led by {expected}"
             )
     print(f"clients test took {time.monotonic() - started:.2f}s")
+    # last, so the client checks above run whatever this finds
+    cluster_ids = {n: cluster_metadata(b.bootstrap).cluster_id for n, b in cluster.brokers.items()}
+    assert len(set(cluster_ids.values())) == 1, f"one cluster, one cluster id: {cluster_ids}"
 
 
 # -- metrics ---------------------------------------------------------------------------------
