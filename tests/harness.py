@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -157,7 +158,8 @@ class BrokerProcess:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> BrokerProcess:
+    def start(self, *, wait: bool = True) -> BrokerProcess:
+        """Start the process; with ``wait``, return once its Kafka port listens."""
         cmd = [
             sys.executable,
             "-m",
@@ -184,8 +186,16 @@ class BrokerProcess:
             cwd=ROOT,
             preexec_fn=self.preexec_fn,  # noqa: PLW1509 - only what a test passes
         )
-        wait_for_port(self.port, self.proc)
+        if wait:
+            wait_for_port(self.port, self.proc)
         return self
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return scrape(self.metrics_url)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -213,6 +223,95 @@ class BrokerProcess:
             self.proc.wait(10)
         with contextlib.suppress(Exception):
             self._log.close()
+
+
+class ClusterProcesses:
+    """``size`` brokers as ``streambus serve`` processes on loopback, each a voter of one Raft
+    quorum, with free Kafka, metrics and Raft ports, a data dir each under ``root`` and one
+    secret (in the environment, as an operator would pass it)."""
+
+    def __init__(
+        self,
+        root: Path,
+        size: int = 3,
+        *,
+        secret: str | None = None,  # None: a random one
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        self.secret = secret or secrets.token_hex(16)
+        self.env = env or {}
+        self.size = size
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        self.raft_ports = {node: free_port() for node in range(1, self.size + 1)}
+        self.brokers = {node: self.process(node) for node in self.raft_ports}
+
+    def quorum(self, **replace: int) -> str:
+        """The --controller-quorum value; ``n2=port`` names another Raft port for node 2."""
+        ports = {**self.raft_ports, **{int(k[1:]): v for k, v in replace.items()}}
+        return ",".join(f"{node}@127.0.0.1:{port}" for node, port in sorted(ports.items()))
+
+    def process(
+        self,
+        node: int,
+        *,
+        quorum: str | None = None,
+        secret: str | None = None,
+        name: str | None = None,
+    ) -> BrokerProcess:
+        """A broker of this cluster, not started; ``quorum``/``secret`` override this cluster's."""
+        return BrokerProcess(
+            self.root / (name or f"node-{node}"),
+            "--node-id",
+            str(node),
+            "--controller-quorum",
+            quorum or self.quorum(),
+            "--advertised-host",
+            "127.0.0.1",
+            env={**self.env, "STREAMBUS_CLUSTER_SECRET": secret or self.secret},
+        )
+
+    def start(self) -> ClusterProcesses:
+        # All at once: no broker finishes starting before a majority of voters runs.
+        for broker in self.brokers.values():
+            broker.start(wait=False)
+        for broker in self.brokers.values():
+            wait_for_port(broker.port, broker.proc, timeout=60)
+        return self
+
+    def stop(self) -> None:
+        for broker in self.brokers.values():
+            broker.__exit__()
+
+    def __enter__(self) -> ClusterProcesses:
+        # A port picked free can be taken before the broker binds it (free_port closes its
+        # socket); a broker then exits saying it cannot bind, and new ports are picked.
+        for attempt in range(3):
+            try:
+                return self.start()
+            except (RuntimeError, TimeoutError):
+                self.stop()
+                logs = [b.log_text() for b in self.brokers.values() if b.log_path.exists()]
+                taken = ("cannot bind", "Address already in use")
+                if attempt == 2 or not any(t in log for log in logs for t in taken):
+                    raise
+                self._pick_ports()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(b.bootstrap for b in self.brokers.values())
+
+    def live(self) -> dict[int, BrokerProcess]:
+        return {n: b for n, b in self.brokers.items() if b.proc and b.proc.poll() is None}
 
 
 def wait_for_port(

@@ -18,7 +18,7 @@ from tests.test_prometheus_server import PROMETHEUS, PrometheusServer
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "streambus.json"
 DATASOURCE_UID = "streambus-prometheus"
-PANEL_QUERIES = 48  # every target of every panel; a new panel must raise this
+PANEL_QUERIES = 55  # every target of every panel; a new panel must raise this
 TOPIC = "orders"
 GROUP = "order-readers"
 
@@ -128,6 +128,13 @@ def test_dashboard_covers_the_examples_panels() -> None:
         "streambus_network_bytes_out_total",
         "streambus_network_requests_total",
         "streambus_network_errors_total",
+        "streambus_cluster_size",
+        "streambus_cluster_leader",
+        "streambus_controller_id",
+        "streambus_raft_term",
+        "streambus_raft_commit_index",
+        "streambus_partitions_leader",
+        "streambus_offline_partitions",
     ):
         assert metric in exprs, metric
     assert (
