@@ -37,6 +37,10 @@ from streambus.errors import (
 
 log = logging.getLogger("streambus.cluster")
 
+# Heartbeats of another incarnation of this node id that make a refused registration final:
+# more than one, so a heartbeat a killed predecessor left in flight is not mistaken for it.
+_RIVAL_BEATS = 2
+
 
 class Controller:
     """Registration, heartbeats, and (on the leader) fencing by session timeout."""
@@ -60,13 +64,16 @@ class Controller:
         self._clock = clock
         self._interval = config.heartbeat_interval_ms / 1000
         self._session = config.session_timeout_ms / 1000
-        # A restart of this id is refused while its previous incarnation is still live;
-        # that one is fenced after a session, so keep trying a little longer than that.
+        # A restart of this id is refused while its previous incarnation is still registered;
+        # a dead one is fenced within a session (counted from a new controller's election),
+        # so a refusal is only final once the other incarnation is seen heartbeating.
+        # Without a controller, registration gives up after this long (the caller retries).
         self._registration_timeout = (
             registration_timeout_s
             if registration_timeout_s is not None
             else self._session + 3 * self._interval
         )
+        self._rival_beats = 0  # heartbeats of another incarnation of this id, seen live
         self._last_seen: dict[int, float] = {}
         self._was_leader = False
         self._task: asyncio.Task[None] | None = None
@@ -97,6 +104,7 @@ class Controller:
         record = RegisterBroker(self.broker_id, self.host, self.port, self.incarnation)
         deadline = self._clock() + self._registration_timeout
         refused: str | None = None  # the last refusal, None while no leader answered
+        self._rival_beats = 0
         while True:
             try:
                 result = await self.quorum.submit(record)
@@ -122,11 +130,12 @@ class Controller:
                         result.message,
                     )
                 reason = refused = result.message or err.message
-            if self._clock() >= deadline:
-                if refused is not None:
-                    raise DuplicateBrokerRegistrationError(
-                        f"node id {self.broker_id} is in use by another live broker: {reason}"
-                    )
+            if refused is not None and self._rival_beats >= _RIVAL_BEATS:
+                # Not a restart waiting for its old self to be fenced: that one heartbeats.
+                raise DuplicateBrokerRegistrationError(
+                    f"node id {self.broker_id} is in use by another live broker: {reason}"
+                )
+            if refused is None and self._clock() >= deadline:
                 raise NotControllerError(f"broker {self.broker_id} could not register: {reason}")
             await asyncio.sleep(min(self._interval, 0.5))
 
@@ -194,6 +203,13 @@ class Controller:
             return
         if isinstance(record, BrokerHeartbeat | RegisterBroker):
             self._last_seen[record.broker_id] = self._clock()
+            if (
+                isinstance(record, BrokerHeartbeat)
+                and record.broker_id == self.broker_id
+                and record.incarnation != self.incarnation
+                and not applied.replayed
+            ):
+                self._rival_beats += 1
         elif isinstance(record, FenceBroker):
             self._last_seen.pop(record.broker_id, None)
             if applied.changed and not applied.replayed:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -295,6 +296,7 @@ class RaftQuorum:
             leaderFallbackTimeout=t.leader_fallback_s,
             maxBindRetries=1,
         )
+        _check_bindable(self._me)
         self._machine = _StateMachine(self._deliver_from_thread, self._reset_from_thread)
         others = [v.address for v in self._config.voters if v.node_id != self.node_id]
         with warnings.catch_warnings():
@@ -482,3 +484,19 @@ def _resolve(fut: asyncio.Future[tuple[Any, int]], value: tuple[Any, int]) -> No
 def make_quorum(config: ClusterConfig) -> LocalQuorum | RaftQuorum:
     """The quorum a broker with ``config`` runs: local without voters, Raft with them."""
     return RaftQuorum(config) if config.replicated else LocalQuorum(config.node_id)
+
+
+def _check_bindable(me: Voter) -> None:
+    """Fail with a line an operator can act on when this node's Raft address is taken, most
+    often by a broker already running as this node id; pysyncobj itself would log a
+    traceback and say only that initialization failed."""
+    family = socket.AF_INET6 if ":" in me.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((me.host, me.port))
+        except OSError as exc:
+            raise OSError(
+                f"node {me.node_id}'s Raft address {me.address} is in use or cannot be bound "
+                f"({exc.strerror}): is node {me.node_id} already running on this machine?"
+            ) from exc
