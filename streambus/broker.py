@@ -111,7 +111,9 @@ class Broker:
             stopping=lambda: self.stopping,
             leadership=QuorumLeadership(lambda: self.quorum.state, self.broker_id),
         )
-        self.producer_ids = ProducerIdAllocator(self.data_dir / "producer_ids", self.storage_health)
+        # A single broker's quorum is in memory: its producer_ids file is the durable reservation.
+        pid_file = None if self.cluster_config.replicated else self.data_dir / "producer_ids"
+        self.producer_ids = ProducerIdAllocator(self.quorum, pid_file, self.storage_health)
         self.groups = GroupCoordinator(
             self.partitions,
             GroupSettings(
@@ -123,7 +125,7 @@ class Broker:
             ),
             create_offsets_topic=self._create_offsets_topic_now,
         )
-        self.cluster_id = ""
+        self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
         self._maintenance: asyncio.Task[None] | None = None
@@ -145,7 +147,7 @@ class Broker:
             raise
         try:
             raise_open_files_limit()
-            self.cluster_id = load_cluster_id(self.data_dir, self.broker_id)
+            self.local_cluster_id = load_cluster_id(self.data_dir, self.broker_id)
             clean = take_clean_shutdown(self.data_dir)
             await self._load_logs()
             self.groups.load()
@@ -217,7 +219,11 @@ class Broker:
         reach the others (wrong secret, voters down) keeps running and keeps trying."""
         await self.quorum.start()  # OSError if the Raft port cannot be bound
         self.controller = Controller(
-            self.quorum, self.cluster_config, self.config.advertised, self.port
+            self.quorum,
+            self.cluster_config,
+            self.config.advertised,
+            self.port,
+            cluster_id=self.local_cluster_id,
         )
         if isinstance(self.quorum, LocalQuorum):
             await self.controller.start()
@@ -506,6 +512,10 @@ class Broker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def cluster_id(self) -> str:
+        return self.quorum.state.cluster_id or self.local_cluster_id
 
     @property
     def stopping(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from streambus.cluster import (
+    AllocateProducerIds,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
@@ -25,6 +26,7 @@ from streambus.cluster import (
     RaftStatus,
     Record,
     RegisterBroker,
+    SetClusterId,
     UnfenceBroker,
     apply,
     assign_replicas,
@@ -34,9 +36,10 @@ from streambus.cluster import (
     plan_topic,
 )
 from streambus.cluster.records import from_wire, to_wire
-from streambus.cluster.state import state_from_wire, state_to_wire
+from streambus.cluster.state import MAX_PRODUCER_ID, state_from_wire, state_to_wire
 from streambus.errors import (
     DuplicateBrokerRegistrationError,
+    InvalidRequestError,
     InvalidConfigError,
     InvalidReplicationFactorError,
 )
@@ -216,6 +219,52 @@ def test_fencing_moves_leadership_to_a_live_isr_member_or_offline() -> None:
     assert same is s
 
 
+def test_producer_id_blocks_never_overlap() -> None:
+    s = ClusterState()
+    blocks = []
+    for broker, size in ((1, 1000), (2, 1000), (1, 5), (3, 1000)):
+        new, result = apply(s, AllocateProducerIds(broker, size))
+        assert result.ok
+        assert result.value == s.next_producer_id
+        assert new.next_producer_id == s.next_producer_id + size
+        assert new.metadata_version == s.metadata_version + 1
+        blocks.append(range(result.value, result.value + size))
+        s = new
+    assert [b.start for b in blocks] == [0, 1000, 2000, 2005]
+    taken = [pid for b in blocks for pid in b]
+    assert len(taken) == len(set(taken)) == s.next_producer_id == 3005
+
+    assert error_of(s, AllocateProducerIds(1, 0)) == InvalidRequestError.errno
+    assert error_of(s, AllocateProducerIds(-1, 10)) == InvalidRequestError.errno
+    assert error_of(s, AllocateProducerIds(1, MAX_PRODUCER_ID)) == InvalidRequestError.errno
+    failed = apply(s, AllocateProducerIds(1, 0))[1]
+    assert failed.value is None  # no block on an error
+
+
+def test_the_cluster_id_is_set_once() -> None:
+    s = run(ClusterState(), SetClusterId("first-Id_1"))
+    assert s.cluster_id == "first-Id_1"
+    assert s.metadata_version == 1
+    same, result = apply(s, SetClusterId("second"))
+    assert result.ok  # another broker's proposal, committed later: not an error, no change
+    assert same is s
+    assert error_of(ClusterState(), SetClusterId("")) == InvalidRequestError.errno
+    assert error_of(ClusterState(), SetClusterId("a b")) == InvalidRequestError.errno
+
+
+async def test_the_controller_proposes_its_cluster_id_and_keeps_the_first() -> None:
+    q = LocalQuorum(1)
+    await q.start()
+    first = Controller(q, _config(), "localhost", 9092, clock=Clock(), cluster_id="one")
+    await first.start()
+    await first.stop()
+    assert q.state.cluster_id == "one"
+    other = Controller(LocalQuorumView(q, 2), _config(2), "h2", 9093, cluster_id="two")
+    await other.start()
+    await other.stop()
+    assert q.state.cluster_id == "one"
+
+
 # --- wire forms -----------------------------------------------------------------------------
 
 
@@ -228,6 +277,8 @@ RECORDS: list[Any] = [
     DeleteTopic("t"),
     ChangePartitionLeader("t", 0, 2, (2,), 3),
     AlterTopicConfigs("t", (("retention.ms", None), ("segment.bytes", "9"))),
+    AllocateProducerIds(2, 1000),
+    SetClusterId("MkU3OEVBNTcwNTJENDM2Qk"),
 ]
 
 
@@ -252,10 +303,16 @@ def test_state_round_trips_through_its_snapshot_form() -> None:
         cluster(1, 2),
         CreateTopic("t", TID, ((1, 2), (2, 1)), (("retention.ms", "5"),), True),
         FenceBroker(2, "x"),
+        SetClusterId("c1"),
+        AllocateProducerIds(1, 1000),
     )
     import json
 
     assert state_from_wire(json.loads(json.dumps(state_to_wire(s)))) == s
+    assert (s.cluster_id, s.next_producer_id) == ("c1", 1000)  # kept across Raft snapshots
+    older = state_to_wire(s)
+    del older["cluster_id"], older["next_producer_id"]  # a snapshot from before they existed
+    assert (state_from_wire(older).cluster_id, state_from_wire(older).next_producer_id) == ("", 0)
 
 
 # --- placement and the coordinator hash -----------------------------------------------------

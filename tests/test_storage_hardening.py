@@ -514,7 +514,7 @@ def test_meta_files_written_atomically(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with BrokerThread(data) as b:
         b.run(b.broker.create_topic, "t", 2, {})
-        assert b.run(b.broker.producer_ids.allocate) == (0, 0)
+        assert b.call(b.broker.producer_ids.allocate()) == (0, 0)
     assert json.loads((data / "topics" / "t" / "topic.json").read_text())["partitions"] == 2
     assert (data / "producer_ids").read_text() == "1000\n"
     assert not list(data.rglob("*.tmp"))

@@ -19,6 +19,7 @@ from streambus.cluster.quorum import (
     make_quorum,
 )
 from streambus.cluster.records import (
+    AllocateProducerIds,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
@@ -28,6 +29,7 @@ from streambus.cluster.records import (
     Record,
     RegisterBroker,
     Result,
+    SetClusterId,
     UnfenceBroker,
 )
 from streambus.cluster.state import (
@@ -69,6 +71,7 @@ __all__ = [  # noqa: RUF022 - grouped by what a caller does with them
     "java_string_hashcode",
     "plan_topic",
     # records
+    "AllocateProducerIds",
     "AlterTopicConfigs",
     "BrokerHeartbeat",
     "ChangePartitionLeader",
@@ -78,5 +81,6 @@ __all__ = [  # noqa: RUF022 - grouped by what a caller does with them
     "Record",
     "RegisterBroker",
     "Result",
+    "SetClusterId",
     "UnfenceBroker",
 ]

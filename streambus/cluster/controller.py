@@ -1,7 +1,9 @@
 """The controller loop every broker runs; it acts only while its node leads the quorum.
 
 Every broker: registers itself at start (a fresh incarnation id per start) and
-submits a ``BrokerHeartbeat`` every ``heartbeat_interval_ms``.
+submits a ``BrokerHeartbeat`` every ``heartbeat_interval_ms``. Until the state
+has a cluster id, it also proposes its own (``SetClusterId``, set once: the
+first committed is the cluster's, and every broker then answers with that one).
 
 The Raft leader (the controller) additionally notes, on its own monotonic
 clock, when it last applied a heartbeat of each broker - not in the replicated
@@ -26,6 +28,7 @@ from streambus.cluster.records import (
     BrokerHeartbeat,
     FenceBroker,
     RegisterBroker,
+    SetClusterId,
     UnfenceBroker,
 )
 from streambus.errors import (
@@ -54,6 +57,7 @@ class Controller:
         *,
         clock: Callable[[], float] = time.monotonic,
         registration_timeout_s: float | None = None,
+        cluster_id: str = "",
     ) -> None:
         self.quorum = quorum
         self.config = config
@@ -61,6 +65,7 @@ class Controller:
         self.host = host  # advertised Kafka address, what Metadata tells clients
         self.port = port
         self.incarnation = str(uuid.uuid4())
+        self.cluster_id = cluster_id  # this broker's own (meta.properties): proposed, "" none
         self._clock = clock
         self._interval = config.heartbeat_interval_ms / 1000
         self._session = config.session_timeout_ms / 1000
@@ -89,6 +94,7 @@ class Controller:
         as another incarnation (a second broker with the same id).
         """
         await self._register()
+        await self._propose_cluster_id()
         await self._heartbeat()
         await self.check_sessions()
         self._task = asyncio.create_task(self._run(), name=f"controller-{self.broker_id}")
@@ -139,6 +145,27 @@ class Controller:
                 raise NotControllerError(f"broker {self.broker_id} could not register: {reason}")
             await asyncio.sleep(min(self._interval, 0.5))
 
+    async def _propose_cluster_id(self) -> None:
+        """Submit this broker's id while the state has none; the next round tries again."""
+        if self.quorum.state.cluster_id or not self.cluster_id:
+            return
+        try:
+            result = await self.quorum.submit(SetClusterId(self.cluster_id))
+        except (NotControllerError, RequestTimedOutError) as exc:
+            log.debug("broker %d cluster id not committed: %s", self.broker_id, exc)
+            return
+        if not result.ok:
+            log.warning("broker %d cluster id refused: %s", self.broker_id, result.message)
+            return
+        agreed = self.quorum.state.cluster_id
+        if agreed and agreed != self.cluster_id:
+            log.warning(
+                "broker %d: cluster id is %s (agreed by the quorum), not %s from its data dir",
+                self.broker_id,
+                agreed,
+                self.cluster_id,
+            )
+
     async def _heartbeat(self) -> None:
         try:
             result = await self.quorum.submit(
@@ -157,6 +184,7 @@ class Controller:
         while True:
             await asyncio.sleep(self._interval)
             try:
+                await self._propose_cluster_id()
                 await self._heartbeat()
                 await self.check_sessions()
             except asyncio.CancelledError:

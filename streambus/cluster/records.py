@@ -95,6 +95,30 @@ class AlterTopicConfigs:
     configs: tuple[tuple[str, str | None], ...]  # key -> new value, None removes the override
 
 
+@dataclass(frozen=True, slots=True)
+class AllocateProducerIds:
+    """A broker takes the next block of producer ids (Kafka's KIP-730).
+
+    The result's ``value`` is the block's first id; the block is
+    ``[value, value + block_size)``, handed out by that broker alone, so no two
+    brokers ever give an idempotent producer the same id.
+    """
+
+    broker_id: int  # who takes the block (for the logs; any broker may)
+    block_size: int  # ids in the block, at least 1
+
+
+@dataclass(frozen=True, slots=True)
+class SetClusterId:
+    """The cluster's id, set once: a record that finds one already set changes nothing.
+
+    Every broker proposes the id of its own ``meta.properties`` after registering;
+    the first committed wins, and every broker answers Metadata with it.
+    """
+
+    cluster_id: str  # Kafka's form: base64url of 16 bytes, no padding
+
+
 Record = (
     RegisterBroker
     | BrokerHeartbeat
@@ -104,6 +128,8 @@ Record = (
     | DeleteTopic
     | ChangePartitionLeader
     | AlterTopicConfigs
+    | AllocateProducerIds
+    | SetClusterId
 )
 
 RECORD_TYPES: dict[str, type[Any]] = {
@@ -117,16 +143,22 @@ RECORD_TYPES: dict[str, type[Any]] = {
         DeleteTopic,
         ChangePartitionLeader,
         AlterTopicConfigs,
+        AllocateProducerIds,
+        SetClusterId,
     )
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """What applying a record answered: 0, or a Kafka error code and why."""
+    """What applying a record answered: 0, or a Kafka error code and why.
+
+    Never on the wire: each voter's own apply answers the submitter on that voter.
+    """
 
     error_code: int = 0
     message: str | None = None
+    value: int | None = None  # what the record yields: AllocateProducerIds' first id
 
     @property
     def ok(self) -> bool:

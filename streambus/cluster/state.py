@@ -9,6 +9,11 @@ while the next is being built on another thread.
 Liveness is not in the state (it would need a clock): the controller notes
 heartbeats on its own clock and submits ``FenceBroker``/``UnfenceBroker``.
 A partition's leader is -1 when none of its in-sync replicas is live.
+
+Two cluster-wide values live here too, so that every broker answers alike: the
+cluster id (set once, by the first ``SetClusterId`` committed) and the next
+free producer id (``AllocateProducerIds`` hands out blocks from it; the Raft
+log, or a single broker's ``producer_ids`` file, is what keeps it durable).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from streambus.cluster.records import (
     OK,
+    AllocateProducerIds,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
@@ -31,6 +37,7 @@ from streambus.cluster.records import (
     Record,
     RegisterBroker,
     Result,
+    SetClusterId,
     UnfenceBroker,
 )
 from streambus.errors import (
@@ -52,6 +59,7 @@ from streambus.storage.catalog import validate_topic_name
 from streambus.topic_config import TopicConfig
 
 NO_LEADER = -1
+MAX_PRODUCER_ID = (1 << 63) - 1  # Kafka's producer ids are int64
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +101,8 @@ class ClusterState:
         default_factory=lambda: MappingProxyType({})
     )
     metadata_version: int = 0  # how many applied records changed the state
+    cluster_id: str = ""  # "" until the first SetClusterId
+    next_producer_id: int = 0  # the first producer id no broker has been given
 
     def live_brokers(self) -> list[BrokerInfo]:
         """Registered and unfenced, by id: what Metadata lists and placement uses."""
@@ -141,14 +151,15 @@ def apply(state: ClusterState, record: Record) -> tuple[ClusterState, Result]:
     if handler is None:
         return state, Result(InvalidRequestError.errno, f"unknown record {record!r}")
     try:
-        new = handler(state, record)
+        out = handler(state, record)
     except StreamBusError as exc:
         return state, Result.of(exc)
     except Exception as exc:  # a malformed record: the same answer on every voter
         return state, Result(UnknownServerError.errno, f"{type(record).__name__}: {exc!r}")
+    new, result = out if isinstance(out, tuple) else (out, OK)
     if new is state:
-        return state, OK
-    return dataclasses.replace(new, metadata_version=state.metadata_version + 1), OK
+        return state, result
+    return dataclasses.replace(new, metadata_version=state.metadata_version + 1), result
 
 
 def _with_broker(state: ClusterState, info: BrokerInfo) -> ClusterState:
@@ -332,7 +343,34 @@ def _alter_configs(state: ClusterState, r: AlterTopicConfigs) -> ClusterState:
     return _with_topics(state, {r.name: dataclasses.replace(topic, configs=_frozen_map(configs))})
 
 
-_HANDLERS: dict[type[Any], Callable[[ClusterState, Any], ClusterState]] = {
+def _allocate_producer_ids(
+    state: ClusterState, r: AllocateProducerIds
+) -> tuple[ClusterState, Result]:
+    if not isinstance(r.broker_id, int) or r.broker_id < 0:
+        raise InvalidRequestError(f"broker id {r.broker_id!r} is not a non-negative integer")
+    if not isinstance(r.block_size, int) or r.block_size < 1:
+        raise InvalidRequestError(f"producer id block size {r.block_size!r} is below 1")
+    first = state.next_producer_id
+    if r.block_size > MAX_PRODUCER_ID - first:
+        raise InvalidRequestError(
+            f"a block of {r.block_size} producer ids from {first} passes the largest id"
+        )
+    new = dataclasses.replace(state, next_producer_id=first + r.block_size)
+    return new, Result(value=first)
+
+
+def _set_cluster_id(state: ClusterState, r: SetClusterId) -> ClusterState:
+    cid = r.cluster_id
+    if not isinstance(cid, str) or not cid or not all(c.isalnum() or c in "-_" for c in cid):
+        raise InvalidRequestError(f"{cid!r} is not a cluster id")
+    if state.cluster_id:  # set once: the first committed wins, on every voter
+        return state
+    return dataclasses.replace(state, cluster_id=cid)
+
+
+# A handler answers the new state, or the new state and a result carrying a value.
+_Handler = Callable[[ClusterState, Any], ClusterState | tuple[ClusterState, Result]]
+_HANDLERS: dict[type[Any], _Handler] = {
     RegisterBroker: _register,
     BrokerHeartbeat: _heartbeat,
     FenceBroker: _fence,
@@ -341,6 +379,8 @@ _HANDLERS: dict[type[Any], Callable[[ClusterState, Any], ClusterState]] = {
     DeleteTopic: _delete_topic,
     ChangePartitionLeader: _change_leader,
     AlterTopicConfigs: _alter_configs,
+    AllocateProducerIds: _allocate_producer_ids,
+    SetClusterId: _set_cluster_id,
 }
 
 
@@ -434,6 +474,8 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
     return {
         "v": 1,
         "metadata_version": state.metadata_version,
+        "cluster_id": state.cluster_id,
+        "next_producer_id": state.next_producer_id,
         "brokers": [
             [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
             for _, b in sorted(state.brokers.items())
@@ -475,5 +517,10 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         for t in wire["topics"]
     }
     return ClusterState(
-        MappingProxyType(brokers), MappingProxyType(topics), int(wire["metadata_version"])
+        MappingProxyType(brokers),
+        MappingProxyType(topics),
+        int(wire["metadata_version"]),
+        # absent from snapshots written before these were replicated
+        str(wire.get("cluster_id", "")),
+        int(wire.get("next_producer_id", 0)),
     )

@@ -221,10 +221,10 @@ async def handle_init_producer_id(
             producer_epoch=-1,
         )
     try:
-        pid, epoch = services.producer_ids.allocate(
+        pid, epoch = await services.producer_ids.allocate(
             getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
         )
-    except StreamBusError as exc:  # KafkaStorageError: the id block could not be reserved
+    except StreamBusError as exc:  # KafkaStorageError, COORDINATOR_LOAD_IN_PROGRESS: no block
         services.telemetry.error("InitProducerId", exc.kafka_name)
         return InitProducerIdResponse(
             throttle_time_ms=0, error_code=exc.errno, producer_id=-1, producer_epoch=-1
