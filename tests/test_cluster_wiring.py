@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kafka.protocol.admin import DescribeClusterRequest
 from kafka.protocol.metadata import MetadataRequest
-from kafka.protocol.producer import ProduceRequest
+from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
 
 from streambus.records.batch import build_batch
 from tests.harness import (
@@ -64,6 +64,30 @@ def test_single_node_is_a_cluster_of_itself(tmp_path: Path) -> None:
         assert total(s, "streambus_partitions_leader") == 3
         assert total(s, "streambus_raft_term") == 1
         assert total(s, "streambus_offline_partitions") == 0
+
+
+def init_producer_id(client: RawClient) -> tuple[int, int]:
+    r = client.request(
+        InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=60000), 2
+    )
+    assert r.error_code == 0
+    return int(r.producer_id), int(r.producer_epoch)
+
+
+def test_single_node_ids_survive_sigkill_and_keep_its_cluster_id(tmp_path: Path) -> None:
+    """One broker's quorum is in memory: its producer_ids file must still carry every id it
+    gave out across a SIGKILL, and its cluster id stays the one in meta.properties."""
+    data = tmp_path / "data"
+    given: list[tuple[int, int]] = []
+    for _ in range(3):
+        with BrokerProcess(data, "--no-tracing") as p:
+            with RawClient(p.bootstrap) as client:
+                given += [init_producer_id(client) for _ in range(3)]
+                cluster_id = metadata(client).cluster_id
+            p.kill()
+        assert f"cluster.id={cluster_id}\n" in (data / "meta.properties").read_text()
+    assert len(set(given)) == len(given) == 9, given
+    assert [e for _, e in given] == [0] * 9
 
 
 def test_replication_factor_above_one_is_refused(tmp_path: Path) -> None:
