@@ -39,9 +39,9 @@ from streambus.cluster.records import from_wire, to_wire
 from streambus.cluster.state import MAX_PRODUCER_ID, state_from_wire, state_to_wire
 from streambus.errors import (
     DuplicateBrokerRegistrationError,
-    InvalidRequestError,
     InvalidConfigError,
     InvalidReplicationFactorError,
+    InvalidRequestError,
 )
 
 TID = uuid.UUID("0f0e0d0c-0b0a-0908-0706-050403020100")
