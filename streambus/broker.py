@@ -3,6 +3,10 @@
 Lifecycle is STOPPED → STARTING → RUNNING → STOPPING → STOPPED (the seed's
 ``streambus_broker_status`` gauge). Stopping is ordered: stop accepting
 connections, let in-flight requests finish, flush every log, close.
+
+The broker's part in the cluster's metadata (quorum, controller, topics created and
+deleted through it, group coordinator placement) is ``ClusterMetadata``'s; the broker
+starts and stops it with itself and answers for it where handlers and tools call.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
 import shutil
 import time
 import uuid
@@ -21,34 +24,11 @@ from pathlib import Path
 from opentelemetry import metrics, trace
 
 from streambus.app import build_server
-from streambus.cluster import (
-    Applied,
-    BrokerInfo,
-    ClusterState,
-    Controller,
-    CreateTopic,
-    DeleteTopic,
-    LocalQuorum,
-    PartitionState,
-    TopicState,
-    coordinator_partition,
-    make_quorum,
-    plan_topic,
-)
+from streambus.cluster import BrokerInfo, Quorum, TopicState
+from streambus.cluster_metadata import ClusterMetadata
 from streambus.config import BrokerConfig
-from streambus.errors import (
-    CoordinatorNotAvailableError,
-    DuplicateBrokerRegistrationError,
-    KafkaStorageError,
-    NotControllerError,
-    NotCoordinatorError,
-    RequestTimedOutError,
-    StreamBusError,
-    TopicAlreadyExistsError,
-    UnknownTopicOrPartitionError,
-)
-from streambus.groups import OFFSETS_TOPIC, GroupCoordinator, GroupSettings, GroupState
-from streambus.groups.offsets import OFFSETS_TOPIC_CONFIG
+from streambus.errors import KafkaStorageError
+from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService, QuorumLeadership
 from streambus.producer_ids import ProducerIdAllocator
@@ -93,27 +73,19 @@ class Broker:
         )
         self._lock = DataDirLock(self.data_dir)
         self.telemetry = BrokerTelemetry(self, config.broker_id, meter_provider, tracer_provider)
-        # The cluster's metadata: a Raft quorum of the configured voters, or (no
-        # --controller-quorum) a one-node quorum of this broker, seeded from its disk at start.
-        self.cluster_config = config.cluster()
-        self.quorum = make_quorum(self.cluster_config)
-        self.controller: Controller | None = None
-        self._seen_state = self.quorum.state  # the state before the record being applied
-        self._local_failures: dict[str, StreamBusError] = {}  # reconcile's, by topic
-        self.quorum.on_change(self._reconcile)
-        self._joining: asyncio.Task[None] | None = None
-        self.failure: str | None = None  # why this broker cannot go on (a duplicate node id)
-        self._failed = asyncio.Event()
         # Every append, read and wait for an append goes through this one service.
         self.partitions = PartitionService(
             self.logs,
             self.telemetry,
             stopping=lambda: self.stopping,
-            leadership=QuorumLeadership(lambda: self.quorum.state, self.broker_id),
+            leadership=QuorumLeadership(lambda: self.cluster.quorum.state, self.broker_id),
         )
+        # The quorum and controller, and local storage kept to the replicated state.
+        self.cluster = ClusterMetadata(config, self.partitions, self.logs, port=lambda: self.port)
         # A single broker's quorum is in memory: its producer_ids file is the durable reservation.
-        pid_file = None if self.cluster_config.replicated else self.data_dir / "producer_ids"
-        self.producer_ids = ProducerIdAllocator(self.quorum, pid_file, self.storage_health)
+        replicated = self.cluster.cluster_config.replicated
+        pid_file = None if replicated else self.data_dir / "producer_ids"
+        self.producer_ids = ProducerIdAllocator(self.cluster.quorum, pid_file, self.storage_health)
         self.groups = GroupCoordinator(
             self.partitions,
             GroupSettings(
@@ -123,7 +95,7 @@ class Broker:
                 offsets_retention_minutes=config.offsets_retention_minutes,
                 offsets_topic_partitions=config.offsets_topic_num_partitions,
             ),
-            create_offsets_topic=self._create_offsets_topic_now,
+            create_offsets_topic=self.cluster.create_offsets_topic_now,
         )
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self._server = build_server(self, config)
@@ -153,9 +125,9 @@ class Broker:
             self.groups.load()
             await self._server.start()
             try:
-                await self._start_cluster()
+                await self.cluster.start(self.local_cluster_id)
             except BaseException:
-                await self._stop_cluster()
+                await self.cluster.stop()
                 await self._server.stop(0)
                 raise
         except BaseException:
@@ -187,7 +159,7 @@ class Broker:
         self.partitions.wake_all()
         await self.groups.stop()  # answers waiting JoinGroup/SyncGroup calls so they finish now
         await self._server.stop(self.config.shutdown_timeout_s)
-        await self._stop_cluster()
+        await self.cluster.stop()
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -212,137 +184,19 @@ class Broker:
         self._stopped.set()
         log.info("broker %d stopped", self.broker_id)
 
-    # -- cluster ---------------------------------------------------------------------------
-    async def _start_cluster(self) -> None:
-        """Start the quorum and the controller. A single broker registers and seeds its
-        topics at once; a cluster member joins in the background, so a broker that cannot
-        reach the others (wrong secret, voters down) keeps running and keeps trying."""
-        await self.quorum.start()  # OSError if the Raft port cannot be bound
-        self.controller = Controller(
-            self.quorum,
-            self.cluster_config,
-            self.config.advertised,
-            self.port,
-            cluster_id=self.local_cluster_id,
-        )
-        if isinstance(self.quorum, LocalQuorum):
-            await self.controller.start()
-            self._seed_local(self.quorum)
-        else:
-            self._joining = asyncio.create_task(self._join(), name="streambus-cluster-join")
+    # -- cluster: one-line delegations to ClusterMetadata, for BrokerServices and tools -----
+    @property
+    def quorum(self) -> Quorum:
+        return self.cluster.quorum
 
-    async def _join(self) -> None:
-        assert self.controller is not None
-        while True:
-            try:
-                await self.controller.start()
-                return
-            except DuplicateBrokerRegistrationError as exc:
-                self.failure = str(exc)
-                log.error("broker %d cannot join the cluster: %s", self.broker_id, exc)
-                self._failed.set()
-                return
-            except (NotControllerError, RequestTimedOutError) as exc:
-                log.warning("broker %d not registered yet, retrying: %s", self.broker_id, exc)
-
-    async def _stop_cluster(self) -> None:
-        if self._joining is not None:
-            self._joining.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._joining
-            self._joining = None
-        if self.controller is not None:
-            await self.controller.stop()
-        await self.quorum.stop()
+    @property
+    def failure(self) -> str | None:
+        """Why this broker cannot go on (a duplicate node id), once it cannot."""
+        return self.cluster.failure
 
     async def wait_failed(self) -> None:
         """Returns if the broker cannot go on (``failure`` says why; logged once)."""
-        await self._failed.wait()
-
-    def _seed_local(self, quorum: LocalQuorum) -> None:
-        """A single broker's metadata is what its disk holds: one record per topic."""
-        me = (self.broker_id,)
-        for name, meta in self.logs.topics().items():
-            record = CreateTopic(
-                name,
-                meta.topic_id,
-                (me,) * meta.partitions,
-                tuple(sorted(meta.overrides.items())),
-                meta.internal,
-            )
-            result = quorum.apply_now(record)
-            if not result.ok:
-                log.warning("topic %r not in the cluster metadata: %s", name, result.message)
-
-    def _reconcile(self, applied: Applied) -> None:
-        """Local storage follows the replicated state: logs for topics with a replica here,
-        and the logs of a deleted topic (the same topic id only) removed."""
-        before, self._seen_state = self._seen_state, applied.state
-        if not applied.changed:
-            return
-        record = applied.record
-        if isinstance(record, DeleteTopic):
-            gone = before.topics.get(record.name)
-            local = self.logs.topics().get(record.name) or self.logs.offline_topics().get(
-                record.name
-            )
-            if gone is not None and local is not None and local.topic_id == gone.topic_id:
-                try:
-                    self.partitions.delete_topic(record.name)
-                    log.info("deleted local logs of topic %r", record.name)
-                except StreamBusError as exc:
-                    log.error("deleting local logs of topic %r failed: %s", record.name, exc)
-        self._create_hosted(applied.state)
-
-    def _create_hosted(self, state: ClusterState) -> None:
-        local, offline = self.logs.topics(), self.logs.offline_topics()
-        for name, topic in state.topics.items():
-            if name in local or name in offline:
-                continue
-            if not any(self.broker_id in p.replicas for p in topic.partitions):
-                continue
-            try:
-                # Every partition's log is made here; only those this broker leads are served.
-                self.partitions.create_topic(
-                    name,
-                    len(topic.partitions),
-                    dict(topic.configs),
-                    internal=topic.internal,
-                    topic_id=topic.topic_id,
-                )
-            except StreamBusError as exc:
-                self._local_failures[name] = exc
-                log.error("creating local logs of topic %r failed: %s", name, exc)
-            else:
-                self._local_failures.pop(name, None)
-
-    def _plan_topic(
-        self,
-        name: str,
-        partitions: int,
-        overrides: Mapping[str, str | None],
-        *,
-        replication_factor: int,
-        internal: bool,
-    ) -> CreateTopic:
-        """Check locally (name, configs, limits), then place the replicas over the live
-        brokers: the CreateTopic record to submit."""
-        meta = self.partitions.create_topic(
-            name, partitions, overrides, internal=internal, validate_only=True
-        )
-        state = self.quorum.state
-        if name in state.topics:
-            raise TopicAlreadyExistsError(f"topic {name!r} already exists")
-        return plan_topic(
-            state,
-            name,
-            partitions,
-            replication_factor,
-            start_index=random.randrange(1 << 16),
-            topic_id=meta.topic_id,
-            configs=dict(meta.overrides),
-            internal=internal,
-        )
+        await self.cluster.wait_failed()
 
     async def create_cluster_topic(
         self,
@@ -354,17 +208,14 @@ class Broker:
         internal: bool = False,
         validate_only: bool = False,
     ) -> TopicState:
-        """Submit a new topic to the quorum (from any broker); the topic as the cluster
-        holds it. NOT_CONTROLLER / REQUEST_TIMED_OUT when no leader commits it."""
-        record = self._plan_topic(
-            name, partitions, overrides, replication_factor=replication_factor, internal=internal
+        return await self.cluster.create_cluster_topic(
+            name,
+            partitions,
+            overrides,
+            replication_factor=replication_factor,
+            internal=internal,
+            validate_only=validate_only,
         )
-        if validate_only:
-            return _topic_of(record)
-        result = await self.quorum.submit(record)
-        if not result.ok:
-            raise result.error() or StreamBusError(result.message)
-        return self._created(record)
 
     def create_topic(
         self,
@@ -374,123 +225,27 @@ class Broker:
         *,
         validate_only: bool = False,
     ) -> TopicState:
-        """``create_cluster_topic`` without waiting: a single broker's (tools and tests)."""
-        record = self._plan_topic(name, partitions, overrides, replication_factor=1, internal=False)
-        if validate_only:
-            return _topic_of(record)
-        result = self._local_quorum().apply_now(record)
-        if not result.ok:
-            raise result.error() or StreamBusError(result.message)
-        return self._created(record)
-
-    def _local_quorum(self) -> LocalQuorum:
-        if not isinstance(self.quorum, LocalQuorum):
-            raise NotControllerError("metadata of a cluster changes through the Raft quorum")
-        return self.quorum
-
-    def _created(self, record: CreateTopic) -> TopicState:
-        failure = self._local_failures.pop(record.name, None)
-        if failure is not None and isinstance(self.quorum, LocalQuorum):
-            # One broker: a topic it could not store does not exist (as before the quorum).
-            self.quorum.apply_now(DeleteTopic(record.name))
-            raise failure
-        return self.quorum.state.topics.get(record.name) or _topic_of(record)
+        return self.cluster.create_topic(name, partitions, overrides, validate_only=validate_only)
 
     async def delete_cluster_topic(self, name: str) -> uuid.UUID:
-        """Submit the deletion to the quorum; every broker deletes its logs on applying it."""
-        topic = self.quorum.state.topics.get(name)
-        if topic is None:
-            if name in self.logs.offline_topics():  # unreadable here, never in the metadata
-                return self.partitions.delete_topic(name).topic_id
-            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
-        result = await self.quorum.submit(DeleteTopic(name))
-        if not result.ok:
-            raise result.error() or StreamBusError(result.message)
-        return topic.topic_id
+        return await self.cluster.delete_cluster_topic(name)
 
     def delete_topic(self, name: str) -> uuid.UUID:
-        """``delete_cluster_topic`` without waiting: a single broker's."""
-        topic = self.quorum.state.topics.get(name)
-        if topic is None:
-            return self.partitions.delete_topic(name).topic_id
-        result = self._local_quorum().apply_now(DeleteTopic(name))
-        if not result.ok:
-            raise result.error() or StreamBusError(result.message)
-        return topic.topic_id
-
-    def _create_offsets_topic_now(self) -> None:
-        """The group coordinator's first commit on a single broker: create the topic now.
-        In a cluster FindCoordinator creates it, and only its leaders coordinate groups."""
-        state = self.quorum.state
-        if OFFSETS_TOPIC in state.topics:
-            self._create_hosted(state)  # a local creation that failed before: try again
-            failure = self._local_failures.pop(OFFSETS_TOPIC, None)
-            if failure is not None:
-                raise failure
-            return
-        if not isinstance(self.quorum, LocalQuorum):
-            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} does not exist yet")
-        record = plan_topic(
-            state,
-            OFFSETS_TOPIC,
-            self.config.offsets_topic_num_partitions,
-            1,
-            start_index=0,
-            topic_id=uuid.uuid4(),
-            configs=OFFSETS_TOPIC_CONFIG,
-            internal=True,
-        )
-        result = self.quorum.apply_now(record)
-        if not result.ok:
-            raise result.error() or StreamBusError(result.message)
-        self._created(record)
+        return self.cluster.delete_topic(name)
 
     async def ensure_offsets_topic(self) -> None:
-        """FindCoordinator: create ``__consumer_offsets`` through the quorum if needed. A
-        single broker leaves it to the first commit, as it always has."""
-        if OFFSETS_TOPIC in self.quorum.state.topics or isinstance(self.quorum, LocalQuorum):
-            return
-        with contextlib.suppress(TopicAlreadyExistsError):  # another broker was faster
-            await self.create_cluster_topic(
-                OFFSETS_TOPIC,
-                self.config.offsets_topic_num_partitions,
-                OFFSETS_TOPIC_CONFIG,
-                internal=True,
-            )
+        await self.cluster.ensure_offsets_topic()
 
     def group_coordinator(self, group_id: str) -> BrokerInfo:
-        """The live broker leading the group's ``__consumer_offsets`` partition."""
-        state = self.quorum.state
-        topic = state.topics.get(OFFSETS_TOPIC)
-        if topic is None and isinstance(self.quorum, LocalQuorum):
-            host, port = self.advertised_address  # one broker coordinates every group
-            return BrokerInfo(self.broker_id, host, port, "", False)
-        if topic is None:
-            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} does not exist yet")
-        partition = coordinator_partition(group_id, len(topic.partitions))
-        leader = topic.partitions[partition].leader
-        info = state.brokers.get(leader)
-        if info is None or info.fenced:
-            raise CoordinatorNotAvailableError(
-                f"{OFFSETS_TOPIC} partition {partition} (group {group_id!r}) has no live leader"
-            )
-        return info
+        return self.cluster.group_coordinator(group_id)
 
     def check_coordinator(self, group_id: str) -> None:
-        """Raise NOT_COORDINATOR unless this broker coordinates ``group_id``."""
-        if OFFSETS_TOPIC not in self.quorum.state.topics and isinstance(self.quorum, LocalQuorum):
-            return  # one broker: it creates the topic on the first commit
-        info = self.group_coordinator(group_id)
-        if info.broker_id != self.broker_id:
-            raise NotCoordinatorError(
-                f"group {group_id!r} is coordinated by broker {info.broker_id}, "
-                f"not {self.broker_id}"
-            )
+        self.cluster.check_coordinator(group_id)
 
     def controller_id(self) -> int:
-        leader = self.quorum.leader_id
-        return -1 if leader is None else leader
+        return self.cluster.controller_id()
 
+    # -- start-up, waits and addresses -------------------------------------------------------
     async def _load_logs(self) -> None:
         """Open every partition (segment scans, producer state) in a worker thread: the
         event loop stays free (signals, /metrics) while a large data dir is recovered."""
@@ -614,22 +369,22 @@ class Broker:
     def offline_partition_count(self) -> int:
         """Partitions stored here that cannot be served, plus partitions the cluster has no
         leader for (a topic offline on disk still has a leader in the state: not twice)."""
-        return self.logs.offline_partition_count() + self.quorum.state.offline_partitions()
+        return self.logs.offline_partition_count() + self.cluster.offline_partitions()
 
     def cluster_size(self) -> int:
-        return len(self.quorum.state.live_brokers())
+        return self.cluster.cluster_size()
 
     def cluster_leader(self) -> int:
-        return int(self.quorum.is_leader)
+        return self.cluster.cluster_leader()
 
     def raft_term(self) -> int:
-        return self.quorum.term
+        return self.cluster.raft_term()
 
     def raft_commit_index(self) -> int:
-        return self.quorum.commit_index
+        return self.cluster.raft_commit_index()
 
     def partitions_led(self) -> int:
-        return self.quorum.state.partitions_led_by(self.broker_id)
+        return self.cluster.partitions_led()
 
     def storage_write_failing(self) -> int:
         return int(self.storage_health.failing)
@@ -639,14 +394,3 @@ class Broker:
 
     def storage_available_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0
-
-
-def _topic_of(record: CreateTopic) -> TopicState:
-    """The topic a CreateTopic record describes, before (or without) applying it."""
-    return TopicState(
-        record.name,
-        record.topic_id,
-        record.internal,
-        dict(record.configs),
-        tuple(PartitionState(r, r, r[0], 0) for r in record.replicas),
-    )

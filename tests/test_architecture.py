@@ -91,6 +91,7 @@ def test_the_walk_sees_the_known_imports() -> None:
     """The graph is read right: edges that exist are found, TYPE_CHECKING ones included."""
     graph = import_graph()
     assert "streambus.app" in graph["streambus.broker"]
+    assert "streambus.cluster_metadata" in graph["streambus.broker"]
     assert "streambus.server" in graph["streambus.app"]
     assert "streambus.protocol.produce" in graph["streambus.app"]  # from pkg import module
     assert "streambus.partitions" in graph["streambus.groups.offsets"]
@@ -104,12 +105,21 @@ def test_no_import_circle_in_the_package() -> None:
 
 def test_layers_point_down() -> None:
     """Handlers and the server know the BrokerServices Protocol, not the broker; partition
-    data is reached through the partition service, never storage; records know no layer."""
+    data is reached through the partition service, never storage; records know no layer.
+    The cluster metadata sits under the broker, which alone wires it: handlers see it only
+    through the Protocol, and it knows neither handlers nor server."""
     graph = import_graph()
     below_broker = [m for m in graph if m.startswith("streambus.protocol")]
     below_broker += ["streambus.server", "streambus.app", "streambus.partitions"]
+    below_broker += ["streambus.cluster_metadata"]
     for module in below_broker:
         assert "streambus.broker" not in graph[module], module
+    users = {m for m, deps in graph.items() if "streambus.cluster_metadata" in deps}
+    assert users == {"streambus.broker"}, users
+    assert not any(
+        dep.startswith(("streambus.protocol", "streambus.server", "streambus.app"))
+        for dep in graph["streambus.cluster_metadata"]
+    ), graph["streambus.cluster_metadata"]
     for module in (m for m in graph if m.startswith(("streambus.protocol", "streambus.groups"))):
         assert not any(dep.startswith("streambus.storage") for dep in graph[module]), module
     for module in (m for m in graph if m.startswith("streambus.records")):

@@ -1,0 +1,398 @@
+"""This broker's part in the cluster's metadata: the quorum and controller, local storage
+reconciled to the replicated state, topic creation and deletion from any broker, group
+coordinator placement.
+
+The metadata is a Raft quorum of the configured voters, or (no --controller-quorum) a
+one-node quorum of this broker, seeded from its disk at start. Either way every broker's
+local storage follows the state the quorum applies: the broker wires this object between
+its partition service and its handlers, and the handlers reach it through
+``BrokerServices`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Callable, Mapping
+
+from streambus.cluster import (
+    Applied,
+    BrokerInfo,
+    ClusterState,
+    Controller,
+    CreateTopic,
+    DeleteTopic,
+    LocalQuorum,
+    PartitionState,
+    TopicState,
+    coordinator_partition,
+    make_quorum,
+    plan_topic,
+)
+from streambus.config import BrokerConfig
+from streambus.errors import (
+    CoordinatorNotAvailableError,
+    DuplicateBrokerRegistrationError,
+    NotControllerError,
+    NotCoordinatorError,
+    RequestTimedOutError,
+    StreamBusError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
+from streambus.groups import OFFSETS_TOPIC
+from streambus.groups.offsets import OFFSETS_TOPIC_CONFIG
+from streambus.partitions import PartitionService
+from streambus.storage import LogManager
+
+# The broker's logger: these lines read (and filter) as they did when the broker held them.
+log = logging.getLogger("streambus.broker")
+
+
+class ClusterMetadata:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        partitions: PartitionService,
+        logs: LogManager,
+        *,
+        port: Callable[[], int],
+    ) -> None:
+        """``port`` is the broker's bound port, known once its server has started."""
+        self.config = config
+        self.broker_id = config.broker_id
+        self.partitions = partitions
+        self.logs = logs
+        self._port = port
+        # The cluster's metadata: a Raft quorum of the configured voters, or (no
+        # --controller-quorum) a one-node quorum of this broker, seeded from its disk at start.
+        self.cluster_config = config.cluster()
+        self.quorum = make_quorum(self.cluster_config)
+        self.controller: Controller | None = None
+        self._seen_state = self.quorum.state  # the state before the record being applied
+        self._local_failures: dict[str, StreamBusError] = {}  # reconcile's, by topic
+        self.quorum.on_change(self._reconcile)
+        self._joining: asyncio.Task[None] | None = None
+        self.failure: str | None = None  # why this broker cannot go on (a duplicate node id)
+        self._failed = asyncio.Event()
+
+    @property
+    def advertised_address(self) -> tuple[str, int]:
+        return self.config.advertised, self._port()
+
+    # -- start and stop ----------------------------------------------------------------------
+    async def start(self, local_cluster_id: str) -> None:
+        """Start the quorum and the controller. A single broker registers and seeds its
+        topics at once; a cluster member joins in the background, so a broker that cannot
+        reach the others (wrong secret, voters down) keeps running and keeps trying.
+        ``local_cluster_id`` (meta.properties') is proposed as the cluster's until one is set."""
+        await self.quorum.start()  # OSError if the Raft port cannot be bound
+        self.controller = Controller(
+            self.quorum,
+            self.cluster_config,
+            self.config.advertised,
+            self._port(),
+            cluster_id=local_cluster_id,
+        )
+        if isinstance(self.quorum, LocalQuorum):
+            await self.controller.start()
+            self._seed_local(self.quorum)
+        else:
+            self._joining = asyncio.create_task(self._join(), name="streambus-cluster-join")
+
+    async def _join(self) -> None:
+        assert self.controller is not None
+        while True:
+            try:
+                await self.controller.start()
+                return
+            except DuplicateBrokerRegistrationError as exc:
+                self.failure = str(exc)
+                log.error("broker %d cannot join the cluster: %s", self.broker_id, exc)
+                self._failed.set()
+                return
+            except (NotControllerError, RequestTimedOutError) as exc:
+                log.warning("broker %d not registered yet, retrying: %s", self.broker_id, exc)
+
+    async def stop(self) -> None:
+        if self._joining is not None:
+            self._joining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._joining
+            self._joining = None
+        if self.controller is not None:
+            await self.controller.stop()
+        await self.quorum.stop()
+
+    async def wait_failed(self) -> None:
+        """Returns if the broker cannot go on (``failure`` says why; logged once)."""
+        await self._failed.wait()
+
+    # -- local storage follows the replicated state -------------------------------------------
+    def _seed_local(self, quorum: LocalQuorum) -> None:
+        """A single broker's metadata is what its disk holds: one record per topic."""
+        me = (self.broker_id,)
+        for name, meta in self.logs.topics().items():
+            record = CreateTopic(
+                name,
+                meta.topic_id,
+                (me,) * meta.partitions,
+                tuple(sorted(meta.overrides.items())),
+                meta.internal,
+            )
+            result = quorum.apply_now(record)
+            if not result.ok:
+                log.warning("topic %r not in the cluster metadata: %s", name, result.message)
+
+    def _reconcile(self, applied: Applied) -> None:
+        """Local storage follows the replicated state: logs for topics with a replica here,
+        and the logs of a deleted topic (the same topic id only) removed."""
+        before, self._seen_state = self._seen_state, applied.state
+        if not applied.changed:
+            return
+        record = applied.record
+        if isinstance(record, DeleteTopic):
+            gone = before.topics.get(record.name)
+            local = self.logs.topics().get(record.name) or self.logs.offline_topics().get(
+                record.name
+            )
+            if gone is not None and local is not None and local.topic_id == gone.topic_id:
+                try:
+                    self.partitions.delete_topic(record.name)
+                    log.info("deleted local logs of topic %r", record.name)
+                except StreamBusError as exc:
+                    log.error("deleting local logs of topic %r failed: %s", record.name, exc)
+        self._create_hosted(applied.state)
+
+    def _create_hosted(self, state: ClusterState) -> None:
+        local, offline = self.logs.topics(), self.logs.offline_topics()
+        for name, topic in state.topics.items():
+            if name in local or name in offline:
+                continue
+            if not any(self.broker_id in p.replicas for p in topic.partitions):
+                continue
+            try:
+                # Every partition's log is made here; only those this broker leads are served.
+                self.partitions.create_topic(
+                    name,
+                    len(topic.partitions),
+                    dict(topic.configs),
+                    internal=topic.internal,
+                    topic_id=topic.topic_id,
+                )
+            except StreamBusError as exc:
+                self._local_failures[name] = exc
+                log.error("creating local logs of topic %r failed: %s", name, exc)
+            else:
+                self._local_failures.pop(name, None)
+
+    # -- topic creation and deletion -----------------------------------------------------------
+    def _plan_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        replication_factor: int,
+        internal: bool,
+    ) -> CreateTopic:
+        """Check locally (name, configs, limits), then place the replicas over the live
+        brokers: the CreateTopic record to submit."""
+        meta = self.partitions.create_topic(
+            name, partitions, overrides, internal=internal, validate_only=True
+        )
+        state = self.quorum.state
+        if name in state.topics:
+            raise TopicAlreadyExistsError(f"topic {name!r} already exists")
+        return plan_topic(
+            state,
+            name,
+            partitions,
+            replication_factor,
+            start_index=random.randrange(1 << 16),
+            topic_id=meta.topic_id,
+            configs=dict(meta.overrides),
+            internal=internal,
+        )
+
+    async def create_cluster_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        replication_factor: int = 1,
+        internal: bool = False,
+        validate_only: bool = False,
+    ) -> TopicState:
+        """Submit a new topic to the quorum (from any broker); the topic as the cluster
+        holds it. NOT_CONTROLLER / REQUEST_TIMED_OUT when no leader commits it."""
+        record = self._plan_topic(
+            name, partitions, overrides, replication_factor=replication_factor, internal=internal
+        )
+        if validate_only:
+            return _topic_of(record)
+        result = await self.quorum.submit(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return self._created(record)
+
+    def create_topic(
+        self,
+        name: str,
+        partitions: int,
+        overrides: Mapping[str, str | None],
+        *,
+        validate_only: bool = False,
+    ) -> TopicState:
+        """``create_cluster_topic`` without waiting: a single broker's (tools and tests)."""
+        record = self._plan_topic(name, partitions, overrides, replication_factor=1, internal=False)
+        if validate_only:
+            return _topic_of(record)
+        result = self._local_quorum().apply_now(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return self._created(record)
+
+    def _local_quorum(self) -> LocalQuorum:
+        if not isinstance(self.quorum, LocalQuorum):
+            raise NotControllerError("metadata of a cluster changes through the Raft quorum")
+        return self.quorum
+
+    def _created(self, record: CreateTopic) -> TopicState:
+        failure = self._local_failures.pop(record.name, None)
+        if failure is not None and isinstance(self.quorum, LocalQuorum):
+            # One broker: a topic it could not store does not exist (as before the quorum).
+            self.quorum.apply_now(DeleteTopic(record.name))
+            raise failure
+        return self.quorum.state.topics.get(record.name) or _topic_of(record)
+
+    async def delete_cluster_topic(self, name: str) -> uuid.UUID:
+        """Submit the deletion to the quorum; every broker deletes its logs on applying it."""
+        topic = self.quorum.state.topics.get(name)
+        if topic is None:
+            if name in self.logs.offline_topics():  # unreadable here, never in the metadata
+                return self.partitions.delete_topic(name).topic_id
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        result = await self.quorum.submit(DeleteTopic(name))
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return topic.topic_id
+
+    def delete_topic(self, name: str) -> uuid.UUID:
+        """``delete_cluster_topic`` without waiting: a single broker's."""
+        topic = self.quorum.state.topics.get(name)
+        if topic is None:
+            return self.partitions.delete_topic(name).topic_id
+        result = self._local_quorum().apply_now(DeleteTopic(name))
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        return topic.topic_id
+
+    # -- group coordinator placement -------------------------------------------------------------
+    def create_offsets_topic_now(self) -> None:
+        """The group coordinator's first commit on a single broker: create the topic now.
+        In a cluster FindCoordinator creates it, and only its leaders coordinate groups."""
+        state = self.quorum.state
+        if OFFSETS_TOPIC in state.topics:
+            self._create_hosted(state)  # a local creation that failed before: try again
+            failure = self._local_failures.pop(OFFSETS_TOPIC, None)
+            if failure is not None:
+                raise failure
+            return
+        if not isinstance(self.quorum, LocalQuorum):
+            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} does not exist yet")
+        record = plan_topic(
+            state,
+            OFFSETS_TOPIC,
+            self.config.offsets_topic_num_partitions,
+            1,
+            start_index=0,
+            topic_id=uuid.uuid4(),
+            configs=OFFSETS_TOPIC_CONFIG,
+            internal=True,
+        )
+        result = self.quorum.apply_now(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        self._created(record)
+
+    async def ensure_offsets_topic(self) -> None:
+        """FindCoordinator: create ``__consumer_offsets`` through the quorum if needed. A
+        single broker leaves it to the first commit, as it always has."""
+        if OFFSETS_TOPIC in self.quorum.state.topics or isinstance(self.quorum, LocalQuorum):
+            return
+        with contextlib.suppress(TopicAlreadyExistsError):  # another broker was faster
+            await self.create_cluster_topic(
+                OFFSETS_TOPIC,
+                self.config.offsets_topic_num_partitions,
+                OFFSETS_TOPIC_CONFIG,
+                internal=True,
+            )
+
+    def group_coordinator(self, group_id: str) -> BrokerInfo:
+        """The live broker leading the group's ``__consumer_offsets`` partition."""
+        state = self.quorum.state
+        topic = state.topics.get(OFFSETS_TOPIC)
+        if topic is None and isinstance(self.quorum, LocalQuorum):
+            host, port = self.advertised_address  # one broker coordinates every group
+            return BrokerInfo(self.broker_id, host, port, "", False)
+        if topic is None:
+            raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} does not exist yet")
+        partition = coordinator_partition(group_id, len(topic.partitions))
+        leader = topic.partitions[partition].leader
+        info = state.brokers.get(leader)
+        if info is None or info.fenced:
+            raise CoordinatorNotAvailableError(
+                f"{OFFSETS_TOPIC} partition {partition} (group {group_id!r}) has no live leader"
+            )
+        return info
+
+    def check_coordinator(self, group_id: str) -> None:
+        """Raise NOT_COORDINATOR unless this broker coordinates ``group_id``."""
+        if OFFSETS_TOPIC not in self.quorum.state.topics and isinstance(self.quorum, LocalQuorum):
+            return  # one broker: it creates the topic on the first commit
+        info = self.group_coordinator(group_id)
+        if info.broker_id != self.broker_id:
+            raise NotCoordinatorError(
+                f"group {group_id!r} is coordinated by broker {info.broker_id}, "
+                f"not {self.broker_id}"
+            )
+
+    # -- what the cluster metrics read -------------------------------------------------------------
+    def controller_id(self) -> int:
+        leader = self.quorum.leader_id
+        return -1 if leader is None else leader
+
+    def offline_partitions(self) -> int:
+        """Partitions the cluster has no leader for."""
+        return self.quorum.state.offline_partitions()
+
+    def cluster_size(self) -> int:
+        return len(self.quorum.state.live_brokers())
+
+    def cluster_leader(self) -> int:
+        return int(self.quorum.is_leader)
+
+    def raft_term(self) -> int:
+        return self.quorum.term
+
+    def raft_commit_index(self) -> int:
+        return self.quorum.commit_index
+
+    def partitions_led(self) -> int:
+        return self.quorum.state.partitions_led_by(self.broker_id)
+
+
+def _topic_of(record: CreateTopic) -> TopicState:
+    """The topic a CreateTopic record describes, before (or without) applying it."""
+    return TopicState(
+        record.name,
+        record.topic_id,
+        record.internal,
+        dict(record.configs),
+        tuple(PartitionState(r, r, r[0], 0) for r in record.replicas),
+    )
