@@ -33,6 +33,9 @@ log = logging.getLogger("streambus.telemetry")
 
 SCOPE = "streambus"
 MAX_LINKS = 32  # a span linking to every record of a 10k-record fetch would be useless and costly
+# Bytes of records searched for trace context per request or response: a span needs at most
+# MAX_LINKS traceparents, and the search must stay linear and bounded in the request's size.
+TRACE_SCAN_BYTES = 4 * 1024 * 1024
 
 Attrs = Mapping[str, AttributeValue]
 

@@ -33,7 +33,7 @@ from kafka.protocol.consumer import (
 from opentelemetry import trace
 
 from streambus.errors import StreamBusError, error_name
-from streambus.instrumentation import MAX_LINKS
+from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, ConnectionClosedError, RequestContext
 from streambus.protocol.fetch_encoding import (
     Records,
@@ -55,9 +55,6 @@ PartitionData = FetchResponse.FetchableTopicResponse.PartitionData
 # below it and keep the single read they always had.
 EAGER_BYTES = 2 * 1024 * 1024
 SLICE_PARTITIONS = 2000  # partitions handled between yields to the event loop
-# Bytes of records searched for trace context per response: the span needs at most
-# MAX_LINKS traceparents, and the search must stay linear and bounded in the response.
-TRACE_SCAN_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)

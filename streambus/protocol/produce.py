@@ -31,7 +31,7 @@ from streambus.errors import (
     KafkaStorageError,
     StreamBusError,
 )
-from streambus.instrumentation import MAX_LINKS
+from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, Chunk, RequestContext, encode_response
 from streambus.records.batch import (
     header_values,
@@ -70,7 +70,7 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
     acks = request.acks
     span: trace.Span | None = None
     if tel.tracing_enabled():
-        span = _start_span(services, request)
+        span = await _start_span(services, request)
     refused = _refusal(request)
     topics_out = []
     touched: list[str] = []
@@ -170,20 +170,30 @@ async def _append_one(
     )
 
 
-def _start_span(services: BrokerServices, request: Any) -> trace.Span:
-    """One SERVER span for the request, joined to the producers' traces from record headers."""
+async def _start_span(services: BrokerServices, request: Any) -> trace.Span:
+    """One SERVER span for the request, joined to the producers' traces from record headers.
+
+    Counting the records walks every batch header; the search for trace context stops at
+    MAX_LINKS traceparents or TRACE_SCAN_BYTES, and a request naming thousands of
+    partitions yields to the loop between slices of them."""
     tel = services.telemetry
     partitions = [(td.name, pd.index) for td in request.topic_data for pd in td.partition_data]
     count = 0
-    traceparents: list[bytes] = []
-    for _topic, _partition, data in _batches(request):
+    found: dict[bytes, None] = {}
+    budget = TRACE_SCAN_BYTES
+    for i, (_topic, _partition, data) in enumerate(_batches(request), 1):
+        if i % PARTITIONS_PER_SLICE == 0:
+            await asyncio.sleep(0)
         try:
             for pos, header in walk_batches(data):
                 count += header.records_count
-                traceparents += header_values(data, pos, header, TRACEPARENT, MAX_LINKS)
+                if len(found) < MAX_LINKS and budget > 0:
+                    budget -= header.size
+                    want = MAX_LINKS - len(found)
+                    found.update(dict.fromkeys(header_values(data, pos, header, TRACEPARENT, want)))
         except (StreamBusError, struct.error):
             continue  # the append rejects this batch and says why; the span just lacks its links
-    contexts = tel.contexts_from_traceparents(traceparents)
+    contexts = tel.contexts_from_traceparents(found)
     return tel.start_record_span("produce", "send", partitions, count, contexts)
 
 
