@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,10 @@ PartitionData = FetchResponse.FetchableTopicResponse.PartitionData
 # below it and keep the single read they always had.
 EAGER_BYTES = 2 * 1024 * 1024
 SLICE_PARTITIONS = 2000  # partitions handled between yields to the event loop
+# One thread counts streamed slices: many large fetches at once then queue here instead of
+# each taking a thread of the default pool, where a crowd of Python threads would leave the
+# event loop waiting its turn for the interpreter.
+_COUNTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streambus-fetch-count")
 
 
 @dataclass(slots=True)
@@ -169,8 +174,8 @@ async def _account(services: BrokerServices, reads: list[_Read]) -> None:
             # A streamed slice is not in memory: counting it reads it, which is disk and
             # CPU work for a worker thread, not for the loop every client shares.
             try:
-                messages, payload = await asyncio.to_thread(
-                    _consumed, services, tp, read.records, read.fetch_offset
+                messages, payload = await asyncio.get_running_loop().run_in_executor(
+                    _COUNTER, _consumed, services, tp, read.records, read.fetch_offset
                 )
             except StreamBusError:  # the log changed under it; sending it fails the same way
                 continue
