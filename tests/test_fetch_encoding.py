@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from kafka.protocol.consumer import FetchResponse
 
@@ -29,7 +31,7 @@ def reads() -> list[_Read]:
 @pytest.mark.parametrize("version", range(FETCH.min_version, FETCH.max_version + 1))
 def test_spliced_frame_decodes_to_the_stored_records(version: int) -> None:
     rs = reads()
-    chunks = encode_frame(FETCH, _response(None, rs), version, correlation_id=42)
+    chunks = encode_frame(FETCH, asyncio.run(_response(None, rs)), version, correlation_id=42)
     # structure, length, records for each of the two record sets, then the rest of the structure
     assert len(chunks) == 7, "both record sets were written beside the structure"
     frame = b"".join(bytes(c) for c in chunks)
@@ -51,6 +53,6 @@ def test_spliced_frame_decodes_to_the_stored_records(version: int) -> None:
 
 def test_a_response_without_records_is_one_piece() -> None:
     rs = [_Read("a", 0, 5, records=b"", high_watermark=5, log_start_offset=0)]
-    (frame,) = encode_frame(FETCH, _response(None, rs), 12, correlation_id=1)
+    (frame,) = encode_frame(FETCH, asyncio.run(_response(None, rs)), 12, correlation_id=1)
     decoded = FetchResponse.decode(bytes(frame)[4:], version=12, header=True)
     assert decoded.responses[0].partitions[0].high_watermark == 5
