@@ -55,7 +55,7 @@ PartitionData = FetchResponse.FetchableTopicResponse.PartitionData
 # piece by piece as they are written. Normal consumer fetches (1 MiB per partition) stay
 # below it and keep the single read they always had.
 EAGER_BYTES = 2 * 1024 * 1024
-SLICE_PARTITIONS = 2000  # partitions handled between yields to the event loop
+SLICE_PARTITIONS = 500  # partitions handled between yields to the event loop
 # One thread counts streamed slices: many large fetches at once then queue here instead of
 # each taking a thread of the default pool, where a crowd of Python threads would leave the
 # event loop waiting its turn for the interpreter.
