@@ -25,6 +25,8 @@ log = logging.getLogger("streambus.protocol")
 _MARKER = b"\xfe\x5b\x5d\xfe"
 _MARKER_SIZE = 16
 Records = bytes | memoryview | Streamed
+# A marker's position in the encoded frame, the marker, and the record set it stands for.
+Place = tuple[int, bytes, Records]
 FLEXIBLE_FROM = 12  # Fetch v12+ encodes records as compact bytes (unsigned varint length + 1)
 
 
@@ -34,7 +36,7 @@ def encode_spliced(reply: SplicedFetch, version: int, correlation_id: int) -> li
         return [frame]
     flexible = version >= FLEXIBLE_FROM
     old_prefix = bytes([_MARKER_SIZE + 1]) if flexible else _MARKER_SIZE.to_bytes(4, "big")
-    places = sorted((frame.find(marker), marker, records) for _, marker, records in reply.parts)
+    places = _places(frame, reply.parts)
     chunks: list[Chunk] = []
     view = memoryview(frame)
     start = growth = 0
@@ -60,6 +62,24 @@ def _encode_whole(reply: SplicedFetch, version: int, correlation_id: int) -> lis
             records if isinstance(records, bytes | memoryview) else b"".join(records.pieces())
         )
     return [encode_response(reply.response, version, correlation_id)]
+
+
+def _places(frame: bytearray, parts: list[tuple[Any, bytes, Records]]) -> list[Place]:
+    """Where each marker sits in the frame, in frame order. The parts come in the order
+    they were encoded, so each search starts where the last one ended: searching the
+    whole frame for each of 1,000 markers was quadratic, and one long find holds the
+    interpreter lock."""
+    places: list[Place] = []
+    after = 0
+    for _, marker, records in parts:
+        pos = frame.find(marker, after)
+        if pos < 0:  # not in encoding order after all: search the whole frame
+            pos = frame.find(marker)
+        else:
+            after = pos + _MARKER_SIZE
+        places.append((pos, marker, records))
+    places.sort(key=lambda place: place[0])
+    return places
 
 
 def _uvarint(value: int) -> bytes:
