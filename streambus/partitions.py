@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from streambus.errors import (
     InvalidRecordError,
@@ -70,6 +71,8 @@ EARLIEST = -2
 # A compressed batch at least this large is decompressed and checked in a worker
 # thread before it is appended; smaller ones cost less than the hand-over.
 OFF_LOOP_COMPRESSED_BYTES = 32 * 1024
+# One thread checks segments before they are first served (see verify_for_read).
+_VERIFIER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streambus-verify")
 
 
 class AppendOrigin(enum.Enum):
@@ -135,6 +138,9 @@ class PartitionService:
         self._payload_sizes = PayloadSizes()
         self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
         self._long_polls: set[asyncio.Future[None]] = set()
+        # Segment checks in flight: a second fetch of the same segment waits for the first
+        # one's check instead of running the same scan again.
+        self._scans: dict[Segment, asyncio.Future[None]] = {}
 
     def _partition(self, tp: TopicPartition) -> PartitionLog:
         """The local log of ``tp`` if this broker serves it. The leader check comes first:
@@ -226,6 +232,7 @@ class PartitionService:
         """Verify, in a worker thread, the closed segments reads of ``(partition, offset,
         max_bytes)`` may touch for the first time, yielding every ``slice_size`` partitions."""
         jobs: list[tuple[PartitionLog, Segment]] = []
+        waits: set[asyncio.Future[None]] = set()
         for i, (tp, offset, max_bytes) in enumerate(wanted, 1):
             if i % slice_size == 0:
                 await asyncio.sleep(0)
@@ -233,13 +240,46 @@ class PartitionService:
                 plog = self._partition(tp)
             except StreamBusError:  # unknown, offline or led elsewhere: the read says so
                 continue
-            jobs += ((plog, seg) for seg in plog.unverified(offset, max_bytes))
-        if not jobs:
-            return
+            for segment in plog.unverified(offset, max_bytes):
+                running = self._scans.get(segment)
+                if running is not None:
+                    waits.add(running)
+                elif all(segment is not seg for _, seg in jobs):
+                    jobs.append((plog, segment))
+        if jobs:
+            waits.add(self._start_scans(jobs))
+        if waits:
+            # Shielded: a fetch whose client goes must not cancel a check others wait on.
+            await asyncio.gather(*(asyncio.shield(w) for w in waits))
+
+    def _start_scans(self, jobs: list[tuple[PartitionLog, Segment]]) -> asyncio.Future[None]:
+        """Check ``jobs`` on the one verifier thread (many fetches at once queue there rather
+        than crowd the event loop out of the interpreter); results are adopted on the loop."""
         scans = [plog.scan_job(segment) for plog, segment in jobs]
-        results = await asyncio.to_thread(lambda: [scan() for scan in scans])
-        for (plog, _), result in zip(jobs, results, strict=True):
-            plog.apply_scan(result)
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(_VERIFIER, lambda: [scan() for scan in scans])
+        done: asyncio.Future[None] = loop.create_future()
+
+        def adopt(fut: asyncio.Future[list[Any]]) -> None:
+            for _, segment in jobs:
+                self._scans.pop(segment, None)
+            if fut.cancelled():
+                done.cancel()
+                return
+            error = fut.exception()
+            if error is not None:
+                done.set_exception(error)
+                return
+            for (plog, _), result in zip(jobs, fut.result(), strict=True):
+                plog.apply_scan(result)
+            done.set_result(None)
+
+        running.add_done_callback(adopt)
+        # Retrieved here too, so a failure nobody waits for any more is not reported as lost.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        for _, segment in jobs:
+            self._scans[segment] = done
+        return done
 
     def list_offset(self, tp: TopicPartition, timestamp: int) -> tuple[int, int]:
         """ListOffsets: (timestamp, offset) for LATEST (-1), EARLIEST (-2) or the first

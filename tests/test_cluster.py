@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +312,7 @@ def test_three_clients_across_three_brokers(cluster: ClusterProcesses) -> None:
     every = Counter(v for values in sent.values() for v in values)
     print(f"produced {sum(every.values())} messages in {time.monotonic() - started:.2f}s")
 
-    consumers = {
+    consumers: dict[str, Callable[[], list[bytes]]] = {
         "confluent (group)": lambda: consume_confluent_group(
             cluster.brokers[3].bootstrap, "spread-confluent", len(every)
         ),
