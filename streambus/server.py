@@ -633,6 +633,9 @@ class Connection:
                     writer.write(piece)
                     size += len(piece)
                     await writer.drain()
+                    # drain() returns without yielding while the socket keeps taking bytes:
+                    # yield anyway, so one large response does not hold every other client.
+                    await asyncio.sleep(0)
         except StreamBusError as exc:  # the log changed under a response half written
             log.warning("closing connection from %s: %s response failed: %s", self.peer, api, exc)
             self._server.services.telemetry.error(api, exc.kafka_name)
