@@ -93,11 +93,30 @@ class Controller:
         Raises DuplicateBrokerRegistrationError when this node id stays live
         as another incarnation (a second broker with the same id).
         """
-        await self._register()
+        # This node may lead the quorum while it registers (a controller restarted at once):
+        # it must fence silent brokers meanwhile, its own previous incarnation included, or
+        # its registration would wait on itself forever.
+        sessions = asyncio.create_task(
+            self._sessions_while_registering(), name=f"controller-{self.broker_id}-sessions"
+        )
+        try:
+            await self._register()
+        finally:
+            sessions.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sessions
         await self._propose_cluster_id()
         await self._heartbeat()
         await self.check_sessions()
         self._task = asyncio.create_task(self._run(), name=f"controller-{self.broker_id}")
+
+    async def _sessions_while_registering(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check_sessions()
+            except Exception:
+                log.exception("controller session check of broker %d failed", self.broker_id)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
