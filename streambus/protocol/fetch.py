@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,7 +87,11 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
     deadline = started + max(request.max_wait_ms, 0) / 1000
     # Closed segments this fetch may read for the first time are verified first, in a
     # worker thread (again after each wait: an append may have rolled a segment).
-    to_verify = [(TopicPartition(t, p), o, min(m, max_bytes)) for t, p, o, m in wanted]
+    to_verify: list[tuple[TopicPartition, int, int]] = []
+    for i, (t, p, o, m) in enumerate(wanted, 1):
+        if i % SLICE_PARTITIONS == 0:
+            await asyncio.sleep(0)
+        to_verify.append((TopicPartition(t, p), o, min(m, max_bytes)))
     while True:
         await services.partitions.verify_for_read(to_verify, slice_size=SLICE_PARTITIONS)
         reads, total = await _read_all(services, wanted, max_bytes)
@@ -159,11 +164,12 @@ async def _account(services: BrokerServices, reads: list[_Read]) -> None:
     tel = services.telemetry
     span: trace.Span | None = None
     count_all = 0
+    errors: Counter[int] = Counter()  # counted per request and code, not per partition
     for i, read in enumerate(reads, 1):
         if i % SLICE_PARTITIONS == 0:
             await asyncio.sleep(0)
         if read.error:
-            tel.error("Fetch", error_name(read.error))
+            errors[read.error] += 1
             continue
         if not read.records:
             continue
@@ -181,6 +187,8 @@ async def _account(services: BrokerServices, reads: list[_Read]) -> None:
                 continue
         count_all += messages
         tel.consumed(read.topic, read.partition, messages, payload)
+    for code, count in errors.items():
+        tel.error("Fetch", error_name(code), count)
     if count_all and tel.tracing_enabled():
         span = _fetch_span(services, reads, count_all)
         span.end()

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from streambus.errors import (
     InvalidRequiredAcksError,
     KafkaStorageError,
     StreamBusError,
+    error_name,
 )
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, Chunk, RequestContext, encode_response
@@ -95,6 +97,12 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
         elapsed = time.perf_counter() - started
         for topic in touched:
             tel.produce_latency(topic, elapsed)
+        # Errors are counted per request and code, not per partition: a request naming
+        # 100,000 unknown partitions costs one counter update.
+        errors = Counter(p.error_code for t in topics_out for p in t.partition_responses)
+        for code, count in errors.items():
+            if code:
+                tel.error("Produce", error_name(code), count)
         if span is not None:
             _finish_span(span, topics_out)
         if rejected:
@@ -150,7 +158,6 @@ async def _append_one(
             raise refused
         result = await services.partitions.append(TopicPartition(topic, partition), pd.records)
     except StreamBusError as exc:
-        services.telemetry.error("Produce", exc.kafka_name)
         if isinstance(exc, KafkaStorageError):  # logged once per episode by storage health
             log.debug("produce to %s-%d failed: %s", topic, partition, exc)
         else:
