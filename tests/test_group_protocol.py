@@ -83,11 +83,17 @@ def heartbeat(
 
 
 def commit(
-    client: RawClient, generation: int, member_id: str, offset: int, topic: str = "t"
+    client: RawClient,
+    generation: int,
+    member_id: str,
+    offset: int,
+    topic: str = "t",
+    *,
+    group: str = GROUP,
 ) -> int:
     T = OffsetCommitRequest.OffsetCommitRequestTopic
     request = OffsetCommitRequest(
-        group_id=GROUP,
+        group_id=group,
         generation_id_or_member_epoch=generation,
         member_id=member_id,
         group_instance_id=None,

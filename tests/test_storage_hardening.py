@@ -94,29 +94,10 @@ def init_producer_id(client: RawClient) -> int:
 
 
 def commit_offset(client: RawClient, group: str, topic: str, offset: int) -> int:
-    from kafka.protocol.consumer import OffsetCommitRequest
+    """A commit outside any generation (a simple consumer's): the group protocol tests'."""
+    from tests.test_group_protocol import commit
 
-    T = OffsetCommitRequest.OffsetCommitRequestTopic
-    request = OffsetCommitRequest(
-        group_id=group,
-        generation_id_or_member_epoch=-1,
-        member_id="",
-        group_instance_id=None,
-        topics=[
-            T(
-                name=topic,
-                partitions=[
-                    T.OffsetCommitRequestPartition(
-                        partition_index=0,
-                        committed_offset=offset,
-                        committed_leader_epoch=-1,
-                        committed_metadata="",
-                    )
-                ],
-            )
-        ],
-    )
-    return int(client.request(request, 7).topics[0].partitions[0].error_code)
+    return commit(client, -1, "", offset, topic, group=group)
 
 
 def serve_once(data_dir: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
