@@ -28,3 +28,17 @@ class AppendResult(NamedTuple):
     # flush.messages / flush.ms was reached and the fsync runs in a worker thread: the
     # append is acknowledged only after PartitionLog.wait_synced(last_offset + 1).
     needs_sync: bool = False
+
+
+class ReplicatedAppend(NamedTuple):
+    """What a partition log reports for batches copied from the leader's log as they were."""
+
+    first_offset: int  # base offset of the first batch (the log end offset if none)
+    last_offset: int  # last offset of the last batch (first_offset - 1 if none)
+    batches: int
+    records: int
+    bytes: int  # whole batches stored; a trailing partial batch is not counted
+    max_timestamp: int  # largest batch max timestamp, -1 if none
+    # As AppendResult.needs_sync: the fsync runs in a worker thread and the offsets are
+    # durable only after PartitionLog.wait_synced(last_offset + 1).
+    needs_sync: bool = False

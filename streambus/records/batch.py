@@ -63,7 +63,9 @@ _BASE_OFFSET = struct.Struct(">q")
 _CRC = struct.Struct(">I")
 _TIMESTAMPS = struct.Struct(">qq")  # baseTimestamp, maxTimestamp
 _ATTRIBUTES = struct.Struct(">h")
+_LEADER_EPOCH = struct.Struct(">i")  # partitionLeaderEpoch
 
+PARTITION_LEADER_EPOCH_OFFSET = 12  # partitionLeaderEpoch position; the CRC skips it
 CRC_OFFSET = 17  # crc field position within the header
 ATTRIBUTES_OFFSET = 21  # first byte the CRC covers
 TIMESTAMPS_OFFSET = 27  # baseTimestamp position
@@ -420,6 +422,18 @@ def _records(buf: Buffer, i: int, end: int, header: BatchHeader) -> Iterator[Rec
 def set_base_offset(buf: bytearray, pos: int, base_offset: int) -> None:
     """Assign the batch's base offset; the CRC does not cover it, so it stays valid."""
     _BASE_OFFSET.pack_into(buf, pos, base_offset)
+
+
+def set_partition_leader_epoch(buf: bytearray, pos: int, epoch: int) -> None:
+    """Stamp the epoch of the leader that appended the batch; outside the CRC, like the
+    base offset, so the batch stays valid."""
+    _LEADER_EPOCH.pack_into(buf, pos + PARTITION_LEADER_EPOCH_OFFSET, epoch)
+
+
+def partition_leader_epoch(data: Buffer, pos: int = 0) -> int:
+    """The partitionLeaderEpoch of the batch at ``pos`` (-1: none stamped)."""
+    (epoch,) = _LEADER_EPOCH.unpack_from(data, pos + PARTITION_LEADER_EPOCH_OFFSET)
+    return int(epoch)
 
 
 def _rewrite_crc(buf: bytearray, pos: int) -> None:

@@ -52,25 +52,31 @@ from streambus.errors import (
     InvalidRecordError,
     KafkaStorageError,
     MessageTooLargeError,
+    NotLeaderOrFollowerError,
     OffsetOutOfRangeError,
     RecordListTooLargeError,
     StreamBusError,
 )
 from streambus.records.batch import (
+    LOG_OVERHEAD,
+    MIN_BATCH_LENGTH,
     BatchHeader,
+    check_batch,
     iter_records,
     parse_batches,
     read_header,
     set_base_offset,
     set_log_append_time,
+    set_partition_leader_epoch,
     validate_records,
 )
 from streambus.storage import cleaner
+from streambus.storage.epochs import LeaderEpochCache
 from streambus.storage.health import WriteHealth
 from streambus.storage.producer_state import ProducerState
 from streambus.storage.segment import Segment, fsync_dir
 from streambus.storage.verify import BadRegion, ScanResult
-from streambus.structs import AppendResult
+from streambus.structs import AppendResult, ReplicatedAppend
 from streambus.topic_config import TimestampType, TopicConfig
 
 log = logging.getLogger("streambus.storage")
@@ -79,6 +85,9 @@ _SEGMENT_SUFFIX = ".log"
 _NAME_DIGITS = 20
 # Log end offset checkpoint, text: a format version line ("0"), then the offset.
 CHECKPOINT_FILE = "leo.checkpoint"
+# High watermark checkpoint, same format: the offset below which every record is on
+# every in-sync replica, so a restart does not show consumers less than they saw.
+HW_CHECKPOINT_FILE = "hw.checkpoint"
 _CHECKPOINT_VERSION = "0"
 
 
@@ -208,6 +217,11 @@ class PartitionLog:
         self._flush_covers: tuple[list[Segment], int, int, int] = ([], 0, -1, 0)
         self._synced_end = -1  # log end offset covered by the last completed fsync
         self._cleaning: CompactionJob | None = None
+        self._epochs = LeaderEpochCache(directory)  # replaced by open's
+        self._high_watermark = self.log_start_offset
+        self._hw_checkpointed = -1  # last high watermark written to its checkpoint
+        # Bumped by every truncation: an fsync waiter whose offsets may have gone stops.
+        self._truncations = 0
         self._segments[-1].open_for_append()
 
     @classmethod
@@ -245,10 +259,51 @@ class PartitionLog:
         for segment in segments:
             plog._report(segment, segment.take_found())
         plog._resume_at_checkpoint(now_ms)
-        plog._producers.rebuild(_headers(plog._segments))
+        epochs, rebuild = LeaderEpochCache.load(directory)
+        plog._epochs = epochs
+        # One walk over the headers feeds both: the producers' batches and the epochs
+        # of batches the cache lacks (all of them if the file is missing or corrupt,
+        # else those appended after its last write, before a crash).
+        changed = plog._producers_and_epochs(rebuild)
+        changed |= epochs.truncate_from_end(plog.log_end_offset, persist=False)
+        changed |= epochs.truncate_from_start(plog.log_start_offset, persist=False)
+        if changed or rebuild:
+            epochs.persist()
+        plog._high_watermark = plog._open_high_watermark()
+        plog._hw_checkpointed = plog._high_watermark
         for segment in plog._segments[:-1]:
             segment.release_fd()  # most old segments are never read again
         return plog
+
+    def _producers_and_epochs(self, rebuild: bool) -> bool:
+        """Rebuild producer state from every batch header, adding to the epoch cache
+        the epochs it misses; True if the cache changed."""
+        epochs = self._epochs
+        changed = False
+
+        def observed() -> Iterator[BatchHeader]:
+            nonlocal changed
+            for header in _headers(self._segments):
+                epoch = header.partition_leader_epoch
+                if epoch >= 0 and (rebuild or epoch > epochs.latest_epoch):
+                    changed |= epochs.assign(epoch, header.base_offset, persist=False)
+                yield header
+
+        if rebuild:
+            epochs.clear(persist=False)
+        self._producers.rebuild(observed())
+        return changed
+
+    def _open_high_watermark(self) -> int:
+        """The checkpointed high watermark within the log; the log end offset when there
+        is no checkpoint (a log written before replication: everything was acknowledged)."""
+        path = self.directory / HW_CHECKPOINT_FILE
+        if not path.exists():
+            return self.log_end_offset
+        saved = _read_checkpoint(path)
+        if saved < 0:  # unreadable (logged): show nothing not known to be replicated
+            saved = self.log_start_offset
+        return min(max(saved, self.log_start_offset), self.log_end_offset)
 
     def _resume_at_checkpoint(self, now_ms: int) -> None:
         """Never reuse an offset: continue at the checkpointed end if the log lost its tail."""
@@ -284,16 +339,16 @@ class PartitionLog:
         self._bases.clear()
         fsync_dir(self.directory)
 
-    def _write_checkpoint(self) -> None:
-        """Record the log end offset: no offset below it is handed out again after a restart."""
-        end = self.log_end_offset
+    def _write_checkpoint(self, *, durable: bool = False, end: int | None = None) -> None:
+        """Record the log end offset: no offset below it is handed out again after a
+        restart. Also the high watermark. ``durable`` (a truncation): fsynced, since the
+        lower end must reach the disk before the cut does; ``end`` overrides the value."""
+        self._write_hw_checkpoint()
+        end = self.log_end_offset if end is None else end
         if end == self._checkpointed:
             return
-        path = self.directory / CHECKPOINT_FILE
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(f"{_CHECKPOINT_VERSION}\n{end}\n")
-            tmp.replace(path)
+            _write_offset_file(self.directory / CHECKPOINT_FILE, end, durable=durable)
         except OSError as exc:
             # The data is flushed; only the guard against reuse lags (a full disk). Said
             # once until a write succeeds again.
@@ -303,6 +358,19 @@ class PartitionLog:
             return
         self._checkpoint_failing = False
         self._checkpointed = end
+
+    def _write_hw_checkpoint(self) -> None:
+        """Record the high watermark (a failure is only logged: the next flush retries,
+        and a lower one after a restart merely delays consumers)."""
+        hw = self._high_watermark
+        if hw == self._hw_checkpointed:
+            return
+        try:
+            _write_offset_file(self.directory / HW_CHECKPOINT_FILE, hw, durable=False)
+        except OSError as exc:
+            log.warning("%s: cannot write %s: %s", self.directory, HW_CHECKPOINT_FILE, exc)
+            return
+        self._hw_checkpointed = hw
 
     def _report(self, segment: Segment, regions: Iterable[BadRegion]) -> None:
         for region in regions:
@@ -409,6 +477,32 @@ class PartitionLog:
     def size_bytes(self) -> int:
         return sum(seg.size for seg in self._segments)
 
+    # -- replication state -------------------------------------------------------
+
+    @property
+    def high_watermark(self) -> int:
+        """Offsets below it are on every in-sync replica (set by the replication layer)."""
+        return self._high_watermark
+
+    def set_high_watermark(self, offset: int) -> None:
+        """Move the high watermark, clamped to [log_start_offset, log_end_offset]; it is
+        written to ``hw.checkpoint`` at the next flush and on close."""
+        self._high_watermark = min(max(offset, self.log_start_offset), self.log_end_offset)
+
+    @property
+    def latest_epoch(self) -> int:
+        """The latest leader epoch in the epoch cache; -1 when it is empty."""
+        return self._epochs.latest_epoch
+
+    def epoch_entries(self) -> list[tuple[int, int]]:
+        """(epoch, start offset) of every cached leader epoch, oldest first."""
+        return self._epochs.entries()
+
+    def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
+        """(largest cached epoch <= ``epoch``, the offset where it ends): the start of the
+        next cached epoch, or the log end offset for the latest; (-1, -1) if none."""
+        return self._epochs.end_offset_for(epoch, self.log_end_offset)
+
     @property
     def segment_count(self) -> int:
         return len(self._segments)
@@ -423,12 +517,18 @@ class PartitionLog:
     # -- writing ---------------------------------------------------------------
 
     def append(
-        self, data: bytes | bytearray | memoryview, *, payload: int | None = None
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        payload: int | None = None,
+        leader_epoch: int = 0,
     ) -> AppendResult:
         """Store one record batch; a retried idempotent batch is answered, not stored.
 
         ``payload``: what ``validate_records`` returned for ``data`` under this log's
         config, when the caller already ran it (off the event loop, for a large batch).
+        ``leader_epoch``: stamped in the batch's partitionLeaderEpoch, and recorded in
+        the epoch cache if it is newer than the latest there.
         """
         config = self._config
         if len(data) > config.max_message_bytes:
@@ -475,6 +575,7 @@ class PartitionLog:
         buf = bytearray(data)
         base_offset = self.log_end_offset
         set_base_offset(buf, 0, base_offset)
+        set_partition_leader_epoch(buf, 0, leader_epoch)
         append_time_ms = -1
         if config.message_timestamp_type is TimestampType.LOG_APPEND_TIME:
             set_log_append_time(buf, 0, now_ms)
@@ -489,8 +590,27 @@ class PartitionLog:
                 health.failed(str(self.directory), exc)
             raise
         self._producers.update(header, base_offset)
+        if leader_epoch > self._epochs.latest_epoch:
+            self._epochs.assign(leader_epoch, base_offset)
+        needs_sync = self._count_unflushed(header.records_count, now_ms)
+        return AppendResult(
+            base_offset,
+            header.last_offset,
+            append_time_ms,
+            self.log_start_offset,
+            header.records_count,
+            payload,
+            False,  # duplicate
+            header.crc,
+            needs_sync,
+        )
 
-        self._unflushed_messages += header.records_count
+    def _count_unflushed(self, records: int, now_ms: int) -> bool:
+        """After a write: count it toward flush.messages / flush.ms and start the fsync
+        they call for. True if that fsync runs in a worker thread (``needs_sync``)."""
+        config = self._config
+        health = self.health
+        self._unflushed_messages += records
         if self._first_unflushed_ms < 0:
             self._first_unflushed_ms = now_ms
         needs_sync = False
@@ -511,23 +631,87 @@ class PartitionLog:
                 raise error from exc
         if health is not None and health.failing:
             health.succeeded()
-        return AppendResult(
-            base_offset,
-            header.last_offset,
-            append_time_ms,
-            self.log_start_offset,
-            header.records_count,
-            payload,
-            False,  # duplicate
-            header.crc,
+        return needs_sync
+
+    def append_replicated(self, data: bytes | bytearray | memoryview) -> ReplicatedAppend:
+        """Store whole batches as the leader stored them (a Fetch response's records):
+        their offsets, timestamps and leader epochs are kept; a trailing partial batch
+        is ignored. Every batch's CRC is checked first (CorruptRecordError) and nothing
+        is written if one fails; a base offset below the log end offset (or below the
+        previous batch's end) raises InvalidRecordError: the caller truncates first.
+        Gaps (a compacted leader log) and control batches are accepted.
+        """
+        view = memoryview(data)
+        batches: list[tuple[int, BatchHeader]] = []
+        expect = self.log_end_offset
+        pos = 0
+        while len(view) - pos >= LOG_OVERHEAD.size:
+            _, length = LOG_OVERHEAD.unpack_from(view, pos)
+            if length >= MIN_BATCH_LENGTH and pos + LOG_OVERHEAD.size + length > len(view):
+                break  # cut by the fetch size limit: the next fetch brings it whole
+            header = check_batch(view, pos)
+            if header.base_offset < expect or header.last_offset_delta < 0:
+                raise InvalidRecordError(
+                    f"{self.directory}: replicated batch at offsets {header.base_offset}.."
+                    f"{header.last_offset} does not follow offset {expect - 1}"
+                )
+            batches.append((pos, header))
+            expect = header.last_offset + 1
+            pos += header.size
+        stored_bytes = pos
+        if not batches:
+            end = self.log_end_offset
+            return ReplicatedAppend(end, end - 1, 0, 0, 0, -1)
+        now_ms = self._now_ms()
+        records = 0
+        max_timestamp = -1
+        epochs_changed = False
+        try:
+            for pos, header in batches:
+                self._maybe_roll(header, now_ms)
+                self._active.append(view[pos : pos + header.size], header, now_ms)
+                self._producers.update(header, header.base_offset)
+                if header.partition_leader_epoch >= 0:
+                    epochs_changed |= self._epochs.assign(
+                        header.partition_leader_epoch, header.base_offset, persist=False
+                    )
+                records += header.records_count
+                max_timestamp = max(max_timestamp, header.max_timestamp)
+        except KafkaStorageError as exc:
+            # The batches before the failed one are stored: their fsync is still due.
+            self._unflushed_messages += records
+            if records and self._first_unflushed_ms < 0:
+                self._first_unflushed_ms = now_ms
+            if self.health is not None:
+                self.health.failed(str(self.directory), exc)
+            raise
+        finally:
+            if epochs_changed:
+                self._epochs.persist()
+        needs_sync = self._count_unflushed(records, now_ms)
+        last = batches[-1][1]
+        return ReplicatedAppend(
+            batches[0][1].base_offset,
+            last.last_offset,
+            len(batches),
+            records,
+            stored_bytes,
+            max_timestamp,
             needs_sync,
         )
 
     async def wait_synced(self, end: int) -> None:
         """Return once an fsync covered every offset below ``end`` (Kafka acknowledges a
         batch that reached flush.messages only after its fsync); the fsync itself runs in
-        a worker thread. Raises KafkaStorageError if it fails."""
+        a worker thread. Raises KafkaStorageError if it fails, NotLeaderOrFollowerError
+        if the log was truncated below ``end`` before or while it waited (those offsets
+        are not this log's to promise any more)."""
+        truncations = self._truncations
         while self._synced_end < end and not self._closed:
+            if truncations != self._truncations or end > self.log_end_offset:
+                raise NotLeaderOrFollowerError(
+                    f"{self.directory}: truncated below offset {end} before its fsync"
+                )
             pending = self._flushing if self._flushing is not None else self.flush_in_background()
             if pending is None:  # no background submitter: flushed inline just now
                 return
@@ -583,6 +767,7 @@ class PartitionLog:
         self._active.flush()
         self._synced_end = self.log_end_offset
         self._write_checkpoint()
+        self._epochs.persist_if_dirty()
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
 
@@ -775,6 +960,128 @@ class PartitionLog:
             for _, header in segment.iter_headers():
                 yield header
 
+    # -- truncation (a follower cut back to its leader's log) ---------------------
+
+    def truncate_to(self, offset: int) -> None:
+        """Drop every batch at or above ``offset`` (a batch holding ``offset`` goes whole).
+
+        Segments wholly above it are deleted and the one holding it is cut, its index
+        files rebuilt; producer state is rebuilt from what remains, the epoch cache and
+        the high watermark follow the new end, and ``leo.checkpoint`` is lowered first
+        (fsynced), so the next open does not take the cut for lost data. A compaction
+        running meanwhile is aborted and its result discarded. Nothing happens when
+        ``offset`` is at or past the log end; below the log start the log is emptied
+        (``truncate_fully_and_start_at``). Inline: the cut segment is re-checked.
+        """
+        old_end = self.log_end_offset
+        if offset >= old_end:
+            return
+        if offset < self.log_start_offset:
+            self.truncate_fully_and_start_at(offset)
+            return
+        self._stop_cleaning()
+        self._cleaned_up_to = -1
+        now_ms = self._now_ms()
+        i = self._segment_index(offset)
+        keep = self._segments[i]
+        self._verify(keep)  # lookup walks headers: a bad region must be known first
+        position = keep.lookup(offset)
+        cut = keep.size if position is None else position
+        try:
+            # Never above what stays (nothing is handed out until the exact end is
+            # written below): a crash after the cut then finds no "lost" offsets.
+            self._write_checkpoint(durable=True, end=keep.base_offset)
+            doomed = self._segments[i + 1 :]
+            del self._segments[i + 1 :]
+            for segment in doomed:
+                segment.delete()
+            keep.close()
+            keep.generation += 1  # a Fetch still streaming the cut bytes stops
+            os.truncate(keep.log_path, cut)
+            keep.index_path.unlink(missing_ok=True)  # rebuilt by the load below
+            keep.timeindex_path.unlink(missing_ok=True)
+            fresh = Segment.load(
+                self.directory,
+                keep.base_offset,
+                self._config.index_interval_bytes,
+                now_ms,
+                recover=True,
+            )
+            fresh.open_for_append()
+            self._segments[i] = fresh
+        except OSError as exc:
+            raise KafkaStorageError(f"{self.directory}: truncation failed: {exc}") from exc
+        finally:
+            self._bases.clear()
+        self._report(fresh, fresh.take_found())
+        self._after_truncation({id(s) for s in (*doomed, keep)})
+        log.info(
+            "%s: truncated to offset %d: log end offset %d -> %d (%d segments deleted)",
+            self.directory,
+            offset,
+            old_end,
+            self.log_end_offset,
+            len(doomed),
+        )
+
+    def truncate_fully_and_start_at(self, offset: int) -> None:
+        """Remove every segment and start empty at ``offset`` (log start = end =
+        ``offset``): a follower whose fetch offset fell below the leader's log start.
+        The epoch cache is cleared and the checkpoints rewritten."""
+        if offset < 0:
+            raise ValueError(f"cannot start a log at offset {offset}")
+        self._stop_cleaning()
+        self._cleaned_up_to = -1
+        old_start, old_end = self.log_start_offset, self.log_end_offset
+        now_ms = self._now_ms()
+        old = list(self._segments)
+        doomed = list(old)
+        try:
+            if offset < self._checkpointed:
+                self._write_checkpoint(durable=True, end=offset)
+            # The new segment first where its name is free, so a crash in between
+            # leaves a log that ends at ``offset`` rather than an empty directory.
+            if any(segment.base_offset == offset for segment in doomed):
+                for segment in doomed:
+                    segment.delete()
+                doomed = []
+            fresh = Segment.create(
+                self.directory, offset, self._config.index_interval_bytes, now_ms
+            )
+            fresh.open_for_append()
+            for segment in doomed:
+                segment.delete()
+            self._segments[:] = [fresh]
+            fsync_dir(self.directory)
+        except OSError as exc:
+            raise KafkaStorageError(f"{self.directory}: truncation failed: {exc}") from exc
+        finally:
+            self._bases.clear()
+        self._epochs.clear()
+        self._after_truncation({id(s) for s in old})
+        log.info(
+            "%s: emptied and restarted at offset %d (was offsets %d..%d)",
+            self.directory,
+            offset,
+            old_start,
+            old_end - 1,
+        )
+
+    def _after_truncation(self, gone: set[int]) -> None:
+        """Bring everything derived from the log's content in line with its new end."""
+        end = self.log_end_offset
+        self._truncations += 1
+        self._needs_sync = [s for s in self._needs_sync if id(s) not in gone]
+        rolled, messages, first_ms, covered = self._flush_covers
+        self._flush_covers = (rolled, messages, first_ms, min(covered, end))
+        self._synced_end = min(self._synced_end, end)
+        self._unverified = sum(not segment.verified for segment in self._segments[:-1])
+        self._producers.rebuild(_headers(self._segments))
+        self._epochs.truncate_from_end(end)
+        self._epochs.truncate_from_start(self.log_start_offset)
+        self._high_watermark = min(max(self._high_watermark, self.log_start_offset), end)
+        self.flush()  # fsyncs the cut segment, writes both checkpoints at the new end
+
     # -- cleanup ---------------------------------------------------------------
 
     def _detach_oldest(self, reason: str) -> Segment:
@@ -830,7 +1137,10 @@ class PartitionLog:
                 doomed.append(self._detach_oldest(reason))
                 size -= oldest
         if doomed:
-            self._producers.truncate_head(self.log_start_offset)
+            start = self.log_start_offset
+            self._producers.truncate_head(start)
+            self._epochs.truncate_from_start(start)
+            self._high_watermark = max(self._high_watermark, start)
         return doomed
 
     def compact(self, now_ms: int) -> bool:
@@ -977,6 +1287,19 @@ def _headers(segments: list[Segment]) -> Iterator[BatchHeader]:
                 yield header
         except CorruptRecordError:
             continue
+
+
+def _write_offset_file(path: Path, value: int, *, durable: bool) -> None:
+    """Replace a checkpoint file (version line, offset line) in one rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="ascii") as f:
+        f.write(f"{_CHECKPOINT_VERSION}\n{value}\n")
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    tmp.replace(path)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def _read_checkpoint(path: Path) -> int:

@@ -4,7 +4,9 @@ A retried produce request must not store its batch twice. For every producer
 id the partition remembers the epoch and the last five batches it wrote (the
 producer keeps at most five requests in flight), so a retry of any of them is
 answered with the offsets it got the first time. Nothing is persisted: the log
-itself is the snapshot, rebuilt from batch headers when the log opens.
+itself is the snapshot, rebuilt from batch headers when the log opens or is
+truncated (a replica cut back to its leader's log forgets the batches it lost,
+so their retries are appended again rather than answered as duplicates).
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ class ProducerState:
         return None
 
     def update(self, header: BatchHeader, base_offset: int) -> None:
-        """Remember a batch just written at ``base_offset``."""
-        if header.producer_id < 0:
+        """Remember a batch just written at ``base_offset``. A control batch (a transaction
+        marker) carries no sequence numbers and is not remembered, as in Kafka."""
+        if header.producer_id < 0 or header.is_control:
             return
         producer = self._producers.get(header.producer_id)
         if producer is None or producer.epoch != header.producer_epoch:
@@ -100,8 +103,7 @@ class ProducerState:
         """Replay the headers of every stored batch, oldest first."""
         self._producers.clear()
         for header in headers:
-            if header.producer_id >= 0:
-                self.update(header, header.base_offset)
+            self.update(header, header.base_offset)
 
     def truncate_head(self, log_start_offset: int) -> None:
         """Forget producers whose last batch was deleted, as a reopen would."""
