@@ -41,6 +41,7 @@ from streambus.records.batch import (
     iter_records,
     read_header,
     set_log_append_time,
+    set_partition_leader_epoch,
 )
 from streambus.storage.segment import Segment
 from streambus.topic_config import TopicConfig
@@ -76,11 +77,11 @@ def _rebuild(survivors: list[Record], header: BatchHeader) -> bytes:
         base_offset=first,
         offset_deltas=[r.offset - first for r in survivors],
     )
+    buf = bytearray(data)
+    set_partition_leader_epoch(buf, 0, header.partition_leader_epoch)  # as Kafka's cleaner
     if header.timestamp_type == 1:
-        buf = bytearray(data)
         set_log_append_time(buf, 0, header.max_timestamp)
-        data = bytes(buf)
-    return data
+    return bytes(buf)
 
 
 class _AbortedError(Exception):

@@ -17,8 +17,12 @@ format (ASCII, one item per line, ``\\n`` line ends)::
 
 It is rewritten whole on every change: a temporary file, fsynced, renamed over
 the old one, the directory fsynced, so a crash leaves the old or the new file.
-An unreadable file is logged at ERROR and the cache rebuilt from the batches'
-``partitionLeaderEpoch`` (``PartitionLog.open`` walks every header anyway).
+Only the write an append causes (a new epoch's first batch) skips the fsyncs
+(the log's close syncs it): the produce path does not wait on the disk for it,
+and a crash that loses or tears that write loses nothing, because
+``PartitionLog.open`` walks every batch header anyway and adds the epochs the
+file lacks. An unreadable file is logged at ERROR and the cache rebuilt from
+the batches' ``partitionLeaderEpoch`` the same way.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class LeaderEpochCache:
         self.path = directory / EPOCH_FILE
         self._entries: list[tuple[int, int]] = list(entries)
         self._failing = False  # the last write failed: the file lags the entries
+        self.unsynced = False  # written without fsync: ``sync`` (at close) syncs it
 
     @classmethod
     def load(cls, directory: Path) -> tuple[LeaderEpochCache, bool]:
@@ -130,7 +135,9 @@ class LeaderEpochCache:
 
     # -- changing ----------------------------------------------------------------
 
-    def assign(self, epoch: int, start_offset: int, *, persist: bool = True) -> bool:
+    def assign(
+        self, epoch: int, start_offset: int, *, persist: bool = True, durable: bool = True
+    ) -> bool:
         """Record that ``epoch`` starts at ``start_offset`` (Kafka's ``assign``): nothing
         to do if it is the latest epoch already at or below that offset; entries it
         contradicts (an epoch >= it, or a start >= its start) are dropped first, with a
@@ -156,7 +163,7 @@ class LeaderEpochCache:
             )
         self._entries.append((epoch, start_offset))
         if persist:
-            self.persist()
+            self.persist(durable=durable)
         return True
 
     def truncate_from_end(self, end_offset: int, *, persist: bool = True) -> bool:
@@ -192,7 +199,7 @@ class LeaderEpochCache:
         if persist:
             self.persist()
 
-    def persist(self) -> bool:
+    def persist(self, *, durable: bool = True) -> bool:
         """Write the file atomically; False if that failed (a full disk: logged once until
         a write succeeds, and retried by ``persist_if_dirty`` at the log's next flush).
         The entries in memory stay right meanwhile, and a reopen reconciles the file with
@@ -204,20 +211,23 @@ class LeaderEpochCache:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(fd, ("\n".join(lines) + "\n").encode("ascii"))
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
+            if durable:
+                fsync_dir(self.path.parent)
         except OSError as exc:
             if not self._failing:
                 log.warning("%s: cannot write: %s", self.path, exc)
             self._failing = True
             return False
         self._failing = False
+        self.unsynced = not durable
         return True
 
-    def persist_if_dirty(self) -> None:
-        """Retry a write that failed."""
-        if self._failing:
+    def sync(self) -> None:
+        """At close: redo a write that failed, fsync one that was left unsynced."""
+        if self._failing or self.unsynced:
             self.persist()

@@ -591,7 +591,8 @@ class PartitionLog:
             raise
         self._producers.update(header, base_offset)
         if leader_epoch > self._epochs.latest_epoch:
-            self._epochs.assign(leader_epoch, base_offset)
+            # Not fsynced here: open re-adds an epoch lost with this write from the batch.
+            self._epochs.assign(leader_epoch, base_offset, durable=False)
         needs_sync = self._count_unflushed(header.records_count, now_ms)
         return AppendResult(
             base_offset,
@@ -687,7 +688,7 @@ class PartitionLog:
             raise
         finally:
             if epochs_changed:
-                self._epochs.persist()
+                self._epochs.persist(durable=False)  # as in append
         needs_sync = self._count_unflushed(records, now_ms)
         last = batches[-1][1]
         return ReplicatedAppend(
@@ -767,7 +768,6 @@ class PartitionLog:
         self._active.flush()
         self._synced_end = self.log_end_offset
         self._write_checkpoint()
-        self._epochs.persist_if_dirty()
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
 
@@ -786,6 +786,7 @@ class PartitionLog:
         self._write_checkpoint()
         rolled, self._needs_sync = self._needs_sync, []
         paths = [segment.log_path for segment in (*rolled, self._active)]
+        sync_dir = bool(rolled)
         for segment in rolled:
             segment.release_fd()  # its writes are in the page cache, synced by name
         self._flush_covers = (
@@ -796,7 +797,7 @@ class PartitionLog:
         )
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
-        self._flushing = self._background(lambda: _fsync_files(self.directory, paths, bool(rolled)))
+        self._flushing = self._background(lambda: _fsync_files(self.directory, paths, sync_dir))
         return self._flushing
 
     def _flush_for_append(self) -> None:
@@ -1139,7 +1140,9 @@ class PartitionLog:
         if doomed:
             start = self.log_start_offset
             self._producers.truncate_head(start)
-            self._epochs.truncate_from_start(start)
+            # Not fsynced on the loop: open trims the cache to the log start again.
+            if self._epochs.truncate_from_start(start, persist=False):
+                self._epochs.persist(durable=False)
             self._high_watermark = max(self._high_watermark, start)
         return doomed
 
@@ -1259,6 +1262,7 @@ class PartitionLog:
         if self._unflushed_messages or self._needs_sync or self._background is None:
             self.flush()  # after a background flush of everything, nothing left to sync
         self._write_checkpoint()  # also when a background flush left nothing to sync
+        self._epochs.sync()
         for segment in self._segments:
             segment.close()
         self._closed = True
