@@ -270,7 +270,8 @@ class PartitionLog:
         if changed or rebuild:
             epochs.persist()
         plog._high_watermark = plog._open_high_watermark()
-        plog._hw_checkpointed = plog._high_watermark
+        if (directory / HW_CHECKPOINT_FILE).exists():
+            plog._hw_checkpointed = plog._high_watermark  # else written at the first flush
         for segment in plog._segments[:-1]:
             segment.release_fd()  # most old segments are never read again
         return plog
