@@ -360,6 +360,17 @@ def test_high_watermark_defaults_to_the_log_end_without_a_checkpoint(
     assert open_log(tmp_path / "p0", SMALL).high_watermark == 30
 
 
+def test_new_log_checkpoints_its_high_watermark_at_once(tmp_path: Path, open_log: OpenLog) -> None:
+    plog = open_log(tmp_path / "p0", SMALL)
+    assert (tmp_path / "p0" / "hw.checkpoint").read_text() == "0\n0\n"
+    plog.append(batch(b"a"), leader_epoch=0)
+    plog.close()
+    (tmp_path / "p0" / "leo.checkpoint").unlink()  # nothing but the HW file says what was seen
+    assert open_log(tmp_path / "p0", SMALL).high_watermark == 0
+    (tmp_path / "p0" / "hw.checkpoint").write_text("garbage")
+    assert open_log(tmp_path / "p0", SMALL).high_watermark == 0  # unreadable: the log start
+
+
 def test_retention_trims_the_epoch_cache(tmp_path: Path, open_log: OpenLog) -> None:
     config = TopicConfig(segment_bytes=1024, index_interval_bytes=256, retention_bytes=1)
     plog = open_log(tmp_path / "p0", config)

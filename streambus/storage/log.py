@@ -28,6 +28,14 @@ swaps results in (``detach_expired``, ``start_compaction`` /
 fsynced in threads. While a compaction runs the log is marked as cleaning:
 retention waits, and a close aborts the cleaner and discards its result.
 Without a submitter (tests, tools) everything runs inline as before.
+
+Replication: ``append`` stamps the leader epoch in each batch and keeps the
+epoch cache (epochs.py); a follower stores the leader's batches unchanged with
+``append_replicated`` and cuts its log back with ``truncate_to`` /
+``truncate_fully_and_start_at`` when it meets a new leader. A truncation lowers
+``leo.checkpoint`` before it cuts, so it is never reported as lost data, and
+rebuilds producer state from the batches that remain. The high watermark is
+kept in ``hw.checkpoint`` beside it (same format), written at each flush.
 """
 
 from __future__ import annotations
@@ -267,11 +275,15 @@ class PartitionLog:
         changed = plog._producers_and_epochs(rebuild)
         changed |= epochs.truncate_from_end(plog.log_end_offset, persist=False)
         changed |= epochs.truncate_from_start(plog.log_start_offset, persist=False)
-        if changed or rebuild:
-            epochs.persist()
+        if changed or (rebuild and epochs.path.exists()):  # no fsync: the next open redoes it
+            epochs.persist(durable=False)
         plog._high_watermark = plog._open_high_watermark()
         if (directory / HW_CHECKPOINT_FILE).exists():
-            plog._hw_checkpointed = plog._high_watermark  # else written at the first flush
+            plog._hw_checkpointed = plog._high_watermark
+        elif not bases:
+            # A new log: its high watermark is known (0), unlike one of a data dir from
+            # before replication, which a missing checkpoint stands for.
+            plog._write_hw_checkpoint()
         for segment in plog._segments[:-1]:
             segment.release_fd()  # most old segments are never read again
         return plog
