@@ -95,7 +95,7 @@ def test_append_assigns_contiguous_offsets_across_rolls(tmp_path: Path, open_log
     assert plog.log_end_offset == 40
     assert plog.segment_count > 3
     assert all(len(p.stem) == 20 for p in (tmp_path / "p0").glob("*.log"))
-    segment_files = {p.suffix for p in (tmp_path / "p0").iterdir()} - {""}  # epoch checkpoint
+    segment_files = {p.suffix for p in (tmp_path / "p0").iterdir()} - {"", ".checkpoint"}
     assert segment_files == {".log", ".index", ".timeindex"}
     data = plog.read(0, 1 << 20)  # spans every segment
     assert [o for o, _, _ in records(data)] == list(range(40))
