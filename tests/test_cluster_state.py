@@ -185,20 +185,23 @@ def test_fencing_moves_leadership_to_a_live_isr_member_or_offline() -> None:
         CreateTopic("r", TID, ((1, 2), (2, 1), (1, 3))),  # replicated: leadership can move
         CreateTopic("solo", uuid.uuid4(), ((1,), (2,))),
     )
-    s = run(s, FenceBroker(3, "first"))  # 3 leads nothing; only its flag changes
+    s = run(s, FenceBroker(3, "first"))  # 3 leads nothing: it only leaves the ISR
     assert s.brokers[3].fenced
-    assert s.leader_of("r", 2) == 1
+    r2 = s.topics["r"].partitions[2]
+    assert (r2.leader, r2.isr, r2.leader_epoch, r2.partition_epoch) == (1, (1,), 0, 1)
 
     before = s
     s = run(s, FenceBroker(1, "no heartbeat"))
     r = s.topics["r"].partitions
-    assert (r[0].leader, r[0].isr, r[0].leader_epoch) == (2, (2,), 1)  # moved to live ISR
-    assert (r[1].leader, r[1].isr, r[1].leader_epoch) == (2, (2, 1), 0)  # untouched
-    assert (r[2].leader, r[2].isr, r[2].leader_epoch) == (-1, (1, 3), 1)  # 3 is fenced too
+    state_of = [(p.leader, p.isr, p.leader_epoch, p.partition_epoch) for p in r]
+    assert state_of[0] == (2, (2,), 1, 1)  # moved to the live ISR member
+    assert state_of[1] == (2, (2,), 0, 1)  # same leader; 1 left the ISR
+    assert state_of[2] == (-1, (1,), 1, 2)  # the last ISR member stays in it: offline
     solo = s.topics["solo"].partitions
-    assert (solo[0].leader, solo[0].leader_epoch) == (-1, 1)
+    assert (solo[0].leader, solo[0].isr, solo[0].leader_epoch) == (-1, (1,), 1)
     assert solo[1].leader == 2
     assert s.offline_partitions() == 2
+    assert s.under_replicated() == 3 and s.under_replicated(leader=2) == 2
     assert before.topics["r"].partitions[0].leader == 1  # the old state is unchanged
 
     same, result = apply(s, FenceBroker(1, "again"))  # already fenced: nothing changes
@@ -207,8 +210,9 @@ def test_fencing_moves_leadership_to_a_live_isr_member_or_offline() -> None:
 
     s = run(s, UnfenceBroker(1))
     r = s.topics["r"].partitions
-    assert (r[0].leader, r[0].leader_epoch) == (2, 1)  # has a leader: stays
-    assert (r[2].leader, r[2].leader_epoch) == (1, 2)  # back in ISR, no leader: restored
+    # has a leader: stays; 1 rejoins the ISR only when that leader sees it caught up
+    assert (r[0].leader, r[0].isr, r[0].leader_epoch) == (2, (2,), 1)
+    assert (r[2].leader, r[2].leader_epoch, r[2].partition_epoch) == (1, 2, 3)  # restored
     assert (s.topics["solo"].partitions[0].leader, s.topics["solo"].partitions[0].leader_epoch) == (
         1,
         2,
