@@ -157,7 +157,7 @@ def test_replicated_topics_are_created_placed_grown_and_elected(
         # Every replica's broker opened the new partitions' logs and recorded the count.
         for broker in cluster.brokers.values():
             topic_dir = broker.data_dir / "topics" / "r3"
-            wait_until(lambda d=topic_dir: (d / "4").is_dir(), 20, 0.2)  # type: ignore[misc]
+            wait_until(lambda d=topic_dir: (d / "4").is_dir(), 20, 0.2)
             meta = json.loads((topic_dir / "topic.json").read_text())
             assert meta["partitions"] == 5
 
