@@ -645,6 +645,11 @@ def test_unclean_election_by_topic_config() -> None:
     s = run(s, UnfenceBroker(3), FenceBroker(2, "x"))
     assert _p(s, 0) == (3, (3,), 3, 5)
     # the topic default (false) is clean: nothing moves
+    assert s.under_min_isr() == 0
+    assert s.under_min_isr(default_min_isr=2) == 2  # both led by 3 alone
+    strict = run(_rf3(("min.insync.replicas", "3")), FenceBroker(3, "x"))
+    assert strict.under_min_isr() == 2
+    assert strict.under_min_isr(leader=1) == 1
     clean = run(_rf3(), FenceBroker(2, "x"), FenceBroker(3, "x"), FenceBroker(1, "x"))
     assert _p(run(clean, UnfenceBroker(2)), 0) == (-1, (1,), 1, 3)
 

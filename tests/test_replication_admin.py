@@ -270,3 +270,81 @@ def test_a_single_brokers_topic_grows(tmp_path: Path) -> None:
         with pytest.raises(KafkaException, match="already has 3 partitions") as caught:
             only["solo"].result(10)
         assert caught.value.args[0].code() == INVALID_PARTITIONS
+
+
+def test_elect_leaders_and_validate_only_on_a_single_broker(tmp_path: Path) -> None:
+    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+    from kafka.protocol.admin import CreateTopicsRequest, ElectLeadersRequest
+
+    from tests.harness import RawClient
+
+    with BrokerThread(tmp_path / "data") as b:
+        admin = AdminClient({"bootstrap.servers": b.bootstrap})
+        admin.create_topics([NewTopic("one", 2, 1)])["one"].result(10)
+        with RawClient(b.bootstrap) as client:
+            # Every partition (null): none needs an election, so none is listed (Kafka's way).
+            for version in (0, 1, 2):
+                request = ElectLeadersRequest(
+                    election_type=0, topic_partitions=None, timeout_ms=5000
+                )
+                response = client.request(request, version)
+                assert election_codes(response) == {}
+            named = ElectLeadersRequest(
+                election_type=1,
+                topic_partitions=[
+                    ElectLeadersRequest.TopicPartitions(topic="one", partitions=[1, 7])
+                ],
+                timeout_ms=5000,
+            )
+            # UNCLEAN on a partition with a leader: not needed; an unknown one: UNKNOWN_TOPIC
+            assert election_codes(client.request(named, 2)) == {
+                ("one", 1): ELECTION_NOT_NEEDED,
+                ("one", 7): 3,
+            }
+            bad_type = ElectLeadersRequest(
+                election_type=5, topic_partitions=named.topic_partitions, timeout_ms=5000
+            )
+            assert set(election_codes(client.request(bad_type, 2)).values()) == {42}
+
+            # validate_only with an assignment checks it and creates nothing.
+            T = CreateTopicsRequest.CreatableTopic
+            check = CreateTopicsRequest(
+                topics=[
+                    T(
+                        name="assigned",
+                        num_partitions=-1,
+                        replication_factor=-1,
+                        assignments=[
+                            T.CreatableReplicaAssignment(partition_index=0, broker_ids=[1])
+                        ],
+                        configs=[],
+                    ),
+                    T(
+                        name="both",
+                        num_partitions=2,
+                        replication_factor=-1,
+                        assignments=[
+                            T.CreatableReplicaAssignment(partition_index=0, broker_ids=[1])
+                        ],
+                        configs=[],
+                    ),
+                    T(
+                        name="elsewhere",
+                        num_partitions=-1,
+                        replication_factor=-1,
+                        assignments=[
+                            T.CreatableReplicaAssignment(partition_index=0, broker_ids=[5])
+                        ],
+                        configs=[],
+                    ),
+                ],
+                timeout_ms=5000,
+                validate_only=True,
+            )
+            codes = {t.name: t.error_code for t in client.request(check, 5).topics}
+            assert codes == {"assigned": 0, "both": 42, "elsewhere": INVALID_REPLICA_ASSIGNMENT}
+        assert "assigned" not in admin.list_topics(timeout=10).topics
+
+        checked = admin.create_partitions([NewPartitions("one", 4)], validate_only=True)
+        checked["one"].result(10)
+        assert len(admin.list_topics("one", timeout=10).topics["one"].partitions) == 2

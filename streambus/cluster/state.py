@@ -159,6 +159,23 @@ class ClusterState:
             if len(p.isr) < len(p.replicas) and (leader is None or p.leader == leader)
         )
 
+    def under_min_isr(self, default_min_isr: int = 1, leader: int | None = None) -> int:
+        """Partitions whose ISR is below their topic's ``min.insync.replicas`` (the
+        topic's override, else ``default_min_isr``, the broker's default), led by
+        ``leader`` only when given. Offline partitions are not counted."""
+        count = 0
+        for t in self.topics.values():
+            raw = t.configs.get("min.insync.replicas")
+            need = int(raw) if raw is not None else default_min_isr
+            count += sum(
+                1
+                for p in t.partitions
+                if p.leader != NO_LEADER
+                and len(p.isr) < need
+                and (leader is None or p.leader == leader)
+            )
+        return count
+
     def hosted_by(self, broker_id: int) -> list[tuple[str, int]]:
         """(topic, partition) of every replica assigned to ``broker_id``."""
         return [
