@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from opentelemetry import metrics, trace
@@ -27,7 +27,7 @@ from streambus.app import build_server
 from streambus.cluster import BrokerInfo, Quorum, TopicState
 from streambus.cluster_metadata import ClusterMetadata
 from streambus.config import BrokerConfig
-from streambus.errors import KafkaStorageError
+from streambus.errors import KafkaStorageError, StreamBusError
 from streambus.groups import GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService, QuorumLeadership
@@ -204,9 +204,10 @@ class Broker:
         partitions: int,
         overrides: Mapping[str, str | None],
         *,
-        replication_factor: int = 1,
+        replication_factor: int = -1,
         internal: bool = False,
         validate_only: bool = False,
+        assignments: Sequence[Sequence[int]] | None = None,
     ) -> TopicState:
         return await self.cluster.create_cluster_topic(
             name,
@@ -215,7 +216,25 @@ class Broker:
             replication_factor=replication_factor,
             internal=internal,
             validate_only=validate_only,
+            assignments=assignments,
         )
+
+    async def create_partitions(
+        self,
+        name: str,
+        count: int,
+        *,
+        assignments: Sequence[Sequence[int]] | None = None,
+        validate_only: bool = False,
+    ) -> TopicState:
+        return await self.cluster.create_partitions(
+            name, count, assignments=assignments, validate_only=validate_only
+        )
+
+    async def elect_leaders(
+        self, election_type: int, partitions: Iterable[tuple[str, int]] | None
+    ) -> list[tuple[str, int, StreamBusError | None]]:
+        return await self.cluster.elect_leaders(election_type, partitions)
 
     def create_topic(
         self,

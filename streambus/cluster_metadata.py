@@ -16,11 +16,12 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from streambus.cluster import (
     Applied,
     BrokerInfo,
+    ChangePartitionLeader,
     ClusterState,
     Controller,
     CreateTopic,
@@ -28,14 +29,20 @@ from streambus.cluster import (
     LocalQuorum,
     PartitionState,
     TopicState,
+    apply,
     coordinator_partition,
     make_quorum,
+    plan_partitions,
     plan_topic,
+    preferred_election,
+    unclean_election,
 )
 from streambus.config import BrokerConfig
 from streambus.errors import (
     CoordinatorNotAvailableError,
     DuplicateBrokerRegistrationError,
+    ElectionNotNeededError,
+    InvalidReplicationFactorError,
     NotControllerError,
     NotCoordinatorError,
     RequestTimedOutError,
@@ -50,6 +57,10 @@ from streambus.storage import LogManager
 
 # The broker's logger: these lines read (and filter) as they did when the broker held them.
 log = logging.getLogger("streambus.broker")
+
+# ElectLeaders' election types (Kafka's ElectionType)
+PREFERRED_ELECTION = 0
+UNCLEAN_ELECTION = 1
 
 
 class ClusterMetadata:
@@ -170,9 +181,14 @@ class ClusterMetadata:
     def _create_hosted(self, state: ClusterState) -> None:
         local, offline = self.logs.topics(), self.logs.offline_topics()
         for name, topic in state.topics.items():
-            if name in local or name in offline:
+            if name in offline:
                 continue
             if not any(self.broker_id in p.replicas for p in topic.partitions):
+                continue
+            here = local.get(name)
+            if here is not None:
+                if here.topic_id == topic.topic_id and here.partitions < len(topic.partitions):
+                    self._add_local_partitions(name, len(topic.partitions))
                 continue
             try:
                 # Every partition's log is made here; only those this broker leads are served.
@@ -189,6 +205,16 @@ class ClusterMetadata:
             else:
                 self._local_failures.pop(name, None)
 
+    def _add_local_partitions(self, name: str, partitions: int) -> None:
+        """CreatePartitions reached this broker: open the new partitions' logs."""
+        try:
+            self.logs.add_partitions(name, partitions)
+        except StreamBusError as exc:
+            self._local_failures[name] = exc
+            log.error("adding local partitions of topic %r failed: %s", name, exc)
+        else:
+            self._local_failures.pop(name, None)
+
     # -- topic creation and deletion -----------------------------------------------------------
     def _plan_topic(
         self,
@@ -198,9 +224,19 @@ class ClusterMetadata:
         *,
         replication_factor: int,
         internal: bool,
+        assignments: Sequence[Sequence[int]] | None = None,
     ) -> CreateTopic:
         """Check locally (name, configs, limits), then place the replicas over the live
-        brokers: the CreateTopic record to submit."""
+        brokers, or as ``assignments`` say: the CreateTopic record to submit.
+        ``replication_factor`` -1 is default.replication.factor."""
+        if assignments is not None:
+            partitions = len(assignments)
+        elif replication_factor == -1:
+            replication_factor = self.config.default_replication_factor
+        elif replication_factor < 1:
+            raise InvalidReplicationFactorError(
+                f"replication factor {replication_factor}: at least 1, or -1 for the default"
+            )
         meta = self.partitions.create_topic(
             name, partitions, overrides, internal=internal, validate_only=True
         )
@@ -216,6 +252,7 @@ class ClusterMetadata:
             topic_id=meta.topic_id,
             configs=dict(meta.overrides),
             internal=internal,
+            assignments=assignments,
         )
 
     async def create_cluster_topic(
@@ -224,17 +261,29 @@ class ClusterMetadata:
         partitions: int,
         overrides: Mapping[str, str | None],
         *,
-        replication_factor: int = 1,
+        replication_factor: int = -1,
         internal: bool = False,
         validate_only: bool = False,
+        assignments: Sequence[Sequence[int]] | None = None,
     ) -> TopicState:
         """Submit a new topic to the quorum (from any broker); the topic as the cluster
-        holds it. NOT_CONTROLLER / REQUEST_TIMED_OUT when no leader commits it."""
+        holds it. NOT_CONTROLLER / REQUEST_TIMED_OUT when no leader commits it.
+        ``replication_factor`` -1 is default.replication.factor; ``assignments`` (per
+        partition, its replicas) place the partitions as given instead."""
         record = self._plan_topic(
-            name, partitions, overrides, replication_factor=replication_factor, internal=internal
+            name,
+            partitions,
+            overrides,
+            replication_factor=replication_factor,
+            internal=internal,
+            assignments=assignments,
         )
         if validate_only:
-            return _topic_of(record)
+            # apply is pure: what it would answer now, without submitting anything
+            new, result = apply(self.quorum.state, record)
+            if not result.ok:
+                raise result.error() or StreamBusError(result.message)
+            return new.topics[name]
         result = await self.quorum.submit(record)
         if not result.ok:
             raise result.error() or StreamBusError(result.message)
@@ -269,6 +318,62 @@ class ClusterMetadata:
             self.quorum.apply_now(DeleteTopic(record.name))
             raise failure
         return self.quorum.state.topics.get(record.name) or _topic_of(record)
+
+    async def create_partitions(
+        self,
+        name: str,
+        count: int,
+        *,
+        assignments: Sequence[Sequence[int]] | None = None,
+        validate_only: bool = False,
+    ) -> TopicState:
+        """Grow a topic to ``count`` partitions through the quorum (CreatePartitions);
+        every broker holding a replica opens the new partitions' logs on applying it."""
+        state = self.quorum.state
+        record = plan_partitions(
+            state, name, count, start_index=random.randrange(1 << 16), assignments=assignments
+        )
+        topic = state.topics[name]
+        if validate_only:
+            new, result = apply(state, record)
+            if not result.ok:
+                raise result.error() or StreamBusError(result.message)
+            return new.topics[name]
+        result = await self.quorum.submit(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
+        failure = self._local_failures.pop(name, None)
+        if failure is not None:
+            raise failure
+        return self.quorum.state.topics.get(name) or topic
+
+    async def elect_leaders(
+        self, election_type: int, partitions: Iterable[tuple[str, int]] | None
+    ) -> list[tuple[str, int, StreamBusError | None]]:
+        """ElectLeaders: each partition's outcome (None: a new leader was elected).
+        ``partitions`` None is every partition; those needing no election are then left
+        out of the answer, as Kafka leaves them out."""
+        state = self.quorum.state
+        every = partitions is None
+        wanted = (
+            [(t.name, i) for t in state.topics.values() for i in range(len(t.partitions))]
+            if partitions is None
+            else list(partitions)
+        )
+        plan = unclean_election if election_type == UNCLEAN_ELECTION else preferred_election
+        out: list[tuple[str, int, StreamBusError | None]] = []
+        for topic, partition in wanted:
+            error: StreamBusError | None = None
+            try:
+                record: ChangePartitionLeader = plan(self.quorum.state, topic, partition)
+                result = await self.quorum.submit(record)
+                error = result.error()
+            except StreamBusError as exc:
+                error = exc
+            if every and isinstance(error, ElectionNotNeededError):
+                continue
+            out.append((topic, partition, error))
+        return out
 
     async def delete_cluster_topic(self, name: str) -> uuid.UUID:
         """Submit the deletion to the quorum; every broker deletes its logs on applying it."""
@@ -309,7 +414,7 @@ class ClusterMetadata:
             state,
             OFFSETS_TOPIC,
             self.config.offsets_topic_num_partitions,
-            1,
+            self._offsets_replication_factor(),
             start_index=0,
             topic_id=uuid.uuid4(),
             configs=OFFSETS_TOPIC_CONFIG,
@@ -330,8 +435,15 @@ class ClusterMetadata:
                 OFFSETS_TOPIC,
                 self.config.offsets_topic_num_partitions,
                 OFFSETS_TOPIC_CONFIG,
+                replication_factor=self._offsets_replication_factor(),
                 internal=True,
             )
+
+    def _offsets_replication_factor(self) -> int:
+        """Kafka's creation rule: offsets.topic.replication.factor, or every live broker
+        when fewer are live (a young cluster still gets its coordinator)."""
+        live = len(self.quorum.state.live_brokers())
+        return max(1, min(self.config.offsets_topic_replication_factor, live))
 
     def group_coordinator(self, group_id: str) -> BrokerInfo:
         """The live broker leading the group's ``__consumer_offsets`` partition."""

@@ -66,6 +66,14 @@ class BrokerConfig:
     # Partitions this broker hosts at most (internal ones included); CreateTopics beyond it
     # is refused. The open-files limit may allow fewer (3 descriptors per partition).
     max_partitions: int = 10_000
+    # Replica placement and leadership (Kafka's names): default.replication.factor for
+    # CreateTopics with -1 and auto-created topics; __consumer_offsets is created with
+    # min(offsets.topic.replication.factor, live brokers) replicas; the controller moves
+    # leaders back to preferred replicas every leader.imbalance.check.interval.seconds.
+    default_replication_factor: int = 1
+    offsets_topic_replication_factor: int = 3
+    auto_leader_rebalance_enable: bool = True
+    leader_imbalance_check_interval_seconds: int = 300
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -86,6 +94,8 @@ class BrokerConfig:
             raft_dir=Path(self.data_dir) / "raft",
             session_timeout_ms=self.broker_session_timeout_ms,
             heartbeat_interval_ms=self.broker_heartbeat_interval_ms,
+            auto_leader_rebalance_enable=self.auto_leader_rebalance_enable,
+            leader_imbalance_check_interval_s=float(self.leader_imbalance_check_interval_seconds),
         )
 
     @classmethod
@@ -148,6 +158,9 @@ class BrokerConfig:
             raise InvalidConfigError(f"raft port must be 1-65535, got {self.raft_port}")
         if self.offsets_topic_num_partitions < 1:
             raise InvalidConfigError("offsets.topic.num.partitions must be at least 1")
+        for name in ("default_replication_factor", "offsets_topic_replication_factor"):
+            if getattr(self, name) < 1:
+                raise InvalidConfigError(f"{name.replace('_', '.')} must be at least 1")
         self.cluster()  # quorum syntax, secret, timings
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise InvalidConfigError(

@@ -341,6 +341,39 @@ class BrokerIdNotRegisteredError(StreamBusError):
     description = "The given broker ID was not registered."
 
 
+class PreferredLeaderNotAvailableError(StreamBusError):
+    errno = 80
+    kafka_name = "PREFERRED_LEADER_NOT_AVAILABLE"
+    retriable = True
+    description = "The preferred leader was not available."
+
+
+class EligibleLeadersNotAvailableError(StreamBusError):
+    errno = 83
+    kafka_name = "ELIGIBLE_LEADERS_NOT_AVAILABLE"
+    retriable = True
+    description = "Eligible topic partition leaders are not available."
+
+
+class ElectionNotNeededError(StreamBusError):
+    errno = 84
+    kafka_name = "ELECTION_NOT_NEEDED"
+    retriable = True
+    description = "Leader election not needed for topic partition."
+
+
+class InvalidUpdateVersionError(StreamBusError):
+    errno = 95
+    kafka_name = "INVALID_UPDATE_VERSION"
+    description = "The given update version was invalid."
+
+
+class IneligibleReplicaError(StreamBusError):
+    errno = 107
+    kafka_name = "INELIGIBLE_REPLICA"
+    description = "The new ISR contains at least one ineligible replica."
+
+
 class FrameError(StreamBusError):
     """A request frame that cannot be parsed: the connection that sent it is closed."""
 

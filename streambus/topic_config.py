@@ -61,6 +61,10 @@ class TopicConfig:
     min_compaction_lag_ms: int = 0
     index_interval_bytes: int = 4096
     message_timestamp_type: TimestampType = TimestampType.CREATE_TIME
+    # acks=all is refused (NOT_ENOUGH_REPLICAS) while the ISR is smaller than this
+    min_insync_replicas: int = 1
+    # A partition with no live in-sync replica may be led by an out-of-sync one (data loss)
+    unclean_leader_election_enable: bool = False
 
     def with_overrides(self, kafka_configs: Mapping[str, str | None]) -> TopicConfig:
         """A copy with Kafka-named overrides applied; unknown or invalid ones raise."""
@@ -102,12 +106,23 @@ def _parse(key: str, field: str, raw: str) -> Any:
             raise InvalidConfigError(
                 f"{key} must be CreateTime or LogAppendTime, got {raw!r}"
             ) from None
+    if field == "unclean_leader_election_enable":
+        text = raw.strip().lower()
+        if text not in ("true", "false"):
+            raise InvalidConfigError(f"{key} must be true or false, got {raw!r}")
+        return text == "true"
     try:
         value = int(raw)
     except ValueError:
         raise InvalidConfigError(f"{key} must be an integer, got {raw!r}") from None
     lowest = -1 if field in ("retention_ms", "retention_bytes") else 0
-    if field in ("segment_bytes", "max_message_bytes", "flush_messages", "segment_ms"):
+    if field in (
+        "segment_bytes",
+        "max_message_bytes",
+        "flush_messages",
+        "segment_ms",
+        "min_insync_replicas",
+    ):
         lowest = 1
     if value < lowest:
         raise InvalidConfigError(f"{key} must be at least {lowest}, got {value}")
@@ -115,6 +130,8 @@ def _parse(key: str, field: str, raw: str) -> Any:
 
 
 def _render(value: Any) -> str:
+    if isinstance(value, bool):  # Kafka's spelling, not Python's
+        return "true" if value else "false"
     if isinstance(value, enum.Enum):
         return str(value.value)
     return str(value)

@@ -4,6 +4,7 @@ driven through a LocalQuorum on an injected clock (no sleeping, no network)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import Counter
@@ -13,12 +14,14 @@ import pytest
 
 from streambus.cluster import (
     AllocateProducerIds,
+    AlterPartition,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
     ClusterConfig,
     ClusterState,
     Controller,
+    CreatePartitions,
     CreateTopic,
     DeleteTopic,
     FenceBroker,
@@ -33,15 +36,28 @@ from streambus.cluster import (
     coordinator_partition,
     java_string_hashcode,
     parse_quorum,
+    plan_partitions,
     plan_topic,
+    preferred_election,
+    preferred_elections,
+    unclean_election,
 )
 from streambus.cluster.records import from_wire, to_wire
 from streambus.cluster.state import MAX_PRODUCER_ID, state_from_wire, state_to_wire
 from streambus.errors import (
     DuplicateBrokerRegistrationError,
+    ElectionNotNeededError,
+    EligibleLeadersNotAvailableError,
+    FencedLeaderEpochError,
+    IneligibleReplicaError,
     InvalidConfigError,
+    InvalidPartitionsError,
+    InvalidReplicaAssignmentError,
     InvalidReplicationFactorError,
     InvalidRequestError,
+    InvalidUpdateVersionError,
+    PreferredLeaderNotAvailableError,
+    UnknownTopicOrPartitionError,
 )
 
 TID = uuid.UUID("0f0e0d0c-0b0a-0908-0706-050403020100")
@@ -185,20 +201,24 @@ def test_fencing_moves_leadership_to_a_live_isr_member_or_offline() -> None:
         CreateTopic("r", TID, ((1, 2), (2, 1), (1, 3))),  # replicated: leadership can move
         CreateTopic("solo", uuid.uuid4(), ((1,), (2,))),
     )
-    s = run(s, FenceBroker(3, "first"))  # 3 leads nothing; only its flag changes
+    s = run(s, FenceBroker(3, "first"))  # 3 leads nothing: it only leaves the ISR
     assert s.brokers[3].fenced
-    assert s.leader_of("r", 2) == 1
+    r2 = s.topics["r"].partitions[2]
+    assert (r2.leader, r2.isr, r2.leader_epoch, r2.partition_epoch) == (1, (1,), 0, 1)
 
     before = s
     s = run(s, FenceBroker(1, "no heartbeat"))
     r = s.topics["r"].partitions
-    assert (r[0].leader, r[0].isr, r[0].leader_epoch) == (2, (2,), 1)  # moved to live ISR
-    assert (r[1].leader, r[1].isr, r[1].leader_epoch) == (2, (2, 1), 0)  # untouched
-    assert (r[2].leader, r[2].isr, r[2].leader_epoch) == (-1, (1, 3), 1)  # 3 is fenced too
+    state_of = [(p.leader, p.isr, p.leader_epoch, p.partition_epoch) for p in r]
+    assert state_of[0] == (2, (2,), 1, 1)  # moved to the live ISR member
+    assert state_of[1] == (2, (2,), 0, 1)  # same leader; 1 left the ISR
+    assert state_of[2] == (-1, (1,), 1, 2)  # the last ISR member stays in it: offline
     solo = s.topics["solo"].partitions
-    assert (solo[0].leader, solo[0].leader_epoch) == (-1, 1)
+    assert (solo[0].leader, solo[0].isr, solo[0].leader_epoch) == (-1, (1,), 1)
     assert solo[1].leader == 2
     assert s.offline_partitions() == 2
+    assert s.under_replicated() == 3
+    assert s.under_replicated(leader=2) == 2
     assert before.topics["r"].partitions[0].leader == 1  # the old state is unchanged
 
     same, result = apply(s, FenceBroker(1, "again"))  # already fenced: nothing changes
@@ -207,8 +227,9 @@ def test_fencing_moves_leadership_to_a_live_isr_member_or_offline() -> None:
 
     s = run(s, UnfenceBroker(1))
     r = s.topics["r"].partitions
-    assert (r[0].leader, r[0].leader_epoch) == (2, 1)  # has a leader: stays
-    assert (r[2].leader, r[2].leader_epoch) == (1, 2)  # back in ISR, no leader: restored
+    # has a leader: stays; 1 rejoins the ISR only when that leader sees it caught up
+    assert (r[0].leader, r[0].isr, r[0].leader_epoch) == (2, (2,), 1)
+    assert (r[2].leader, r[2].leader_epoch, r[2].partition_epoch) == (1, 2, 3)  # restored
     assert (s.topics["solo"].partitions[0].leader, s.topics["solo"].partitions[0].leader_epoch) == (
         1,
         2,
@@ -279,6 +300,8 @@ RECORDS: list[Any] = [
     AlterTopicConfigs("t", (("retention.ms", None), ("segment.bytes", "9"))),
     AllocateProducerIds(2, 1000),
     SetClusterId("MkU3OEVBNTcwNTJENDM2Qk"),
+    AlterPartition("t", 0, 2, 3, 5, (2, 1)),
+    CreatePartitions("t", ((1, 2), (2, 3))),
 ]
 
 
@@ -313,6 +336,12 @@ def test_state_round_trips_through_its_snapshot_form() -> None:
     older = state_to_wire(s)
     del older["cluster_id"], older["next_producer_id"]  # a snapshot from before they existed
     assert (state_from_wire(older).cluster_id, state_from_wire(older).next_producer_id) == ("", 0)
+    # a snapshot from before partition epochs: each starts at its leader epoch
+    for t in older["topics"]:
+        t["partitions"] = [p[:4] for p in t["partitions"]]
+    p = state_from_wire(older).topics["t"].partitions[1]
+    assert p.leader_epoch == 1
+    assert p.partition_epoch == 1
 
 
 # --- placement and the coordinator hash -----------------------------------------------------
@@ -534,3 +563,236 @@ async def test_a_new_controller_gives_every_broker_a_full_session() -> None:
     clock.now += 9.5
     await c.check_sessions()
     assert q.state.brokers[1].fenced
+
+
+# --- replication: ISR changes, elections, growing topics ------------------------------------
+
+
+def _rf3(*configs: tuple[str, str]) -> ClusterState:
+    return run(cluster(1, 2, 3), CreateTopic("t", TID, ((1, 2, 3), (2, 3, 1)), configs))
+
+
+def _p(s: ClusterState, partition: int = 0) -> tuple[int, tuple[int, ...], int, int]:
+    p = s.topics["t"].partitions[partition]
+    return p.leader, p.isr, p.leader_epoch, p.partition_epoch
+
+
+def test_alter_partition_shrinks_and_expands_the_isr() -> None:
+    s = _rf3()
+    assert _p(s) == (1, (1, 2, 3), 0, 0)
+    shrunk, result = apply(s, AlterPartition("t", 0, 1, 0, 0, (1, 2)))
+    assert result.ok
+    assert result.value == 1
+    assert _p(shrunk) == (1, (1, 2), 0, 1)  # the leader epoch does not move
+    grown, result = apply(shrunk, AlterPartition("t", 0, 1, 0, 1, (1, 2, 3)))
+    assert result.ok
+    assert result.value == 2
+    assert _p(grown) == (1, (1, 2, 3), 0, 2)
+    same, result = apply(grown, AlterPartition("t", 0, 1, 0, 2, (1, 2, 3)))  # no change
+    assert same is grown
+    assert result.value == 2
+
+
+def test_alter_partition_refusals_carry_kafkas_codes() -> None:
+    s = run(_rf3(), AlterPartition("t", 0, 1, 0, 0, (1, 2)))  # partition epoch 1
+    fenced = FencedLeaderEpochError.errno
+    assert error_of(s, AlterPartition("t", 0, 1, 1, 1, (1,))) == fenced  # leader epoch ahead
+    assert error_of(s, AlterPartition("t", 0, 2, 0, 1, (2,))) == InvalidRequestError.errno
+    assert error_of(s, AlterPartition("t", 0, 1, 0, 0, (1,))) == InvalidUpdateVersionError.errno
+    assert InvalidUpdateVersionError.errno == 95
+    assert error_of(s, AlterPartition("t", 0, 1, 0, 1, (2,))) == InvalidRequestError.errno
+    assert error_of(s, AlterPartition("t", 0, 1, 0, 1, (1, 4))) == InvalidRequestError.errno
+    assert error_of(s, AlterPartition("t", 0, 1, 0, 1, (1, 1))) == InvalidRequestError.errno
+    assert error_of(s, AlterPartition("t", 7, 1, 0, 1, (1,))) == 3
+    assert error_of(s, AlterPartition("x", 0, 1, 0, 1, (1,))) == 3
+    # a fenced broker cannot be added back, but a fenced member may stay (the leader's view)
+    f = run(s, FenceBroker(3, "x"))
+    assert _p(f) == (1, (1, 2), 0, 1)  # 3 was not in the ISR: nothing moved
+    assert error_of(f, AlterPartition("t", 0, 1, 0, 1, (1, 2, 3))) == IneligibleReplicaError.errno
+    assert IneligibleReplicaError.errno == 107
+    assert fenced == 74
+    # after a leader change the old leader's request is stale
+    moved = run(s, ChangePartitionLeader("t", 0, 2, (1, 2), 0))
+    assert _p(moved) == (2, (1, 2), 1, 2)  # leader change bumps both epochs
+    assert error_of(moved, AlterPartition("t", 0, 1, 0, 1, (1,))) == fenced
+
+
+def test_fencing_removes_the_broker_from_every_isr_and_moves_leadership_in_replica_order() -> None:
+    s = _rf3()
+    s = run(s, FenceBroker(1, "x"))
+    assert _p(s, 0) == (2, (2, 3), 1, 1)  # first live ISR member in replica order (2, not 3)
+    assert _p(s, 1) == (2, (2, 3), 0, 1)  # a follower: only the ISR changes
+    s = run(s, FenceBroker(2, "x"))
+    assert _p(s, 0) == (3, (3,), 2, 2)
+    s = run(s, FenceBroker(3, "x"))
+    assert _p(s, 0) == (-1, (3,), 3, 3)  # the last member stays in the ISR
+    # clean election: only 3 may lead again, however many others return
+    s = run(s, UnfenceBroker(1), UnfenceBroker(2))
+    assert _p(s, 0) == (-1, (3,), 3, 3)
+    s = run(s, UnfenceBroker(3))
+    assert _p(s, 0) == (3, (3,), 4, 4)
+
+
+def test_unclean_election_by_topic_config() -> None:
+    s = _rf3(("unclean.leader.election.enable", "true"))
+    s = run(s, FenceBroker(2, "x"), FenceBroker(3, "x"))
+    assert _p(s, 0) == (1, (1,), 0, 2)
+    s = run(s, FenceBroker(1, "x"))
+    assert _p(s, 0) == (-1, (1,), 1, 3)  # nobody live at all
+    s = run(s, UnfenceBroker(2))  # out of sync, but unclean election is allowed
+    assert _p(s, 0) == (2, (2,), 2, 4)
+    # on fence too: the only ISR member goes, a live out-of-sync replica takes over
+    s = run(s, UnfenceBroker(3), FenceBroker(2, "x"))
+    assert _p(s, 0) == (3, (3,), 3, 5)
+    # the topic default (false) is clean: nothing moves
+    assert s.under_min_isr() == 0
+    assert s.under_min_isr(default_min_isr=2) == 2  # both led by 3 alone
+    strict = run(_rf3(("min.insync.replicas", "3")), FenceBroker(3, "x"))
+    assert strict.under_min_isr() == 2
+    assert strict.under_min_isr(leader=1) == 1
+    clean = run(_rf3(), FenceBroker(2, "x"), FenceBroker(3, "x"), FenceBroker(1, "x"))
+    assert _p(run(clean, UnfenceBroker(2)), 0) == (-1, (1,), 1, 3)
+
+
+def test_preferred_and_unclean_elections() -> None:
+    s = run(_rf3(), FenceBroker(1, "x"))
+    assert _p(s, 0)[0] == 2
+    with pytest.raises(PreferredLeaderNotAvailableError):  # 1 is fenced and out of sync
+        preferred_election(s, "t", 0)
+    s = run(s, UnfenceBroker(1))
+    with pytest.raises(PreferredLeaderNotAvailableError):  # live, not yet back in the ISR
+        preferred_election(s, "t", 0)
+    assert preferred_elections(s) == []
+    s = run(s, AlterPartition("t", 0, 2, 1, 1, (2, 3, 1)))  # the leader sees it caught up
+    record = preferred_election(s, "t", 0)
+    assert record == ChangePartitionLeader("t", 0, 1, (2, 3, 1), 1)
+    assert preferred_elections(s) == [record]
+    s = run(s, record)
+    assert _p(s, 0) == (1, (2, 3, 1), 2, 3)
+    with pytest.raises(ElectionNotNeededError):
+        preferred_election(s, "t", 0)
+    with pytest.raises(UnknownTopicOrPartitionError):
+        preferred_election(s, "t", 5)
+    assert error_of(s, record) == 74  # a stale election is refused by its epoch
+
+    with pytest.raises(ElectionNotNeededError):  # it has a leader
+        unclean_election(s, "t", 0)
+    down = run(s, FenceBroker(2, "x"), FenceBroker(3, "x"), FenceBroker(1, "x"))
+    with pytest.raises(EligibleLeadersNotAvailableError):
+        unclean_election(down, "t", 0)
+    back = run(down, UnfenceBroker(3))  # 3 is out of sync; only 1 is in the ISR
+    assert back.leader_of("t", 0) == -1
+    record = unclean_election(back, "t", 0)
+    assert record == ChangePartitionLeader("t", 0, 3, (3,), _p(back, 0)[2])
+    assert run(back, record).leader_of("t", 0) == 3
+
+
+async def test_the_controller_moves_leaders_back_on_its_interval() -> None:
+    clock = Clock()
+    q = LocalQuorum(1)
+    await q.start()
+    config = ClusterConfig(
+        node_id=1,
+        session_timeout_ms=9000,
+        heartbeat_interval_ms=2000,
+        leader_imbalance_check_interval_s=60,
+    )
+    c = Controller(q, config, "localhost", 9092, clock=clock)
+    await c.start()
+    await c.stop()
+    for n in (2, 3):
+        assert (await q.submit(RegisterBroker(n, "h", 9000 + n, f"i{n}"))).ok
+        assert (await q.submit(UnfenceBroker(n))).ok
+    assert (await q.submit(CreateTopic("t", TID, ((2, 1, 3), (1, 2, 3))))).ok
+    assert (await q.submit(FenceBroker(2, "x"))).ok
+    assert q.state.leader_of("t", 0) == 1
+    assert (await q.submit(UnfenceBroker(2))).ok
+    p = q.state.partition("t", 0)
+    assert p is not None
+    assert (
+        await q.submit(AlterPartition("t", 0, 1, p.leader_epoch, p.partition_epoch, (1, 3, 2)))
+    ).ok
+    await c._rebalance_when_due()
+    assert q.state.leader_of("t", 0) == 1  # not due yet: the interval starts at election
+    clock.now += 61
+    await c._rebalance_when_due()
+    assert q.state.leader_of("t", 0) == 2  # back on its preferred replica
+    assert q.state.leader_of("t", 1) == 1  # already there: untouched
+    assert await c.rebalance_leaders() == 0
+
+    off = Controller(
+        q, dataclasses.replace(config, auto_leader_rebalance_enable=False), "h", 1, clock=clock
+    )
+    assert (await q.submit(ChangePartitionLeader("t", 0, 1, (1, 3, 2)))).ok
+    clock.now += 1000
+    await off._rebalance_when_due()
+    assert q.state.leader_of("t", 0) == 1  # auto.leader.rebalance.enable=false
+
+
+def test_create_partitions_record_and_its_errors() -> None:
+    s = _rf3()
+    s2 = run(s, CreatePartitions("t", ((3, 1, 2),)))
+    t = s2.topics["t"]
+    assert len(t.partitions) == 3
+    assert (t.partitions[2].replicas, t.partitions[2].isr, t.partitions[2].leader) == (
+        (3, 1, 2),
+        (3, 1, 2),
+        3,
+    )
+    assert t.topic_id == TID
+    assert s2.is_replica(3, "t", 2)
+    assert not s2.is_replica(3, "t", 9)
+    assert error_of(s, CreatePartitions("x", ((1, 2, 3),))) == 3
+    assert error_of(s, CreatePartitions("t", ())) == InvalidPartitionsError.errno
+    assert error_of(s, CreatePartitions("t", ((1, 2),))) == 39  # not the topic's width
+    assert error_of(s, CreatePartitions("t", ((1, 2, 2),))) == 39
+    assert error_of(s, CreatePartitions("t", ((1, 2, 9),))) == 39
+    # a new partition on a fenced broker: the live replicas are its ISR
+    f = run(s, FenceBroker(3, "x"), CreatePartitions("t", ((3, 1, 2),)))
+    assert (f.topics["t"].partitions[2].leader, f.topics["t"].partitions[2].isr) == (1, (1, 2))
+
+
+def test_plan_partitions_continues_kafkas_round_robin() -> None:
+    s = run(cluster(1, 2, 3), CreateTopic("t", TID, assign_replicas([1, 2, 3], 2, 2, 0)))
+    record = plan_partitions(s, "t", 5, start_index=0)
+    assert record.topic == "t"
+    whole = assign_replicas([1, 2, 3], 5, 2, 0)
+    assert record.replicas == whole[2:]  # as if the topic had been made with 5
+    assert plan_partitions(s, "t", 3, start_index=0, assignments=[[3, 1]]).replicas == ((3, 1),)
+    with pytest.raises(InvalidPartitionsError, match="already has 2"):
+        plan_partitions(s, "t", 2, start_index=0)
+    with pytest.raises(InvalidPartitionsError, match="more than the requested 1"):
+        plan_partitions(s, "t", 1, start_index=0)
+    with pytest.raises(InvalidReplicaAssignmentError):
+        plan_partitions(s, "t", 4, start_index=0, assignments=[[3, 1]])
+    with pytest.raises(UnknownTopicOrPartitionError):
+        plan_partitions(s, "nope", 4, start_index=0)
+
+
+def test_plan_topic_with_an_explicit_assignment() -> None:
+    s = cluster(1, 2, 3)
+    record = plan_topic(
+        s, "a", 2, -1, start_index=0, topic_id=TID, assignments=[[3, 2, 1], [1, 3, 2]]
+    )
+    assert record.replicas == ((3, 2, 1), (1, 3, 2))
+    s = run(s, record)
+    assert [p.leader for p in s.topics["a"].partitions] == [3, 1]
+    bad = plan_topic(s, "b", 1, -1, start_index=0, topic_id=TID, assignments=[[1, 7]])
+    assert error_of(s, bad) == 39
+
+
+def test_min_insync_and_unclean_topic_configs() -> None:
+    from streambus.topic_config import TopicConfig
+
+    t = TopicConfig().with_overrides(
+        {"min.insync.replicas": "2", "unclean.leader.election.enable": "true"}
+    )
+    assert (t.min_insync_replicas, t.unclean_leader_election_enable) == (2, True)
+    assert TopicConfig().min_insync_replicas == 1
+    assert not TopicConfig().unclean_leader_election_enable
+    assert t.to_kafka()["unclean.leader.election.enable"] == "true"
+    for bad in ({"min.insync.replicas": "0"}, {"unclean.leader.election.enable": "yes"}):
+        with pytest.raises(InvalidConfigError):
+            TopicConfig().with_overrides(bad)
+    s = cluster(1)
+    assert error_of(s, CreateTopic("u", TID, ((1,),), (("min.insync.replicas", "0"),))) == 40

@@ -90,14 +90,15 @@ def test_single_node_ids_survive_sigkill_and_keep_its_cluster_id(tmp_path: Path)
     assert [e for _, e in given] == [0] * 9
 
 
-def test_replication_factor_above_one_is_refused(tmp_path: Path) -> None:
+def test_replication_factor_above_the_live_brokers_is_refused(tmp_path: Path) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     with BrokerThread(tmp_path / "data") as b:
         admin = AdminClient({"bootstrap.servers": b.bootstrap})
         futures = admin.create_topics([NewTopic("r3", 1, 3)])
-        with pytest.raises(Exception, match="replication is not supported yet"):
+        with pytest.raises(Exception, match="larger than the 1 live brokers") as caught:
             futures["r3"].result(10)
+        assert caught.value.args[0].code() == 38  # INVALID_REPLICATION_FACTOR
 
 
 @contextlib.contextmanager

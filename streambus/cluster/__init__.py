@@ -5,7 +5,8 @@
 - ``records``: the records that change it, and their wire form.
 - ``quorum``: :class:`LocalQuorum` (one broker, no network) and :class:`RaftQuorum`
   (pysyncobj), both behind :class:`Quorum`.
-- ``controller``: registration, heartbeats, and fencing on the Raft leader.
+- ``controller``: registration, heartbeats, fencing and preferred-leader election on the
+  Raft leader.
 """
 
 from streambus.cluster.config import ClusterConfig, RaftTimings, Voter, parse_quorum
@@ -20,9 +21,11 @@ from streambus.cluster.quorum import (
 )
 from streambus.cluster.records import (
     AllocateProducerIds,
+    AlterPartition,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
+    CreatePartitions,
     CreateTopic,
     DeleteTopic,
     FenceBroker,
@@ -42,7 +45,11 @@ from streambus.cluster.state import (
     assign_replicas,
     coordinator_partition,
     java_string_hashcode,
+    plan_partitions,
     plan_topic,
+    preferred_election,
+    preferred_elections,
+    unclean_election,
 )
 
 __all__ = [  # noqa: RUF022 - grouped by what a caller does with them
@@ -69,12 +76,18 @@ __all__ = [  # noqa: RUF022 - grouped by what a caller does with them
     "assign_replicas",
     "coordinator_partition",
     "java_string_hashcode",
+    "plan_partitions",
     "plan_topic",
+    "preferred_election",
+    "preferred_elections",
+    "unclean_election",
     # records
     "AllocateProducerIds",
+    "AlterPartition",
     "AlterTopicConfigs",
     "BrokerHeartbeat",
     "ChangePartitionLeader",
+    "CreatePartitions",
     "CreateTopic",
     "DeleteTopic",
     "FenceBroker",

@@ -2,7 +2,8 @@
 
 The broker's ``BrokerConfig`` carries the user-facing settings (``--node-id``,
 ``--controller-quorum``, ``--raft-port``, ``--cluster-secret``,
-``broker.session.timeout.ms``, ``broker.heartbeat.interval.ms``) and builds a
+``broker.session.timeout.ms``, ``broker.heartbeat.interval.ms``,
+``auto.leader.rebalance.enable``, ``leader.imbalance.check.interval.seconds``) and builds a
 :class:`ClusterConfig` from them.
 """
 
@@ -80,6 +81,10 @@ class ClusterConfig:
     session_timeout_ms: int = 9000  # Kafka's broker.session.timeout.ms
     heartbeat_interval_ms: int = 2000  # Kafka's broker.heartbeat.interval.ms
     submit_timeout_s: float = 10.0  # a metadata write waits this long for a leader's commit
+    # Kafka's auto.leader.rebalance.enable and leader.imbalance.check.interval.seconds: the
+    # controller moves leadership back to each partition's preferred (first) replica.
+    auto_leader_rebalance_enable: bool = True
+    leader_imbalance_check_interval_s: float = 300.0
     timings: RaftTimings = dataclasses.field(default_factory=RaftTimings)
 
     def __post_init__(self) -> None:
@@ -92,6 +97,8 @@ class ClusterConfig:
             raise InvalidConfigError("a cluster secret is required with more than one voter")
         if self.heartbeat_interval_ms <= 0 or self.session_timeout_ms <= 0:
             raise InvalidConfigError("broker heartbeat interval and session timeout must be > 0")
+        if self.leader_imbalance_check_interval_s <= 0:
+            raise InvalidConfigError("leader.imbalance.check.interval.seconds must be > 0")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise InvalidConfigError(
                 "broker.heartbeat.interval.ms must be below broker.session.timeout.ms"

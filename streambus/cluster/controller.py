@@ -11,6 +11,13 @@ state, which has no clock - and fences a broker silent for longer than
 ``session_timeout_ms``, unfencing it when its heartbeats return. A node that
 becomes controller gives every unfenced broker a full session from that moment
 (it has not been watching them), so a controller change never fences anyone.
+
+The controller also runs Kafka's automatic preferred-leader election: every
+``leader_imbalance_check_interval_s`` (when ``auto_leader_rebalance_enable``) it
+moves each partition whose first replica is live and in sync, but not leading,
+back to that replica, so leadership spreads again after a broker returns. Kafka's
+``leader.imbalance.per.broker.percentage`` threshold is not applied: every
+imbalanced partition moves.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from streambus.cluster.config import ClusterConfig
 from streambus.cluster.quorum import Applied, Quorum, RaftStatus
 from streambus.cluster.records import (
     BrokerHeartbeat,
+    ChangePartitionLeader,
     FenceBroker,
     RegisterBroker,
     SetClusterId,
     UnfenceBroker,
 )
+from streambus.cluster.state import preferred_elections
 from streambus.errors import (
     DuplicateBrokerRegistrationError,
     NotControllerError,
@@ -81,6 +90,7 @@ class Controller:
         self._rival_beats = 0  # heartbeats of another incarnation of this id, seen live
         self._last_seen: dict[int, float] = {}
         self._was_leader = False
+        self._next_rebalance = 0.0  # on self._clock: set when this node becomes controller
         self._task: asyncio.Task[None] | None = None
         quorum.on_change(self._on_applied)
         quorum.on_leader_change(self._on_leader)
@@ -206,6 +216,7 @@ class Controller:
                 await self._propose_cluster_id()
                 await self._heartbeat()
                 await self.check_sessions()
+                await self._rebalance_when_due()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -233,14 +244,41 @@ class Controller:
             elif seen is not None and now - seen <= self._session:
                 await self._submit_quietly(UnfenceBroker(broker_id))
 
-    async def _submit_quietly(self, record: FenceBroker | UnfenceBroker) -> None:
+    async def _rebalance_when_due(self) -> None:
+        if (
+            not self.config.auto_leader_rebalance_enable
+            or not self.quorum.is_leader
+            or self._clock() < self._next_rebalance
+        ):
+            return
+        self._next_rebalance = self._clock() + self.config.leader_imbalance_check_interval_s
+        await self.rebalance_leaders()
+
+    async def rebalance_leaders(self) -> int:
+        """On the controller: move every partition whose preferred replica is live and in
+        sync back to it; how many moved. No-op elsewhere."""
+        if not self.quorum.is_leader:
+            return 0
+        moved = 0
+        for record in preferred_elections(self.quorum.state):
+            # Compare-and-set on the leader epoch: a change racing this one wins.
+            if await self._submit_quietly(record):
+                moved += 1
+        if moved:
+            log.info("preferred leader election moved %d partitions", moved)
+        return moved
+
+    async def _submit_quietly(
+        self, record: FenceBroker | UnfenceBroker | ChangePartitionLeader
+    ) -> bool:
         try:
             result = await self.quorum.submit(record)
         except (NotControllerError, RequestTimedOutError) as exc:
             log.warning("controller could not submit %s: %s", record, exc)
-            return
+            return False
         if not result.ok:
             log.warning("controller's %s refused: %s", record, result.message)
+        return result.ok
 
     # --- callbacks on the loop ---------------------------------------------------------------
 
@@ -281,6 +319,7 @@ class Controller:
             now = self._clock()
             state = self.quorum.state
             self._last_seen = {b: now for b, info in state.brokers.items() if not info.fenced}
+            self._next_rebalance = now + self.config.leader_imbalance_check_interval_s
             log.info("node %d is now the controller (term %d)", self.broker_id, status.term)
         elif self._was_leader and not status.is_leader:
             log.warning(

@@ -90,6 +90,32 @@ class ChangePartitionLeader:
 
 
 @dataclass(frozen=True, slots=True)
+class AlterPartition:
+    """A partition's leader shrinks or expands its ISR (Kafka's AlterPartition).
+
+    Applied only while ``leader`` still leads at ``leader_epoch`` and the partition
+    is still at ``partition_epoch``, so a stale leader, or a change raced by another
+    (a fence, an election), is refused rather than undone. The result's ``value``
+    is the partition's new partition epoch.
+    """
+
+    topic: str
+    partition: int
+    leader: int  # the broker submitting: must be the current leader
+    leader_epoch: int
+    partition_epoch: int
+    isr: tuple[int, ...]  # the new ISR: contains the leader, a subset of the replicas
+
+
+@dataclass(frozen=True, slots=True)
+class CreatePartitions:
+    """A topic grows: ``replicas`` are the new partitions' replica lists, in order."""
+
+    topic: str
+    replicas: tuple[tuple[int, ...], ...]  # partitions len(existing).. of the topic
+
+
+@dataclass(frozen=True, slots=True)
 class AlterTopicConfigs:
     name: str
     configs: tuple[tuple[str, str | None], ...]  # key -> new value, None removes the override
@@ -127,6 +153,8 @@ Record = (
     | CreateTopic
     | DeleteTopic
     | ChangePartitionLeader
+    | AlterPartition
+    | CreatePartitions
     | AlterTopicConfigs
     | AllocateProducerIds
     | SetClusterId
@@ -142,6 +170,8 @@ RECORD_TYPES: dict[str, type[Any]] = {
         CreateTopic,
         DeleteTopic,
         ChangePartitionLeader,
+        AlterPartition,
+        CreatePartitions,
         AlterTopicConfigs,
         AllocateProducerIds,
         SetClusterId,

@@ -10,6 +10,15 @@ Liveness is not in the state (it would need a clock): the controller notes
 heartbeats on its own clock and submits ``FenceBroker``/``UnfenceBroker``.
 A partition's leader is -1 when none of its in-sync replicas is live.
 
+Leadership follows Kafka's KRaft controller: a fenced broker leaves every ISR it
+is in (the last member stays, so the partition can come back with it), and a
+partition whose leader goes moves to the first live ISR member in replica order.
+Only a topic whose own config sets ``unclean.leader.election.enable=true`` lets an
+out-of-sync live replica lead (the broker-wide default is not in the replicated
+state, so it cannot decide an election every voter makes alike). Every leader
+change bumps the leader epoch; every leader or ISR change bumps the partition
+epoch, which ``AlterPartition`` compares so a stale ISR change is refused.
+
 Two cluster-wide values live here too, so that every broker answers alike: the
 cluster id (set once, by the first ``SetClusterId`` committed) and the next
 free producer id (``AllocateProducerIds`` hands out blocks from it; the Raft
@@ -28,9 +37,11 @@ from typing import Any
 from streambus.cluster.records import (
     OK,
     AllocateProducerIds,
+    AlterPartition,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
+    CreatePartitions,
     CreateTopic,
     DeleteTopic,
     FenceBroker,
@@ -43,12 +54,17 @@ from streambus.cluster.records import (
 from streambus.errors import (
     BrokerIdNotRegisteredError,
     DuplicateBrokerRegistrationError,
+    ElectionNotNeededError,
+    EligibleLeadersNotAvailableError,
     FencedLeaderEpochError,
+    IneligibleReplicaError,
     InvalidConfigError,
     InvalidPartitionsError,
     InvalidReplicaAssignmentError,
     InvalidReplicationFactorError,
     InvalidRequestError,
+    InvalidUpdateVersionError,
+    PreferredLeaderNotAvailableError,
     StaleBrokerEpochError,
     StreamBusError,
     TopicAlreadyExistsError,
@@ -77,6 +93,7 @@ class PartitionState:
     isr: tuple[int, ...]  # in-sync replicas, a subset of replicas
     leader: int  # a broker id, or -1 (offline)
     leader_epoch: int  # +1 on every leader change
+    partition_epoch: int = 0  # +1 on every change of leader or ISR
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +144,37 @@ class ClusterState:
 
     def offline_partitions(self) -> int:
         return sum(1 for t in self.topics.values() for p in t.partitions if p.leader == NO_LEADER)
+
+    def is_replica(self, broker_id: int, topic: str, partition: int) -> bool:
+        p = self.partition(topic, partition)
+        return p is not None and broker_id in p.replicas
+
+    def under_replicated(self, leader: int | None = None) -> int:
+        """Partitions whose ISR is smaller than their replicas (led by ``leader`` only,
+        when given: Kafka counts each on its leader)."""
+        return sum(
+            1
+            for t in self.topics.values()
+            for p in t.partitions
+            if len(p.isr) < len(p.replicas) and (leader is None or p.leader == leader)
+        )
+
+    def under_min_isr(self, default_min_isr: int = 1, leader: int | None = None) -> int:
+        """Partitions whose ISR is below their topic's ``min.insync.replicas`` (the
+        topic's override, else ``default_min_isr``, the broker's default), led by
+        ``leader`` only when given. Offline partitions are not counted."""
+        count = 0
+        for t in self.topics.values():
+            raw = t.configs.get("min.insync.replicas")
+            need = int(raw) if raw is not None else default_min_isr
+            count += sum(
+                1
+                for p in t.partitions
+                if p.leader != NO_LEADER
+                and len(p.isr) < need
+                and (leader is None or p.leader == leader)
+            )
+        return count
 
     def hosted_by(self, broker_id: int) -> list[tuple[str, int]]:
         """(topic, partition) of every replica assigned to ``broker_id``."""
@@ -211,26 +259,70 @@ def _heartbeat(state: ClusterState, r: BrokerHeartbeat) -> ClusterState:
     return state
 
 
+def _unclean_allowed(topic: TopicState) -> bool:
+    """The topic's own override only: see the module docstring."""
+    return topic.configs.get("unclean.leader.election.enable", "false").lower() == "true"
+
+
+def _changed(p: PartitionState, leader: int, isr: tuple[int, ...]) -> PartitionState:
+    """``p`` with a new leader and ISR, its epochs bumped as Kafka bumps them."""
+    if leader == p.leader and isr == p.isr:
+        return p
+    return PartitionState(
+        p.replicas,
+        isr,
+        leader,
+        p.leader_epoch + (leader != p.leader),
+        p.partition_epoch + 1,
+    )
+
+
+def _elect(
+    state: ClusterState, topic: TopicState, p: PartitionState, isr: tuple[int, ...]
+) -> tuple[int, tuple[int, ...]]:
+    """Leader and ISR for ``p`` given ``isr``: the current leader while it is live and in
+    sync, else the first live ISR member in replica order, else (unclean election
+    allowed) the first live replica alone in the ISR, else none."""
+    if p.leader in isr and state.is_live(p.leader):
+        return p.leader, isr
+    for b in p.replicas:
+        if b in isr and state.is_live(b):
+            return b, isr
+    if _unclean_allowed(topic):
+        for b in p.replicas:
+            if state.is_live(b):
+                return b, (b,)
+    return NO_LEADER, isr
+
+
+def _reelect(
+    state: ClusterState, touches: Callable[[PartitionState], bool], drop: int
+) -> ClusterState:
+    """Elect again every partition ``touches`` selects, ``drop`` leaving its ISR first
+    (unless it is the last member); -1 drops nobody."""
+    changed: dict[str, TopicState | None] = {}
+    for topic in state.topics.values():
+        parts = list(topic.partitions)
+        for i, p in enumerate(parts):
+            if not touches(p):
+                continue
+            isr = p.isr
+            if drop in isr and len(isr) > 1:
+                isr = tuple(b for b in isr if b != drop)
+            leader, isr = _elect(state, topic, p, isr)
+            parts[i] = _changed(p, leader, isr)
+        if parts != list(topic.partitions):
+            changed[topic.name] = dataclasses.replace(topic, partitions=tuple(parts))
+    return _with_topics(state, changed) if changed else state
+
+
 def _fence(state: ClusterState, r: FenceBroker) -> ClusterState:
     info = _registered(state, r.broker_id)
     if info.fenced:
         return state
     state = _with_broker(state, dataclasses.replace(info, fenced=True))
-    changed: dict[str, TopicState | None] = {}
-    for topic in state.topics.values():
-        parts = list(topic.partitions)
-        for i, p in enumerate(parts):
-            if p.leader != r.broker_id:
-                continue
-            others = [b for b in p.isr if b != r.broker_id and state.is_live(b)]
-            if others:  # the fenced broker leaves the ISR it no longer leads
-                isr = tuple(b for b in p.isr if b != r.broker_id)
-                parts[i] = PartitionState(p.replicas, isr, others[0], p.leader_epoch + 1)
-            else:  # offline; the ISR is kept so the broker can lead again when back
-                parts[i] = dataclasses.replace(p, leader=NO_LEADER, leader_epoch=p.leader_epoch + 1)
-        if parts != list(topic.partitions):
-            changed[topic.name] = dataclasses.replace(topic, partitions=tuple(parts))
-    return _with_topics(state, changed) if changed else state
+    b = r.broker_id
+    return _reelect(state, lambda p: b in p.isr or p.leader == b, drop=b)
 
 
 def _unfence(state: ClusterState, r: UnfenceBroker) -> ClusterState:
@@ -238,21 +330,39 @@ def _unfence(state: ClusterState, r: UnfenceBroker) -> ClusterState:
     if not info.fenced:
         return state
     state = _with_broker(state, dataclasses.replace(info, fenced=False))
-    changed: dict[str, TopicState | None] = {}
-    for topic in state.topics.values():
-        parts = list(topic.partitions)
-        for i, p in enumerate(parts):
-            if p.leader == NO_LEADER and r.broker_id in p.isr:
-                parts[i] = dataclasses.replace(
-                    p, leader=r.broker_id, leader_epoch=p.leader_epoch + 1
-                )
-        if parts != list(topic.partitions):
-            changed[topic.name] = dataclasses.replace(topic, partitions=tuple(parts))
-    return _with_topics(state, changed) if changed else state
+    # Leaderless partitions it holds may be led again (by it, or by any live ISR member);
+    # it rejoins the ISR of the others only when their leader sees it caught up.
+    b = r.broker_id
+    return _reelect(state, lambda p: p.leader == NO_LEADER and b in p.replicas, drop=NO_LEADER)
 
 
 def _check_configs(configs: Iterable[tuple[str, str | None]]) -> None:
     TopicConfig().with_overrides(dict(configs))  # raises InvalidConfigError
+
+
+def _check_replicas(
+    state: ClusterState, name: str, index: int, replicas: tuple[int, ...], width: int
+) -> None:
+    if not replicas:
+        raise InvalidReplicationFactorError(f"partition {index} of {name!r} has no replicas")
+    if len(replicas) != width:
+        raise InvalidReplicaAssignmentError(
+            f"partition {index} of {name!r} has {len(replicas)} replicas, partition 0 {width}"
+        )
+    if len(set(replicas)) != len(replicas):
+        raise InvalidReplicaAssignmentError(f"partition {index} of {name!r} repeats a broker")
+    unknown = [b for b in replicas if b not in state.brokers]
+    if unknown:
+        raise InvalidReplicaAssignmentError(
+            f"partition {index} of {name!r} names unregistered brokers {unknown}"
+        )
+
+
+def _new_partition(state: ClusterState, replicas: tuple[int, ...]) -> PartitionState:
+    """A new, empty partition: every live replica is in sync (there is nothing to copy);
+    with none live, all of them, so the first to return can lead."""
+    live = tuple(b for b in replicas if state.is_live(b))
+    return PartitionState(tuple(replicas), live or tuple(replicas), live[0] if live else -1, 0, 0)
 
 
 def _create_topic(state: ClusterState, r: CreateTopic) -> ClusterState:
@@ -262,23 +372,9 @@ def _create_topic(state: ClusterState, r: CreateTopic) -> ClusterState:
     if not r.replicas:
         raise InvalidPartitionsError(f"topic {r.name!r} has no partitions")
     width = len(r.replicas[0])
-    parts: list[PartitionState] = []
     for i, replicas in enumerate(r.replicas):
-        if not replicas:
-            raise InvalidReplicationFactorError(f"partition {i} of {r.name!r} has no replicas")
-        if len(replicas) != width:
-            raise InvalidReplicaAssignmentError(
-                f"partition {i} of {r.name!r} has {len(replicas)} replicas, partition 0 {width}"
-            )
-        if len(set(replicas)) != len(replicas):
-            raise InvalidReplicaAssignmentError(f"partition {i} of {r.name!r} repeats a broker")
-        unknown = [b for b in replicas if b not in state.brokers]
-        if unknown:
-            raise InvalidReplicaAssignmentError(
-                f"partition {i} of {r.name!r} names unregistered brokers {unknown}"
-            )
-        live = [b for b in replicas if state.is_live(b)]
-        parts.append(PartitionState(tuple(replicas), tuple(replicas), live[0] if live else -1, 0))
+        _check_replicas(state, r.name, i, tuple(replicas), width)
+    parts = [_new_partition(state, tuple(replicas)) for replicas in r.replicas]
     try:
         _check_configs(r.configs)
     except InvalidConfigError:
@@ -289,6 +385,22 @@ def _create_topic(state: ClusterState, r: CreateTopic) -> ClusterState:
         r.name, r.topic_id, bool(r.internal), _frozen_map(dict(r.configs)), tuple(parts)
     )
     return _with_topics(state, {r.name: topic})
+
+
+def _create_partitions(state: ClusterState, r: CreatePartitions) -> ClusterState:
+    topic = state.topics.get(r.topic)
+    if topic is None:
+        raise UnknownTopicOrPartitionError(f"topic {r.topic!r} does not exist")
+    if not r.replicas:
+        raise InvalidPartitionsError(f"no partitions to add to {r.topic!r}")
+    width = len(topic.partitions[0].replicas)
+    first = len(topic.partitions)
+    for i, replicas in enumerate(r.replicas):
+        _check_replicas(state, r.topic, first + i, tuple(replicas), width)
+    added = tuple(_new_partition(state, tuple(replicas)) for replicas in r.replicas)
+    return _with_topics(
+        state, {r.topic: dataclasses.replace(topic, partitions=topic.partitions + added)}
+    )
 
 
 def _delete_topic(state: ClusterState, r: DeleteTopic) -> ClusterState:
@@ -317,8 +429,46 @@ def _change_leader(state: ClusterState, r: ChangePartitionLeader) -> ClusterStat
         if not state.is_live(r.leader):
             raise InvalidReplicaAssignmentError(f"leader {r.leader} is not a live broker")
     parts = list(topic.partitions)
-    parts[r.partition] = PartitionState(p.replicas, tuple(r.isr), r.leader, p.leader_epoch + 1)
+    parts[r.partition] = PartitionState(
+        p.replicas, tuple(r.isr), r.leader, p.leader_epoch + 1, p.partition_epoch + 1
+    )
     return _with_topics(state, {r.topic: dataclasses.replace(topic, partitions=tuple(parts))})
+
+
+def _alter_partition(state: ClusterState, r: AlterPartition) -> tuple[ClusterState, Result]:
+    """Kafka's checks, in Kafka's order (ReplicationControlManager)."""
+    topic = state.topics.get(r.topic)
+    if topic is None or not 0 <= r.partition < len(topic.partitions):
+        raise UnknownTopicOrPartitionError(f"{r.topic}-{r.partition} does not exist")
+    p = topic.partitions[r.partition]
+    where = f"{r.topic}-{r.partition}"
+    if r.leader_epoch != p.leader_epoch:
+        raise FencedLeaderEpochError(
+            f"{where} is at leader epoch {p.leader_epoch}, not {r.leader_epoch}"
+        )
+    if r.leader != p.leader:
+        raise InvalidRequestError(f"{where} is led by {p.leader}, not {r.leader}")
+    if r.partition_epoch != p.partition_epoch:
+        raise InvalidUpdateVersionError(
+            f"{where} is at partition epoch {p.partition_epoch}, not {r.partition_epoch}"
+        )
+    isr = tuple(r.isr)
+    if r.leader not in isr:
+        raise InvalidRequestError(f"{where}: ISR {list(isr)} leaves out its leader {r.leader}")
+    if not set(isr) <= set(p.replicas) or len(set(isr)) != len(isr):
+        raise InvalidRequestError(
+            f"{where}: ISR {list(isr)} is not a subset of replicas {list(p.replicas)}"
+        )
+    ineligible = [b for b in isr if b not in p.isr and not state.is_live(b)]
+    if ineligible:
+        raise IneligibleReplicaError(f"{where}: brokers {ineligible} are not live")
+    if isr == p.isr:
+        return state, Result(value=p.partition_epoch)
+    new = PartitionState(p.replicas, isr, p.leader, p.leader_epoch, p.partition_epoch + 1)
+    parts = list(topic.partitions)
+    parts[r.partition] = new
+    state = _with_topics(state, {r.topic: dataclasses.replace(topic, partitions=tuple(parts))})
+    return state, Result(value=new.partition_epoch)
 
 
 def _alter_configs(state: ClusterState, r: AlterTopicConfigs) -> ClusterState:
@@ -378,6 +528,8 @@ _HANDLERS: dict[type[Any], _Handler] = {
     CreateTopic: _create_topic,
     DeleteTopic: _delete_topic,
     ChangePartitionLeader: _change_leader,
+    AlterPartition: _alter_partition,
+    CreatePartitions: _create_partitions,
     AlterTopicConfigs: _alter_configs,
     AllocateProducerIds: _allocate_producer_ids,
     SetClusterId: _set_cluster_id,
@@ -435,18 +587,113 @@ def plan_topic(
     topic_id: uuid.UUID,
     configs: Mapping[str, str] | None = None,
     internal: bool = False,
+    assignments: Sequence[Sequence[int]] | None = None,
 ) -> CreateTopic:
-    """The CreateTopic record for a new topic placed over the live brokers.
+    """The CreateTopic record for a new topic placed over the live brokers, or as
+    ``assignments`` (per partition, its replicas) place it when given.
 
     The caller draws ``start_index`` (``random.randrange``) and ``topic_id``
     (``uuid.uuid4()``), so the record, not ``apply``, carries every choice.
-    Raises InvalidPartitionsError / InvalidReplicationFactorError.
+    Raises InvalidPartitionsError / InvalidReplicationFactorError; ``apply`` checks
+    an explicit assignment (same width, no repeats, registered brokers).
     """
+    if assignments is not None:
+        replicas = tuple(tuple(int(b) for b in a) for a in assignments)
+    else:
+        live = [b.broker_id for b in state.live_brokers()]
+        if not live:
+            raise InvalidReplicationFactorError("no live brokers to place replicas on")
+        replicas = assign_replicas(live, partitions, replication_factor, start_index)
+    return CreateTopic(name, topic_id, replicas, tuple(sorted((configs or {}).items())), internal)
+
+
+def plan_partitions(
+    state: ClusterState,
+    name: str,
+    count: int,
+    *,
+    start_index: int,
+    assignments: Sequence[Sequence[int]] | None = None,
+) -> CreatePartitions:
+    """The CreatePartitions record growing ``name`` to ``count`` partitions.
+
+    New partitions keep the topic's replication factor. Placed as Kafka's
+    ``addPartitions`` places them: the round robin continues from where partition
+    0's first replica stands among the live brokers (``start_index``, drawn by the
+    caller, when that broker is not live), so leaders keep spreading.
+    """
+    topic = state.topics.get(name)
+    if topic is None:
+        raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
+    existing = len(topic.partitions)
+    if count < existing:
+        raise InvalidPartitionsError(
+            f"topic {name!r} has {existing} partitions, more than the requested {count}"
+        )
+    if count == existing:
+        raise InvalidPartitionsError(f"topic {name!r} already has {existing} partitions")
+    if assignments is not None:
+        if len(assignments) != count - existing:
+            raise InvalidReplicaAssignmentError(
+                f"increasing the partitions of {name!r} by {count - existing} "
+                f"but {len(assignments)} assignments given"
+            )
+        return CreatePartitions(name, tuple(tuple(int(b) for b in a) for a in assignments))
     live = [b.broker_id for b in state.live_brokers()]
     if not live:
         raise InvalidReplicationFactorError("no live brokers to place replicas on")
-    replicas = assign_replicas(live, partitions, replication_factor, start_index)
-    return CreateTopic(name, topic_id, replicas, tuple(sorted((configs or {}).items())), internal)
+    first = topic.partitions[0].replicas[0]
+    start = sorted(live).index(first) if first in live else start_index
+    placed = assign_replicas(live, count, len(topic.partitions[0].replicas), start)
+    return CreatePartitions(name, placed[existing:])
+
+
+def _partition_of(state: ClusterState, topic: str, partition: int) -> PartitionState:
+    p = state.partition(topic, partition)
+    if p is None:
+        raise UnknownTopicOrPartitionError(f"{topic}-{partition} does not exist")
+    return p
+
+
+def preferred_election(state: ClusterState, topic: str, partition: int) -> ChangePartitionLeader:
+    """The record moving leadership to the partition's first replica (ElectLeaders
+    PREFERRED). ELECTION_NOT_NEEDED when it leads, PREFERRED_LEADER_NOT_AVAILABLE when
+    it is not live and in sync."""
+    p = _partition_of(state, topic, partition)
+    preferred = p.replicas[0]
+    if p.leader == preferred:
+        raise ElectionNotNeededError(f"{topic}-{partition} is led by its preferred replica")
+    if preferred not in p.isr or not state.is_live(preferred):
+        raise PreferredLeaderNotAvailableError(
+            f"{topic}-{partition}: preferred replica {preferred} is not live and in sync"
+        )
+    return ChangePartitionLeader(topic, partition, preferred, p.isr, p.leader_epoch)
+
+
+def unclean_election(state: ClusterState, topic: str, partition: int) -> ChangePartitionLeader:
+    """The record giving a leaderless partition a leader (ElectLeaders UNCLEAN): a live
+    ISR member if there is one, else the first live replica alone in the ISR."""
+    p = _partition_of(state, topic, partition)
+    if p.leader != NO_LEADER:
+        raise ElectionNotNeededError(f"{topic}-{partition} has a leader ({p.leader})")
+    for b in p.replicas:
+        if b in p.isr and state.is_live(b):
+            return ChangePartitionLeader(topic, partition, b, p.isr, p.leader_epoch)
+    for b in p.replicas:
+        if state.is_live(b):
+            return ChangePartitionLeader(topic, partition, b, (b,), p.leader_epoch)
+    raise EligibleLeadersNotAvailableError(f"{topic}-{partition} has no live replica")
+
+
+def preferred_elections(state: ClusterState) -> list[ChangePartitionLeader]:
+    """Every preferred election that can be made now (the controller's periodic check)."""
+    out: list[ChangePartitionLeader] = []
+    for name, topic in sorted(state.topics.items()):
+        for i, p in enumerate(topic.partitions):
+            preferred = p.replicas[0]
+            if p.leader != preferred and preferred in p.isr and state.is_live(preferred):
+                out.append(ChangePartitionLeader(name, i, preferred, p.isr, p.leader_epoch))
+    return out
 
 
 def java_string_hashcode(text: str) -> int:
@@ -486,9 +733,10 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
                 "topic_id": str(t.topic_id),
                 "internal": t.internal,
                 "configs": dict(t.configs),
-                # per partition: [replicas, isr, leader, leader_epoch]
+                # per partition: [replicas, isr, leader, leader_epoch, partition_epoch]
                 "partitions": [
-                    [list(p.replicas), list(p.isr), p.leader, p.leader_epoch] for p in t.partitions
+                    [list(p.replicas), list(p.isr), p.leader, p.leader_epoch, p.partition_epoch]
+                    for p in t.partitions
                 ],
             }
             for _, t in sorted(state.topics.items())
@@ -510,7 +758,10 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
             bool(t["internal"]),
             _frozen_map({str(k): str(v) for k, v in t["configs"].items()}),
             tuple(
-                PartitionState(tuple(p[0]), tuple(p[1]), int(p[2]), int(p[3]))
+                # snapshots written before partition epochs: start it at the leader epoch
+                PartitionState(
+                    tuple(p[0]), tuple(p[1]), int(p[2]), int(p[3]), int(p[4 if len(p) > 4 else 3])
+                )
                 for p in t["partitions"]
             ),
         )

@@ -1,4 +1,5 @@
-"""CreateTopics and DeleteTopics."""
+"""CreateTopics, DeleteTopics, CreatePartitions and ElectLeaders: metadata writes, each
+submitted to the cluster's quorum through ``BrokerServices``."""
 
 from __future__ import annotations
 
@@ -6,13 +7,21 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from kafka.protocol.admin import (
+    CreatePartitionsRequest,
+    CreatePartitionsResponse,
     CreateTopicsRequest,
     CreateTopicsResponse,
     DeleteTopicsRequest,
     DeleteTopicsResponse,
+    ElectLeadersRequest,
+    ElectLeadersResponse,
 )
 
-from streambus.errors import InvalidReplicationFactorError, InvalidRequestError, StreamBusError
+from streambus.errors import (
+    InvalidReplicaAssignmentError,
+    InvalidRequestError,
+    StreamBusError,
+)
 from streambus.protocol.apis import ApiRoutes, RequestContext
 
 if TYPE_CHECKING:
@@ -36,10 +45,15 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
         try:
             if services.partitions.is_internal(topic.name):
                 raise InvalidRequestError(f"creation of internal topic {topic.name} is prohibited")
-            partitions = _partition_count(services, topic)
+            partitions, assignments = _placement(services, topic)
             overrides = {c.name: c.value for c in topic.configs}
             meta = await services.create_cluster_topic(
-                topic.name, partitions, overrides, validate_only=validate_only
+                topic.name,
+                partitions,
+                overrides,
+                replication_factor=int(topic.replication_factor),
+                assignments=assignments,
+                validate_only=validate_only,
             )
         except StreamBusError as exc:
             services.telemetry.error("CreateTopics", exc.kafka_name)
@@ -57,7 +71,7 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
             )
         result.topic_id = meta.topic_id
         result.num_partitions = len(meta.partitions)
-        result.replication_factor = 1
+        result.replication_factor = len(meta.partitions[0].replicas)
         effective = services.partitions.topic_defaults.with_overrides(meta.configs).to_kafka()
         result.configs = [
             R.CreatableTopicResult.CreatableTopicConfigs(
@@ -73,25 +87,24 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
     return R(throttle_time_ms=0, topics=results)
 
 
-def _partition_count(services: BrokerServices, topic: Any) -> int:
-    if topic.assignments:
-        for assignment in topic.assignments:
-            if len(assignment.broker_ids) != 1:
-                raise InvalidReplicationFactorError(
-                    f"assignment names brokers {list(assignment.broker_ids)}: "
-                    "replication is not supported yet (one replica per partition)"
-                )
-        # Explicit placement is not followed yet: the partitions are placed over the
-        # live brokers like any others.
-        return len(topic.assignments)
-    if topic.replication_factor not in (-1, 1):
-        raise InvalidReplicationFactorError(
-            f"replication factor {topic.replication_factor}: replication is not supported yet "
-            "(one replica per partition)"
+def _placement(services: BrokerServices, topic: Any) -> tuple[int, list[list[int]] | None]:
+    """The partition count, and the explicit assignment (per partition, its replicas)
+    when the request gives one (Kafka's rules: then neither count nor factor is set)."""
+    if not topic.assignments:
+        if topic.num_partitions == -1:
+            return services.config.num_partitions, None
+        return int(topic.num_partitions), None
+    if topic.num_partitions != -1 or topic.replication_factor != -1:
+        raise InvalidRequestError(
+            "both num_partitions or replication_factor and replica assignments were set; "
+            "both cannot be used at the same time"
         )
-    return (
-        services.config.num_partitions if topic.num_partitions == -1 else int(topic.num_partitions)
-    )
+    by_index = {int(a.partition_index): [int(b) for b in a.broker_ids] for a in topic.assignments}
+    if sorted(by_index) != list(range(len(topic.assignments))):
+        raise InvalidReplicaAssignmentError(
+            f"partitions {sorted(by_index)} of the assignment are not 0..n-1, each once"
+        )
+    return len(by_index), [by_index[i] for i in range(len(by_index))]
 
 
 @routes.api(DeleteTopicsRequest, DeleteTopicsResponse, versions=(0, 6))
@@ -114,3 +127,94 @@ async def handle_delete_topics(services: BrokerServices, ctx: RequestContext, re
             result.error_message = str(exc)
         results.append(result)
     return R(throttle_time_ms=0, responses=results)
+
+
+@routes.api(CreatePartitionsRequest, CreatePartitionsResponse, versions=(0, 3))
+async def handle_create_partitions(
+    services: BrokerServices, ctx: RequestContext, request: Any
+) -> Any:
+    R = CreatePartitionsResponse
+    names = [t.name for t in request.topics]
+    results = []
+    for topic in request.topics:
+        result = R.CreatePartitionsTopicResult(name=topic.name, error_code=0, error_message=None)
+        try:
+            if names.count(topic.name) > 1:
+                raise InvalidRequestError(f"topic {topic.name!r} appears twice in the request")
+            if services.partitions.is_internal(topic.name):
+                # Growing it would move groups to other coordinator partitions.
+                raise InvalidRequestError(f"internal topic {topic.name} cannot be grown")
+            assignments = (
+                None
+                if topic.assignments is None
+                else [[int(b) for b in a.broker_ids] for a in topic.assignments]
+            )
+            meta = await services.create_partitions(
+                topic.name,
+                int(topic.count),
+                assignments=assignments,
+                validate_only=bool(request.validate_only),
+            )
+        except StreamBusError as exc:
+            services.telemetry.error("CreatePartitions", exc.kafka_name)
+            log.info("CreatePartitions %r from %s refused: %s", topic.name, ctx.client_id, exc)
+            result.error_code = exc.errno
+            result.error_message = str(exc)
+        else:
+            if not request.validate_only:
+                log.info(
+                    "topic %r now has %d partitions (for %s)",
+                    topic.name,
+                    len(meta.partitions),
+                    ctx.client_id,
+                )
+        results.append(result)
+    return R(throttle_time_ms=0, results=results)
+
+
+@routes.api(ElectLeadersRequest, ElectLeadersResponse, versions=(0, 2))
+async def handle_elect_leaders(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
+    R = ElectLeadersResponse
+    # v0 knows preferred elections only (its request has no type)
+    election_type = int(request.election_type) if ctx.api_version >= 1 else 0
+    wanted = (
+        None
+        if request.topic_partitions is None
+        else [(t.topic, int(p)) for t in request.topic_partitions for p in t.partitions]
+    )
+    by_topic: dict[str, list[Any]] = {}
+    if election_type not in (0, 1):
+        bad = InvalidRequestError(f"election type {election_type} is neither 0 nor 1")
+        outcomes: list[tuple[str, int, StreamBusError | None]] = [
+            (t, p, bad) for t, p in wanted or []
+        ]
+    else:
+        outcomes = await services.elect_leaders(election_type, wanted)
+    elected = 0
+    for topic, partition, error in outcomes:
+        if error is None:
+            elected += 1
+        else:
+            services.telemetry.error("ElectLeaders", error.kafka_name)
+        by_topic.setdefault(topic, []).append(
+            R.ReplicaElectionResult.PartitionResult(
+                partition_id=partition,
+                error_code=0 if error is None else error.errno,
+                error_message=None if error is None else str(error),
+            )
+        )
+    log.info(
+        "ElectLeaders (%s) from %s: %d of %d partitions elected",
+        "unclean" if election_type == 1 else "preferred",
+        ctx.client_id,
+        elected,
+        len(outcomes),
+    )
+    return R(
+        throttle_time_ms=0,
+        error_code=0,
+        replica_election_results=[
+            R.ReplicaElectionResult(topic=topic, partition_result=parts)
+            for topic, parts in by_topic.items()
+        ],
+    )

@@ -9,11 +9,12 @@ is reached only through ``partitions``; storage stays out of sight.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from streambus.cluster import BrokerInfo, Quorum, TopicState
 from streambus.config import BrokerConfig
+from streambus.errors import StreamBusError
 from streambus.groups import GroupCoordinator
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService
@@ -60,10 +61,24 @@ class BrokerServices(Protocol):
         partitions: int,
         overrides: Mapping[str, str | None],
         *,
-        replication_factor: int = 1,
+        replication_factor: int = -1,
         internal: bool = False,
         validate_only: bool = False,
+        assignments: Sequence[Sequence[int]] | None = None,
     ) -> TopicState: ...
+
+    async def create_partitions(
+        self,
+        name: str,
+        count: int,
+        *,
+        assignments: Sequence[Sequence[int]] | None = None,
+        validate_only: bool = False,
+    ) -> TopicState: ...
+
+    async def elect_leaders(
+        self, election_type: int, partitions: Iterable[tuple[str, int]] | None
+    ) -> list[tuple[str, int, StreamBusError | None]]: ...
 
     async def delete_cluster_topic(self, name: str) -> uuid.UUID: ...
 

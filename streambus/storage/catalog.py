@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
@@ -379,6 +379,48 @@ class LogManager:
             partitions,
             dict(meta.overrides),
         )
+        return meta
+
+    def add_partitions(self, name: str, partitions: int) -> TopicMeta:
+        """Grow ``name`` to ``partitions`` (CreatePartitions): the new partitions' logs are
+        opened, then topic.json names the new count. A failure keeps the old count: new
+        directories already made are removed, and an existing one is left for ``load``."""
+        topic = self._topics.get(name)
+        if topic is None:
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        old = topic.meta.partitions
+        if partitions <= old:
+            raise InvalidPartitionsError(
+                f"topic {name!r} has {old} partitions, not fewer than the requested {partitions}"
+            )
+        self._check_size(partitions - old)
+        topic_dir = self._root / name
+        meta = replace(topic.meta, partitions=partitions)
+        added: list[PartitionLog] = []
+        try:
+            for p in range(old, partitions):
+                plog = PartitionLog.open(topic_dir / str(p), topic.config, clock=self._clock)
+                plog.health = self.health
+                plog.set_background(self._submit_io)
+                added.append(plog)
+            write_atomically(topic_dir / _META_FILE, _meta_json(meta))
+            fsync_dir(topic_dir)
+        except Exception as exc:
+            for plog in added:
+                with contextlib.suppress(Exception):
+                    plog.close()
+            for p in range(old, partitions):
+                shutil.rmtree(topic_dir / str(p), ignore_errors=True)
+            if isinstance(exc, OSError):
+                self.health.failed(f"adding partitions to {name}", exc)
+            raise KafkaStorageError(
+                f"adding partitions {old}..{partitions - 1} to topic {name!r} failed, "
+                f"it keeps {old}: {exc}"
+            ) from exc
+        topic.logs.extend(added)
+        topic.meta = meta
+        self.health.succeeded()
+        log.info("topic %s grew from %d to %d partitions", name, old, partitions)
         return meta
 
     def _discard(self, topic_dir: Path) -> None:
