@@ -15,14 +15,19 @@ keeps it so)::
 from __future__ import annotations
 
 from streambus.config import BrokerConfig
-from streambus.protocol import admin, fetch, groups, metadata, produce
+from streambus.protocol import admin, fetch, groups, metadata, produce, replication
 from streambus.protocol.apis import ApiSpec, build_table
 from streambus.protocol.context import BrokerServices
 from streambus.server import KafkaServer
 
 # One handler per Kafka API key, each module declaring its own.
 APIS: dict[int, ApiSpec] = build_table(
-    metadata.routes, produce.routes, fetch.routes, admin.routes, groups.routes
+    metadata.routes,
+    produce.routes,
+    fetch.routes,
+    replication.routes,
+    admin.routes,
+    groups.routes,
 )
 
 

@@ -28,10 +28,12 @@ from streambus.cluster import BrokerInfo, Quorum, TopicState
 from streambus.cluster_metadata import ClusterMetadata
 from streambus.config import BrokerConfig
 from streambus.errors import KafkaStorageError, StreamBusError
-from streambus.groups import GroupCoordinator, GroupSettings, GroupState
+from streambus.groups import OFFSETS_TOPIC, GroupCoordinator, GroupSettings, GroupState
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService, QuorumLeadership
 from streambus.producer_ids import ProducerIdAllocator
+from streambus.replication.fetcher import FetcherSettings
+from streambus.replication.manager import ReplicaManager
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
@@ -41,6 +43,7 @@ from streambus.storage.datadir import (
 )
 from streambus.storage.health import WriteHealth
 from streambus.storage.verify import mark_clean_shutdown, take_clean_shutdown
+from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.broker")
 
@@ -97,6 +100,23 @@ class Broker:
             ),
             create_offsets_topic=self.cluster.create_offsets_topic_now,
         )
+        # Roles from the metadata: leaders track their followers, followers fetch.
+        self.replication = ReplicaManager(
+            self.partitions,
+            self.cluster.quorum,
+            self.telemetry,
+            FetcherSettings(
+                config.broker_id,
+                wait_max_ms=config.replica_fetch_wait_max_ms,
+                max_bytes_per_partition=config.replica_fetch_max_bytes,
+                response_max_bytes=config.replica_fetch_response_max_bytes,
+            ),
+            lag_time_max_ms=config.replica_lag_time_max_ms,
+        )
+        if replicated:
+            # A group is coordinated by the leader of its __consumer_offsets partition:
+            # leading one means loading its groups, losing it means letting them go.
+            self.replication.on_leadership(self._offsets_leadership)
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
@@ -122,11 +142,14 @@ class Broker:
             self.local_cluster_id = load_cluster_id(self.data_dir, self.broker_id)
             clean = take_clean_shutdown(self.data_dir)
             await self._load_logs()
-            self.groups.load()
+            if not self.cluster.cluster_config.replicated:
+                self.groups.load()  # in a cluster, as partitions of __consumer_offsets are led
             await self._server.start()
             try:
                 await self.cluster.start(self.local_cluster_id)
+                self.replication.start()
             except BaseException:
+                await self.replication.stop()
                 await self.cluster.stop()
                 await self._server.stop(0)
                 raise
@@ -159,6 +182,7 @@ class Broker:
         self.partitions.wake_all()
         await self.groups.stop()  # answers waiting JoinGroup/SyncGroup calls so they finish now
         await self._server.stop(self.config.shutdown_timeout_s)
+        await self.replication.stop()
         await self.cluster.stop()
         if self._maintenance is not None:
             self._maintenance.cancel()
@@ -338,6 +362,14 @@ class Broker:
                 continue
             self.telemetry.compactions(report.compactions)
 
+    def _offsets_leadership(self, tp: TopicPartition, leads: bool) -> None:
+        if tp.topic != OFFSETS_TOPIC:
+            return
+        if leads:
+            self.groups.load_partition(tp.partition)
+        else:
+            self.groups.unload_partition(tp.partition)
+
     # -- BrokerStats: what the observable instruments read -----------------------------------
     def uptime_seconds(self) -> float:
         if self.status is BrokerStatus.STOPPED:
@@ -404,6 +436,24 @@ class Broker:
 
     def partitions_led(self) -> int:
         return self.cluster.partitions_led()
+
+    def replica_count(self) -> int:
+        return len(self.partitions.replicas())
+
+    def under_replicated_count(self) -> int:
+        return sum(1 for r in self.replication.led() if len(r.isr) < len(r.replicas))
+
+    def under_min_isr_count(self) -> int:
+        count = 0
+        for r in self.replication.led():
+            if len(r.isr) < self.logs.log(r.tp).config.min_insync_replicas:
+                count += 1
+        return count
+
+    def replica_lags(self) -> Iterable[tuple[str, int, int]]:
+        for r in self.replication.led():
+            if r.replicated:
+                yield r.tp.topic, r.tp.partition, r.lag_messages(self.logs.log(r.tp).log_end_offset)
 
     def storage_write_failing(self) -> int:
         return int(self.storage_health.failing)

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Kafka's broker.session.timeout.ms: a broker silent this long is fenced (9000)",
     )
     serve.add_argument(
+        "--replica-lag-time-max-ms",
+        type=int,
+        metavar="MS",
+        help="Kafka's replica.lag.time.max.ms: a follower behind this long leaves the ISR (30000)",
+    )
+    serve.add_argument(
         "--broker-heartbeat-interval-ms",
         type=int,
         metavar="MS",
@@ -161,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "raft_port": args.raft_port,
         "cluster_secret": args.cluster_secret,
         "broker_session_timeout_ms": args.broker_session_timeout_ms,
+        "replica_lag_time_max_ms": args.replica_lag_time_max_ms,
         "broker_heartbeat_interval_ms": args.broker_heartbeat_interval_ms,
     }
     return BrokerConfig.load(overrides, dict(args.topic_config))

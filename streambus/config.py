@@ -63,6 +63,12 @@ class BrokerConfig:
     cluster_secret: str | None = None  # required with more than one voter
     broker_session_timeout_ms: int = 9000  # Kafka's broker.session.timeout.ms
     broker_heartbeat_interval_ms: int = 2000  # Kafka's broker.heartbeat.interval.ms
+    # Replication, named as Kafka names it. min.insync.replicas and
+    # unclean.leader.election.enable are topic configs (topic defaults and overrides).
+    replica_lag_time_max_ms: int = 30_000  # an ISR follower this far behind is taken out
+    replica_fetch_wait_max_ms: int = 500  # a follower's Fetch long-polls this long
+    replica_fetch_max_bytes: int = 1024 * 1024  # per partition, per follower Fetch
+    replica_fetch_response_max_bytes: int = 10 * 1024 * 1024  # per follower Fetch
     # Partitions this broker hosts at most (internal ones included); CreateTopics beyond it
     # is refused. The open-files limit may allow fewer (3 descriptors per partition).
     max_partitions: int = 10_000
@@ -158,7 +164,14 @@ class BrokerConfig:
             raise InvalidConfigError(f"raft port must be 1-65535, got {self.raft_port}")
         if self.offsets_topic_num_partitions < 1:
             raise InvalidConfigError("offsets.topic.num.partitions must be at least 1")
-        for name in ("default_replication_factor", "offsets_topic_replication_factor"):
+        for name in (
+            "default_replication_factor",
+            "offsets_topic_replication_factor",
+            "replica_lag_time_max_ms",
+            "replica_fetch_wait_max_ms",
+            "replica_fetch_max_bytes",
+            "replica_fetch_response_max_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name.replace('_', '.')} must be at least 1")
         self.cluster()  # quorum syntax, secret, timings

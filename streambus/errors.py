@@ -323,6 +323,27 @@ class FencedLeaderEpochError(StreamBusError):
     description = "The leader epoch in the request is older than the epoch on the broker."
 
 
+class UnknownLeaderEpochError(StreamBusError):
+    errno = 75
+    kafka_name = "UNKNOWN_LEADER_EPOCH"
+    retriable = True
+    description = "The leader epoch in the request is newer than the epoch on the broker."
+
+
+class NotEnoughReplicasError(StreamBusError):
+    errno = 19
+    kafka_name = "NOT_ENOUGH_REPLICAS"
+    retriable = True
+    description = "Messages are rejected since there are fewer in-sync replicas than required."
+
+
+class NotEnoughReplicasAfterAppendError(StreamBusError):
+    errno = 20
+    kafka_name = "NOT_ENOUGH_REPLICAS_AFTER_APPEND"
+    retriable = True
+    description = "Messages are written to the log, but to fewer in-sync replicas than required."
+
+
 class StaleBrokerEpochError(StreamBusError):
     errno = 77
     kafka_name = "STALE_BROKER_EPOCH"

@@ -64,6 +64,10 @@ class BrokerStats(Protocol):
     def raft_term(self) -> int: ...
     def raft_commit_index(self) -> int: ...
     def partitions_led(self) -> int: ...
+    def replica_count(self) -> int: ...  # partition replicas this broker hosts
+    def under_replicated_count(self) -> int: ...  # led here, ISR smaller than replicas
+    def under_min_isr_count(self) -> int: ...  # led here, ISR below min.insync.replicas
+    def replica_lags(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, messages
     def storage_write_failing(self) -> int: ...  # 1 while writes to the data dir fail
     def storage_write_errors(self) -> Iterable[tuple[str, int]]: ...  # reason, failed writes
 
@@ -150,6 +154,33 @@ class BrokerTelemetry:
         self._consume_latency = meter.create_histogram(
             "streambus.consume.latency", "s", "Consume (Fetch) request latency in seconds"
         )
+        self._replication_latency = meter.create_histogram(
+            "streambus.replication.latency",
+            "s",
+            "Time from a leader's append of a batch until every in-sync replica has it "
+            "(the high watermark covers it), one observation per batch",
+        )
+        self._isr_changes = counter(
+            "streambus.isr.changes",
+            "{change}",
+            "ISR changes this broker made as leader, by kind (shrink, expand)",
+        )
+        self._replicated_messages = counter(
+            "streambus.replication.messages",
+            "{message}",
+            "Messages this broker copied from leaders as a follower",
+        )
+        self._replicated_bytes = counter(
+            "streambus.replication.bytes",
+            "{byte}",
+            "Record batch bytes this broker copied from leaders as a follower",
+        )
+        meter.create_observable_gauge(
+            "streambus.replica.lag",
+            [self._observe_many("replica lag", self._replica_lags)],
+            unit="{message}",
+            description="Messages the slowest follower of a partition led here is behind",
+        )
         self._commit_latency = meter.create_histogram(
             "streambus.commit.latency", "s", "Offset commit (OffsetCommit) latency in seconds"
         )
@@ -212,11 +243,22 @@ class BrokerTelemetry:
                 stats.partition_count,
             ),
             (
-                # One broker holds one replica of each partition until replication exists.
                 "streambus.replicas.total",
                 "{replica}",
-                "Total number of partition replicas hosted",
-                stats.partition_count,
+                "Partition replicas hosted by this broker (led and followed)",
+                stats.replica_count,
+            ),
+            (
+                "streambus.under_replicated.partitions",
+                "{partition}",
+                "Partitions led here whose ISR is smaller than their replica set",
+                stats.under_replicated_count,
+            ),
+            (
+                "streambus.under_min_isr.partitions",
+                "{partition}",
+                "Partitions led here whose ISR is below min.insync.replicas (acks=all refused)",
+                stats.under_min_isr_count,
             ),
             ("streambus.segments.total", "{segment}", "Total log segments", stats.segment_count),
             (
@@ -334,6 +376,10 @@ class BrokerTelemetry:
         for group, count in self._stats.group_member_counts():
             yield Observation(count, {**self._base, "group": group})
 
+    def _replica_lags(self) -> Iterable[Observation]:
+        for topic, partition, lag in self._stats.replica_lags():
+            yield Observation(lag, self.tp_attrs(topic, partition))
+
     def _corruptions(self) -> Iterable[Observation]:
         for topic, partition, count in self._stats.storage_corruptions():
             yield Observation(count, self.tp_attrs(topic, partition))
@@ -384,6 +430,25 @@ class BrokerTelemetry:
 
     def consume_latency(self, topic: str, seconds: float) -> None:
         self._consume_latency.record(seconds, self.topic_attrs(topic))
+
+    def replication_latency(self, topic: str, seconds: float) -> None:
+        self._replication_latency.record(seconds, self.topic_attrs(topic))
+
+    def replicated(self, topic: str, messages: int, nbytes: int) -> None:
+        attrs = self.topic_attrs(topic)
+        self._replicated_messages.add(messages, attrs)
+        self._replicated_bytes.add(nbytes, attrs)
+
+    def isr_changed(self, kind: str, count: int = 1) -> None:
+        attrs = self._reason_attrs.get("isr:" + kind)
+        if attrs is None:
+            attrs = self._reason_attrs["isr:" + kind] = {**self._base, "kind": kind}
+        self._isr_changes.add(count, attrs)
+
+    def child_span(self, name: str, parent: trace.Span, attributes: Attrs) -> trace.Span:
+        """An INTERNAL span under ``parent`` (a step of the request it serves)."""
+        context = trace.set_span_in_context(parent)
+        return self.tracer.start_span(name, context, SpanKind.INTERNAL, attributes)
 
     def commit_latency(self, group: str, seconds: float) -> None:
         self._commit_latency.record(seconds, {**self._base, "group": group})

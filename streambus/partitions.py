@@ -17,25 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from streambus.errors import (
+    FencedLeaderEpochError,
     InvalidRecordError,
     InvalidRequestError,
     InvalidTopicError,
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
     NotLeaderOrFollowerError,
+    RequestTimedOutError,
     StreamBusError,
+    UnknownLeaderEpochError,
 )
 from streambus.instrumentation import BrokerTelemetry
 from streambus.payload_sizes import PayloadSizes
 from streambus.records.batch import Buffer, compression_of, parse_batches, validate_records
+from streambus.replication.replica import Replica, Role
 from streambus.storage import LogManager, PartitionLog, TopicMeta
 from streambus.storage.catalog import OfflineTopic
 from streambus.storage.log import LogSlice
 from streambus.storage.segment import Segment
-from streambus.structs import AppendResult, TopicPartition
+from streambus.structs import AppendResult, ReplicatedAppend, TopicPartition
 from streambus.topic_config import TopicConfig
 
 if TYPE_CHECKING:
@@ -141,14 +148,112 @@ class PartitionService:
         # Segment checks in flight: a second fetch of the same segment waits for the first
         # one's check instead of running the same scan again.
         self._scans: dict[Segment, asyncio.Future[None]] = {}
+        # Replication state of the partitions the replica manager gave a role; one it has
+        # not (a single broker's, before the metadata names it) is its own only replica.
+        self._replicas: dict[TopicPartition, Replica] = {}
+        # Told when a follower outside the ISR has caught up (the manager asks the
+        # controller to add it).
+        self.on_may_join: Callable[[Replica, int], None] | None = None
+        self._clock = time.monotonic
 
     def _partition(self, tp: TopicPartition) -> PartitionLog:
         """The local log of ``tp`` if this broker serves it. The leader check comes first:
         a broker that does not host a partition the cluster knows answers
         NOT_LEADER_OR_FOLLOWER, not UNKNOWN_TOPIC_OR_PARTITION, so clients refresh
         Metadata and go to the leader."""
-        self.leadership.check(tp)
+        replica = self._replicas.get(tp)
+        if replica is None:
+            self.leadership.check(tp)
+        elif not replica.is_leader:
+            raise NotLeaderOrFollowerError(
+                f"broker {replica.broker_id} follows {tp.topic}-{tp.partition} "
+                f"(leader: broker {replica.leader_id})"
+            )
         return self._logs.log(tp)
+
+    # -- roles (set by the replica manager from the cluster metadata) ---------------------
+    def replica(self, tp: TopicPartition) -> Replica | None:
+        return self._replicas.get(tp)
+
+    def replicas(self) -> Mapping[TopicPartition, Replica]:
+        return self._replicas
+
+    def become_leader(
+        self,
+        tp: TopicPartition,
+        *,
+        broker_id: int,
+        leader_epoch: int,
+        partition_epoch: int,
+        replicas: tuple[int, ...],
+        isr: tuple[int, ...],
+    ) -> Replica:
+        """Lead ``tp`` at ``leader_epoch`` (again: an ISR change under the same epoch only
+        updates the members). The new epoch starts at the log end, as Kafka's makeLeader."""
+        current = self._replicas.get(tp)
+        plog = self._logs.log(tp)
+        if current is not None and current.is_leader and current.leader_epoch == leader_epoch:
+            current.set_members(replicas, isr, partition_epoch)
+            self._advance(tp, current, plog)
+            return current
+        if current is not None:
+            current.fail_waiters(NotLeaderOrFollowerError(f"{tp} changed leader"))
+        end = plog.log_end_offset
+        plog.assign_epoch_start(leader_epoch, end)
+        replica = Replica(
+            tp,
+            broker_id,
+            Role.LEADER,
+            broker_id,
+            leader_epoch,
+            partition_epoch,
+            replicas,
+            isr,
+            high_watermark=min(plog.high_watermark, end),
+            epoch_start_offset=end,
+        )
+        replica.start_leading(self._clock())
+        self._replicas[tp] = replica
+        self._advance(tp, replica, plog)
+        return replica
+
+    def become_follower(
+        self,
+        tp: TopicPartition,
+        *,
+        broker_id: int,
+        leader_id: int,
+        leader_epoch: int,
+        partition_epoch: int,
+        replicas: tuple[int, ...],
+        isr: tuple[int, ...],
+    ) -> Replica:
+        """Follow ``leader_id`` (-1: no leader yet). Produce requests waiting on this
+        broker's leadership are answered NOT_LEADER_OR_FOLLOWER."""
+        current = self._replicas.get(tp)
+        plog = self._logs.log(tp)
+        if current is not None and current.is_leader:
+            current.fail_waiters(NotLeaderOrFollowerError(f"{tp} changed leader"))
+        replica = Replica(
+            tp,
+            broker_id,
+            Role.FOLLOWER,
+            leader_id,
+            leader_epoch,
+            partition_epoch,
+            replicas,
+            isr,
+            high_watermark=min(plog.high_watermark, plog.log_end_offset),
+        )
+        self._replicas[tp] = replica
+        self._wake(tp)  # long polls on it answer now: the consumer goes to the new leader
+        return replica
+
+    def drop_replica(self, tp: TopicPartition) -> None:
+        replica = self._replicas.pop(tp, None)
+        if replica is not None:
+            replica.fail_waiters(NotLeaderOrFollowerError(f"{tp} is no longer hosted here"))
+            self._wake(tp)
 
     # -- appends --------------------------------------------------------------------------
     async def append(
@@ -157,10 +262,13 @@ class PartitionService:
         records: Buffer | None,
         *,
         origin: AppendOrigin = AppendOrigin.CLIENT,
+        acks: int = 1,
     ) -> AppendResult:
-        """Append one record batch and return once it may be acknowledged: written to the
-        OS, and fsynced too when it reached flush.messages/flush.ms (the fsync runs in a
-        worker thread). A large compressed batch is checked in a worker thread first."""
+        """Append one record batch and return once the leader may acknowledge it: written
+        to the OS, and fsynced too when it reached flush.messages/flush.ms (the fsync runs
+        in a worker thread). A large compressed batch is checked in a worker thread first.
+        With ``acks=-1`` an ISR smaller than min.insync.replicas refuses it first; the
+        caller then waits for the ISR with ``wait_replicated``."""
         self._check_origin(tp.topic, origin)
         if records is None:
             raise InvalidRequestError("produce request without records")
@@ -171,11 +279,38 @@ class PartitionService:
             if self._logs.log(tp).config is not config:  # changed while we waited: check again
                 payload = None
         plog = self._partition(tp)
-        result = plog.append(records, payload=payload)
+        replica = self._replicas.get(tp)
+        if acks == -1 and replica is not None:
+            _check_min_isr(replica, plog.config, NotEnoughReplicasError)
+        epoch = replica.leader_epoch if replica is not None else 0
+        result = plog.append(records, payload=payload, leader_epoch=epoch)
         if result.needs_sync:
             await plog.wait_synced(result.last_offset + 1)
         self._appended(tp, result, origin)
         return result
+
+    async def wait_replicated(self, tp: TopicPartition, end: int, timeout_s: float) -> None:
+        """Return once every ISR member has the log below ``end`` (acks=all): the high
+        watermark reached it. REQUEST_TIMED_OUT after ``timeout_s``; NOT_LEADER_OR_FOLLOWER
+        if leadership moves meanwhile; NOT_ENOUGH_REPLICAS_AFTER_APPEND if the ISR that
+        has it is smaller than min.insync.replicas."""
+        replica = self._replicas.get(tp)
+        if replica is None:
+            return
+        if replica.high_watermark < end:
+            future = replica.wait_for(end)
+            try:
+                async with asyncio.timeout(max(timeout_s, 0.0)):
+                    await future
+            except TimeoutError:
+                replica.forget_waiter(future)
+                raise RequestTimedOutError(
+                    f"{tp.topic}-{tp.partition}: offsets below {end} not replicated to the ISR "
+                    f"{list(replica.isr)} within {timeout_s * 1000:.0f} ms"
+                ) from None
+        if self._replicas.get(tp) is not replica or not replica.is_leader:
+            raise NotLeaderOrFollowerError(f"{tp.topic}-{tp.partition} changed leader")
+        _check_min_isr(replica, self._logs.log(tp).config, NotEnoughReplicasAfterAppendError)
 
     def append_now(
         self,
@@ -187,7 +322,10 @@ class PartitionService:
         """Append a small batch the broker built itself, on the loop, without waiting for
         an fsync (committed offsets: written to the OS before the commit is answered)."""
         self._check_origin(tp.topic, origin)
-        result = self._partition(tp).append(records)
+        plog = self._partition(tp)
+        replica = self._replicas.get(tp)
+        epoch = replica.leader_epoch if replica is not None else 0
+        result = plog.append(records, leader_epoch=epoch)
         self._appended(tp, result, origin)
         return result
 
@@ -209,22 +347,146 @@ class PartitionService:
                 tp.topic, tp.partition, result.record_count, result.payload_bytes
             )
         self._payload_sizes.remember(tp, result.base_offset, result.crc, result.payload_bytes)
+        replica = self._replicas.get(tp)
+        if replica is not None:
+            replica.appended(result.last_offset + 1, self._clock())
+            self._advance(tp, replica, self._logs.log(tp))
+        self._wake(tp)  # follower fetches wait for appends; consumers see them at the HW
+
+    def _advance(self, tp: TopicPartition, replica: Replica, plog: PartitionLog) -> None:
+        """Move the leader's high watermark to the smallest end over the ISR, and act on it:
+        acks=all waits done, replication latency observed, consumer long polls woken."""
+        if not replica.is_leader:
+            return
+        hw = replica.high_watermark_at(plog.log_end_offset)
+        if hw <= replica.high_watermark:
+            return
+        replica.high_watermark = hw
+        plog.set_high_watermark(hw)
+        replica.release()
+        for seconds in replica.covered(self._clock()):
+            self._telemetry.replication_latency(tp.topic, seconds)
         self._wake(tp)
 
     # -- reads ----------------------------------------------------------------------------
     def offsets(self, tp: TopicPartition) -> PartitionOffsets:
         plog = self._partition(tp)
-        return PartitionOffsets(plog.log_start_offset, plog.log_end_offset)
+        return PartitionOffsets(plog.log_start_offset, self._high_watermark(tp, plog))
+
+    def _high_watermark(self, tp: TopicPartition, plog: PartitionLog) -> int:
+        replica = self._replicas.get(tp)
+        if replica is None:
+            return plog.log_end_offset
+        return min(replica.high_watermark, plog.log_end_offset)
 
     def read_slice(
         self, tp: TopicPartition, offset: int, max_bytes: int, *, eager_bytes: int
     ) -> LogSlice:
-        """Whole batches from ``offset``: the first ``eager_bytes`` read now, the rest
-        planned as spans of the log, read in bounded pieces as they are written."""
-        return self._partition(tp).read_slice(offset, max_bytes, eager_bytes=eager_bytes)
+        """Whole batches from ``offset`` below the high watermark (what consumers may see):
+        the first ``eager_bytes`` read now, the rest planned as spans of the log, read in
+        bounded pieces as they are written."""
+        plog = self._partition(tp)
+        return plog.read_slice(
+            offset, max_bytes, eager_bytes=eager_bytes, max_offset=self._high_watermark(tp, plog)
+        )
 
     def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> bytes | memoryview:
         return self._partition(tp).read(offset, max_bytes)
+
+    # -- the leader's side of follower fetches --------------------------------------------
+    def follower_fetch(
+        self,
+        tp: TopicPartition,
+        follower: int,
+        offset: int,
+        current_leader_epoch: int,
+        max_bytes: int,
+        *,
+        eager_bytes: int,
+    ) -> tuple[PartitionOffsets, LogSlice]:
+        """A follower's Fetch from ``offset``: its progress noted (the high watermark may
+        move, the follower may rejoin the ISR), then whole batches up to the log end."""
+        plog = self._partition(tp)
+        replica = self._replicas.get(tp)
+        if replica is not None:
+            _check_epoch(tp, replica, current_leader_epoch)
+            if follower not in replica.replicas:
+                raise NotLeaderOrFollowerError(
+                    f"broker {follower} is not a replica of {tp.topic}-{tp.partition}"
+                )
+            end = plog.log_end_offset
+            replica.follower_fetched(follower, min(offset, end), end, self._clock())
+            self._advance(tp, replica, plog)
+            if replica.may_join(follower) and self.on_may_join is not None:
+                self.on_may_join(replica, follower)
+        offsets = PartitionOffsets(plog.log_start_offset, self._high_watermark(tp, plog))
+        return offsets, plog.read_slice(offset, max_bytes, eager_bytes=eager_bytes)
+
+    def leader_epoch_end(
+        self, tp: TopicPartition, current_leader_epoch: int, epoch: int
+    ) -> tuple[int, int]:
+        """OffsetForLeaderEpoch: (the largest epoch <= ``epoch``, where it ends) here."""
+        plog = self._partition(tp)
+        replica = self._replicas.get(tp)
+        if replica is not None:
+            _check_epoch(tp, replica, current_leader_epoch)
+        return plog.end_offset_for_epoch(epoch)
+
+    def check_epoch(self, tp: TopicPartition, current_leader_epoch: int) -> None:
+        """A client's Fetch/ListOffsets naming a leader epoch (KIP-320): FENCED or UNKNOWN
+        when it is not this leader's."""
+        replica = self._replicas.get(tp)
+        if replica is not None:
+            _check_epoch(tp, replica, current_leader_epoch)
+
+    def leader_epoch(self, tp: TopicPartition) -> int:
+        replica = self._replicas.get(tp)
+        return replica.leader_epoch if replica is not None else 0
+
+    # -- the follower's side: its copy of the leader's log --------------------------------
+    def _followed(self, tp: TopicPartition) -> tuple[Replica, PartitionLog]:
+        replica = self._replicas.get(tp)
+        if replica is None or replica.is_leader:
+            raise NotLeaderOrFollowerError(f"this broker does not follow {tp}")
+        return replica, self._logs.log(tp)
+
+    def replica_log_end(self, tp: TopicPartition) -> tuple[int, int, int]:
+        """(log start, log end, latest epoch) of this broker's copy."""
+        plog = self._logs.log(tp)
+        return plog.log_start_offset, plog.log_end_offset, plog.latest_epoch
+
+    def replica_epoch_end(self, tp: TopicPartition, epoch: int) -> tuple[int, int]:
+        return self._logs.log(tp).end_offset_for_epoch(epoch)
+
+    def truncate_replica(self, tp: TopicPartition, offset: int) -> None:
+        replica, plog = self._followed(tp)
+        plog.truncate_to(offset)
+        replica.high_watermark = min(replica.high_watermark, plog.log_end_offset)
+
+    def restart_replica_at(self, tp: TopicPartition, offset: int) -> None:
+        """The leader's log starts past this copy's end: begin again, empty, at ``offset``."""
+        replica, plog = self._followed(tp)
+        plog.truncate_fully_and_start_at(offset)
+        replica.high_watermark = offset
+
+    async def append_replicated(
+        self, tp: TopicPartition, records: Buffer, leader_high_watermark: int
+    ) -> ReplicatedAppend | None:
+        """Store batches fetched from the leader as it stored them; this copy's high
+        watermark follows the leader's."""
+        replica, plog = self._followed(tp)
+        appended = None
+        if len(records):
+            appended = plog.append_replicated(records)
+            if appended.needs_sync:
+                await plog.wait_synced(appended.last_offset + 1)
+            if appended.records:
+                self._telemetry.replicated(tp.topic, appended.records, appended.bytes)
+        hw = min(leader_high_watermark, plog.log_end_offset)
+        if hw > replica.high_watermark:
+            replica.high_watermark = hw
+            plog.set_high_watermark(hw)
+        return appended
 
     async def verify_for_read(
         self, wanted: Sequence[tuple[TopicPartition, int, int]], *, slice_size: int
@@ -286,7 +548,7 @@ class PartitionService:
         record at or after ``timestamp``; (-1, -1) when no record is that new."""
         plog = self._partition(tp)
         if timestamp == LATEST:
-            return -1, plog.log_end_offset
+            return -1, self._high_watermark(tp, plog)
         if timestamp == EARLIEST:
             return -1, plog.log_start_offset
         if timestamp < 0:
@@ -398,6 +660,29 @@ class PartitionService:
         meta = self._logs.delete_topic(name)
         self._telemetry.forget_topic(name)
         return meta
+
+
+def _check_epoch(tp: TopicPartition, replica: Replica, current: int) -> None:
+    if current < 0:  # the client did not say (older versions, -1)
+        return
+    if current < replica.leader_epoch:
+        raise FencedLeaderEpochError(
+            f"{tp.topic}-{tp.partition}: leader epoch {current} is older than "
+            f"{replica.leader_epoch}"
+        )
+    if current > replica.leader_epoch:
+        raise UnknownLeaderEpochError(
+            f"{tp.topic}-{tp.partition}: leader epoch {current} is newer than "
+            f"{replica.leader_epoch}"
+        )
+
+
+def _check_min_isr(replica: Replica, config: TopicConfig, error: type[StreamBusError]) -> None:
+    if len(replica.isr) < config.min_insync_replicas:
+        raise error(
+            f"{replica.tp.topic}-{replica.tp.partition}: ISR {list(replica.isr)} is smaller "
+            f"than min.insync.replicas {config.min_insync_replicas}"
+        )
 
 
 def _decompress_off_loop(records: Buffer, config: TopicConfig) -> bool:

@@ -33,13 +33,14 @@ from streambus.errors import (
     InvalidSessionTimeoutError,
     MemberIdRequiredError,
     NonEmptyGroupError,
+    NotCoordinatorError,
     RebalanceInProgressError,
     StreamBusError,
     UnknownMemberIdError,
 )
 from streambus.groups.membership import Group, GroupState, JoinResult, Member
 from streambus.groups.offsets import OffsetAndMetadata, OffsetStore
-from streambus.partitions import PartitionService
+from streambus.partitions import OFFSETS_TOPIC, PartitionService
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.groups")
@@ -94,6 +95,31 @@ class GroupCoordinator:
             self._groups.setdefault(group_id, Group(group_id, state_since_ms=_now_ms()))
         if loaded:
             log.info("loaded %d committed offsets of %d groups", loaded, len(self._groups))
+
+    def load_partition(self, partition: int) -> None:
+        """This broker now leads ``__consumer_offsets`` partition ``partition``: coordinate
+        its groups from what the log holds."""
+        loaded = self.offsets.load(only=partition)
+        for group_id in self.offsets.groups():
+            if self.offsets.partition_for(group_id).partition == partition:
+                self._groups.setdefault(group_id, Group(group_id, state_since_ms=_now_ms()))
+        log.info(
+            "coordinating the groups of %s partition %d: %d committed offsets",
+            OFFSETS_TOPIC,
+            partition,
+            loaded,
+        )
+
+    def unload_partition(self, partition: int) -> None:
+        """Another broker leads ``partition`` now: its groups' members are told
+        NOT_COORDINATOR and go to find it."""
+        self.offsets.unload(partition)
+        for group_id in list(self._groups):
+            if self.offsets.partition_for(group_id).partition != partition:
+                continue
+            group = self._groups.pop(group_id)
+            for member in group.members.values():
+                _fail_waiters(member, NotCoordinatorError.errno)
 
     def start(self) -> None:
         self._stopping = False
@@ -503,7 +529,8 @@ class GroupCoordinator:
         member_id: str,
         instance_id: str | None,
         offsets: Mapping[TopicPartition, OffsetAndMetadata],
-    ) -> None:
+    ) -> tuple[TopicPartition, int] | None:
+        """Commit; answers where the ISR must reach for it to survive (see OffsetStore)."""
         group = self._groups.get(group_id)
         if generation < 0 and not member_id:
             # A consumer that assigns its own partitions commits without membership,
@@ -517,7 +544,7 @@ class GroupCoordinator:
             member.last_heartbeat = _loop_time()
             if group.state is GroupState.COMPLETING_REBALANCE:
                 raise RebalanceInProgressError()
-        self.offsets.commit(group_id, offsets)
+        return self.offsets.commit(group_id, offsets)
 
     def committed(self, group_id: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
         """The group's committed offsets (OffsetFetch)."""

@@ -145,9 +145,11 @@ class OffsetStore:
         was made): the broker knows what this topic's metadata must say."""
         return self.service.restore_topic(OFFSETS_TOPIC, self.partitions, OFFSETS_TOPIC_CONFIG)
 
-    def load(self) -> int:
-        """Rebuild the table from the log; returns the number of committed offsets loaded."""
-        if OFFSETS_TOPIC in self.service.offline_topics():
+    def load(self, only: int | None = None) -> int:
+        """Rebuild the table from the log; returns the number of committed offsets loaded.
+        ``only``: reload just the groups whose home is that partition (this broker just
+        became its leader: what it holds of them was copied as a follower since)."""
+        if OFFSETS_TOPIC in self.service.offline_topics() and only is None:
             self._restore()
         if OFFSETS_TOPIC not in self.service.topics():
             return 0
@@ -165,7 +167,7 @@ class OffsetStore:
                 home = homes[group] = coordinator_partition(group, count)
             return home
 
-        for partition in range(count):
+        for partition in range(count) if only is None else (only,):
             tp = TopicPartition(OFFSETS_TOPIC, partition)
             offset, end = self.service.offsets(tp)
             while offset < end:
@@ -183,19 +185,38 @@ class OffsetStore:
                             earlier=earlier,
                         )
                     offset = header.last_offset + 1
+        if only is not None:
+            self.unload(only)
+            earlier.clear()  # another partition's records: that partition's leader has them
         for group in own.keys() | earlier.keys():
             merged = {**earlier.get(group, {}), **own.get(group, {})}
             table = {tp: value for tp, value in merged.items() if value is not None}
             if table:
                 self._offsets[group] = table
-        return sum(len(v) for v in self._offsets.values())
+        return (
+            sum(len(self._offsets.get(g, ())) for g in own)
+            if only is not None
+            else sum(len(v) for v in self._offsets.values())
+        )
 
-    def commit(self, group: str, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None:
-        """Durably record ``offsets``; raises the storage error if the append fails."""
+    def unload(self, partition: int) -> list[str]:
+        """Forget the groups whose home is ``partition`` (another broker leads it now)."""
+        gone = [g for g in self._offsets if self.partition_for(g).partition == partition]
+        for group in gone:
+            del self._offsets[group]
+        return gone
+
+    def commit(
+        self, group: str, offsets: Mapping[TopicPartition, OffsetAndMetadata]
+    ) -> tuple[TopicPartition, int] | None:
+        """Record ``offsets``; raises the storage error if the append fails. Answers the
+        ``__consumer_offsets`` partition and the end offset the ISR must reach for the
+        commit to survive its coordinator (None: nothing written)."""
         if not offsets:
-            return
-        self._write(group, [(tp, encode_value(v)) for tp, v in offsets.items()])
+            return None
+        written = self._write(group, [(tp, encode_value(v)) for tp, v in offsets.items()])
         self._offsets.setdefault(group, {}).update(offsets)
+        return written
 
     def delete(self, group: str, tps: Iterable[TopicPartition] | None = None) -> int:
         """Tombstone a group's offsets (all of them by default); returns how many were removed."""
@@ -210,11 +231,15 @@ class OffsetStore:
             self._offsets.pop(group, None)
         return len(targets)
 
-    def _write(self, group: str, entries: list[tuple[TopicPartition, bytes | None]]) -> None:
+    def _write(
+        self, group: str, entries: list[tuple[TopicPartition, bytes | None]]
+    ) -> tuple[TopicPartition, int]:
         self.ensure_topic()
         now = int(time.time() * 1000)
         batch = build_batch([(encode_key(group, tp), value, (), now) for tp, value in entries])
-        self.service.append_now(self.partition_for(group), batch, origin=AppendOrigin.COORDINATOR)
+        home = self.partition_for(group)
+        result = self.service.append_now(home, batch, origin=AppendOrigin.COORDINATOR)
+        return home, result.last_offset + 1
 
     def fetch(self, group: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
         return self._offsets.get(group, {})

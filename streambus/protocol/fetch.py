@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kafka.protocol.consumer import (
     FetchRequest,
@@ -48,6 +48,7 @@ from streambus.records.batch import header_values, iter_records, payload_bytes, 
 from streambus.structs import TopicPartition
 
 if TYPE_CHECKING:
+    from streambus.partitions import LogSlice
     from streambus.protocol.context import BrokerServices
 
 routes = ApiRoutes()
@@ -78,23 +79,26 @@ class _Read:
 async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     started = time.perf_counter()
     wanted = [
-        (t.topic, p.partition, p.fetch_offset, p.partition_max_bytes)
+        _Wanted(t.topic, p.partition, p.fetch_offset, p.partition_max_bytes, _epoch(p))
         for t in request.topics
         for p in t.partitions
     ]
+    # A broker's follower fetch (replica id >= 0) reads to the log end and reports its
+    # progress; a consumer's (-1) reads below the high watermark only.
+    replica_id = request.replica_id
     asked = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
     max_bytes = min(asked, services.config.fetch_max_bytes)
     deadline = started + max(request.max_wait_ms, 0) / 1000
     # Closed segments this fetch may read for the first time are verified first, in a
     # worker thread (again after each wait: an append may have rolled a segment).
     to_verify: list[tuple[TopicPartition, int, int]] = []
-    for i, (t, p, o, m) in enumerate(wanted, 1):
+    for i, (t, p, o, m, _) in enumerate(wanted, 1):
         if i % SLICE_PARTITIONS == 0:
             await asyncio.sleep(0)
         to_verify.append((TopicPartition(t, p), o, min(m, max_bytes)))
     while True:
         await services.partitions.verify_for_read(to_verify, slice_size=SLICE_PARTITIONS)
-        reads, total = await _read_all(services, wanted, max_bytes)
+        reads, total = await _read_all(services, wanted, max_bytes, replica_id)
         remaining = deadline - time.perf_counter()
         if (
             total >= max(request.min_bytes, 1)
@@ -103,10 +107,13 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
             or services.stopping
         ):
             break
-        tps = [TopicPartition(t, p) for t, p, _, _ in wanted]
+        tps = [TopicPartition(w.topic, w.partition) for w in wanted]
         await services.partitions.wait_for_append(tps, remaining, ctx.closed)
         if ctx.closed is not None and ctx.closed.done():
             raise ConnectionClosedError("client closed during a long poll")
+    if replica_id >= 0:
+        _count_errors(services, reads)
+        return await _response(request, reads)
     await _account(services, reads)
     elapsed = time.perf_counter() - started
     for topic in {r.topic for r in reads}:
@@ -114,29 +121,48 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
     return await _response(request, reads)
 
 
+class _Wanted(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    max_bytes: int
+    leader_epoch: int  # current_leader_epoch (v9+), -1 when not given
+
+
+def _epoch(p: Any) -> int:
+    epoch = getattr(p, "current_leader_epoch", -1)
+    return -1 if epoch is None else int(epoch)
+
+
 async def _read_all(
-    services: BrokerServices, wanted: Sequence[tuple[str, int, int, int]], max_bytes: int
+    services: BrokerServices, wanted: Sequence[_Wanted], max_bytes: int, replica_id: int = -1
 ) -> tuple[list[_Read], int]:
     partitions = services.partitions
     reads: list[_Read] = []
     total = 0
     eager = EAGER_BYTES
-    for i, (topic, partition, offset, partition_max) in enumerate(wanted, 1):
+    for i, (topic, partition, offset, partition_max, epoch) in enumerate(wanted, 1):
         if i % SLICE_PARTITIONS == 0:
             await asyncio.sleep(0)  # a fetch of 100,000 partitions must not stall everyone
         read = _Read(topic, partition, offset)
         reads.append(read)
         tp = TopicPartition(topic, partition)
-        try:
-            read.log_start_offset, read.high_watermark = partitions.offsets(tp)
-        except StreamBusError as exc:
-            read.error = exc.errno
-            continue
         budget = min(partition_max, max_bytes - total)
-        if budget <= 0 and total:
-            continue
+        got: LogSlice
         try:
-            got = partitions.read_slice(tp, offset, max(budget, 1), eager_bytes=eager)
+            if replica_id >= 0:
+                offsets, got = partitions.follower_fetch(
+                    tp, replica_id, offset, epoch, max(budget, 1), eager_bytes=eager
+                )
+                read.log_start_offset, read.high_watermark = offsets
+                if budget <= 0 and total:
+                    continue
+            else:
+                partitions.check_epoch(tp, epoch)
+                read.log_start_offset, read.high_watermark = partitions.offsets(tp)
+                if budget <= 0 and total:
+                    continue
+                got = partitions.read_slice(tp, offset, max(budget, 1), eager_bytes=eager)
         except StreamBusError as exc:
             read.error = exc.errno
             continue
@@ -157,6 +183,12 @@ def _pieces(records: Records) -> Iterator[bytes | memoryview]:
             yield records
     else:
         yield from records.pieces()
+
+
+def _count_errors(services: BrokerServices, reads: list[_Read]) -> None:
+    errors = Counter(read.error for read in reads if read.error)
+    for code, count in errors.items():
+        services.telemetry.error("Fetch", error_name(code), count)
 
 
 async def _account(services: BrokerServices, reads: list[_Read]) -> None:
@@ -298,10 +330,12 @@ async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, req
     for topic in request.topics:
         parts = []
         for p in topic.partitions:
-            error, timestamp, offset = 0, -1, -1
+            error, timestamp, offset, epoch = 0, -1, -1, -1
             try:
                 tp = TopicPartition(topic.name, p.partition_index)
+                services.partitions.check_epoch(tp, _epoch(p))
                 timestamp, offset = services.partitions.list_offset(tp, p.timestamp)
+                epoch = services.partitions.leader_epoch(tp)
             except StreamBusError as exc:
                 error = exc.errno
                 services.telemetry.error("ListOffsets", exc.kafka_name)
@@ -311,7 +345,7 @@ async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, req
                     error_code=error,
                     timestamp=timestamp,
                     offset=offset,
-                    leader_epoch=0,
+                    leader_epoch=epoch,
                 )
             )
         topics.append(R.ListOffsetsTopicResponse(name=topic.name, partitions=parts))

@@ -39,6 +39,10 @@ from streambus.errors import (
     CoordinatorNotAvailableError,
     InvalidGroupIdError,
     MemberIdRequiredError,
+    NotCoordinatorError,
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
+    NotLeaderOrFollowerError,
     OffsetMetadataTooLargeError,
     StreamBusError,
     UnknownTopicOrPartitionError,
@@ -249,6 +253,22 @@ async def handle_leave_group(services: BrokerServices, ctx: RequestContext, requ
     return R(throttle_time_ms=0, error_code=top, members=results)
 
 
+# How long a commit waits for the ISR of its __consumer_offsets partition (Kafka's
+# offsets.commit.timeout.ms).
+OFFSETS_COMMIT_TIMEOUT_S = 5.0
+
+
+async def _replicate_commit(services: BrokerServices, tp: TopicPartition, end: int) -> None:
+    """A commit is answered once the ISR has it, as Kafka's coordinator writes with
+    acks=all; replication errors become the group errors Kafka answers with."""
+    try:
+        await services.partitions.wait_replicated(tp, end, OFFSETS_COMMIT_TIMEOUT_S)
+    except NotLeaderOrFollowerError as exc:
+        raise NotCoordinatorError(str(exc)) from exc
+    except (NotEnoughReplicasError, NotEnoughReplicasAfterAppendError) as exc:
+        raise CoordinatorNotAvailableError(str(exc)) from exc
+
+
 @routes.api(OffsetCommitRequest, OffsetCommitResponse, versions=(0, 9))
 async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = OffsetCommitResponse
@@ -280,13 +300,15 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
             if not group_id:
                 raise InvalidGroupIdError("group id must not be empty")
             services.check_coordinator(group_id)
-            services.groups.commit(
+            written = services.groups.commit(
                 group_id,
                 request.generation_id_or_member_epoch if version >= 1 else -1,
                 request.member_id if version >= 1 else "",
                 request.group_instance_id if version >= 7 else None,
                 offsets,
             )
+            if written is not None:
+                await _replicate_commit(services, *written)
         except StreamBusError as exc:
             log.info("OffsetCommit %r from %s refused: %s", group_id, ctx.client_id, exc)
             span.set_attribute("streambus.error", exc.kafka_name)

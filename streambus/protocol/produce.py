@@ -79,6 +79,8 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
     topics_out = []
     touched: list[str] = []
     rejected: list[tuple[str, int, StreamBusError]] = []
+    # acks=all: appended here, answered once the ISR has them (waited for all at once)
+    pending: list[tuple[TopicPartition, Any, int]] = []
     done = 0
     try:
         for topic_data in request.topic_data:
@@ -86,13 +88,18 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
             touched.append(topic)
             parts = []
             for pd in topic_data.partition_data:
-                parts.append(await _append_one(services, topic, pd, refused, rejected))
+                part, end = await _append_one(services, topic, pd, refused, rejected, acks=acks)
+                parts.append(part)
+                if acks == -1 and end is not None:
+                    pending.append((TopicPartition(topic, pd.index), part, end))
                 done += 1
                 if done % PARTITIONS_PER_SLICE == 0:
                     await asyncio.sleep(0)
             topics_out.append(
                 ProduceResponse.TopicProduceResponse(name=topic, partition_responses=parts)
             )
+        if pending:
+            await _wait_replicated(services, pending, request.timeout_ms, span, rejected)
     finally:
         elapsed = time.perf_counter() - started
         for topic in touched:
@@ -151,32 +158,84 @@ async def _append_one(
     pd: Any,
     refused: StreamBusError | None,
     rejected: list[tuple[str, int, StreamBusError]],
-) -> Any:
+    *,
+    acks: int,
+) -> tuple[Any, int | None]:
+    """The partition's response, and the end offset acks=all waits for (None: answered)."""
     partition = pd.index
     try:
         if refused is not None:
             raise refused
-        result = await services.partitions.append(TopicPartition(topic, partition), pd.records)
-    except StreamBusError as exc:
-        if isinstance(exc, KafkaStorageError):  # logged once per episode by storage health
-            log.debug("produce to %s-%d failed: %s", topic, partition, exc)
-        else:
-            rejected.append((topic, partition, exc))
-        return PartitionResponse(
-            index=partition,
-            error_code=exc.errno,
-            base_offset=-1,
-            log_append_time_ms=-1,
-            log_start_offset=-1,
-            error_message=str(exc),
+        result = await services.partitions.append(
+            TopicPartition(topic, partition), pd.records, acks=acks
         )
-    return PartitionResponse(
+    except StreamBusError as exc:
+        _refused(topic, partition, exc, rejected)
+        return _failed(partition, exc), None
+    response = PartitionResponse(
         index=partition,
         error_code=0,
         base_offset=result.base_offset,
         log_append_time_ms=result.log_append_time_ms,
         log_start_offset=result.log_start_offset,
     )
+    return response, result.last_offset + 1
+
+
+def _refused(
+    topic: str, partition: int, exc: StreamBusError, rejected: list[tuple[str, int, StreamBusError]]
+) -> None:
+    if isinstance(exc, KafkaStorageError):  # logged once per episode by storage health
+        log.debug("produce to %s-%d failed: %s", topic, partition, exc)
+    else:
+        rejected.append((topic, partition, exc))
+
+
+def _failed(partition: int, exc: StreamBusError) -> Any:
+    return PartitionResponse(
+        index=partition,
+        error_code=exc.errno,
+        base_offset=-1,
+        log_append_time_ms=-1,
+        log_start_offset=-1,
+        error_message=str(exc),
+    )
+
+
+async def _wait_replicated(
+    services: BrokerServices,
+    pending: list[tuple[TopicPartition, Any, int]],
+    timeout_ms: int,
+    span: trace.Span | None,
+    rejected: list[tuple[str, int, StreamBusError]],
+) -> None:
+    """acks=all: every appended partition waits for its ISR, all at once, under the
+    request's timeout; a partition that fails gets its error instead of its offset. The
+    wait is its own span under the produce span, so a slow follower shows in the trace."""
+    partitions = services.partitions
+    child = None
+    if span is not None and span.is_recording():
+        child = services.telemetry.child_span(
+            "replicate", span, {"messaging.batch.partition_count": len(pending)}
+        )
+    results = await asyncio.gather(
+        *(partitions.wait_replicated(tp, end, timeout_ms / 1000) for tp, _, end in pending),
+        return_exceptions=True,
+    )
+    failed = 0
+    for (tp, part, _), outcome in zip(pending, results, strict=True):
+        if isinstance(outcome, StreamBusError):
+            failed += 1
+            _refused(tp.topic, tp.partition, outcome, rejected)
+            fresh = _failed(tp.partition, outcome)
+            part.error_code, part.error_message = fresh.error_code, fresh.error_message
+            part.base_offset = part.log_append_time_ms = part.log_start_offset = -1
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    if child is not None:
+        if failed:
+            child.set_status(trace.StatusCode.ERROR, f"{failed} partition(s) not replicated")
+        child.end()
 
 
 async def _start_span(services: BrokerServices, request: Any) -> trace.Span:

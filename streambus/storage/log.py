@@ -511,6 +511,12 @@ class PartitionLog:
         """(epoch, start offset) of every cached leader epoch, oldest first."""
         return self._epochs.entries()
 
+    def assign_epoch_start(self, epoch: int, offset: int) -> None:
+        """A new leader's epoch starts at its log end (Kafka's makeLeader), so a follower
+        asking where an older epoch ends is answered even before the first append."""
+        if epoch > self.latest_epoch:
+            self._epochs.assign(epoch, offset, durable=False)
+
     def end_offset_for_epoch(self, epoch: int) -> tuple[int, int]:
         """(largest cached epoch <= ``epoch``, the offset where it ends): the start of the
         next cached epoch, or the log end offset for the latest; (-1, -1) if none."""
@@ -901,22 +907,37 @@ class PartitionLog:
             return got.data
         return b"".join(got.pieces())
 
-    def read_slice(self, offset: int, max_bytes: int, *, eager_bytes: int) -> LogSlice:
+    def read_slice(
+        self, offset: int, max_bytes: int, *, eager_bytes: int, max_offset: int | None = None
+    ) -> LogSlice:
         """What ``read`` returns, as spans of segments; the bytes are read now only if
         they come to at most ``eager_bytes``, else by ``LogSlice.pieces`` when sent.
-        Bad regions are stepped over; closed segments are verified first."""
+        Bad regions are stepped over; closed segments are verified first. ``max_offset``:
+        only batches below it (a consumer's read stops at the high watermark, which
+        falls between batches)."""
         self._check_offset(offset)
         spans: list[Span] = []
-        if offset == self.log_end_offset:
+        upto = self.log_end_offset if max_offset is None else min(max_offset, self.log_end_offset)
+        if offset >= upto:
             return LogSlice(spans, b"")
         chunks: list[bytes | memoryview] = []
         eager = max_bytes <= eager_bytes
         remaining = max_bytes
-        for segment in self._segments[self._segment_index(offset) :]:
+        last = self._segment_index(upto) if upto < self.log_end_offset else len(self._segments)
+        for index in range(self._segment_index(offset), len(self._segments)):
+            segment = self._segments[index]
             self._verify(segment)
             position = segment.lookup(offset)  # steps over bad regions at the start too
             if position is None:  # compaction emptied the rest of this segment
                 continue
+            if index == last:
+                stop = segment.lookup(upto)
+                if stop is not None:
+                    if stop <= position:
+                        break
+                    remaining = min(remaining, stop - position)
+            elif index > last:
+                break
             whole_first = not spans
             if eager:
                 data = segment.read_batches(position, remaining, whole_first=whole_first)
