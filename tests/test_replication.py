@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -161,7 +162,10 @@ def stop_all(cluster: ClusterProcesses) -> None:
         assert broker.proc is not None
         broker.proc.send_signal(signal.SIGTERM)
     for broker in live.values():
-        broker.stop()
+        try:
+            broker.stop()
+        except subprocess.TimeoutExpired:  # what it wrote is in its files all the same
+            broker.kill()
 
 
 def replica_log(data_dir: Path, topic: str, partition: int) -> tuple[list[bytes], list[Any]]:
