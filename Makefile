@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo cluster test lint otelcol bench bench-quick bench-hostile clean
+.PHONY: install deb demo cluster test soak lint otelcol bench bench-quick bench-hostile bench-replication clean
 
 install: $(STAMP) deb
 
@@ -43,6 +43,12 @@ cluster: $(STAMP)
 test: install lint otelcol
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The replication fault tests with a long leader-kill loop (STREAMBUS_KILL_ROUNDS rounds of
+# SIGKILL and restart; `make test` runs 3). Figures are printed.
+KILL_ROUNDS ?= 12
+soak: $(STAMP)
+	STREAMBUS_KILL_ROUNDS=$(KILL_ROUNDS) $(BIN)/pytest -s tests/test_replication.py $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check streambus telemetry tests examples bench
 	$(BIN)/ruff format --check streambus telemetry tests examples bench
@@ -58,9 +64,17 @@ otelcol:
 # on first use (needs java 17+ and mvn). Writes bench/results/latest.json and prints a table.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
+	$(BIN)/python -m bench.replication $(REPL_ARGS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick $(ARGS)
+	$(BIN)/python -m bench.replication --quick $(REPL_ARGS)
+
+# Replicated produce (replication factor 3, min.insync.replicas 2, acks=all) on three local
+# StreamBus brokers beside three local Kafka brokers (KRaft), and the replication latency of
+# each; writes bench/results/replication.json. REPL_ARGS="--quick", "--no-kafka", ...
+bench-replication: $(STAMP)
+	$(BIN)/python -m bench.replication $(REPL_ARGS)
 
 # Each hardening finding reproduced against a fresh `streambus serve` of this checkout, one line
 # per figure (ARGS="--quick" or ARGS="--only huge-fetch,fuzz"); logs in bench/results/logs/hostile/.
