@@ -249,6 +249,23 @@ def test_replication_rules() -> None:
     assert 'streambus_isr_changes_total{kind="expand"}' in churn
 
 
+def test_every_alert_is_in_the_operators_list() -> None:
+    listed = re.findall(
+        r"^\| `(\w+)` \| (\w+) \|", (ROOT / "deploy" / "README.md").read_text(), re.M
+    )
+    assert {name for name, _ in listed} == set(rules())
+    found = rules()
+    for name, severity in listed:
+        assert f"severity: {severity}\n" in found[name], name
+    # the top README's table: the cluster's and replication's alerts
+    top = set(
+        re.findall(
+            r"^\| `(\w+)` \| (?:critical|warning|info) \|", (ROOT / "README.md").read_text(), re.M
+        )
+    )
+    assert set(groups()["streambus-cluster"]) | REPLICATION_ALERTS == top
+
+
 def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     tests = (DEPLOY / "alerts.test.yml").read_text()
     cases = re.findall(r"alertname: (\w+)\n\s+exp_alerts:( \[\])?\n(\s+- exp_labels)?", tests, re.M)
