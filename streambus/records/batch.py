@@ -480,12 +480,16 @@ def build_batch(
     producer_epoch: int = -1,
     base_sequence: int = -1,
     offset_deltas: Sequence[int] | None = None,
+    attributes: int = 0,
 ) -> bytes:
     """An uncompressed, CreateTime v2 batch of (key, value, headers, timestamp_ms) records.
 
     ``offset_deltas`` (ascending, one per record) keeps the original offsets of
     records that survived compaction; by default they are 0, 1, 2, ...
+    ``attributes``: only the transactional and control bits may be set.
     """
+    if attributes & ~(TRANSACTIONAL_MASK | CONTROL_MASK):
+        raise ValueError(f"build_batch sets no attributes but bits 4-5, got {attributes:#x}")
     if not records:
         raise ValueError("a batch needs at least one record")
     deltas = list(range(len(records))) if offset_deltas is None else list(offset_deltas)
@@ -516,7 +520,7 @@ def build_batch(
         -1,  # partitionLeaderEpoch
         2,
         0,  # crc, computed below
-        0,  # attributes
+        attributes,
         deltas[-1],
         base_ts,
         max(r[3] for r in records),
@@ -528,3 +532,66 @@ def build_batch(
     buf += body
     _rewrite_crc(buf, 0)
     return bytes(buf)
+
+
+# -- transaction markers (control batches) -------------------------------------------
+# A marker is a batch with the transactional and control bits set, the producer's id
+# and epoch, baseSequence -1, and exactly one record whose key and value are:
+CONTROL_KEY = struct.Struct(
+    ">"
+    "h"  # version: 0
+    "h"  # type: 0 abort, 1 commit (Kafka's ControlRecordType)
+)
+CONTROL_VALUE = struct.Struct(
+    ">"
+    "h"  # version: 0
+    "i"  # coordinatorEpoch: epoch of the transaction coordinator that wrote the marker
+)
+CONTROL_ABORT = 0
+CONTROL_COMMIT = 1
+
+
+class ControlRecord(NamedTuple):
+    """What a transaction marker says."""
+
+    commit: bool
+    coordinator_epoch: int
+
+
+def build_control_batch(
+    producer_id: int,
+    producer_epoch: int,
+    *,
+    commit: bool,
+    coordinator_epoch: int,
+    timestamp_ms: int,
+    base_offset: int = 0,
+) -> bytes:
+    """A commit or abort marker for ``producer_id``'s transaction, in Kafka's layout."""
+    key = CONTROL_KEY.pack(0, CONTROL_COMMIT if commit else CONTROL_ABORT)
+    value = CONTROL_VALUE.pack(0, coordinator_epoch)
+    return build_batch(
+        [(key, value, (), timestamp_ms)],
+        base_offset=base_offset,
+        producer_id=producer_id,
+        producer_epoch=producer_epoch,
+        attributes=TRANSACTIONAL_MASK | CONTROL_MASK,
+    )
+
+
+def parse_control_record(data: Buffer, pos: int, header: BatchHeader) -> ControlRecord | None:
+    """The marker held by the control batch at ``pos``; None if its record is not a
+    transaction marker (another control type, or a key Kafka does not define)."""
+    for record in iter_records(data, pos, header):
+        key = record.key
+        if key is None or len(key) < CONTROL_KEY.size:
+            return None
+        version, kind = CONTROL_KEY.unpack_from(key, 0)
+        if version != 0 or kind not in (CONTROL_ABORT, CONTROL_COMMIT):
+            return None
+        coordinator_epoch = -1
+        value = record.value
+        if value is not None and len(value) >= CONTROL_VALUE.size:
+            _, coordinator_epoch = CONTROL_VALUE.unpack_from(value, 0)
+        return ControlRecord(kind == CONTROL_COMMIT, coordinator_epoch)
+    return None

@@ -24,6 +24,13 @@ go once their segment's newest data is older than delete.retention.ms.
 The key map lives in memory (one entry per distinct key of the cleanable
 segments); Kafka bounds it with log.cleaner.dedupe.buffer.size, we do not.
 Records without a key (written before the topic became compacted) are kept.
+
+Transactions (Kafka's rules, a subset): the log cleans only below its oldest open
+transaction and passes the aborted transactions of the range (its index). Records
+of aborted transactions are dropped and never count as a key's latest value;
+committed ones are compacted like any other. Markers are always kept (Kafka drops
+one delete.retention.ms after its transaction's records are gone; keeping it is
+safe, only less compact), so the aborted-transaction index stays true.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from streambus.records.batch import (
     BatchHeader,
@@ -45,6 +52,9 @@ from streambus.records.batch import (
 )
 from streambus.storage.segment import Segment
 from streambus.topic_config import TopicConfig
+
+if TYPE_CHECKING:
+    from streambus.storage.txnindex import AbortedTxn
 
 
 class CleanResult(NamedTuple):
@@ -68,6 +78,26 @@ def cleanable_segments(
             break
         out.append(segment)
     return out
+
+
+class _Aborted:
+    """Which transactional batches belong to an aborted transaction."""
+
+    def __init__(self, aborted: Sequence[AbortedTxn]) -> None:
+        self._ranges: dict[int, list[tuple[int, int]]] = {}
+        for entry in aborted:
+            self._ranges.setdefault(entry.producer_id, []).append(
+                (entry.first_offset, entry.last_offset)
+            )
+
+    def __contains__(self, header: BatchHeader) -> bool:
+        if not header.is_transactional or header.is_control:
+            return False
+        ranges = self._ranges.get(header.producer_id)
+        if ranges is None:
+            return False
+        offset = header.base_offset
+        return any(first <= offset <= last for first, last in ranges)
 
 
 def _rebuild(survivors: list[Record], header: BatchHeader) -> bytes:
@@ -114,14 +144,18 @@ def clean(
     config: TopicConfig,
     now_ms: int,
     abort: threading.Event | None = None,
+    aborted: Sequence[AbortedTxn] = (),
 ) -> CleanResult | None:
     """Clean ``segments`` (twins from ``Segment.reader``) into staged copies.
 
+    ``aborted``: the aborted transactions whose records fall in the segments.
     None if ``abort`` was set meanwhile; whatever was staged is then removed.
     """
     staged: list[tuple[int, Segment]] = []
     try:
-        return _clean(segments, config, now_ms, abort or threading.Event(), staged)
+        return _clean(
+            segments, config, now_ms, abort or threading.Event(), staged, aborted=_Aborted(aborted)
+        )
     except BaseException:
         for _, copy in staged:
             copy.discard_staging()
@@ -139,15 +173,21 @@ def _clean(
     now_ms: int,
     abort: threading.Event,
     staged: list[tuple[int, Segment]],
+    *,
+    aborted: _Aborted,
 ) -> CleanResult:
     pace = _Pace(abort)
     latest: dict[bytes, int] = {}
     tombstones: set[bytes] = set()  # keys whose latest record is a tombstone
     keyed = [0] * len(segments)
+    dropped = [0] * len(segments)  # records of aborted transactions
     for i, segment in enumerate(segments):
         for _, header, view in segment.iter_batches():
             pace.step(header.size)
             if header.is_control:
+                continue
+            if header in aborted:
+                dropped[i] += header.records_count
                 continue
             for record in iter_records(view, 0, header):
                 if record.key is None:
@@ -176,12 +216,18 @@ def _clean(
 
     removed = 0
     for i, segment in enumerate(segments):
-        if survivors[i] == keyed[i]:
+        if survivors[i] == keyed[i] and not dropped[i]:
             continue
         copy = segment.staging()
         staged.append((i, copy))
         removed += _rewrite(
-            segment, copy, latest, drop_tombstones=drop_tombstones[i], now_ms=now_ms, pace=pace
+            segment,
+            copy,
+            latest,
+            aborted,
+            drop_tombstones=drop_tombstones[i],
+            now_ms=now_ms,
+            pace=pace,
         )
         segment.release_fd()
     return CleanResult(staged, removed, tombstones_due_ms)
@@ -191,6 +237,7 @@ def _rewrite(
     segment: Segment,
     copy: Segment,
     latest: dict[bytes, int],
+    aborted: _Aborted,
     *,
     drop_tombstones: bool,
     now_ms: int,
@@ -202,6 +249,9 @@ def _rewrite(
         pace.step(header.size)
         if header.is_control:
             copy.append(view, header, now_ms)
+            continue
+        if header in aborted:
+            removed += header.records_count
             continue
         kept: list[Record] = []
         for record in iter_records(view, 0, header):

@@ -36,6 +36,15 @@ epoch cache (epochs.py); a follower stores the leader's batches unchanged with
 ``leo.checkpoint`` before it cuts, so it is never reported as lost data, and
 rebuilds producer state from the batches that remain. The high watermark is
 kept in ``hw.checkpoint`` beside it (same format), written at each flush.
+
+Transactions: transactional batches open their producer's transaction here and
+``append_marker`` (or a marker copied by ``append_replicated``) ends it; the
+last stable offset stops at the oldest open transaction, and each abort adds
+an entry to the aborted-transaction index (txnindex.py), one ``.txnindex`` per
+segment. Open, truncation and retention keep both in step with the batches:
+they are replayed from batch headers (a marker's key is read only where a
+segment's index file is missing, corrupt, or the last one). Compaction stops
+below the oldest open transaction, drops aborted records and keeps every marker.
 """
 
 from __future__ import annotations
@@ -69,9 +78,12 @@ from streambus.records.batch import (
     LOG_OVERHEAD,
     MIN_BATCH_LENGTH,
     BatchHeader,
+    ControlRecord,
+    build_control_batch,
     check_batch,
     iter_records,
     parse_batches,
+    parse_control_record,
     read_header,
     set_base_offset,
     set_log_append_time,
@@ -81,8 +93,16 @@ from streambus.records.batch import (
 from streambus.storage import cleaner
 from streambus.storage.epochs import LeaderEpochCache
 from streambus.storage.health import WriteHealth
-from streambus.storage.producer_state import ProducerState
+from streambus.storage.producer_state import CompletedTxn, ProducerInfo, ProducerState
 from streambus.storage.segment import Segment, fsync_dir
+from streambus.storage.txnindex import (
+    TXN_INDEX_SUFFIX,
+    AbortedTransactions,
+    AbortedTxn,
+    append_entry,
+    read_index,
+    write_index,
+)
 from streambus.storage.verify import BadRegion, ScanResult
 from streambus.structs import AppendResult, ReplicatedAppend
 from streambus.topic_config import TimestampType, TopicConfig
@@ -174,12 +194,13 @@ class CompactionJob:
     now_ms: int
     end: int  # first offset not cleaned
     abort: threading.Event = field(default_factory=threading.Event)
+    aborted: list[AbortedTxn] = field(default_factory=list)  # transactions in the range
     future: Future[cleaner.CleanResult | None] | None = None  # set by whoever runs it
     adopted: list[tuple[Segment, Segment]] = field(default_factory=list)
     discarded: list[Segment] = field(default_factory=list)
 
     def run(self) -> cleaner.CleanResult | None:
-        return cleaner.clean(self.readers, self.config, self.now_ms, self.abort)
+        return cleaner.clean(self.readers, self.config, self.now_ms, self.abort, self.aborted)
 
     def settle(self) -> None:
         """Worker thread: make adopted copies durable, remove discarded ones."""
@@ -206,6 +227,8 @@ class PartitionLog:
         self._segments = segments
         self._clock = clock
         self._producers = ProducerState()
+        self._aborted = AbortedTransactions()
+        self._txn_dirty: list[Path] = []  # index files appended to since the last fsync
         self._unflushed_messages = 0
         self._first_unflushed_ms = -1
         self._needs_sync: list[Segment] = []  # rolled, not yet fsynced
@@ -240,11 +263,17 @@ class PartitionLog:
         now_ms = int(clock() * 1000)
         for leftover in directory.glob("*.cleaned"):  # an interrupted compaction
             leftover.unlink()
+        for leftover in directory.glob(f"*{TXN_INDEX_SUFFIX}.tmp"):  # an interrupted rewrite
+            leftover.unlink()
         bases = sorted(
             int(p.stem)
             for p in directory.glob(f"*{_SEGMENT_SUFFIX}")
             if len(p.stem) == _NAME_DIGITS and p.stem.isdigit()
         )
+        names = {f"{base:0{_NAME_DIGITS}d}" for base in bases}
+        for orphan in directory.glob(f"*{TXN_INDEX_SUFFIX}"):  # its segment is gone
+            if orphan.stem not in names:
+                orphan.unlink()
         interval = config.index_interval_bytes
         compacts = config.cleanup_policy.compacts
         if not bases:
@@ -289,23 +318,73 @@ class PartitionLog:
         return plog
 
     def _producers_and_epochs(self, rebuild: bool) -> bool:
-        """Rebuild producer state from every batch header, adding to the epoch cache
-        the epochs it misses; True if the cache changed."""
+        """Rebuild producer and transaction state from every batch header, adding to the
+        epoch cache the epochs it misses; True if the cache changed."""
         epochs = self._epochs
         changed = False
 
-        def observed() -> Iterator[BatchHeader]:
+        def observe(header: BatchHeader) -> None:
             nonlocal changed
-            for header in _headers(self._segments):
-                epoch = header.partition_leader_epoch
-                if epoch >= 0 and (rebuild or epoch > epochs.latest_epoch):
-                    changed |= epochs.assign(epoch, header.base_offset, persist=False)
-                yield header
+            epoch = header.partition_leader_epoch
+            if epoch >= 0 and (rebuild or epoch > epochs.latest_epoch):
+                changed |= epochs.assign(epoch, header.base_offset, persist=False)
 
         if rebuild:
             epochs.clear(persist=False)
-        self._producers.rebuild(observed())
+        self._replay(observe)
         return changed
+
+    def _replay(self, observe: Callable[[BatchHeader], None] | None = None) -> None:
+        """Rebuild producer state, open transactions and the aborted-transaction index
+        from the batches, oldest first. A closed segment whose headers do not chain is
+        left for its verification to report."""
+        self._producers.clear()
+        entries: list[AbortedTxn] = []
+        last = len(self._segments) - 1
+        for i, segment in enumerate(self._segments):
+            ended: list[tuple[int, BatchHeader, CompletedTxn]] = []
+            try:
+                for pos, header in segment.iter_headers():
+                    if observe is not None:
+                        observe(header)
+                    done = self._producers.replay(header)
+                    if done is not None and done.first_offset >= 0:
+                        ended.append((pos, header, done))
+            except CorruptRecordError:
+                pass
+            entries.extend(self._segment_aborts(segment, ended, trusted=i < last))
+        self._aborted.reset(entries)
+
+    def _segment_aborts(
+        self,
+        segment: Segment,
+        ended: list[tuple[int, BatchHeader, CompletedTxn]],
+        *,
+        trusted: bool,
+    ) -> list[AbortedTxn]:
+        """The aborted-transaction entries of one segment, given the transactions its
+        markers ended (``ended``, from headers alone): its index file when it names
+        only those (closed segments), else found by reading those markers' keys, and
+        the file rewritten to match. The last segment is always re-read: a crash may
+        have kept a marker without its entry."""
+        path = segment.txnindex_path
+        loaded = read_index(path, segment.base_offset, segment.next_offset)
+        candidates = {AbortedTxn(*done) for _, _, done in ended}
+        if trusted and loaded is not None:
+            if candidates.issuperset(loaded):
+                return loaded
+            log.warning("%s: names transactions the log does not hold, rebuilding it", path)
+        entries: list[AbortedTxn] = []
+        for pos, header, done in ended:
+            marker = _read_marker(segment, pos, header)
+            if marker is not None and not marker.commit:
+                entries.append(AbortedTxn(*done))
+        if loaded != entries and (loaded is not None or entries):
+            try:
+                write_index(path, entries)
+            except OSError as exc:  # rebuilt again on the next open
+                log.warning("%s: cannot rewrite: %s", path, exc)
+        return entries
 
     def _open_high_watermark(self) -> int:
         """The checkpointed high watermark within the log; the log end offset when there
@@ -522,6 +601,36 @@ class PartitionLog:
         next cached epoch, or the log end offset for the latest; (-1, -1) if none."""
         return self._epochs.end_offset_for(epoch, self.log_end_offset)
 
+    # -- transactions ------------------------------------------------------------
+
+    def last_stable_offset(self, high_watermark: int) -> int:
+        """Below it every transaction has ended: the first offset of the oldest open
+        transaction, at most ``high_watermark`` (never below the log start)."""
+        unstable = self._producers.first_unstable_offset()
+        lso = high_watermark if unstable is None else min(unstable, high_watermark)
+        return max(lso, self.log_start_offset)
+
+    def aborted_transactions(self, start: int, upto: int) -> list[tuple[int, int]]:
+        """(producer id, first offset) of the aborted transactions overlapping
+        [start, upto): what a read_committed Fetch of that range returns."""
+        return [
+            (entry.producer_id, entry.first_offset)
+            for entry in self._aborted.overlapping(start, upto)
+        ]
+
+    def aborted_index(self) -> list[AbortedTxn]:
+        """Every live entry of the aborted-transaction index, in marker order."""
+        return self._aborted.entries()
+
+    def ongoing_transactions(self) -> list[tuple[int, int, int, int]]:
+        """(producer id, producer epoch, first offset, last timestamp ms) of every open
+        transaction, oldest first."""
+        return self._producers.ongoing()
+
+    def producers(self) -> list[ProducerInfo]:
+        """Every producer with state here (DescribeProducers)."""
+        return self._producers.describe()
+
     @property
     def segment_count(self) -> int:
         return len(self._segments)
@@ -600,19 +709,9 @@ class PartitionLog:
             set_log_append_time(buf, 0, now_ms)
             append_time_ms = now_ms
         header = read_header(buf, 0)
-        health = self.health
-        try:
-            self._maybe_roll(header, now_ms)
-            self._active.append(buf, header, now_ms)
-        except KafkaStorageError as exc:
-            if health is not None:
-                health.failed(str(self.directory), exc)
-            raise
+        self._store(buf, header, now_ms)
         self._producers.update(header, base_offset)
-        if leader_epoch > self._epochs.latest_epoch:
-            # Not fsynced here: open re-adds an epoch lost with this write from the batch.
-            self._epochs.assign(leader_epoch, base_offset, durable=False)
-        needs_sync = self._count_unflushed(header.records_count, now_ms)
+        needs_sync = self._stored(header, leader_epoch, now_ms)
         return AppendResult(
             base_offset,
             header.last_offset,
@@ -624,6 +723,95 @@ class PartitionLog:
             header.crc,
             needs_sync,
         )
+
+    def _store(self, buf: bytearray, header: BatchHeader, now_ms: int) -> None:
+        """Write one batch, rolling first if it calls for it; a failure is told to health."""
+        try:
+            self._maybe_roll(header, now_ms)
+            self._active.append(buf, header, now_ms)
+        except KafkaStorageError as exc:
+            if self.health is not None:
+                self.health.failed(str(self.directory), exc)
+            raise
+
+    def _stored(self, header: BatchHeader, leader_epoch: int, now_ms: int) -> bool:
+        """After ``_store``: the epoch cache, then the flush accounting (``needs_sync``)."""
+        if leader_epoch > self._epochs.latest_epoch:
+            # Not fsynced here: open re-adds an epoch lost with this write from the batch.
+            self._epochs.assign(leader_epoch, header.base_offset, durable=False)
+        return self._count_unflushed(header.records_count, now_ms)
+
+    def append_marker(
+        self,
+        producer_id: int,
+        producer_epoch: int,
+        commit: bool,
+        coordinator_epoch: int,
+        *,
+        leader_epoch: int = 0,
+    ) -> AppendResult:
+        """Write a transaction marker (a control batch, Kafka's layout) ending the
+        producer's transaction in this partition; an abort of a transaction with records
+        here adds an entry to the aborted-transaction index. A marker for a producer
+        with no open transaction here is written all the same, without an entry. One
+        of an epoch older than the producer's raises InvalidProducerEpochError."""
+        if producer_id < 0 or producer_epoch < 0:
+            raise InvalidRecordError(
+                f"a marker needs a producer id and epoch, got {producer_id}/{producer_epoch}"
+            )
+        self._producers.check_marker(producer_id, producer_epoch)
+        now_ms = self._now_ms()
+        base_offset = self.log_end_offset
+        buf = bytearray(
+            build_control_batch(
+                producer_id,
+                producer_epoch,
+                commit=commit,
+                coordinator_epoch=coordinator_epoch,
+                timestamp_ms=now_ms,
+                base_offset=base_offset,
+            )
+        )
+        set_partition_leader_epoch(buf, 0, leader_epoch)
+        append_time_ms = -1
+        if self._config.message_timestamp_type is TimestampType.LOG_APPEND_TIME:
+            set_log_append_time(buf, 0, now_ms)
+            append_time_ms = now_ms
+        header = read_header(buf, 0)
+        self._store(buf, header, now_ms)
+        self._end_transaction(header, ControlRecord(commit, coordinator_epoch))
+        needs_sync = self._stored(header, leader_epoch, now_ms)
+        return AppendResult(
+            base_offset,
+            base_offset,
+            append_time_ms,
+            self.log_start_offset,
+            1,
+            0,  # payload: a marker carries no client data
+            False,  # duplicate
+            header.crc,
+            needs_sync,
+        )
+
+    def _end_transaction(self, header: BatchHeader, marker: ControlRecord | None) -> None:
+        """A marker was just stored in the active segment: end its producer's transaction,
+        indexing it if it was an abort of records here."""
+        done = self._producers.complete(header, -1 if marker is None else marker.coordinator_epoch)
+        if marker is None or marker.commit or done.first_offset < 0:
+            return
+        entry = AbortedTxn(*done)
+        self._aborted.add(entry)
+        path = self._active.txnindex_path
+        try:
+            append_entry(path, entry)
+        except OSError as exc:
+            # Kept in memory; a missing file is rebuilt from the log on the next open.
+            log.warning("%s: cannot append an aborted transaction: %s", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            return
+        if path not in self._txn_dirty:
+            self._txn_dirty.append(path)
 
     def _count_unflushed(self, records: int, now_ms: int) -> bool:
         """After a write: count it toward flush.messages / flush.ms and start the fsync
@@ -690,7 +878,10 @@ class PartitionLog:
             for pos, header in batches:
                 self._maybe_roll(header, now_ms)
                 self._active.append(view[pos : pos + header.size], header, now_ms)
-                self._producers.update(header, header.base_offset)
+                if header.is_control and header.producer_id >= 0:
+                    self._end_transaction(header, _parse_marker(view, pos, header))
+                else:
+                    self._producers.update(header, header.base_offset)
                 if header.partition_leader_epoch >= 0:
                     epochs_changed |= self._epochs.assign(
                         header.partition_leader_epoch, header.base_offset, persist=False
@@ -785,6 +976,9 @@ class PartitionLog:
             fsync_dir(self.directory)
             self._needs_sync.clear()
         self._active.flush()
+        if self._txn_dirty:
+            dirty, self._txn_dirty = self._txn_dirty, []
+            _fsync_files(self.directory, dirty, False)
         self._synced_end = self.log_end_offset
         self._write_checkpoint()
         self._unflushed_messages = 0
@@ -805,6 +999,8 @@ class PartitionLog:
         self._write_checkpoint()
         rolled, self._needs_sync = self._needs_sync, []
         paths = [segment.log_path for segment in (*rolled, self._active)]
+        paths += self._txn_dirty  # not redone if this fsync fails: rebuilt on open
+        self._txn_dirty = []
         sync_dir = bool(rolled)
         for segment in rolled:
             segment.release_fd()  # its writes are in the page cache, synced by name
@@ -1111,7 +1307,8 @@ class PartitionLog:
         self._flush_covers = (rolled, messages, first_ms, min(covered, end))
         self._synced_end = min(self._synced_end, end)
         self._unverified = sum(not segment.verified for segment in self._segments[:-1])
-        self._producers.rebuild(_headers(self._segments))
+        self._txn_dirty.clear()
+        self._replay()  # rewrites the cut segment's aborted-transaction index
         self._epochs.truncate_from_end(end)
         self._epochs.truncate_from_start(self.log_start_offset)
         self._high_watermark = min(max(self._high_watermark, self.log_start_offset), end)
@@ -1174,6 +1371,7 @@ class PartitionLog:
         if doomed:
             start = self.log_start_offset
             self._producers.truncate_head(start)
+            self._aborted.truncate_head(start)
             # Not fsynced on the loop: open trims the cache to the log start again.
             if self._epochs.truncate_from_start(start, persist=False):
                 self._epochs.persist(durable=False)
@@ -1206,13 +1404,20 @@ class PartitionLog:
         if self._closed or self._cleaning is not None or not config.cleanup_policy.compacts:
             return None
         cleanable = cleaner.cleanable_segments(self._segments, config, now_ms)
+        unstable = self._producers.first_unstable_offset()
+        if unstable is not None:
+            # As Kafka, never past an open transaction: whether its records stay is
+            # decided by its marker.
+            while cleanable and cleanable[-1].next_offset > unstable:
+                cleanable.pop()
         if not cleanable:
             return None
         end = self._segments[len(cleanable)].base_offset  # first uncleanable offset
         if end == self._cleaned_up_to and not 0 <= self._tombstones_due_ms <= now_ms:
             return None
         readers = [segment.reader() for segment in cleanable]
-        self._cleaning = CompactionJob(cleanable, readers, config, now_ms, end)
+        aborted = self._aborted.overlapping(self.log_start_offset, end)
+        self._cleaning = CompactionJob(cleanable, readers, config, now_ms, end, aborted=aborted)
         return self._cleaning
 
     def finish_compaction(self, job: CompactionJob, result: cleaner.CleanResult | None) -> bool:
@@ -1316,15 +1521,23 @@ class PartitionLog:
         )
 
 
-def _headers(segments: list[Segment]) -> Iterator[BatchHeader]:
-    """Every batch header, for rebuilding producer state; a closed segment whose headers
-    do not chain is left for its verification to report."""
-    for segment in segments:
-        try:
-            for _, header in segment.iter_headers():
-                yield header
-        except CorruptRecordError:
-            continue
+def _parse_marker(data: bytes | memoryview, pos: int, header: BatchHeader) -> ControlRecord | None:
+    """The marker a control batch holds; None if it holds none or cannot be read (then
+    it still ends its producer's transaction, as on replay, but indexes nothing)."""
+    try:
+        return parse_control_record(data, pos, header)
+    except StreamBusError as exc:
+        log.warning("unreadable control record at offset %d: %s", header.base_offset, exc)
+        return None
+
+
+def _read_marker(segment: Segment, pos: int, header: BatchHeader) -> ControlRecord | None:
+    try:
+        data = segment.read(pos, header.size)
+    except (OSError, StreamBusError) as exc:
+        log.warning("%s: cannot read the marker at byte %d: %s", segment.log_path, pos, exc)
+        return None
+    return _parse_marker(data, 0, header)
 
 
 def _write_offset_file(path: Path, value: int, *, durable: bool) -> None:

@@ -91,6 +91,7 @@ class Segment:
         self.index_path = directory / f"{name}.index"
         self.timeindex_path = directory / f"{name}.timeindex"
         self.cleaned_path = directory / f"{name}.log.cleaned"
+        self.txnindex_path = directory / f"{name}.txnindex"  # kept by the log (txnindex.py)
         self.index_interval_bytes = index_interval_bytes
         self.next_offset = base_offset  # last stored offset + 1
         self.max_timestamp = NO_TIMESTAMP
@@ -486,7 +487,13 @@ class Segment:
         self._deleted = True
         self._close_index_files()
         self.release_fd()
-        for path in (self.log_path, self.index_path, self.timeindex_path, self.cleaned_path):
+        for path in (
+            self.log_path,
+            self.index_path,
+            self.timeindex_path,
+            self.cleaned_path,
+            self.txnindex_path,
+        ):
             path.unlink(missing_ok=True)
 
     # -- compaction hand-over ----------------------------------------------------
