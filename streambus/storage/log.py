@@ -75,6 +75,7 @@ from streambus.errors import (
     StreamBusError,
 )
 from streambus.records.batch import (
+    HEADER,
     LOG_OVERHEAD,
     MIN_BATCH_LENGTH,
     BatchHeader,
@@ -348,7 +349,7 @@ class PartitionLog:
                     if observe is not None:
                         observe(header)
                     done = self._producers.replay(header)
-                    if done is not None and done.first_offset >= 0:
+                    if done is not None:
                         ended.append((pos, header, done))
             except CorruptRecordError:
                 pass
@@ -362,24 +363,30 @@ class PartitionLog:
         *,
         trusted: bool,
     ) -> list[AbortedTxn]:
-        """The aborted-transaction entries of one segment, given the transactions its
-        markers ended (``ended``, from headers alone): its index file when it names
-        only those (closed segments), else found by reading those markers' keys, and
-        the file rewritten to match. The last segment is always re-read: a crash may
-        have kept a marker without its entry."""
+        """The aborted-transaction entries of one segment, given what its markers ended
+        (``ended``, from headers alone): its index file when each entry names one of
+        those markers (closed segments), else found by reading the keys of markers that
+        ended a transaction with records, and the file rewritten to match. The last
+        segment is always re-read: a crash may have kept a marker without its entry.
+
+        An entry's first offset may lie below what the replay finds: compaction drops
+        aborted records (all of them, or the first ones) but keeps the entry.
+        """
         path = segment.txnindex_path
         loaded = read_index(path, segment.base_offset, segment.next_offset)
-        candidates = {AbortedTxn(*done) for _, _, done in ended}
         if trusted and loaded is not None:
-            if candidates.issuperset(loaded):
+            markers = {(done.producer_id, done.last_offset): done for _, _, done in ended}
+            if all(_names(markers.get((e.producer_id, e.last_offset)), e) for e in loaded):
                 return loaded
             log.warning("%s: names transactions the log does not hold, rebuilding it", path)
         entries: list[AbortedTxn] = []
         for pos, header, done in ended:
+            if done.first_offset < 0:
+                continue
             marker = _read_marker(segment, pos, header)
             if marker is not None and not marker.commit:
                 entries.append(AbortedTxn(*done))
-        if loaded != entries and (loaded is not None or entries):
+        if loaded != entries and (entries or path.exists()):
             try:
                 write_index(path, entries)
             except OSError as exc:  # rebuilt again on the next open
@@ -1218,6 +1225,8 @@ class PartitionLog:
         self._verify(keep)  # lookup walks headers: a bad region must be known first
         position = keep.lookup(offset)
         cut = keep.size if position is None else position
+        header_at_cut = None if position is None else keep.read(position, HEADER.size)
+        cut_at = offset if header_at_cut is None else read_header(header_at_cut, 0).base_offset
         try:
             # Never above what stays (nothing is handed out until the exact end is
             # written below): a crash after the cut then finds no "lost" offsets.
@@ -1230,6 +1239,10 @@ class PartitionLog:
             keep.generation += 1  # a Fetch still streaming the cut bytes stops
             os.truncate(keep.log_path, cut)
             keep.index_path.unlink(missing_ok=True)  # rebuilt by the load below
+            write_index(  # entries of markers cut off go (the replay re-checks the rest)
+                keep.txnindex_path,
+                [e for e in self._aborted.entries() if keep.base_offset <= e.last_offset < cut_at],
+            )
             keep.timeindex_path.unlink(missing_ok=True)
             fresh = Segment.load(
                 self.directory,
@@ -1519,6 +1532,11 @@ class PartitionLog:
             f"PartitionLog({str(self.directory)!r}, start={self.log_start_offset}, "
             f"end={self.log_end_offset}, segments={len(self._segments)})"
         )
+
+
+def _names(done: CompletedTxn | None, entry: AbortedTxn) -> bool:
+    """Whether an index entry fits the marker the replay found at its last offset."""
+    return done is not None and (done.first_offset < 0 or done.first_offset >= entry.first_offset)
 
 
 def _parse_marker(data: bytes | memoryview, pos: int, header: BatchHeader) -> ControlRecord | None:

@@ -76,7 +76,7 @@ def read_index(path: Path, base_offset: int, next_offset: int) -> list[AbortedTx
             or pid < 0
             or not 0 <= first <= last
             or not previous < last < next_offset
-            or lso <= first
+            or not 0 <= lso <= last + 1
         ):
             log.warning("%s: bad entry at byte %d, rebuilding it", path, pos)
             return None
