@@ -58,6 +58,7 @@ REPLICA_LAG_TIME_MAX_MS = 1500
 REPL_ENV = {**CLUSTER_ENV, "STREAMBUS_REPLICA_LAG_TIME_MAX_MS": str(REPLICA_LAG_TIME_MAX_MS)}
 KILL_ROUNDS = int(os.environ.get("STREAMBUS_KILL_ROUNDS", "3"))
 SYNC_TIMEOUT_S = 90.0
+FETCH_WAIT_MAX_MS = 200  # the divergent-leader test's replica.fetch.wait.max.ms
 
 # Samples of a scrape: (name, sorted labels) -> value.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -640,6 +641,7 @@ def slow_fence_cluster(tmp_path: Path) -> Iterator[ClusterProcesses]:
         "STREAMBUS_BROKER_SESSION_TIMEOUT_MS": "8000",
         "STREAMBUS_BROKER_HEARTBEAT_INTERVAL_MS": "1000",
         "STREAMBUS_REPLICA_LAG_TIME_MAX_MS": "30000",
+        "STREAMBUS_REPLICA_FETCH_WAIT_MAX_MS": str(FETCH_WAIT_MAX_MS),
     }
     with ClusterProcesses(tmp_path, 3, env=env) as c:
         wait_cluster_size(c, 3)
@@ -664,6 +666,10 @@ def test_a_leader_with_unreplicated_records_truncates_on_return(
     with contextlib.ExitStack() as stack:
         for n in followers:
             stack.enter_context(stopped(cluster.brokers[n]))
+        # Fetches the followers sent before they stopped wait at the leader for new data: a
+        # record appended now would go out in their answers (and be read after SIGCONT). Once
+        # replica.fetch.wait.max.ms has passed they are answered empty, and no new one comes.
+        time.sleep(5 * FETCH_WAIT_MAX_MS / 1000)
         for value in divergent:
             response = send_batch(cluster.brokers[old], topic, [value], acks=1)
             assert response.error_code == 0, response
