@@ -175,6 +175,11 @@ class PartitionService:
     def replica(self, tp: TopicPartition) -> Replica | None:
         return self._replicas.get(tp)
 
+    def replicated(self, tp: TopicPartition) -> bool:
+        """More than one replica: acks=all then waits for the others."""
+        replica = self._replicas.get(tp)
+        return replica is not None and replica.replicated
+
     def replicas(self) -> Mapping[TopicPartition, Replica]:
         return self._replicas
 
@@ -199,7 +204,8 @@ class PartitionService:
         if current is not None:
             current.fail_waiters(NotLeaderOrFollowerError(f"{tp} changed leader"))
         end = plog.log_end_offset
-        plog.assign_epoch_start(leader_epoch, end)
+        if len(replicas) > 1:  # a sole replica's epochs are recorded by its appends
+            plog.assign_epoch_start(leader_epoch, end)
         replica = Replica(
             tp,
             broker_id,

@@ -34,7 +34,7 @@ from kafka.protocol.consumer import (
 )
 from opentelemetry import trace
 
-from streambus.errors import StreamBusError, error_name
+from streambus.errors import OffsetOutOfRangeError, StreamBusError, error_name
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, ConnectionClosedError, RequestContext
 from streambus.protocol.fetch_encoding import (
@@ -163,6 +163,11 @@ async def _read_all(
                 if budget <= 0 and total:
                     continue
                 got = partitions.read_slice(tp, offset, max(budget, 1), eager_bytes=eager)
+        except OffsetOutOfRangeError as exc:
+            read.error = exc.errno
+            if replica_id >= 0:  # the follower restarts at our log start if it is behind it
+                read.log_start_offset, read.high_watermark = partitions.offsets(tp)
+            continue
         except StreamBusError as exc:
             read.error = exc.errno
             continue

@@ -88,10 +88,11 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
             touched.append(topic)
             parts = []
             for pd in topic_data.partition_data:
+                tp = TopicPartition(topic, pd.index)
                 part, end = await _append_one(services, topic, pd, refused, rejected, acks=acks)
                 parts.append(part)
-                if acks == -1 and end is not None:
-                    pending.append((TopicPartition(topic, pd.index), part, end))
+                if acks == -1 and end is not None and services.partitions.replicated(tp):
+                    pending.append((tp, part, end))
                 done += 1
                 if done % PARTITIONS_PER_SLICE == 0:
                     await asyncio.sleep(0)
