@@ -80,6 +80,12 @@ scrape_configs:
           env: 'dev'
           service: 'streambus'
 """
+REPLICATION_ALERTS = {
+    "StreamBusUnderReplicatedPartitions",
+    "StreamBusUnderMinIsrPartitions",
+    "HighReplicationLatency",
+    "StreamBusIsrChurn",
+}
 OPERATOR_ALERTS = {
     "StreamBusDown",
     "BrokerNotRunning",
@@ -98,6 +104,7 @@ OPERATOR_ALERTS = {
     "StreamBusBrokerMissing",
     "StreamBusOfflinePartitions",
     "StreamBusControllerElections",
+    *REPLICATION_ALERTS,
 }
 SEED_NAMES = {
     "HighProduceLatency",
@@ -210,6 +217,53 @@ def test_rules_use_only_metrics_streambus_exports() -> None:
             assert metric in known or base in known, (name, metric)
         if name == "StreamBusDown":
             assert 'up{job="streambus"} == 0' in expr
+
+
+def groups() -> dict[str, list[str]]:
+    """group name -> the alert names of its rules, in alerts.yml."""
+    import yaml
+
+    loaded = yaml.safe_load(ALERTS.read_text())
+    return {g["name"]: [r["alert"] for r in g["rules"]] for g in loaded["groups"]}
+
+
+def test_replication_rules() -> None:
+    assert set(groups()["streambus-replication"]) == REPLICATION_ALERTS
+    found = rules()
+    # offline partitions have one alert, in the cluster group: no second one for replication
+    on_offline = [name for name, rule in found.items() if "streambus_offline_partitions" in rule]
+    assert on_offline == ["StreamBusOfflinePartitions"], on_offline
+    assert (
+        "streambus_under_replicated_partitions > 0" in found["StreamBusUnderReplicatedPartitions"]
+    )
+    under_min_isr = found["StreamBusUnderMinIsrPartitions"]
+    assert "streambus_under_min_isr_partitions > 0" in under_min_isr
+    assert "severity: critical" in under_min_isr
+    assert "NOT_ENOUGH_REPLICAS" in under_min_isr
+    assert (
+        "histogram_quantile(0.99, rate(streambus_replication_latency_seconds_bucket[5m]))"
+        in found["HighReplicationLatency"]
+    )
+    churn = found["StreamBusIsrChurn"]
+    assert 'streambus_isr_changes_total{kind="shrink"}' in churn
+    assert 'streambus_isr_changes_total{kind="expand"}' in churn
+
+
+def test_every_alert_is_in_the_operators_list() -> None:
+    listed = re.findall(
+        r"^\| `(\w+)` \| (\w+) \|", (ROOT / "deploy" / "README.md").read_text(), re.M
+    )
+    assert {name for name, _ in listed} == set(rules())
+    found = rules()
+    for name, severity in listed:
+        assert f"severity: {severity}\n" in found[name], name
+    # the top README's table: the cluster's and replication's alerts
+    top = set(
+        re.findall(
+            r"^\| `(\w+)` \| (?:critical|warning|info) \|", (ROOT / "README.md").read_text(), re.M
+        )
+    )
+    assert set(groups()["streambus-cluster"]) | REPLICATION_ALERTS == top
 
 
 def test_every_alert_has_a_firing_and_a_quiet_case() -> None:

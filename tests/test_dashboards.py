@@ -1,10 +1,13 @@
 """deploy/grafana: the provisioning files agree with the dashboard, and every query of every
-panel returns data from a real Prometheus scraping a broker that carries traffic."""
+panel returns data from a real Prometheus scraping a broker that carries traffic; the
+Replication row's from one scraping a three-broker cluster whose replicated topic carries
+acks=all traffic while a follower is stopped past replica.lag.time.max.ms and resumed."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -12,13 +15,20 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, BrokerThread
+from tests.harness import ROOT, BrokerThread, ClusterProcesses, wait_until
+from tests.test_alerts import fast_rules
+from tests.test_cluster import controller, wait_cluster_size
+from tests.test_cluster import metric as broker_metric
 from tests.test_prometheus_server import PROMETHEUS, PrometheusServer
+from tests.test_replication import REPL_ENV, create_replicated, wait_in_sync
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "streambus.json"
 DATASOURCE_UID = "streambus-prometheus"
-PANEL_QUERIES = 55  # every target of every panel; a new panel must raise this
+PANEL_QUERIES = 64  # every target of every panel; a new panel must raise this
+REPLICATION_ROW = "Replication"
+REPLICATION_QUERIES = 9  # of them, in the Replication row
+REPLICATED_TOPIC = "replicated"
 TOPIC = "orders"
 GROUP = "order-readers"
 
@@ -45,6 +55,28 @@ def panels(d: dict[str, Any]) -> list[dict[str, Any]]:
 def queries(d: dict[str, Any]) -> list[tuple[str, str]]:
     """(panel title, expr) of every panel target."""
     return [(p["title"], t["expr"]) for p in panels(d) for t in p["targets"]]
+
+
+def row_of(d: dict[str, Any]) -> dict[str, str]:
+    """panel title -> title of the row it sits under (rows are not collapsed: a row's panels
+    follow it in the list, each below it and above the next row)."""
+    out: dict[str, str] = {}
+    row = ""
+    for p in sorted(d["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if p["type"] == "row":
+            assert not p.get("panels"), "rows are expanded"
+            row = p["title"]
+        else:
+            out[p["title"]] = row
+    return out
+
+
+def replication_queries(d: dict[str, Any], replication: bool) -> list[tuple[str, str]]:
+    """The panel queries of the Replication row (``replication``), or of every other row."""
+    rows = row_of(d)
+    return [
+        (title, e) for title, e in queries(d) if (rows[title] == REPLICATION_ROW) == replication
+    ]
 
 
 def substitute(expr: str) -> str:
@@ -147,6 +179,33 @@ def test_dashboard_covers_the_examples_panels() -> None:
     assert 'topic=~"$topic"' in exprs
 
 
+def test_dashboard_has_a_replication_row() -> None:
+    d = dashboard()
+    rows = [p["title"] for p in sorted(d["panels"], key=lambda p: p["gridPos"]["y"])]
+    rows = [
+        title for title in rows if title in {p["title"] for p in d["panels"] if p["type"] == "row"}
+    ]
+    assert rows.index(REPLICATION_ROW) == rows.index("Cluster") + 1
+    replication = replication_queries(d, True)
+    assert len(replication) == REPLICATION_QUERIES
+    exprs = " ".join(e for _, e in replication)
+    for metric_name in (
+        "streambus_under_replicated_partitions",
+        "streambus_under_min_isr_partitions",
+        "streambus_replicas_total",
+        "streambus_isr_changes_total",
+        "streambus_replica_lag",
+        "streambus_replication_messages_total",
+        "streambus_replication_bytes_total",
+    ):
+        assert metric_name in exprs, metric_name
+    for q in ("0.5", "0.99"):
+        assert (
+            f"histogram_quantile({q}, sum by (topic, le) "
+            "(rate(streambus_replication_latency_seconds_bucket[$__rate_interval])))" in exprs
+        )
+
+
 def traffic(bootstrap: str, stop: threading.Event, ready: threading.Event) -> None:
     """Produce to and consume from TOPIC, with a plain and a group consumer that commits."""
     from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -194,8 +253,8 @@ def traffic(bootstrap: str, stop: threading.Event, ready: threading.Event) -> No
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     d = dashboard()
-    panel_queries = [(title, substitute(expr)) for title, expr in queries(d)]
-    assert len(panel_queries) == PANEL_QUERIES
+    panel_queries = [(title, substitute(expr)) for title, expr in replication_queries(d, False)]
+    assert len(panel_queries) == PANEL_QUERIES - REPLICATION_QUERIES
     (variable,) = d["templating"]["list"]
     variable_query, label = label_values_query(variable["definition"])
 
@@ -234,6 +293,111 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
             )
             values = {s["metric"][label] for s in prom.query(variable_query)}
             assert {TOPIC, "state"} <= values
+        finally:
+            stop.set()
+            worker.join(30)
+            prom.stop()
+
+
+def acks_all_traffic(bootstrap: str, stop: threading.Event, acked: list[int]) -> None:
+    """acks=all batches to REPLICATED_TOPIC until ``stop``; counts acknowledged messages."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+
+    def delivered(err: Any, _message: Any) -> None:
+        if err is None:
+            acked.append(1)
+
+    while not stop.is_set():
+        for i in range(20):
+            producer.produce(REPLICATED_TOPIC, b"r" * 100, str(i).encode(), on_delivery=delivered)
+        producer.flush(10)
+        time.sleep(0.05)  # a steady trickle: the panels need rates, not load
+    producer.flush(10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
+def test_every_replication_panel_query_returns_data(tmp_path: Path) -> None:
+    """Three `streambus serve` brokers, a topic with replication factor 3 and
+    min.insync.replicas 2 under acks=all traffic, a follower SIGSTOPped until its leader shrinks
+    the ISR (and Prometheus, evaluating alerts.yml with for: shortened, fires
+    StreamBusUnderReplicatedPartitions), then SIGCONTed until it is back in the ISR: every
+    Replication panel query returns data, and the figures behind them saw the follower go."""
+    d = dashboard()
+    panel_queries = [(title, substitute(expr)) for title, expr in replication_queries(d, True)]
+    assert len(panel_queries) == REPLICATION_QUERIES
+
+    with ClusterProcesses(tmp_path, 3, env=REPL_ENV) as cluster:
+        wait_cluster_size(cluster, 3)
+        create_replicated(cluster.bootstrap, REPLICATED_TOPIC, 1)
+        view = wait_in_sync(cluster, REPLICATED_TOPIC, 1)[0]
+        leader = cluster.brokers[view.leader]
+        followers = [n for n in view.replicas if n != view.leader]
+        # not the controller, when there is a choice: this is about the ISR, not Raft
+        ctrl = controller(cluster)
+        follower = cluster.brokers[next((n for n in followers if n != ctrl), followers[0])]
+        targets = [
+            b.metrics_url.removeprefix("http://").removesuffix("/metrics")
+            for b in cluster.brokers.values()
+        ]
+        prom = PrometheusServer(tmp_path / "prom", targets, rule_files=[fast_rules(tmp_path)])
+        stop = threading.Event()
+        acked: list[int] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                acks_all_traffic(leader.bootstrap, stop, acked)
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            wait_until(lambda: len(acked) >= 100 or errors, 30)
+            assert follower.proc is not None
+            follower.proc.send_signal(signal.SIGSTOP)
+            try:
+                wait_until(
+                    lambda: (
+                        (broker_metric(leader, "streambus_under_replicated_partitions") or 0) >= 1
+                    ),
+                    60,
+                )
+                # the rule fires on the real series (for: 1s here, 5m in alerts.yml)
+                firing = (
+                    'ALERTS{alertname="StreamBusUnderReplicatedPartitions", alertstate="firing"}'
+                )
+                alert = wait_until(lambda: prom.query(firing), 30, 0.5)
+                assert str(view.leader) in [a["metric"]["broker_id"] for a in alert], alert
+                acked_while_stopped = len(acked)
+                wait_until(lambda: len(acked) >= acked_while_stopped + 100 or errors, 30)
+            finally:
+                follower.proc.send_signal(signal.SIGCONT)
+            wait_in_sync(cluster, REPLICATED_TOPIC, 1)
+
+            pending = list(panel_queries)
+            deadline = time.monotonic() + 45
+            while pending and time.monotonic() < deadline and not errors:
+                pending = [(title, q) for title, q in pending if not prom.query(q)]
+                time.sleep(1)
+            assert not errors, errors
+            assert not pending, "panel queries without data:\n" + "\n".join(
+                f"  {title}: {q}" for title, q in pending
+            )
+            # what the panels show saw the follower leave and return
+            changes = {
+                s["metric"]["kind"]: float(s["value"][1])
+                for s in prom.query(f'streambus_isr_changes_total{{broker_id="{view.leader}"}}')
+            }
+            assert changes.get("shrink", 0) >= 1, changes
+            assert changes.get("expand", 0) >= 1, changes
+            peak = prom.query("max_over_time(streambus_under_replicated_partitions[5m]) >= 1")
+            assert str(view.leader) in [s["metric"]["broker_id"] for s in peak], peak
+            topics = {s["metric"]["topic"] for s in prom.query("streambus_replica_lag")}
+            assert REPLICATED_TOPIC in topics
         finally:
             stop.set()
             worker.join(30)

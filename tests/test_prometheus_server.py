@@ -35,7 +35,7 @@ SEED_QUERIES = [
 
 
 class PrometheusServer:
-    """A real Prometheus scraping ``target`` as job ``streambus``.
+    """A real Prometheus scraping ``target`` (one ``host:port``, or several) as job ``streambus``.
 
     Optional: ``rule_files`` (rules files to load, evaluated every ``scrape_interval``),
     ``alertmanagers`` (``host:port`` of Alertmanagers to send alerts to) and ``extra_args``
@@ -45,7 +45,7 @@ class PrometheusServer:
     def __init__(
         self,
         workdir: Path,
-        target: str,
+        target: str | Sequence[str],
         scrape_interval: str = "1s",
         *,
         rule_files: Sequence[Path] = (),
@@ -55,6 +55,7 @@ class PrometheusServer:
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
+        targets = [target] if isinstance(target, str) else list(target)
         text = (
             "global:\n"
             f"  scrape_interval: {scrape_interval}\n"
@@ -62,7 +63,7 @@ class PrometheusServer:
             "scrape_configs:\n"
             "  - job_name: streambus\n"
             "    static_configs:\n"
-            f"      - targets: ['{target}']\n"
+            f"      - targets: [{', '.join(repr(t) for t in targets)}]\n"
             "        labels: {env: 'test', service: 'streambus'}\n"
         )
         if rule_files:
