@@ -5,6 +5,8 @@ would carry (the batches and ``aborted_transactions``)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -508,3 +510,32 @@ def test_compaction_keeps_committed_drops_aborted_keeps_markers(
     plog = open_log(tmp_path, config, clock=clock)
     assert txn_state(plog) == state
     assert b"k2-committed" in read_committed(plog)
+
+
+def test_background_flush_syncs_the_index_and_reopen_agrees(
+    tmp_path: Path, open_log: OpenLog
+) -> None:
+    """With a worker thread for fsyncs (as the LogManager runs logs), the index file is
+    synced with its segment, and a follower that starts mid-transaction (its log start
+    above the transaction's first offset) indexes nothing for it."""
+    config = TopicConfig(segment_bytes=1024, index_interval_bytes=256, flush_messages=1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        plog = open_log(tmp_path / "leader", config)
+        plog.set_background(pool.submit)
+        a = Producer(3)
+        first = a.send(plog, b"x" * 100)
+        plain_at = plog.append(plain(b"y" * 100)).base_offset
+        result = plog.append_marker(3, 0, False, 2)
+        assert result.needs_sync
+        asyncio.run(plog.wait_synced(result.last_offset + 1))
+        assert plog.aborted_index() == [(3, first, result.base_offset, result.base_offset + 1)]
+        assert txnindex_files(tmp_path / "leader")
+        follower = open_log(tmp_path / "follower", config)
+        follower.truncate_fully_and_start_at(plain_at)
+        copy_to(plog, follower)
+        assert follower.aborted_index() == []
+        assert follower.last_stable_offset(follower.log_end_offset) == plog.log_end_offset
+        plog.close()
+        follower.close()
+    plog = open_log(tmp_path / "leader", config)
+    assert plog.aborted_transactions(0, plog.log_end_offset) == [(3, first)]
