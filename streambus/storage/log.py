@@ -658,7 +658,9 @@ class PartitionLog:
         payload: int | None = None,
         leader_epoch: int = 0,
     ) -> AppendResult:
-        """Store one record batch; a retried idempotent batch is answered, not stored.
+        """Store one record batch; a retried idempotent batch is answered, not stored. A
+        transactional batch opens its producer's transaction here unless one is open; a
+        batch of an epoch older than its producer's (a marker's included) is fenced.
 
         ``payload``: what ``validate_records`` returned for ``data`` under this log's
         config, when the caller already ran it (off the event loop, for a large batch).
