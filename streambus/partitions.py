@@ -386,15 +386,57 @@ class PartitionService:
         return min(replica.high_watermark, plog.log_end_offset)
 
     def read_slice(
-        self, tp: TopicPartition, offset: int, max_bytes: int, *, eager_bytes: int
+        self,
+        tp: TopicPartition,
+        offset: int,
+        max_bytes: int,
+        *,
+        eager_bytes: int,
+        committed: bool = False,
     ) -> LogSlice:
-        """Whole batches from ``offset`` below the high watermark (what consumers may see):
-        the first ``eager_bytes`` read now, the rest planned as spans of the log, read in
-        bounded pieces as they are written."""
+        """Whole batches from ``offset`` below the high watermark (what consumers may see;
+        ``committed``: below the last stable offset, read_committed's limit): the first
+        ``eager_bytes`` read now, the rest planned as spans of the log, read in bounded
+        pieces as they are written."""
         plog = self._partition(tp)
-        return plog.read_slice(
-            offset, max_bytes, eager_bytes=eager_bytes, max_offset=self._high_watermark(tp, plog)
+        upto = self._high_watermark(tp, plog)
+        if committed:
+            upto = plog.last_stable_offset(upto)
+        return plog.read_slice(offset, max_bytes, eager_bytes=eager_bytes, max_offset=upto)
+
+    # -- transactions ---------------------------------------------------------------------
+    def last_stable_offset(self, tp: TopicPartition) -> int:
+        """Below it every transaction has ended: read_committed consumers read up to it."""
+        plog = self._partition(tp)
+        return plog.last_stable_offset(self._high_watermark(tp, plog))
+
+    def aborted_transactions(
+        self, tp: TopicPartition, start: int, upto: int
+    ) -> list[tuple[int, int]]:
+        """(producer id, first offset) of aborted transactions overlapping [start, upto)."""
+        return self._partition(tp).aborted_transactions(start, upto)
+
+    def ongoing_transactions(self, tp: TopicPartition) -> list[tuple[int, int, int, int]]:
+        return self._partition(tp).ongoing_transactions()
+
+    def append_marker(
+        self,
+        tp: TopicPartition,
+        producer_id: int,
+        producer_epoch: int,
+        commit: bool,
+        coordinator_epoch: int,
+    ) -> AppendResult:
+        """Write a transaction marker (a control batch) on the loop; the caller waits for
+        the ISR with ``wait_replicated(tp, result.last_offset + 1, ...)``."""
+        plog = self._partition(tp)
+        replica = self._replicas.get(tp)
+        epoch = replica.leader_epoch if replica is not None else 0
+        result = plog.append_marker(
+            producer_id, producer_epoch, commit, coordinator_epoch, leader_epoch=epoch
         )
+        self._appended(tp, result, AppendOrigin.COORDINATOR)
+        return result
 
     def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> bytes | memoryview:
         return self._partition(tp).read(offset, max_bytes)
@@ -549,12 +591,16 @@ class PartitionService:
             self._scans[segment] = done
         return done
 
-    def list_offset(self, tp: TopicPartition, timestamp: int) -> tuple[int, int]:
-        """ListOffsets: (timestamp, offset) for LATEST (-1), EARLIEST (-2) or the first
-        record at or after ``timestamp``; (-1, -1) when no record is that new."""
+    def list_offset(
+        self, tp: TopicPartition, timestamp: int, *, committed: bool = False
+    ) -> tuple[int, int]:
+        """ListOffsets: (timestamp, offset) for LATEST (-1: the high watermark, or the last
+        stable offset for a read_committed client), EARLIEST (-2) or the first record at or
+        after ``timestamp``; (-1, -1) when no record is that new."""
         plog = self._partition(tp)
         if timestamp == LATEST:
-            return -1, self._high_watermark(tp, plog)
+            hw = self._high_watermark(tp, plog)
+            return -1, plog.last_stable_offset(hw) if committed else hw
         if timestamp == EARLIEST:
             return -1, plog.log_start_offset
         if timestamp < 0:

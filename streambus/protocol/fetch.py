@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from streambus.protocol.context import BrokerServices
 
 routes = ApiRoutes()
+READ_COMMITTED = 1  # isolation_level: read below the last stable offset, skip aborted
 PartitionData = FetchResponse.FetchableTopicResponse.PartitionData
 # Records read while the request is handled, per response; beyond this they are read
 # piece by piece as they are written. Normal consumer fetches (1 MiB per partition) stay
@@ -73,6 +74,8 @@ class _Read:
     records: Records = b""
     high_watermark: int = -1
     log_start_offset: int = -1
+    last_stable_offset: int = -1  # -1: not asked (a follower's fetch): the high watermark
+    aborted: list[tuple[int, int]] | None = None  # (producer id, first offset), read_committed
 
 
 @routes.api(FetchRequest, FetchResponse, versions=(4, 12), encoder=encode_spliced)
@@ -86,6 +89,7 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
     # A broker's follower fetch (replica id >= 0) reads to the log end and reports its
     # progress; a consumer's (-1) reads below the high watermark only.
     replica_id = request.replica_id
+    committed = replica_id < 0 and request.isolation_level == READ_COMMITTED
     asked = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
     max_bytes = min(asked, services.config.fetch_max_bytes)
     deadline = started + max(request.max_wait_ms, 0) / 1000
@@ -98,7 +102,7 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
         to_verify.append((TopicPartition(t, p), o, min(m, max_bytes)))
     while True:
         await services.partitions.verify_for_read(to_verify, slice_size=SLICE_PARTITIONS)
-        reads, total = await _read_all(services, wanted, max_bytes, replica_id)
+        reads, total = await _read_all(services, wanted, max_bytes, replica_id, committed)
         remaining = deadline - time.perf_counter()
         if (
             total >= max(request.min_bytes, 1)
@@ -135,7 +139,11 @@ def _epoch(p: Any) -> int:
 
 
 async def _read_all(
-    services: BrokerServices, wanted: Sequence[_Wanted], max_bytes: int, replica_id: int = -1
+    services: BrokerServices,
+    wanted: Sequence[_Wanted],
+    max_bytes: int,
+    replica_id: int = -1,
+    committed: bool = False,
 ) -> tuple[list[_Read], int]:
     partitions = services.partitions
     reads: list[_Read] = []
@@ -160,9 +168,16 @@ async def _read_all(
             else:
                 partitions.check_epoch(tp, epoch)
                 read.log_start_offset, read.high_watermark = partitions.offsets(tp)
+                read.last_stable_offset = partitions.last_stable_offset(tp)
                 if budget <= 0 and total:
                     continue
-                got = partitions.read_slice(tp, offset, max(budget, 1), eager_bytes=eager)
+                got = partitions.read_slice(
+                    tp, offset, max(budget, 1), eager_bytes=eager, committed=committed
+                )
+                if committed and len(got):
+                    read.aborted = partitions.aborted_transactions(
+                        tp, offset, read.last_stable_offset
+                    )
         except OffsetOutOfRangeError as exc:
             read.error = exc.errno
             if replica_id >= 0:  # the follower restarts at our log start if it is behind it
@@ -305,9 +320,18 @@ async def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
             partition_index=read.partition,
             error_code=read.error,
             high_watermark=read.high_watermark,
-            last_stable_offset=read.high_watermark,
+            last_stable_offset=(
+                read.high_watermark if read.last_stable_offset < 0 else read.last_stable_offset
+            ),
             log_start_offset=read.log_start_offset,
-            aborted_transactions=None,
+            aborted_transactions=(
+                None
+                if read.aborted is None
+                else [
+                    PartitionData.AbortedTransaction(producer_id=pid, first_offset=first)
+                    for pid, first in read.aborted
+                ]
+            ),
             preferred_read_replica=-1,
             records=read.records if read.records else b"",
         )
@@ -339,7 +363,9 @@ async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, req
             try:
                 tp = TopicPartition(topic.name, p.partition_index)
                 services.partitions.check_epoch(tp, _epoch(p))
-                timestamp, offset = services.partitions.list_offset(tp, p.timestamp)
+                timestamp, offset = services.partitions.list_offset(
+                    tp, p.timestamp, committed=request.isolation_level == READ_COMMITTED
+                )
                 epoch = services.partitions.leader_epoch(tp)
             except StreamBusError as exc:
                 error = exc.errno

@@ -131,8 +131,6 @@ def _refusal(request: Any) -> StreamBusError | None:
     """An error that applies to every partition of the request, if there is one."""
     if request.acks not in (0, 1, -1):
         return InvalidRequiredAcksError(f"acks={request.acks} (must be 0, 1 or -1)")
-    if request.transactional_id is not None:
-        return InvalidRequestError("transactional produce is not supported by this broker")
     return None
 
 
