@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,16 @@ from streambus.errors import (
 )
 from streambus.instrumentation import BrokerTelemetry
 from streambus.payload_sizes import PayloadSizes
-from streambus.records.batch import Buffer, compression_of, parse_batches, validate_records
+from streambus.records.batch import (
+    CONTROL_MASK,
+    TRANSACTIONAL_MASK,
+    Buffer,
+    build_batch,
+    compression_of,
+    parse_batches,
+    validate_records,
+    with_attributes,
+)
 from streambus.replication.replica import Replica, Role
 from streambus.storage import LogManager, PartitionLog, TopicMeta
 from streambus.storage.catalog import OfflineTopic
@@ -333,6 +343,34 @@ class PartitionService:
         epoch = replica.leader_epoch if replica is not None else 0
         result = plog.append(records, leader_epoch=epoch)
         self._appended(tp, result, origin)
+        return result
+
+    def append_marker(
+        self,
+        tp: TopicPartition,
+        producer_id: int,
+        producer_epoch: int,
+        commit: bool,
+        coordinator_epoch: int,
+    ) -> AppendResult:
+        """Append a transaction marker (a control batch) for ``producer_id`` to ``tp`` led
+        here; the caller waits for the ISR with ``wait_replicated``."""
+        plog = self._partition(tp)
+        replica = self._replicas.get(tp)
+        epoch = replica.leader_epoch if replica is not None else 0
+        batch = control_batch(producer_id, producer_epoch, commit, coordinator_epoch)
+        result = plog.append(batch, leader_epoch=epoch, coordinator=True)
+        self._appended(tp, result, AppendOrigin.COORDINATOR)
+        return result
+
+    def append_transactional(self, tp: TopicPartition, records: Buffer) -> AppendResult:
+        """The group coordinator's transactional offsets (``append_now``, the batch carrying
+        its producer id and epoch but no sequence numbers)."""
+        plog = self._partition(tp)
+        replica = self._replicas.get(tp)
+        epoch = replica.leader_epoch if replica is not None else 0
+        result = plog.append(records, leader_epoch=epoch, coordinator=True)
+        self._appended(tp, result, AppendOrigin.COORDINATOR)
         return result
 
     def _check_origin(self, topic: str, origin: AppendOrigin) -> None:
@@ -715,3 +753,24 @@ def _validate(records: Buffer, config: TopicConfig) -> int:
         limit=config.max_message_bytes,
         keys_required=config.cleanup_policy.compacts,
     )
+
+
+# A control record's key and value (Kafka's EndTransactionMarker):
+#   key:   version int16 0, type int16 (0 abort, 1 commit)
+#   value: version int16 0, coordinator_epoch int32
+_MARKER_KEY = struct.Struct(">hh")
+_MARKER_VALUE = struct.Struct(">hi")
+
+
+def control_batch(
+    producer_id: int, producer_epoch: int, commit: bool, coordinator_epoch: int
+) -> bytes:
+    """One transaction marker: a transactional control batch of one record."""
+    key = _MARKER_KEY.pack(0, 1 if commit else 0)
+    value = _MARKER_VALUE.pack(0, coordinator_epoch)
+    batch = build_batch(
+        [(key, value, (), int(time.time() * 1000))],
+        producer_id=producer_id,
+        producer_epoch=producer_epoch,
+    )
+    return with_attributes(batch, TRANSACTIONAL_MASK | CONTROL_MASK)

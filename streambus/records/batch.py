@@ -528,3 +528,12 @@ def build_batch(
     buf += body
     _rewrite_crc(buf, 0)
     return bytes(buf)
+
+
+def with_attributes(batch: bytes, attributes: int) -> bytes:
+    """``batch`` (one, built by ``build_batch``) with ``attributes`` bits set, CRC redone."""
+    buf = bytearray(batch)
+    (current,) = _ATTRIBUTES.unpack_from(buf, ATTRIBUTES_OFFSET)
+    _ATTRIBUTES.pack_into(buf, ATTRIBUTES_OFFSET, current | attributes)
+    _rewrite_crc(buf, 0)
+    return bytes(buf)

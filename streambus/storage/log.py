@@ -541,6 +541,7 @@ class PartitionLog:
         *,
         payload: int | None = None,
         leader_epoch: int = 0,
+        coordinator: bool = False,
     ) -> AppendResult:
         """Store one record batch; a retried idempotent batch is answered, not stored.
 
@@ -562,7 +563,7 @@ class PartitionLog:
         if len(batches) != 1:
             raise InvalidRecordError(f"expected exactly one record batch, got {len(batches)}")
         header = batches[0][1]
-        if header.is_control:
+        if header.is_control and not coordinator:
             raise InvalidRecordError("clients may not write control batches")
         if header.records_count < 1 or header.last_offset_delta != header.records_count - 1:
             raise InvalidRecordError(
@@ -577,7 +578,8 @@ class PartitionLog:
                 limit=config.max_message_bytes,
                 keys_required=config.cleanup_policy.compacts,
             )
-        duplicate = self._producers.check(header)
+        # A broker's own batch (a marker, transactional offsets) carries no sequence.
+        duplicate = None if coordinator else self._producers.check(header)
         if duplicate is not None:
             return AppendResult(
                 duplicate.base_offset,
