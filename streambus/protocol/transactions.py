@@ -137,7 +137,9 @@ async def handle_add_partitions(services: BrokerServices, ctx: RequestContext, r
         for p in topic.partitions:
             code = errors.get(TopicPartition(topic.name, p), 0)
             by_topic.setdefault(topic.name, []).append(
-                R.AddPartitionsToTxnPartitionResult(partition_index=p, partition_error_code=code)
+                R.AddPartitionsToTxnTopicResult.AddPartitionsToTxnPartitionResult(
+                    partition_index=p, partition_error_code=code
+                )
             )
     return R(
         throttle_time_ms=0,
