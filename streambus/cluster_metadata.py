@@ -539,20 +539,21 @@ class ClusterMetadata:
         state = self.quorum.state
         topic = state.topics.get(tp.topic)
         if topic is None or isinstance(self.quorum, LocalQuorum):
-            if tp.topic in self.partitions.topics():
-                host, port = self.advertised_address
-                return BrokerInfo(self.broker_id, host, port, "", False)
-            return None
+            return self._here() if tp.topic in self.partitions.topics() else None
         if not 0 <= tp.partition < len(topic.partitions):
             return None
         leader = topic.partitions[tp.partition].leader
         if leader == self.broker_id:
-            host, port = self.advertised_address
-            return BrokerInfo(self.broker_id, host, port, "", False)
+            return self._here()
         info = state.brokers.get(leader)
         if info is None or info.fenced:
             raise CoordinatorNotAvailableError(f"{tp.topic}-{tp.partition} has no live leader")
         return info
+
+    def _here(self) -> BrokerInfo:
+        # No address: this broker is asked by id only (its port may not be bound yet, while
+        # start-up finishes transactions found prepared).
+        return BrokerInfo(self.broker_id, self.config.advertised, 0, "", False)
 
     # -- what the cluster metrics read -------------------------------------------------------------
     def controller_id(self) -> int:

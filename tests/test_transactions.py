@@ -147,6 +147,8 @@ def test_commit_and_abort_across_topics_and_partitions(broker: BrokerThread) -> 
     assert total(samples, "streambus_transactions_committed_total") == 2
     assert total(samples, "streambus_transactions_aborted_total", reason="client") == 1
     assert total(samples, "streambus_transaction_duration_seconds_count") == 3
+    # Kafka-scale buckets (to 60 s), not the latency view's (to 5 s).
+    assert total(samples, "streambus_transaction_duration_seconds_bucket", le="60.0") == 3
     assert total(samples, "streambus_transactions_active") == 0
     producer.flush(5)
 

@@ -391,7 +391,15 @@ class TransactionCoordinator:
         try:
             coordinator_epoch = self._partitions.leader_epoch(tp)
             marker = Marker(meta.producer_id, meta.producer_epoch, commit, coordinator_epoch)
-            await self.markers.write(marker, meta.partitions, span)
+            while True:
+                try:
+                    await self.markers.write(marker, meta.partitions, span)
+                    break
+                except Exception:  # a bug must not leave the transaction prepared forever
+                    log.exception(
+                        "writing the markers of %r failed; retrying", meta.transactional_id
+                    )
+                    await asyncio.sleep(1.0)
             done = meta.copy()
             done.state = TxnState.COMPLETE_COMMIT if commit else TxnState.COMPLETE_ABORT
             done.last_update_ms = self._now_ms()
