@@ -467,3 +467,35 @@ def test_kafka_python_admin_lists_describes_and_aborts(broker: BrokerThread) -> 
     end = broker.run(lambda: broker.broker.partitions.offsets(SbTP("hanging", 0)).high_watermark)
     assert end == 2  # the record and the abort marker
     producer.abort_transaction(15)
+
+
+def test_markers_reach_partitions_led_by_other_brokers(tmp_path: Path) -> None:
+    """In a cluster the coordinator (the leader of the id's __transaction_state partition)
+    writes markers to partitions other brokers lead through WriteTxnMarkers."""
+    from tests.harness import ClusterProcesses
+    from tests.test_cluster import CLUSTER_ENV, wait_cluster_size
+
+    env = {**CLUSTER_ENV, "STREAMBUS_TRANSACTION_STATE_LOG_NUM_PARTITIONS": "3"}
+    with ClusterProcesses(tmp_path, 3, env=env) as cluster:
+        wait_cluster_size(cluster, 3)
+        _create(cluster.bootstrap, ("spread", 6))
+        producer = _producer(cluster.bootstrap, "txn-spread")
+        producer.init_transactions(30)
+        producer.begin_transaction()
+        for p in range(6):
+            for i in range(3):
+                producer.produce("spread", f"{p}-{i}".encode(), partition=p)
+        producer.commit_transaction(30)
+        producer.begin_transaction()
+        for p in range(6):
+            producer.produce("spread", b"aborted", partition=p)
+        producer.abort_transaction(30)
+        consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "watermarks"})
+        try:
+            highs = [
+                consumer.get_watermark_offsets(TopicPartition("spread", p), 10)[1] for p in range(6)
+            ]
+        finally:
+            consumer.close()
+        # 3 committed records + commit marker + 1 aborted record + abort marker, everywhere.
+        assert highs == [6] * 6

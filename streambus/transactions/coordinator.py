@@ -107,11 +107,13 @@ class TransactionCoordinator:
         return TopicPartition(TRANSACTION_TOPIC, coordinator_partition(transactional_id, count))
 
     def load(self) -> None:
-        """A single broker: it coordinates every transactional id; read all of them back."""
+        """A single broker: it coordinates every transactional id; read back the partitions
+        not read yet (at start, and once FindCoordinator has created the topic)."""
         self._leads_all = True
         meta = self._partitions.topics().get(TRANSACTION_TOPIC)
         for partition in range(meta.partitions if meta is not None else 0):
-            self.load_partition(partition)
+            if partition not in self._loaded:  # loaded ones are current (and may be completing)
+                self.load_partition(partition)
 
     def load_partition(self, partition: int) -> None:
         """This broker now leads ``partition``: coordinate the ids stored there, and finish
