@@ -489,6 +489,7 @@ def test_markers_reach_partitions_led_by_other_brokers(tmp_path: Path) -> None:
         producer.begin_transaction()
         for p in range(6):
             producer.produce("spread", b"aborted", partition=p)
+        producer.flush(30)  # abort_transaction purges what is not sent yet
         producer.abort_transaction(30)
         consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "watermarks"})
         try:
