@@ -15,7 +15,15 @@ keeps it so)::
 from __future__ import annotations
 
 from streambus.config import BrokerConfig
-from streambus.protocol import admin, fetch, groups, metadata, produce, replication
+from streambus.protocol import (
+    admin,
+    fetch,
+    groups,
+    metadata,
+    produce,
+    replication,
+    transactions,
+)
 from streambus.protocol.apis import ApiSpec, build_table
 from streambus.protocol.context import BrokerServices
 from streambus.server import KafkaServer
@@ -28,6 +36,7 @@ APIS: dict[int, ApiSpec] = build_table(
     replication.routes,
     admin.routes,
     groups.routes,
+    transactions.routes,
 )
 
 

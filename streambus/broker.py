@@ -44,6 +44,13 @@ from streambus.storage.datadir import (
 from streambus.storage.health import WriteHealth
 from streambus.storage.verify import mark_clean_shutdown, take_clean_shutdown
 from streambus.structs import TopicPartition
+from streambus.transactions import (
+    TRANSACTION_TOPIC,
+    Leader,
+    MarkerWriter,
+    TransactionCoordinator,
+    TxnSettings,
+)
 
 log = logging.getLogger("streambus.broker")
 
@@ -100,6 +107,23 @@ class Broker:
             ),
             create_offsets_topic=self.cluster.create_offsets_topic_now,
         )
+        # Transactions: a transactional id is coordinated by the leader of its
+        # __transaction_state partition; markers go to each partition's leader.
+        self.transactions = TransactionCoordinator(
+            self.partitions,
+            self.producer_ids.allocate,
+            MarkerWriter(self.partitions, config.broker_id, self._partition_leader, self.telemetry),
+            TxnSettings(
+                state_partitions=config.transaction_state_log_num_partitions,
+                max_timeout_ms=config.transaction_max_timeout_ms,
+                cleanup_interval_ms=(
+                    config.transaction_abort_timed_out_transaction_cleanup_interval_ms
+                ),
+            ),
+            self.telemetry,
+            group_partition=self._group_partition,
+        )
+        self.transactions.markers.on_offsets_marker = self.groups.complete_transaction
         # Roles from the metadata: leaders track their followers, followers fetch.
         self.replication = ReplicaManager(
             self.partitions,
@@ -117,6 +141,7 @@ class Broker:
             # A group is coordinated by the leader of its __consumer_offsets partition:
             # leading one means loading its groups, losing it means letting them go.
             self.replication.on_leadership(self._offsets_leadership)
+            self.replication.on_leadership(self._transactions_leadership)
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
@@ -144,6 +169,7 @@ class Broker:
             await self._load_logs()
             if not self.cluster.cluster_config.replicated:
                 self.groups.load()  # in a cluster, as partitions of __consumer_offsets are led
+                self.transactions.load()  # and of __transaction_state
             await self._server.start()
             try:
                 await self.cluster.start(self.local_cluster_id)
@@ -162,6 +188,7 @@ class Broker:
         if not clean:
             self._verifier = asyncio.create_task(self._verify_logs(), name="streambus-verify")
         self.groups.start()
+        self.transactions.start()
         self.status = BrokerStatus.RUNNING
         log.info(
             "broker %d running: cluster %s, %d topics, data in %s",
@@ -181,6 +208,7 @@ class Broker:
         log.info("broker %d stopping", self.broker_id)
         self.partitions.wake_all()
         await self.groups.stop()  # answers waiting JoinGroup/SyncGroup calls so they finish now
+        await self.transactions.stop()  # markers not yet written are finished by the next start
         await self._server.stop(self.config.shutdown_timeout_s)
         await self.replication.stop()
         await self.cluster.stop()
@@ -288,6 +316,22 @@ class Broker:
     def controller_id(self) -> int:
         return self.cluster.controller_id()
 
+    async def ensure_transaction_topic(self) -> None:
+        await self.cluster.ensure_transaction_topic()
+        if not self.cluster.cluster_config.replicated:
+            self.transactions.load()  # a single broker coordinates every id from the start
+
+    def transaction_coordinator(self, transactional_id: str) -> BrokerInfo:
+        return self.cluster.transaction_coordinator(transactional_id)
+
+    def _partition_leader(self, tp: TopicPartition) -> Leader | None:
+        info = self.cluster.partition_leader(tp)
+        return None if info is None else Leader(info.broker_id, info.host, info.port)
+
+    def _group_partition(self, group_id: str) -> TopicPartition:
+        self.groups.offsets.ensure_topic()
+        return self.groups.offsets.partition_for(group_id)
+
     # -- start-up, waits and addresses -------------------------------------------------------
     async def _load_logs(self) -> None:
         """Open every partition (segment scans, producer state) in a worker thread: the
@@ -369,6 +413,14 @@ class Broker:
             self.groups.load_partition(tp.partition)
         else:
             self.groups.unload_partition(tp.partition)
+
+    def _transactions_leadership(self, tp: TopicPartition, leads: bool) -> None:
+        if tp.topic != TRANSACTION_TOPIC:
+            return
+        if leads:
+            self.transactions.load_partition(tp.partition)
+        else:
+            self.transactions.unload_partition(tp.partition)
 
     # -- BrokerStats: what the observable instruments read -----------------------------------
     def uptime_seconds(self) -> float:
@@ -463,3 +515,9 @@ class Broker:
 
     def storage_available_bytes(self) -> int:
         return shutil.disk_usage(self.data_dir).free if self.data_dir.exists() else 0
+
+    def transactions_active(self) -> int:
+        return self.transactions.active_count()
+
+    def transaction_oldest_open_seconds(self) -> float:
+        return self.transactions.oldest_open_seconds()

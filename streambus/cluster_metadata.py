@@ -54,6 +54,8 @@ from streambus.groups import OFFSETS_TOPIC
 from streambus.groups.offsets import OFFSETS_TOPIC_CONFIG
 from streambus.partitions import PartitionService
 from streambus.storage import LogManager
+from streambus.structs import TopicPartition
+from streambus.transactions.state import TRANSACTION_TOPIC, TRANSACTION_TOPIC_CONFIG
 
 # The broker's logger: these lines read (and filter) as they did when the broker held them.
 log = logging.getLogger("streambus.broker")
@@ -473,6 +475,85 @@ class ClusterMetadata:
                 f"group {group_id!r} is coordinated by broker {info.broker_id}, "
                 f"not {self.broker_id}"
             )
+
+    # -- transaction coordinator placement --------------------------------------------------------
+    def _transaction_topic_configs(self, replication_factor: int) -> dict[str, str]:
+        # min.insync.replicas never above the replicas it has (a one-broker cluster).
+        min_isr = min(self.config.transaction_state_log_min_isr, replication_factor)
+        return {**TRANSACTION_TOPIC_CONFIG, "min.insync.replicas": str(min_isr)}
+
+    async def ensure_transaction_topic(self) -> None:
+        """FindCoordinator TRANSACTION: create ``__transaction_state`` if needed (at once on a
+        single broker, through the quorum in a cluster)."""
+        if TRANSACTION_TOPIC in self.quorum.state.topics:
+            if isinstance(self.quorum, LocalQuorum):
+                self._create_hosted(self.quorum.state)  # a local creation that failed before
+            return
+        live = len(self.quorum.state.live_brokers())
+        factor = max(1, min(self.config.transaction_state_log_replication_factor, live))
+        configs = self._transaction_topic_configs(factor)
+        partitions = self.config.transaction_state_log_num_partitions
+        if isinstance(self.quorum, LocalQuorum):
+            record = plan_topic(
+                self.quorum.state,
+                TRANSACTION_TOPIC,
+                partitions,
+                factor,
+                start_index=0,
+                topic_id=uuid.uuid4(),
+                configs=configs,
+                internal=True,
+            )
+            result = self.quorum.apply_now(record)
+            if not result.ok:
+                raise result.error() or StreamBusError(result.message)
+            self._created(record)
+            return
+        with contextlib.suppress(TopicAlreadyExistsError):  # another broker was faster
+            await self.create_cluster_topic(
+                TRANSACTION_TOPIC, partitions, configs, replication_factor=factor, internal=True
+            )
+
+    def transaction_coordinator(self, transactional_id: str) -> BrokerInfo:
+        """The live broker leading the id's ``__transaction_state`` partition."""
+        state = self.quorum.state
+        topic = state.topics.get(TRANSACTION_TOPIC)
+        if topic is None:
+            raise CoordinatorNotAvailableError(f"{TRANSACTION_TOPIC} does not exist yet")
+        partition = coordinator_partition(transactional_id, len(topic.partitions))
+        leader = topic.partitions[partition].leader
+        if isinstance(self.quorum, LocalQuorum) or leader == self.broker_id:
+            host, port = self.advertised_address
+            return BrokerInfo(self.broker_id, host, port, "", False)
+        info = state.brokers.get(leader)
+        if info is None or info.fenced:
+            raise CoordinatorNotAvailableError(
+                f"{TRANSACTION_TOPIC} partition {partition} ({transactional_id!r}) has no live "
+                "leader"
+            )
+        return info
+
+    def partition_leader(self, tp: TopicPartition) -> BrokerInfo | None:
+        """Who leads ``tp`` (the marker writer's question): None once it no longer exists;
+        CoordinatorNotAvailableError while it has no live leader."""
+        state = self.quorum.state
+        topic = state.topics.get(tp.topic)
+        if topic is None or isinstance(self.quorum, LocalQuorum):
+            return self._here() if tp.topic in self.partitions.topics() else None
+        if not 0 <= tp.partition < len(topic.partitions):
+            return None
+        leader = topic.partitions[tp.partition].leader
+        if leader == self.broker_id:
+            return self._here()
+        info = state.brokers.get(leader)
+        if info is None or info.fenced:
+            raise CoordinatorNotAvailableError(f"{tp.topic}-{tp.partition} has no live leader")
+        return info
+
+    def _here(self) -> BrokerInfo:
+        # No address: this broker is asked by id only (its port may not be bound yet, while
+        # start-up finishes transactions found prepared).
+        return BrokerInfo(self.broker_id, self.config.advertised, 0, "", False)
 
     # -- what the cluster metrics read -------------------------------------------------------------
     def controller_id(self) -> int:

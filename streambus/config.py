@@ -80,6 +80,13 @@ class BrokerConfig:
     offsets_topic_replication_factor: int = 3
     auto_leader_rebalance_enable: bool = True
     leader_imbalance_check_interval_seconds: int = 300
+    # Transactions (Kafka's names): __transaction_state is created with
+    # min(transaction.state.log.replication.factor, live brokers) replicas.
+    transaction_state_log_num_partitions: int = 50
+    transaction_state_log_replication_factor: int = 3
+    transaction_state_log_min_isr: int = 2
+    transaction_max_timeout_ms: int = 900_000
+    transaction_abort_timed_out_transaction_cleanup_interval_ms: int = 10_000
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -164,6 +171,15 @@ class BrokerConfig:
             raise InvalidConfigError(f"raft port must be 1-65535, got {self.raft_port}")
         if self.offsets_topic_num_partitions < 1:
             raise InvalidConfigError("offsets.topic.num.partitions must be at least 1")
+        for name in (
+            "transaction_state_log_num_partitions",
+            "transaction_state_log_replication_factor",
+            "transaction_state_log_min_isr",
+            "transaction_max_timeout_ms",
+            "transaction_abort_timed_out_transaction_cleanup_interval_ms",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidConfigError(f"{name.replace('_', '.')} must be at least 1")
         for name in (
             "default_replication_factor",
             "offsets_topic_replication_factor",

@@ -395,6 +395,61 @@ class IneligibleReplicaError(StreamBusError):
     description = "The new ISR contains at least one ineligible replica."
 
 
+# -- transactions (Kafka's codes for the transaction coordinator's answers) -------------------
+class InvalidTxnStateError(StreamBusError):
+    errno = 48
+    kafka_name = "INVALID_TXN_STATE"
+    description = "The producer attempted a transactional operation in an invalid state."
+
+
+class InvalidProducerIdMappingError(StreamBusError):
+    errno = 49
+    kafka_name = "INVALID_PRODUCER_ID_MAPPING"
+    description = (
+        "The producer attempted to use a producer id which is not currently assigned to "
+        "its transactional id."
+    )
+
+
+class InvalidTransactionTimeoutError(StreamBusError):
+    errno = 50
+    kafka_name = "INVALID_TRANSACTION_TIMEOUT"
+    description = (
+        "The transaction timeout is larger than the maximum value allowed by the broker "
+        "(as configured by transaction.max.timeout.ms)."
+    )
+
+
+class ConcurrentTransactionsError(StreamBusError):
+    errno = 51
+    kafka_name = "CONCURRENT_TRANSACTIONS"
+    retriable = True
+    description = (
+        "The producer attempted to update a transaction while another concurrent operation "
+        "on the same transaction was ongoing."
+    )
+
+
+class OperationNotAttemptedError(StreamBusError):
+    errno = 55
+    kafka_name = "OPERATION_NOT_ATTEMPTED"
+    description = "The broker did not attempt to execute this operation."
+
+
+class ProducerFencedError(StreamBusError):
+    errno = 90
+    kafka_name = "PRODUCER_FENCED"
+    description = (
+        "There is a newer producer with the same transactionalId which fences the current one."
+    )
+
+
+class TransactionalIdNotFoundError(StreamBusError):
+    errno = 105
+    kafka_name = "TRANSACTIONAL_ID_NOT_FOUND"
+    description = "The transactionalId could not be found."
+
+
 class FrameError(StreamBusError):
     """A request frame that cannot be parsed: the connection that sent it is closed."""
 

@@ -36,6 +36,8 @@ MAX_LINKS = 32  # a span linking to every record of a 10k-record fetch would be 
 # Bytes of records searched for trace context per request or response: a span needs at most
 # MAX_LINKS traceparents, and the search must stay linear and bounded in the request's size.
 TRACE_SCAN_BYTES = 4 * 1024 * 1024
+# streambus_transaction_duration_seconds buckets (seconds): transactions last up to minutes.
+TXN_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 Attrs = Mapping[str, AttributeValue]
 
@@ -70,6 +72,8 @@ class BrokerStats(Protocol):
     def replica_lags(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, messages
     def storage_write_failing(self) -> int: ...  # 1 while writes to the data dir fail
     def storage_write_errors(self) -> Iterable[tuple[str, int]]: ...  # reason, failed writes
+    def transactions_active(self) -> int: ...  # Ongoing + Prepare* held by this coordinator
+    def transaction_oldest_open_seconds(self) -> float: ...  # 0 when none is open
 
 
 class BrokerTelemetry:
@@ -209,6 +213,26 @@ class BrokerTelemetry:
             description="Failed writes to the data directory, by errno name (ENOSPC, EIO, ...)",
         )
 
+        # Transactions (the coordinator's): ended ones counted as their markers complete.
+        self._txn_committed = counter(
+            "streambus.transactions.committed",
+            "{transaction}",
+            "Transactions committed by this coordinator (markers written)",
+        )
+        self._txn_aborted = counter(
+            "streambus.transactions.aborted",
+            "{transaction}",
+            "Transactions aborted by this coordinator, by reason (client, timeout, fenced)",
+        )
+        # Unit-less name ending in _seconds: the latency view (unit "s") would otherwise
+        # replace these buckets, which span minutes where latency buckets stop at 5 s.
+        self._txn_duration = meter.create_histogram(
+            "streambus.transaction.duration_seconds",
+            "",
+            "Transaction duration: first AddPartitionsToTxn to its markers complete",
+            explicit_bucket_boundaries_advisory=TXN_DURATION_BUCKETS,
+        )
+        self._txn_attrs: dict[tuple[bool, str], Attrs] = {}
         gauges: Sequence[tuple[str, str, str, Callable[[], float]]] = (
             ("streambus.broker.uptime", "s", "Broker uptime in seconds", stats.uptime_seconds),
             (
@@ -310,6 +334,18 @@ class BrokerTelemetry:
                 "{state}",
                 "1 while writes to the data directory fail (disk full, I/O error), else 0",
                 stats.storage_write_failing,
+            ),
+            (
+                "streambus.transactions.active",
+                "{transaction}",
+                "Open transactions (Ongoing, PrepareCommit, PrepareAbort) this coordinator holds",
+                stats.transactions_active,
+            ),
+            (
+                "streambus.transaction.oldest_open",
+                "s",
+                "Age of the oldest open transaction this coordinator holds (0: none)",
+                stats.transaction_oldest_open_seconds,
             ),
             (
                 "streambus.storage.available",
@@ -449,6 +485,36 @@ class BrokerTelemetry:
         """An INTERNAL span under ``parent`` (a step of the request it serves)."""
         context = trace.set_span_in_context(parent)
         return self.tracer.start_span(name, context, SpanKind.INTERNAL, attributes)
+
+    def transaction_ended(self, committed: bool, reason: str, seconds: float | None) -> None:
+        """One transaction completed (its markers written): counted, and its duration."""
+        key = (committed, reason)
+        attrs = self._txn_attrs.get(key)
+        if attrs is None:
+            attrs = self._txn_attrs[key] = (
+                self._base if committed else {**self._base, "reason": reason}
+            )
+        (self._txn_committed if committed else self._txn_aborted).add(1, attrs)
+        if seconds is not None:
+            self._txn_duration.record(max(seconds, 0.0), self._base)
+
+    def start_txn_span(
+        self, transactional_id: str, outcome: str, reason: str, partitions: Sequence[str]
+    ) -> trace.Span:
+        """The span of one transaction's end (EndTxn, or the coordinator's own abort);
+        marker writes are its children."""
+        return self.tracer.start_span(
+            "EndTxn",
+            Context(),
+            SpanKind.SERVER if reason == "client" else SpanKind.INTERNAL,
+            {
+                "messaging.system": "kafka",
+                "streambus.txn.id": transactional_id,
+                "streambus.txn.outcome": outcome,
+                "streambus.txn.reason": reason,
+                "streambus.txn.partitions": list(partitions),
+            },
+        )
 
     def commit_latency(self, group: str, seconds: float) -> None:
         self._commit_latency.record(seconds, {**self._base, "group": group})

@@ -36,7 +36,12 @@ from streambus.errors import (
 )
 from streambus.instrumentation import BrokerTelemetry
 from streambus.payload_sizes import PayloadSizes
-from streambus.records.batch import Buffer, compression_of, parse_batches, validate_records
+from streambus.records.batch import (
+    Buffer,
+    compression_of,
+    parse_batches,
+    validate_records,
+)
 from streambus.replication.replica import Replica, Role
 from streambus.storage import LogManager, PartitionLog, TopicMeta
 from streambus.storage.catalog import OfflineTopic
@@ -333,6 +338,16 @@ class PartitionService:
         epoch = replica.leader_epoch if replica is not None else 0
         result = plog.append(records, leader_epoch=epoch)
         self._appended(tp, result, origin)
+        return result
+
+    def append_transactional(self, tp: TopicPartition, records: Buffer) -> AppendResult:
+        """The group coordinator's transactional offsets (``append_now``, the batch carrying
+        its producer id and epoch but no sequence numbers)."""
+        plog = self._partition(tp)
+        replica = self._replicas.get(tp)
+        epoch = replica.leader_epoch if replica is not None else 0
+        result = plog.append(records, leader_epoch=epoch, coordinator=True)
+        self._appended(tp, result, AppendOrigin.COORDINATOR)
         return result
 
     def _check_origin(self, topic: str, origin: AppendOrigin) -> None:

@@ -546,6 +546,29 @@ class GroupCoordinator:
                 raise RebalanceInProgressError()
         return self.offsets.commit(group_id, offsets)
 
+    def commit_transactional(
+        self,
+        group_id: str,
+        producer_id: int,
+        producer_epoch: int,
+        member: tuple[int, str, str | None] | None,
+        offsets: Mapping[TopicPartition, OffsetAndMetadata],
+    ) -> tuple[TopicPartition, int] | None:
+        """TxnOffsetCommit: offsets pending until the transaction's marker. ``member``:
+        (generation, member id, instance id) when the client named them (v3+), checked as
+        OffsetCommit checks them."""
+        if member is not None and member[0] >= 0:
+            self._member(group_id, member[1], member[2], member[0])
+        elif group_id not in self._groups:
+            self._groups[group_id] = Group(group_id, state_since_ms=_now_ms())
+        return self.offsets.commit_transactional(group_id, producer_id, producer_epoch, offsets)
+
+    def complete_transaction(self, producer_id: int, commit: bool, partition: int) -> None:
+        """A transaction marker was written to ``__consumer_offsets`` partition ``partition``."""
+        applied = self.offsets.complete_transaction(producer_id, commit, partition)
+        if applied:
+            log.debug("producer %d committed %d transactional offsets", producer_id, applied)
+
     def committed(self, group_id: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
         """The group's committed offsets (OffsetFetch)."""
         return self.offsets.fetch(group_id)

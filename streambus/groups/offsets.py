@@ -24,6 +24,7 @@ from streambus.cluster.state import coordinator_partition
 from streambus.errors import KafkaStorageError
 from streambus.partitions import OFFSETS_TOPIC, AppendOrigin, PartitionService
 from streambus.records import build_batch, iter_records, walk_batches
+from streambus.records.batch import TRANSACTIONAL_MASK, with_attributes
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.groups")
@@ -117,6 +118,9 @@ class OffsetStore:
 
     def __post_init__(self) -> None:
         self._offsets: dict[str, dict[TopicPartition, OffsetAndMetadata]] = {}
+        # Transactional offsets written but not yet committed or aborted by their marker
+        # (Kafka's pendingTransactionalOffsetCommits): producer id -> group -> offsets.
+        self._pending: dict[int, dict[str, dict[TopicPartition, OffsetAndMetadata]]] = {}
 
     def partition_for(self, group: str) -> TopicPartition:
         # Kafka's hash of the group id, over the partitions the topic has (it may predate a
@@ -167,27 +171,47 @@ class OffsetStore:
                 home = homes[group] = coordinator_partition(group, count)
             return home
 
+        pending: dict[int, dict[int, list[tuple[bytes | None, bytes | None]]]] = {}
         for partition in range(count) if only is None else (only,):
             tp = TopicPartition(OFFSETS_TOPIC, partition)
             offset, end = self.service.offsets(tp)
+            open_txns = pending.setdefault(partition, {})
             while offset < end:
                 data = self.service.read(tp, offset, 4 * 1024 * 1024)
                 if not data:
                     break
                 for pos, header in walk_batches(data):
-                    for record in iter_records(data, pos, header):
+                    offset = header.last_offset + 1
+                    records = [(r.key, r.value) for r in iter_records(data, pos, header)]
+                    if header.is_control:
+                        # A marker: the producer's offsets count from here if it committed.
+                        held = open_txns.pop(header.producer_id, [])
+                        if records and _is_commit(records[0][0]):
+                            records = held
+                        else:
+                            continue
+                    elif header.is_transactional:
+                        open_txns.setdefault(header.producer_id, []).extend(records)
+                        continue
+                    for key, value in records:
                         _apply_record(
-                            record.key,
-                            record.value,
+                            key,
+                            value,
                             partition=partition,
                             home_of=home_of,
                             own=own,
                             earlier=earlier,
                         )
-                    offset = header.last_offset + 1
         if only is not None:
             self.unload(only)
             earlier.clear()  # another partition's records: that partition's leader has them
+        for open_txns in pending.values():
+            for pid, held in open_txns.items():
+                for key, value in held:
+                    decoded = _decode_offset(key, value)
+                    if decoded is not None:
+                        group, tp, entry = decoded
+                        self._pending.setdefault(pid, {}).setdefault(group, {})[tp] = entry
         for group in own.keys() | earlier.keys():
             merged = {**earlier.get(group, {}), **own.get(group, {})}
             table = {tp: value for tp, value in merged.items() if value is not None}
@@ -204,7 +228,57 @@ class OffsetStore:
         gone = [g for g in self._offsets if self.partition_for(g).partition == partition]
         for group in gone:
             del self._offsets[group]
+        for pid in list(self._pending):
+            groups = self._pending[pid]
+            for group in [g for g in groups if self.partition_for(g).partition == partition]:
+                del groups[group]
+            if not groups:
+                del self._pending[pid]
         return gone
+
+    # -- transactional offsets (TxnOffsetCommit) ----------------------------------------------
+    def commit_transactional(
+        self,
+        group: str,
+        producer_id: int,
+        producer_epoch: int,
+        offsets: Mapping[TopicPartition, OffsetAndMetadata],
+    ) -> tuple[TopicPartition, int] | None:
+        """Write ``offsets`` as part of the producer's transaction: they are pending until
+        the transaction's marker reaches the group's partition (``complete_transaction``)."""
+        if not offsets:
+            return None
+        self.ensure_topic()
+        now = int(time.time() * 1000)
+        batch = build_batch(
+            [(encode_key(group, tp), encode_value(v), (), now) for tp, v in offsets.items()],
+            producer_id=producer_id,
+            producer_epoch=producer_epoch,
+        )
+        home = self.partition_for(group)
+        result = self.service.append_transactional(home, with_attributes(batch, TRANSACTIONAL_MASK))
+        self._pending.setdefault(producer_id, {}).setdefault(group, {}).update(offsets)
+        return home, result.last_offset + 1
+
+    def complete_transaction(self, producer_id: int, commit: bool, partition: int) -> int:
+        """The marker of ``producer_id``'s transaction is in ``partition``: its pending
+        offsets of the groups homed there become committed (or are dropped). Returns how many
+        offsets were committed."""
+        groups = self._pending.get(producer_id)
+        if not groups:
+            return 0
+        applied = 0
+        for group in [g for g in groups if self.partition_for(g).partition == partition]:
+            offsets = groups.pop(group)
+            if commit:
+                self._offsets.setdefault(group, {}).update(offsets)
+                applied += len(offsets)
+        if not groups:
+            del self._pending[producer_id]
+        return applied
+
+    def has_pending(self, group: str) -> bool:
+        return any(group in groups for groups in self._pending.values())
 
     def commit(
         self, group: str, offsets: Mapping[TopicPartition, OffsetAndMetadata]
@@ -278,3 +352,20 @@ def _apply_record(
         (own if home_of(group) == partition else earlier).setdefault(group, {})[tp] = entry
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         log.warning("skipping unreadable record in %s: %s", OFFSETS_TOPIC, exc)
+
+
+def _is_commit(key: bytes | None) -> bool:
+    """A control record's key: version int16, type int16 (0 abort, 1 commit)."""
+    return key is not None and len(key) >= 4 and struct.unpack_from(">hh", key)[1] == 1
+
+
+def _decode_offset(
+    key: bytes | None, value: bytes | None
+) -> tuple[str, TopicPartition, OffsetAndMetadata] | None:
+    if key is None or value is None:
+        return None
+    try:
+        decoded = decode_key(key)
+        return None if decoded is None else (decoded[0], decoded[1], decode_value(value))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None

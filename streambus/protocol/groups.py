@@ -38,6 +38,7 @@ from kafka.protocol.metadata import FindCoordinatorRequest, FindCoordinatorRespo
 from streambus.errors import (
     CoordinatorNotAvailableError,
     InvalidGroupIdError,
+    InvalidRequestError,
     MemberIdRequiredError,
     NotCoordinatorError,
     NotEnoughReplicasAfterAppendError,
@@ -48,7 +49,7 @@ from streambus.errors import (
     UnknownTopicOrPartitionError,
     error_name,
 )
-from streambus.groups import OFFSETS_TOPIC, GroupState, JoinRequest, OffsetAndMetadata
+from streambus.groups import GroupState, JoinRequest, OffsetAndMetadata
 from streambus.protocol.apis import ApiRoutes, RequestContext
 from streambus.structs import TopicPartition
 
@@ -58,7 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("streambus.protocol")
 routes = ApiRoutes()
 
-GROUP_KEY = 0  # FindCoordinator key type; 1 is transactions, which StreamBus does not have
+GROUP_KEY = 0  # FindCoordinator key types
+TRANSACTION_KEY = 1
 
 
 @routes.api(FindCoordinatorRequest, FindCoordinatorResponse, versions=(0, 4))
@@ -69,19 +71,22 @@ async def handle_find_coordinator(
     key_type = getattr(request, "key_type", GROUP_KEY)
     keys = list(request.coordinator_keys) if ctx.api_version >= 4 else [request.key]
     answers: list[tuple[str, int, str, int, int, str | None]] = []
-    if key_type == GROUP_KEY:
-        try:
+    try:
+        if key_type == GROUP_KEY:
             await services.ensure_offsets_topic()
-        except StreamBusError as exc:  # no controller reachable: the client retries
-            log.info("FindCoordinator: %s not created: %s", OFFSETS_TOPIC, exc)
+        elif key_type == TRANSACTION_KEY:
+            await services.ensure_transaction_topic()
+    except StreamBusError as exc:  # no controller reachable: the client retries
+        log.info("FindCoordinator: coordinator topic not created: %s", exc)
     for key in keys:
-        if key_type != GROUP_KEY:
-            err: StreamBusError = CoordinatorNotAvailableError(
-                "transactions are not supported by this broker"
-            )
+        if key_type not in (GROUP_KEY, TRANSACTION_KEY):
+            err: StreamBusError = InvalidRequestError(f"unknown coordinator key type {key_type}")
         else:
             try:
-                info = services.group_coordinator(key)
+                if key_type == GROUP_KEY:
+                    info = services.group_coordinator(key)
+                else:
+                    info = services.transaction_coordinator(key)
             except StreamBusError as exc:
                 err = exc
             else:
@@ -258,7 +263,7 @@ async def handle_leave_group(services: BrokerServices, ctx: RequestContext, requ
 OFFSETS_COMMIT_TIMEOUT_S = 5.0
 
 
-async def _replicate_commit(services: BrokerServices, tp: TopicPartition, end: int) -> None:
+async def replicate_commit(services: BrokerServices, tp: TopicPartition, end: int) -> None:
     """A commit is answered once the ISR has it, as Kafka's coordinator writes with
     acks=all; replication errors become the group errors Kafka answers with."""
     try:
@@ -308,7 +313,7 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
                 offsets,
             )
             if written is not None:
-                await _replicate_commit(services, *written)
+                await replicate_commit(services, *written)
         except StreamBusError as exc:
             log.info("OffsetCommit %r from %s refused: %s", group_id, ctx.client_id, exc)
             span.set_attribute("streambus.error", exc.kafka_name)

@@ -27,7 +27,6 @@ from kafka.protocol.producer import (
 from opentelemetry import trace
 
 from streambus.errors import (
-    InvalidRequestError,
     InvalidRequiredAcksError,
     KafkaStorageError,
     StreamBusError,
@@ -35,6 +34,7 @@ from streambus.errors import (
 )
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, Chunk, RequestContext, encode_response
+from streambus.protocol.transactions import init_transactional_producer
 from streambus.records.batch import (
     header_values,
     walk_batches,
@@ -285,18 +285,8 @@ def _batches(request: Any) -> Iterator[tuple[str, int, bytes]]:
 async def handle_init_producer_id(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
-    if request.transactional_id is not None:
-        services.telemetry.error("InitProducerId", InvalidRequestError.kafka_name)
-        log.warning(
-            "%s asked for a transactional producer id; transactions are not supported",
-            ctx.client_id,
-        )
-        return InitProducerIdResponse(
-            throttle_time_ms=0,
-            error_code=InvalidRequestError.errno,
-            producer_id=-1,
-            producer_epoch=-1,
-        )
+    if request.transactional_id:
+        return await init_transactional_producer(services, ctx, request)
     try:
         pid, epoch = await services.producer_ids.allocate(
             getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)

@@ -595,3 +595,12 @@ def parse_control_record(data: Buffer, pos: int, header: BatchHeader) -> Control
             _, coordinator_epoch = CONTROL_VALUE.unpack_from(value, 0)
         return ControlRecord(kind == CONTROL_COMMIT, coordinator_epoch)
     return None
+
+
+def with_attributes(batch: bytes, attributes: int) -> bytes:
+    """``batch`` (one, built by ``build_batch``) with ``attributes`` bits set, CRC redone."""
+    buf = bytearray(batch)
+    (current,) = _ATTRIBUTES.unpack_from(buf, ATTRIBUTES_OFFSET)
+    _ATTRIBUTES.pack_into(buf, ATTRIBUTES_OFFSET, current | attributes)
+    _rewrite_crc(buf, 0)
+    return bytes(buf)

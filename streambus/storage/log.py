@@ -657,6 +657,7 @@ class PartitionLog:
         *,
         payload: int | None = None,
         leader_epoch: int = 0,
+        coordinator: bool = False,
     ) -> AppendResult:
         """Store one record batch; a retried idempotent batch is answered, not stored. A
         transactional batch opens its producer's transaction here unless one is open; a
@@ -680,7 +681,7 @@ class PartitionLog:
         if len(batches) != 1:
             raise InvalidRecordError(f"expected exactly one record batch, got {len(batches)}")
         header = batches[0][1]
-        if header.is_control:
+        if header.is_control:  # markers are written by append_marker only
             raise InvalidRecordError("clients may not write control batches")
         if header.records_count < 1 or header.last_offset_delta != header.records_count - 1:
             raise InvalidRecordError(
@@ -695,7 +696,8 @@ class PartitionLog:
                 limit=config.max_message_bytes,
                 keys_required=config.cleanup_policy.compacts,
             )
-        duplicate = self._producers.check(header)
+        # The group coordinator's transactional offsets carry no sequence numbers.
+        duplicate = None if coordinator else self._producers.check(header)
         if duplicate is not None:
             return AppendResult(
                 duplicate.base_offset,

@@ -1,0 +1,208 @@
+"""The marker writer: ends a transaction in every partition it touched.
+
+A commit or abort marker (a control batch) goes into each partition of the
+transaction: appended here through the partition service when this broker leads
+the partition (then waited for on the ISR, as Kafka's coordinator writes with
+acks=all), or sent as WriteTxnMarkers to the broker that leads it. A partition
+whose write fails is retried (leadership moves, a broker restarts) until it is
+written or its topic is gone: a transaction in PrepareCommit must end committed
+everywhere, or the coordinator could never finish it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, Protocol
+
+from kafka.protocol.producer import WriteTxnMarkersRequest, WriteTxnMarkersResponse
+
+from streambus.errors import (
+    ERROR_BY_CODE,
+    InvalidProducerEpochError,
+    StreamBusError,
+    UnknownTopicOrPartitionError,
+)
+from streambus.instrumentation import BrokerTelemetry
+from streambus.partitions import OFFSETS_TOPIC, PartitionService
+from streambus.structs import TopicPartition
+
+log = logging.getLogger("streambus.transactions")
+
+WRITE_TXN_MARKERS_VERSION = 1
+RETRY_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 2.0
+
+
+class Marker(NamedTuple):
+    producer_id: int
+    producer_epoch: int
+    commit: bool
+    coordinator_epoch: int
+
+
+class Leader(NamedTuple):
+    broker_id: int
+    host: str
+    port: int
+
+
+class LeaderLookup(Protocol):
+    def __call__(self, tp: TopicPartition) -> Leader | None:
+        """Who leads ``tp`` (None: the partition no longer exists). Raises a retriable
+        StreamBusError while it has no leader."""
+
+
+# Called once a marker is in a __consumer_offsets partition: (producer id, commit, partition).
+OffsetsHook = Callable[[int, bool, int], None]
+
+
+class MarkerWriter:
+    def __init__(
+        self,
+        partitions: PartitionService,
+        broker_id: int,
+        leader_of: LeaderLookup,
+        telemetry: BrokerTelemetry,
+        *,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._partitions = partitions
+        self._broker_id = broker_id
+        self._leader_of = leader_of
+        self._telemetry = telemetry
+        self._timeout_s = timeout_s
+        self.on_offsets_marker: OffsetsHook | None = None
+
+    async def write(self, marker: Marker, tps: Iterable[TopicPartition], parent: Any) -> None:
+        """Write ``marker`` to every partition of ``tps``, retrying until each is written
+        or gone. ``parent``: the EndTxn span the marker writes are children of."""
+        pending = set(tps)
+        backoff = RETRY_BACKOFF_S
+        while pending:
+            remote: dict[Leader, list[TopicPartition]] = {}
+            for tp in sorted(pending):
+                try:
+                    leader = self._leader_of(tp)
+                except StreamBusError as exc:
+                    log.info("marker for %s: no leader yet (%s); retrying", tp, exc)
+                    continue
+                if leader is None:
+                    log.info("marker for %s dropped: the partition no longer exists", tp)
+                    pending.discard(tp)
+                elif leader.broker_id == self._broker_id:
+                    if await self._write_local(marker, tp, parent):
+                        pending.discard(tp)
+                else:
+                    remote.setdefault(leader, []).append(tp)
+            for leader, group in remote.items():
+                pending.difference_update(await self._write_remote(marker, leader, group, parent))
+            if pending:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _write_local(self, marker: Marker, tp: TopicPartition, parent: Any) -> bool:
+        span = self._telemetry.child_span(
+            "WriteTxnMarker",
+            parent,
+            {
+                "messaging.destination.name": tp.topic,
+                "messaging.destination.partition.id": str(tp.partition),
+                "streambus.txn.commit": marker.commit,
+            },
+        )
+        try:
+            written = await self.append_here(marker, tp)
+        finally:
+            span.end()
+        return written
+
+    async def append_here(self, marker: Marker, tp: TopicPartition) -> bool:
+        """Append ``marker`` to ``tp`` led here and wait for the ISR: True once done (or
+        needless: the topic is gone, or a newer producer epoch already ended it)."""
+        try:
+            result = self._partitions.append_marker(
+                tp, marker.producer_id, marker.producer_epoch, marker.commit,
+                marker.coordinator_epoch,
+            )  # fmt: skip
+            await self._partitions.wait_replicated(tp, result.last_offset + 1, self._timeout_s)
+        except UnknownTopicOrPartitionError:
+            return True
+        except InvalidProducerEpochError as exc:
+            # A newer epoch wrote to this partition: this transaction is over there already.
+            log.info("marker for %s not needed: %s", tp, exc)
+            return True
+        except StreamBusError as exc:
+            log.info("marker for %s not written yet: %s", tp, exc)
+            return False
+        if tp.topic == OFFSETS_TOPIC and self.on_offsets_marker is not None:
+            self.on_offsets_marker(marker.producer_id, marker.commit, tp.partition)
+        return True
+
+    async def _write_remote(
+        self, marker: Marker, leader: Leader, tps: list[TopicPartition], parent: Any
+    ) -> set[TopicPartition]:
+        """WriteTxnMarkers to ``leader``: the partitions it wrote (or no longer has)."""
+        R = WriteTxnMarkersRequest
+        by_topic: dict[str, list[int]] = {}
+        for tp in tps:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        request = R(
+            markers=[
+                R.WritableTxnMarker(
+                    producer_id=marker.producer_id,
+                    producer_epoch=marker.producer_epoch,
+                    transaction_result=marker.commit,
+                    topics=[
+                        R.WritableTxnMarker.WritableTxnMarkerTopic(name=t, partition_indexes=ps)
+                        for t, ps in by_topic.items()
+                    ],
+                    coordinator_epoch=marker.coordinator_epoch,
+                )
+            ]
+        )
+        span = self._telemetry.child_span(
+            "WriteTxnMarkers",
+            parent,
+            {"streambus.broker.target": leader.broker_id, "streambus.txn.partitions": len(tps)},
+        )
+        done: set[TopicPartition] = set()
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self._timeout_s * 2):
+                reader, writer = await asyncio.open_connection(leader.host, leader.port)
+                request.with_header(correlation_id=1, client_id=f"streambus-txn-{self._broker_id}")
+                frame = request.encode(version=WRITE_TXN_MARKERS_VERSION, header=True, framed=True)
+                writer.write(bytes(frame))
+                await writer.drain()
+                size = int.from_bytes(await reader.readexactly(4), "big", signed=True)
+                response = WriteTxnMarkersResponse.decode(
+                    await reader.readexactly(size), version=WRITE_TXN_MARKERS_VERSION, header=True
+                )
+            for result in response.markers:
+                for topic in result.topics:
+                    for p in topic.partitions:
+                        tp = TopicPartition(topic.name, p.partition_index)
+                        error = ERROR_BY_CODE.get(p.error_code)
+                        if p.error_code in (
+                            0,
+                            UnknownTopicOrPartitionError.errno,
+                            InvalidProducerEpochError.errno,
+                        ):
+                            done.add(tp)
+                        else:
+                            name = error.kafka_name if error else p.error_code
+                            log.info(
+                                "marker for %s refused by broker %d: %s", tp, leader.broker_id, name
+                            )
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            log.info("WriteTxnMarkers to broker %d failed: %s; retrying", leader.broker_id, exc)
+        finally:
+            span.end()
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError, ConnectionError):
+                    await writer.wait_closed()
+        return done
