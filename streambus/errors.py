@@ -330,6 +330,16 @@ class UnknownLeaderEpochError(StreamBusError):
     description = "The leader epoch in the request is newer than the epoch on the broker."
 
 
+class UnstableOffsetCommitError(StreamBusError):
+    errno = 88
+    kafka_name = "UNSTABLE_OFFSET_COMMIT"
+    retriable = True
+    description = (
+        "There are unstable offsets that need to be cleared: a transaction has offsets "
+        "for this partition that are not yet committed or aborted."
+    )
+
+
 class NotEnoughReplicasError(StreamBusError):
     errno = 19
     kafka_name = "NOT_ENOUGH_REPLICAS"

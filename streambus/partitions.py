@@ -46,6 +46,7 @@ from streambus.replication.replica import Replica, Role
 from streambus.storage import LogManager, PartitionLog, TopicMeta
 from streambus.storage.catalog import OfflineTopic
 from streambus.storage.log import LogSlice
+from streambus.storage.producer_state import ProducerInfo
 from streambus.storage.segment import Segment
 from streambus.structs import AppendResult, ReplicatedAppend, TopicPartition
 from streambus.topic_config import TopicConfig
@@ -430,6 +431,10 @@ class PartitionService:
     ) -> list[tuple[int, int]]:
         """(producer id, first offset) of aborted transactions overlapping [start, upto)."""
         return self._partition(tp).aborted_transactions(start, upto)
+
+    def producers(self, tp: TopicPartition) -> list[ProducerInfo]:
+        """Every producer with state in ``tp`` (DescribeProducers)."""
+        return self._partition(tp).producers()
 
     def ongoing_transactions(self, tp: TopicPartition) -> list[tuple[int, int, int, int]]:
         return self._partition(tp).ongoing_transactions()

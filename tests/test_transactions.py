@@ -21,7 +21,12 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from kafka.admin import AbortTransactionSpec, KafkaAdminClient
-from kafka.protocol.admin import DescribeTransactionsRequest, ListTransactionsRequest
+from kafka.protocol.admin import (
+    DescribeProducersRequest,
+    DescribeTransactionsRequest,
+    ListTransactionsRequest,
+)
+from kafka.protocol.consumer import OffsetFetchRequest
 from kafka.protocol.metadata import FindCoordinatorRequest
 from kafka.protocol.producer import (
     AddPartitionsToTxnRequest,
@@ -35,6 +40,7 @@ from streambus.partitions import PartitionService
 from streambus.structs import TopicPartition as SbTP
 from tests.harness import BrokerThread, RawClient, total, wait_until
 
+UNSTABLE_OFFSET_COMMIT = 88
 READ_COMMITTED = hasattr(PartitionService, "last_stable_offset")
 needs_read_committed = pytest.mark.skipif(
     not READ_COMMITTED, reason="waits for Fetch isolation_level=read_committed (the LSO)"
@@ -435,6 +441,22 @@ def test_list_and_describe_transactions(broker: BrokerThread) -> None:
         assert [(t.topic, list(t.partitions)) for t in listed.topics] == [("listed", [1])]
         assert listed.transaction_start_time_ms > 0
         assert nobody.error_code == 105  # TRANSACTIONAL_ID_NOT_FOUND
+        # What `kafka-transactions find-hanging` asks each partition's leader.
+        D = DescribeProducersRequest
+        response = client.request(
+            D(topics=[D.TopicRequest(name="listed", partition_indexes=[0, 1, 7])]), 0
+        )
+        by_partition = {p.partition_index: p for p in response.topics[0].partitions}
+        assert by_partition[0].error_code == 0
+        assert by_partition[0].active_producers == []
+        (active,) = by_partition[1].active_producers
+        assert (active.producer_id, active.producer_epoch) == (
+            listed.producer_id,
+            listed.producer_epoch,
+        )
+        assert active.current_txn_start_offset == 0
+        assert active.last_sequence == 0
+        assert by_partition[7].error_code == 3  # UNKNOWN_TOPIC_OR_PARTITION
     producer.abort_transaction(15)
 
 
@@ -500,3 +522,59 @@ def test_markers_reach_partitions_led_by_other_brokers(tmp_path: Path) -> None:
             consumer.close()
         # 3 committed records + commit marker + 1 aborted record + abort marker, everywhere.
         assert highs == [6] * 6
+
+
+def _fetch_stable(client: RawClient, group: str, topic: str) -> Any:
+    """OffsetFetch v7 with require_stable, as a read_committed consumer sends it (KIP-447)."""
+    O = OffsetFetchRequest
+    request = O(
+        group_id=group,
+        topics=[O.OffsetFetchRequestTopic(name=topic, partition_indexes=[0])],
+        require_stable=True,
+    )
+    return client.request(request, 7).topics[0].partitions[0]
+
+
+def test_read_committed_groups_lag_against_the_last_stable_offset(broker: BrokerThread) -> None:
+    """Offsets pending in a transaction answer UNSTABLE_OFFSET_COMMIT to require_stable, and a
+    read_committed group's lag is measured to the LSO, which an open transaction holds back."""
+    _create(broker.bootstrap, ("lagged", 1))
+    plain = Producer({"bootstrap.servers": broker.bootstrap})
+    for i in range(5):
+        plain.produce("lagged", f"p{i}".encode(), partition=0)
+    plain.flush(10)
+    producer = _producer(broker.bootstrap, "txn-lag")
+    producer.init_transactions(15)
+    producer.begin_transaction()
+    for i in range(3):
+        producer.produce("lagged", f"t{i}".encode(), partition=0)
+    producer.flush(10)  # high watermark 8, last stable offset 5
+    committer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "rc-group"})
+    other = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "ru-group"})
+    try:
+        committer.commit(offsets=[TopicPartition("lagged", 0, 5)], asynchronous=False)
+        other.commit(offsets=[TopicPartition("lagged", 0, 5)], asynchronous=False)
+        with RawClient(broker.bootstrap) as client:
+            stable = _fetch_stable(client, "rc-group", "lagged")
+        assert (stable.error_code, stable.committed_offset) == (0, 5)
+
+        def lag(group: str) -> float:
+            return total(broker.scrape(), "streambus_consumer_group_lag", group=group)
+
+        assert lag("rc-group") == 0  # up to date with what read_committed can read
+        assert lag("ru-group") == 3
+        # Offsets sent in the open transaction are pending: require_stable is told to retry.
+        producer.send_offsets_to_transaction(
+            [TopicPartition("lagged", 0, 8)], committer.consumer_group_metadata(), 15
+        )
+        with RawClient(broker.bootstrap) as client:
+            pending = _fetch_stable(client, "rc-group", "lagged")
+        assert pending.error_code == UNSTABLE_OFFSET_COMMIT
+        producer.commit_transaction(15)  # the marker: LSO 9 (8 records and the marker)
+        with RawClient(broker.bootstrap) as client:
+            settled = _fetch_stable(client, "rc-group", "lagged")
+        assert (settled.error_code, settled.committed_offset) == (0, 8)
+        assert lag("rc-group") == 1  # the marker's offset, which no consumer reads past
+    finally:
+        committer.close()
+        other.close()

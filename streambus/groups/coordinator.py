@@ -46,6 +46,9 @@ from streambus.structs import TopicPartition
 log = logging.getLogger("streambus.groups")
 
 TICK_S = 0.1
+# Groups remembered as read_committed at most (a client naming endless group ids in
+# OffsetFetch must not grow the set without bound); beyond it lag uses the high watermark.
+MAX_GROUPS_SEEN = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,7 @@ class GroupCoordinator:
             partitions, settings.offsets_topic_partitions, create_offsets_topic
         )
         self._groups: dict[str, Group] = {}
+        self._read_committed: set[str] = set()  # groups whose consumers read_committed
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -140,7 +144,9 @@ class GroupCoordinator:
         return self._groups
 
     def lags(self) -> Iterator[tuple[str, TopicPartition, int]]:
-        """(group, partition, log end offset - committed offset) for every committed partition."""
+        """(group, partition, end - committed offset) for every committed partition; the
+        end is the high watermark, or for a read_committed group the last stable offset
+        (what its consumers can reach)."""
         partitions = self._partitions
         topics = partitions.topics()
         for group, tp, offset in self.offsets.committed():
@@ -148,10 +154,21 @@ class GroupCoordinator:
             if meta is None or tp.partition >= meta.partitions:
                 continue
             try:
-                end = partitions.offsets(tp).high_watermark
+                if group in self._read_committed:
+                    end = partitions.last_stable_offset(tp)
+                else:
+                    end = partitions.offsets(tp).high_watermark
             except StreamBusError:  # not served here (led by another broker)
                 continue
             yield group, tp, max(end - offset, 0)
+
+    def fetch_stable(self, group_id: str) -> set[TopicPartition]:
+        """OffsetFetch with require_stable (KIP-447; read_committed consumers send it): the
+        group is read_committed from now on (its lag is measured against the last stable
+        offset); answers the partitions whose offsets wait on a transaction."""
+        if group_id not in self._read_committed and len(self._read_committed) < MAX_GROUPS_SEEN:
+            self._read_committed.add(group_id)
+        return self.offsets.pending_partitions(group_id)
 
     # -- JoinGroup ---------------------------------------------------------------------------
     async def join(self, req: JoinRequest) -> JoinResult:

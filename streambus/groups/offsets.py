@@ -280,6 +280,10 @@ class OffsetStore:
     def has_pending(self, group: str) -> bool:
         return any(group in groups for groups in self._pending.values())
 
+    def pending_partitions(self, group: str) -> set[TopicPartition]:
+        """Partitions with offsets of ``group`` waiting on a transaction's marker."""
+        return {tp for groups in self._pending.values() for tp in groups.get(group, {})}
+
     def commit(
         self, group: str, offsets: Mapping[TopicPartition, OffsetAndMetadata]
     ) -> tuple[TopicPartition, int] | None:

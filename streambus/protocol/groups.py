@@ -47,6 +47,7 @@ from streambus.errors import (
     OffsetMetadataTooLargeError,
     StreamBusError,
     UnknownTopicOrPartitionError,
+    UnstableOffsetCommitError,
     error_name,
 )
 from streambus.groups import GroupState, JoinRequest, OffsetAndMetadata
@@ -348,6 +349,9 @@ async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, req
         services.telemetry.error("OffsetFetch", exc.kafka_name)
         return R(throttle_time_ms=0, topics=[], error_code=exc.errno)
     committed = services.groups.committed(request.group_id)
+    unstable: set[TopicPartition] = set()
+    if ctx.api_version >= 7 and request.require_stable:
+        unstable = services.groups.fetch_stable(request.group_id)
     if request.topics is None:
         wanted: dict[str, list[int]] = {}
         for tp in committed:
@@ -358,14 +362,18 @@ async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, req
     for name, partitions in wanted.items():
         parts = []
         for partition in sorted(partitions):
-            value = committed.get(TopicPartition(name, partition))
+            tp = TopicPartition(name, partition)
+            value = committed.get(tp)
+            error = UnstableOffsetCommitError.errno if tp in unstable else 0
+            if error:
+                services.telemetry.error("OffsetFetch", UnstableOffsetCommitError.kafka_name)
             parts.append(
                 T.OffsetFetchResponsePartition(
                     partition_index=partition,
                     committed_offset=value.offset if value else -1,
                     committed_leader_epoch=value.leader_epoch if value else -1,
                     metadata=value.metadata if value else "",
-                    error_code=0,
+                    error_code=error,
                 )
             )
         topics.append(T(name=name, partitions=parts))

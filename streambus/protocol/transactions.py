@@ -1,6 +1,6 @@
 """The transaction APIs: InitProducerId (with a transactional id), AddPartitionsToTxn,
-AddOffsetsToTxn, EndTxn, TxnOffsetCommit, WriteTxnMarkers, ListTransactions and
-DescribeTransactions.
+AddOffsetsToTxn, EndTxn, TxnOffsetCommit, WriteTxnMarkers, ListTransactions,
+DescribeTransactions and DescribeProducers.
 
 The coordinator (``streambus.transactions``) decides; these handlers translate.
 Version ranges stop below KIP-890's (AddPartitionsToTxn v4+ batches several ids
@@ -16,6 +16,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kafka.protocol.admin import (
+    DescribeProducersRequest,
+    DescribeProducersResponse,
     DescribeTransactionsRequest,
     DescribeTransactionsResponse,
     ListTransactionsRequest,
@@ -375,3 +377,47 @@ async def handle_describe_transactions(
             )
         )
     return R(throttle_time_ms=0, transaction_states=out)
+
+
+@routes.api(DescribeProducersRequest, DescribeProducersResponse, versions=(0, 0))
+async def handle_describe_producers(
+    services: BrokerServices, ctx: RequestContext, request: Any
+) -> Any:
+    """The producers with state in each partition led here, and the offset their open
+    transaction started at (what ``kafka-transactions find-hanging`` looks for)."""
+    R = DescribeProducersResponse
+    topics = []
+    for topic in request.topics:
+        parts = []
+        for index in topic.partition_indexes:
+            tp = TopicPartition(topic.name, index)
+            try:
+                active = [
+                    R.TopicResponse.PartitionResponse.ProducerState(
+                        producer_id=p.producer_id,
+                        producer_epoch=p.producer_epoch,
+                        last_sequence=p.last_sequence,
+                        last_timestamp=p.last_timestamp_ms,
+                        coordinator_epoch=p.coordinator_epoch,
+                        current_txn_start_offset=p.current_txn_start_offset,
+                    )
+                    for p in services.partitions.producers(tp)
+                ]
+            except StreamBusError as exc:
+                services.telemetry.error("DescribeProducers", exc.kafka_name)
+                parts.append(
+                    R.TopicResponse.PartitionResponse(
+                        partition_index=index,
+                        error_code=exc.errno,
+                        error_message=str(exc),
+                        active_producers=[],
+                    )
+                )
+                continue
+            parts.append(
+                R.TopicResponse.PartitionResponse(
+                    partition_index=index, error_code=0, error_message=None, active_producers=active
+                )
+            )
+        topics.append(R.TopicResponse(name=topic.name, partitions=parts))
+    return R(throttle_time_ms=0, topics=topics)
