@@ -526,10 +526,10 @@ def test_markers_reach_partitions_led_by_other_brokers(tmp_path: Path) -> None:
 
 def _fetch_stable(client: RawClient, group: str, topic: str) -> Any:
     """OffsetFetch v7 with require_stable, as a read_committed consumer sends it (KIP-447)."""
-    O = OffsetFetchRequest
-    request = O(
+    F = OffsetFetchRequest
+    request = F(
         group_id=group,
-        topics=[O.OffsetFetchRequestTopic(name=topic, partition_indexes=[0])],
+        topics=[F.OffsetFetchRequestTopic(name=topic, partition_indexes=[0])],
         require_stable=True,
     )
     return client.request(request, 7).topics[0].partitions[0]
