@@ -86,6 +86,11 @@ REPLICATION_ALERTS = {
     "HighReplicationLatency",
     "StreamBusIsrChurn",
 }
+TRANSACTION_ALERTS = {
+    "StreamBusTransactionOpenTooLong",
+    "StreamBusTransactionAbortRate",
+    "StreamBusTransactionTimeouts",
+}
 OPERATOR_ALERTS = {
     "StreamBusDown",
     "BrokerNotRunning",
@@ -105,6 +110,7 @@ OPERATOR_ALERTS = {
     "StreamBusOfflinePartitions",
     "StreamBusControllerElections",
     *REPLICATION_ALERTS,
+    *TRANSACTION_ALERTS,
 }
 SEED_NAMES = {
     "HighProduceLatency",
@@ -249,6 +255,24 @@ def test_replication_rules() -> None:
     assert 'streambus_isr_changes_total{kind="expand"}' in churn
 
 
+def test_transaction_rules() -> None:
+    assert set(groups()["streambus-transactions"]) == TRANSACTION_ALERTS
+    found = rules()
+    open_too_long = found["StreamBusTransactionOpenTooLong"]
+    # 60 s: Kafka's default transaction.timeout.ms, which the runbook names
+    assert "streambus_transaction_oldest_open_seconds > 60" in open_too_long
+    assert "for: 2m" in open_too_long
+    assert "transaction.timeout.ms" in open_too_long
+    assert "should have aborted it" in open_too_long
+    abort_rate = found["StreamBusTransactionAbortRate"]
+    assert "increase(streambus_transactions_aborted_total[10m])" in abort_rate
+    assert "increase(streambus_transactions_committed_total[10m])" in abort_rate
+    assert "> 0.1" in abort_rate
+    assert ">= 10" in abort_rate  # a minimum volume: one abort among a few does not fire
+    timeouts = found["StreamBusTransactionTimeouts"]
+    assert 'streambus_transactions_aborted_total{reason="timeout"}' in timeouts
+
+
 def test_every_alert_is_in_the_operators_list() -> None:
     listed = re.findall(
         r"^\| `(\w+)` \| (\w+) \|", (ROOT / "deploy" / "README.md").read_text(), re.M
@@ -257,13 +281,13 @@ def test_every_alert_is_in_the_operators_list() -> None:
     found = rules()
     for name, severity in listed:
         assert f"severity: {severity}\n" in found[name], name
-    # the top README's table: the cluster's and replication's alerts
+    # the top README's table: the cluster's, replication's and transactions' alerts
     top = set(
         re.findall(
             r"^\| `(\w+)` \| (?:critical|warning|info) \|", (ROOT / "README.md").read_text(), re.M
         )
     )
-    assert set(groups()["streambus-cluster"]) | REPLICATION_ALERTS == top
+    assert set(groups()["streambus-cluster"]) | REPLICATION_ALERTS | TRANSACTION_ALERTS == top
 
 
 def test_every_alert_has_a_firing_and_a_quiet_case() -> None:

@@ -1,7 +1,9 @@
 """deploy/grafana: the provisioning files agree with the dashboard, and every query of every
 panel returns data from a real Prometheus scraping a broker that carries traffic; the
 Replication row's from one scraping a three-broker cluster whose replicated topic carries
-acks=all traffic while a follower is stopped past replica.lag.time.max.ms and resumed."""
+acks=all traffic while a follower is stopped past replica.lag.time.max.ms and resumed; the
+Transactions row's from one scraping a broker whose transactional producers commit, abort, and
+leave transactions open past their transaction.timeout.ms."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, BrokerThread, ClusterProcesses, wait_until
+from tests.harness import ROOT, BrokerThread, ClusterProcesses, total, wait_until
 from tests.test_alerts import fast_rules
 from tests.test_cluster import controller, wait_cluster_size
 from tests.test_cluster import metric as broker_metric
@@ -25,9 +27,14 @@ from tests.test_replication import REPL_ENV, create_replicated, wait_in_sync
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "streambus.json"
 DATASOURCE_UID = "streambus-prometheus"
-PANEL_QUERIES = 64  # every target of every panel; a new panel must raise this
+PANEL_QUERIES = 71  # every target of every panel; a new panel must raise this
 REPLICATION_ROW = "Replication"
 REPLICATION_QUERIES = 9  # of them, in the Replication row
+TRANSACTIONS_ROW = "Transactions"
+TRANSACTIONS_QUERIES = 7  # of them, in the Transactions row
+# Rows whose queries need more than one broker's plain traffic: each has its own live test.
+OWN_TEST_ROWS = {REPLICATION_ROW, TRANSACTIONS_ROW}
+TXN_TOPIC = "txn-orders"
 REPLICATED_TOPIC = "replicated"
 TOPIC = "orders"
 GROUP = "order-readers"
@@ -77,6 +84,18 @@ def replication_queries(d: dict[str, Any], replication: bool) -> list[tuple[str,
     return [
         (title, e) for title, e in queries(d) if (rows[title] == REPLICATION_ROW) == replication
     ]
+
+
+def row_queries(d: dict[str, Any], row: str) -> list[tuple[str, str]]:
+    """The panel queries of the row titled ``row``."""
+    rows = row_of(d)
+    return [(title, e) for title, e in queries(d) if rows[title] == row]
+
+
+def plain_queries(d: dict[str, Any]) -> list[tuple[str, str]]:
+    """The panel queries of every row without a live test of its own."""
+    rows = row_of(d)
+    return [(title, e) for title, e in queries(d) if rows[title] not in OWN_TEST_ROWS]
 
 
 def substitute(expr: str) -> str:
@@ -206,6 +225,39 @@ def test_dashboard_has_a_replication_row() -> None:
         )
 
 
+def test_dashboard_has_a_transactions_row() -> None:
+    d = dashboard()
+    row_titles = {p["title"] for p in d["panels"] if p["type"] == "row"}
+    rows = [
+        p["title"]
+        for p in sorted(d["panels"], key=lambda p: p["gridPos"]["y"])
+        if p["title"] in row_titles
+    ]
+    assert rows.index(TRANSACTIONS_ROW) == rows.index(REPLICATION_ROW) + 1
+    transactions = row_queries(d, TRANSACTIONS_ROW)
+    assert len(transactions) == TRANSACTIONS_QUERIES
+    by_title: dict[str, list[str]] = {}
+    for title, e in transactions:
+        by_title.setdefault(title, []).append(e)
+    assert by_title["Open transactions"] == ["streambus_transactions_active"]
+    assert by_title["Oldest open transaction"] == ["streambus_transaction_oldest_open_seconds"]
+    rate = "[$__rate_interval]"
+    assert by_title["Transactions committed and aborted per second"] == [
+        f"sum by (broker_id) (rate(streambus_transactions_committed_total{rate}))",
+        f"sum by (reason) (rate(streambus_transactions_aborted_total{rate}))",
+    ]
+    (ratio,) = by_title["Abort ratio"]
+    aborted = f"sum(rate(streambus_transactions_aborted_total{rate}))"
+    committed = f"sum(rate(streambus_transactions_committed_total{rate}))"
+    # a broker that has only aborted has no committed series yet: 0 stands in for it
+    assert ratio == f"{aborted} / ({aborted} + ({committed} or vector(0)))"
+    assert by_title["Transaction duration"] == [
+        f"histogram_quantile({q}, sum by (le) "
+        f"(rate(streambus_transaction_duration_seconds_bucket{rate})))"
+        for q in ("0.5", "0.99")
+    ]
+
+
 def traffic(bootstrap: str, stop: threading.Event, ready: threading.Event) -> None:
     """Produce to and consume from TOPIC, with a plain and a group consumer that commits."""
     from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -253,8 +305,8 @@ def traffic(bootstrap: str, stop: threading.Event, ready: threading.Event) -> No
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     d = dashboard()
-    panel_queries = [(title, substitute(expr)) for title, expr in replication_queries(d, False)]
-    assert len(panel_queries) == PANEL_QUERIES - REPLICATION_QUERIES
+    panel_queries = [(title, substitute(expr)) for title, expr in plain_queries(d)]
+    assert len(panel_queries) == PANEL_QUERIES - REPLICATION_QUERIES - TRANSACTIONS_QUERIES
     (variable,) = d["templating"]["list"]
     variable_query, label = label_values_query(variable["definition"])
 
@@ -401,4 +453,111 @@ def test_every_replication_panel_query_returns_data(tmp_path: Path) -> None:
         finally:
             stop.set()
             worker.join(30)
+            prom.stop()
+
+
+COMMITS, CLIENT_ABORTS, ABANDONED = 4, 3, 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
+def test_every_transactions_panel_query_returns_data(tmp_path: Path) -> None:
+    """A broker whose coordinator checks for timed-out transactions every 200 ms, a real
+    Prometheus scraping it every second (evaluating alerts.yml, ``for:`` shortened): three
+    confluent-kafka transactional producers begin a transaction and vanish (transaction.timeout.ms
+    3 s), another commits four and aborts three meanwhile. Every Transactions panel query
+    returns data, the figures behind them are exactly the work done, the open transactions and
+    their age were seen, and StreamBusTransactionTimeouts fires for the three timeouts."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    d = dashboard()
+    panel_queries = [(title, substitute(expr)) for title, expr in row_queries(d, TRANSACTIONS_ROW)]
+    assert len(panel_queries) == TRANSACTIONS_QUERIES
+
+    with BrokerThread(
+        tmp_path / "data",
+        transaction_state_log_num_partitions=1,
+        transaction_abort_timed_out_transaction_cleanup_interval_ms=200,
+    ) as b:
+        admin = AdminClient({"bootstrap.servers": b.bootstrap})
+        admin.create_topics([NewTopic(TXN_TOPIC, 2, 1)])[TXN_TOPIC].result(15)
+        target = b.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        prom = PrometheusServer(tmp_path / "prom", target, rule_files=[fast_rules(tmp_path)])
+        try:
+            # Prometheus hands its targets to the scraper a few seconds after it is ready:
+            # the transactions begin once it scrapes, so it sees them open.
+            wait_until(lambda: prom.query("streambus_transactions_active"), 30, 0.5)
+            abandoned = []
+            for i in range(ABANDONED):
+                producer = Producer(
+                    {
+                        "bootstrap.servers": b.bootstrap,
+                        "transactional.id": f"vanishing-{i}",
+                        "transaction.timeout.ms": 3000,
+                        "linger.ms": 0,
+                    }
+                )
+                producer.init_transactions(15)
+                producer.begin_transaction()
+                producer.produce(TXN_TOPIC, b"left open", partition=i % 2)
+                assert producer.flush(10) == 0
+                abandoned.append(producer)
+
+            worker = Producer(
+                {"bootstrap.servers": b.bootstrap, "transactional.id": "worker", "linger.ms": 5}
+            )
+            worker.init_transactions(15)
+            for i in range(COMMITS + CLIENT_ABORTS):
+                worker.begin_transaction()
+                for partition in (0, 1):
+                    worker.produce(TXN_TOPIC, f"record {i}".encode(), partition=partition)
+                assert worker.flush(10) == 0
+                if i < COMMITS:
+                    worker.commit_transaction(15)
+                else:
+                    worker.abort_transaction(15)
+
+            def timed_out() -> float:
+                return total(b.scrape(), "streambus_transactions_aborted_total", reason="timeout")
+
+            assert wait_until(lambda: timed_out() == ABANDONED, 30)
+
+            firing = 'ALERTS{alertname="StreamBusTransactionTimeouts", alertstate="firing"}'
+            pending = list(panel_queries)
+            deadline = time.monotonic() + 30
+            while (pending or not prom.query(firing)) and time.monotonic() < deadline:
+                pending = [(title, q) for title, q in pending if not prom.query(q)]
+                time.sleep(1)
+            assert not pending, "panel queries without data:\n" + "\n".join(
+                f"  {title}: {q}" for title, q in pending
+            )
+            (alert,) = prom.query(firing)
+            assert alert["metric"]["reason"] == "timeout"
+
+            def value(expr: str) -> float:
+                (sample,) = prom.query(expr)
+                return float(sample["value"][1])
+
+            # what the panels show is the work done, through the scrape
+            wait_until(
+                lambda: (
+                    value("sum(streambus_transaction_duration_seconds_count)")
+                    == COMMITS + CLIENT_ABORTS + ABANDONED
+                ),
+                10,
+            )
+            assert value("sum(streambus_transactions_committed_total)") == COMMITS
+            aborted = {
+                s["metric"]["reason"]: float(s["value"][1])
+                for s in prom.query("streambus_transactions_aborted_total")
+            }
+            assert aborted == {"client": CLIENT_ABORTS, "timeout": ABANDONED}
+            # the vanished producers' transactions were seen open, then ended
+            assert value("max_over_time(streambus_transactions_active[5m])") >= ABANDONED
+            assert value("max_over_time(streambus_transaction_oldest_open_seconds[5m])") > 0
+            wait_until(lambda: value("streambus_transactions_active") == 0, 10)
+            # the clients go before the broker does
+            del abandoned, producer, worker
+        finally:
             prom.stop()
