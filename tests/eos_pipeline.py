@@ -8,7 +8,7 @@ of the output topic with two headers carrying where it came from (``in-partition
 offsets (``send_offsets_to_transaction``) commit together or not at all.
 
     python tests/eos_pipeline.py BOOTSTRAP INPUT OUTPUT GROUP TRANSACTIONAL_ID [--batch N]
-        [--exit-at-end]
+        [--work-ms MS] [--exit-at-end]
 
 It prints one line per committed transaction (``committed <n> records``) so the test can
 wait for progress before it kills; ``--exit-at-end`` makes it exit 0 once it has committed
@@ -83,6 +83,9 @@ def main() -> int:
     parser.add_argument("transactional_id")
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--exit-at-end", action="store_true")
+    # Time spent "transforming" after the records are sent, before the commit: it widens the
+    # window in which a kill leaves records written but their transaction open.
+    parser.add_argument("--work-ms", type=float, default=0.0)
     args = parser.parse_args()
 
     producer = Producer(
@@ -140,6 +143,9 @@ def main() -> int:
                 ],
             )
             next_offsets[msg.partition()] = msg.offset() + 1
+        if args.work_ms:
+            producer.flush(TIMEOUT_S)
+            time.sleep(args.work_ms / 1000)
         offsets = [TopicPartition(args.input, p, o) for p, o in sorted(next_offsets.items())]
         producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), TIMEOUT_S)
         producer.commit_transaction(TIMEOUT_S)

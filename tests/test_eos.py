@@ -215,7 +215,7 @@ class Pipeline:
 
     def __init__(self, log_dir: Path, bootstrap: str, txn_id: str) -> None:
         self.log_dir = log_dir
-        self.args = [bootstrap, "eos-in", "eos-out", "eos-group", txn_id]
+        self.args = [bootstrap, "eos-in", "eos-out", "eos-group", txn_id, "--work-ms", "20"]
         self.runs = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = log_dir / "pipeline-0.log"
