@@ -35,12 +35,13 @@ import pytest
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 from kafka.protocol.metadata.find_coordinator import FindCoordinatorRequest
 
@@ -136,13 +137,20 @@ def read_all(bootstrap: str, topic: str, isolation: str) -> Read:
                 assert value is not None
                 headers = {k: bytes(v or b"") for k, v in msg.headers() or []}
                 records.append(Record(topic, msg.partition(), msg.offset(), value, headers))
-        high = {
-            (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
-            for p in range(partitions)
-        }
     finally:
         consumer.close()
-    return Read(records, end, high)
+    return Read(records, end, high_watermarks(bootstrap, topic, partitions))
+
+
+def high_watermarks(bootstrap: str, topic: str, partitions: int) -> dict[tuple[str, int], int]:
+    """Each partition's high watermark, in one ListOffsets (read_uncommitted, latest)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.list_offsets(
+        {TopicPartition(topic, p): OffsetSpec.latest() for p in range(partitions)},
+        isolation_level=IsolationLevel.READ_UNCOMMITTED,
+        request_timeout=30,
+    )
+    return {(tp.topic, tp.partition): f.result(30).offset for tp, f in futures.items()}
 
 
 def settled_read(bootstrap: str, topic: str) -> Read:
