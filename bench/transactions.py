@@ -19,8 +19,8 @@ same confluent-kafka client and settings on both:
   with ``isolation.level=read_committed``, one after the other, each assigned every partition
   from the beginning (no group), read every committed record (the aborted ones and the markers
   take offsets but are not delivered); messages/s over the three reads, each timed from
-  ``assign()`` to its last record. The same with ``read_uncommitted`` (every record, aborted
-  ones included) for comparison.
+  ``assign()`` to its last record; an aborted record delivered fails the run. The same with
+  ``read_uncommitted`` (every record, aborted ones included) for comparison.
 
 When StreamBus refuses a transactional producer (InitProducerId with a transactional id, or
 FindCoordinator for key type TRANSACTION), its rows are skipped with the broker's answer.
@@ -80,6 +80,8 @@ LINGER_MS = 5
 CONSUME_PASSES = 3
 CONSUME_TXN_RECORDS = 1000  # records per transaction of the consume data set
 ABORT_EVERY = 10  # every 10th transaction of that set is aborted
+COMMITTED_VALUE = b"c" * VALUE_BYTES
+ABORTED_VALUE = b"a" * VALUE_BYTES  # a read_committed reader seeing one is an error
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ def _read_pass(bootstrap: str, topic: str, expected: int, isolation: str) -> flo
                 err = msg.error()
                 if err is not None:
                     raise KafkaException(err)
+                if isolation == "read_committed" and msg.value() == ABORTED_VALUE:
+                    raise RuntimeError(f"{topic}: read_committed delivered an aborted record")
             got += len(batch)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"read {got}/{expected} in {CONSUME_TIMEOUT_S:.0f}s")
@@ -273,15 +277,16 @@ def write_consume_set(bootstrap: str, topic: str, records: int) -> tuple[int, in
     """``records`` records in transactions of CONSUME_TXN_RECORDS, every ABORT_EVERY-th one
     aborted (so read_committed readers skip aborted data); (committed, aborted) records."""
     producer = transactional_producer(bootstrap, f"bench-txn-set-{secrets.token_hex(4)}")
-    value = b"y" * VALUE_BYTES
     delivery = Delivery(keep_latency=False)
     committed = aborted = 0
     for txn in range(max(1, records // CONSUME_TXN_RECORDS)):
+        abort = txn % ABORT_EVERY == ABORT_EVERY - 1
+        value = ABORTED_VALUE if abort else COMMITTED_VALUE
         producer.begin_transaction()
         for i in range(CONSUME_TXN_RECORDS):
             producer.produce(topic, value, partition=i % PARTITIONS, on_delivery=delivery)
         producer.flush(TXN_TIMEOUT_S)
-        if txn % ABORT_EVERY == ABORT_EVERY - 1:
+        if abort:
             producer.abort_transaction(TXN_TIMEOUT_S)
             aborted += CONSUME_TXN_RECORDS
         else:
