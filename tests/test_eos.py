@@ -45,7 +45,8 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from confluent_kafka.cimpl import NewTopic
 from kafka.protocol.metadata.find_coordinator import FindCoordinatorRequest
 
-from tests.harness import ROOT, BrokerProcess, RawClient, wait_until
+from tests.harness import ROOT, BrokerProcess, ClusterProcesses, RawClient, wait_until
+from tests.test_cluster import CLUSTER_ENV, wait_cluster_size
 
 pytestmark = pytest.mark.slow
 
@@ -498,3 +499,105 @@ def test_broker_sigkill_while_writing_markers(broker: BrokerProcess) -> None:
             f"the transaction {outcome}: {len(visible)}/{len(sent)} records visible "
             f"(settled {settle_s:.1f}s after the restart)"
         )
+
+
+# -- three brokers: the coordinator killed ---------------------------------------------------
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[ClusterProcesses]:
+    with ClusterProcesses(tmp_path, 3, env=CLUSTER_ENV) as c:
+        wait_cluster_size(c, 3)
+        require_transactions(c.brokers[1].bootstrap)
+        yield c
+
+
+def coordinator_of(cluster: ClusterProcesses, txn_id: str) -> int:
+    """The node coordinating ``txn_id``, as a live broker answers FindCoordinator."""
+
+    def ask() -> int | None:
+        for broker in cluster.live().values():
+            with contextlib.suppress(OSError), RawClient(broker.bootstrap) as client:
+                found = client.request(FindCoordinatorRequest(key=txn_id, key_type=1), 2)
+                if found.error_code == 0:
+                    return int(found.node_id)
+        return None
+
+    return int(wait_until(ask, TIMEOUT_S, 0.2))
+
+
+def wait_replicated(cluster: ClusterProcesses, topic: str, partitions: int) -> None:
+    """Until every partition of ``topic`` has a leader and three in-sync replicas."""
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+
+    def synced() -> bool:
+        with contextlib.suppress(KafkaException):
+            t = admin.list_topics(topic, timeout=5).topics.get(topic)
+            return (
+                t is not None
+                and t.error is None
+                and len(t.partitions) == partitions
+                and all(p.leader >= 0 and len(p.isrs) == 3 for p in t.partitions.values())
+            )
+        return False
+
+    wait_until(synced, 90, 0.2)
+
+
+def test_coordinator_sigkill_at_end_txn_in_a_cluster(cluster3: ClusterProcesses) -> None:
+    """The broker coordinating a transaction over partitions led by all three brokers is
+    SIGKILLed just after EndTxn is sent; another broker takes over its __transaction_state
+    partition and finishes the transaction, all or nothing."""
+    rng = random.Random(SEED)
+    partitions = 12
+    admin = AdminClient({"bootstrap.servers": cluster3.bootstrap})
+    admin.create_topics([NewTopic("cwide", partitions, 3)])["cwide"].result(60)
+    wait_replicated(cluster3, "cwide", partitions)
+    for round_, commit in enumerate((True, False, True), start=1):
+        txn_id = f"cwide-{round_}"
+        producer = txn_producer(cluster3.bootstrap, txn_id)
+        node = coordinator_of(cluster3, txn_id)
+        producer.begin_transaction()
+        prefix = f"c{round_}"
+        sent = produce_all(producer, "cwide", prefix, partitions)
+        result: list[BaseException | None] = []
+
+        def end(
+            p: Producer = producer, c: bool = commit, out: list[BaseException | None] = result
+        ) -> None:
+            try:
+                if c:
+                    p.commit_transaction(TIMEOUT_S)
+                else:
+                    p.abort_transaction(TIMEOUT_S)
+                out.append(None)
+            except KafkaException as exc:
+                out.append(exc)
+
+        ender = threading.Thread(target=end, daemon=True)
+        ender.start()
+        delay = rng.uniform(0, 0.02)  # the kill point: within 20 ms of EndTxn going out
+        time.sleep(delay)
+        cluster3.brokers[node].kill()
+        answered = bool(result)
+        ender.join(TIMEOUT_S + 10)
+        assert result, "the commit/abort call did not return"
+        if result[0] is not None:
+            txn_producer(cluster3.bootstrap, txn_id)
+        got = settled_read(cluster3.bootstrap, "cwide")
+        visible = values(got, prefix.encode() + b"-")
+        assert visible in (set(), sent), f"{len(visible)}/{len(sent)} visible"
+        if not commit:
+            assert visible == set()
+        if commit and result[0] is None:
+            assert visible == sent, f"an acknowledged commit lost: {len(visible)} visible"
+        print(
+            f"\ncluster round {round_} ({'commit' if commit else 'abort'}): coordinator "
+            f"{node} SIGKILLed {delay * 1000:.1f} ms after EndTxn went out (client "
+            f"{'answered' if answered else 'waiting'}); the client "
+            f"{'succeeded' if result[0] is None else f'failed ({result[0]})'}; "
+            f"{len(visible)}/{len(sent)} visible with the coordinator down"
+        )
+        cluster3.brokers[node].start()
+        wait_cluster_size(cluster3, 3)
+        wait_replicated(cluster3, "cwide", partitions)
