@@ -58,6 +58,7 @@ REPLICA_LAG_TIME_MAX_MS = 1500
 REPL_ENV = {**CLUSTER_ENV, "STREAMBUS_REPLICA_LAG_TIME_MAX_MS": str(REPLICA_LAG_TIME_MAX_MS)}
 KILL_ROUNDS = int(os.environ.get("STREAMBUS_KILL_ROUNDS", "3"))
 SYNC_TIMEOUT_S = 90.0
+FETCH_WAIT_MAX_MS = 200  # the divergent-leader test's replica.fetch.wait.max.ms
 
 # Samples of a scrape: (name, sorted labels) -> value.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -315,6 +316,8 @@ class CommittingConsumer(threading.Thread):
         self.consumer.subscribe([topic])
         self.committed: dict[int, int] = {}
         self.read = 0
+        # per partition, the offset after the last message read: the most a commit can hold
+        self.position: dict[int, int] = {}
         self.commit_failures = 0
         self._stop_event = threading.Event()
 
@@ -326,6 +329,11 @@ class CommittingConsumer(threading.Thread):
                 self.read += len(good)
                 if not good:
                     continue
+                for m in good:
+                    partition, offset = m.partition(), m.offset()
+                    assert partition is not None
+                    assert offset is not None
+                    self.position[partition] = max(self.position.get(partition, 0), offset + 1)
                 try:
                     done = self.consumer.commit(asynchronous=False) or []
                 except KafkaException:
@@ -454,10 +462,15 @@ def test_kill_the_leader_repeatedly_loses_nothing_acknowledged(cluster3: Cluster
     # the group resumes at its last accepted commit: no loss, no re-reading before it
     resumed = resume_point(cluster.bootstrap, topic, group, partitions)
     for p in range(partitions):
-        last = consumer.committed.get(p)
-        committed = resumed["committed"][p]
-        if last is not None:
-            assert committed == last, f"partition {p}: committed {committed}, last commit {last}"
+        # A commit the client saw fail may still have been stored (its answer was lost with
+        # the coordinator): the group holds at least the last accepted commit, at most what
+        # the member had read.
+        last = consumer.committed.get(p, -1)
+        committed = max(resumed["committed"][p], -1)  # -1001: the group has none
+        most = consumer.position.get(p, -1)
+        assert last <= committed <= most, (
+            f"partition {p}: committed {committed}; last accepted commit {last}, read to {most}"
+        )
         read = resumed["read"][p]
         if committed >= 0 and committed < resumed["ends"][p]:
             assert read, f"partition {p}: nothing read from {committed}"
@@ -603,12 +616,15 @@ def test_two_replicas_down_refuses_acks_all(cluster5: ClusterProcesses) -> None:
         f"\nfollowers {followers} SIGKILLed: ISR [{view.leader}] after "
         f"{time.monotonic() - began:.2f}s"
     )
+    # The leader's own partition state, which the gauge reads, may take the shrink a moment
+    # after its Metadata shows it; an acks=all request in between is appended and answered
+    # NOT_ENOUGH_REPLICAS_AFTER_APPEND instead.
+    wait_until(lambda: metric(leader, "streambus_under_min_isr_partitions") == 1, 30, 0.05)
     refused = send_batch(leader, topic, [b"not-replicated"])
     print(f"acks=all with ISR 1 < min.insync.replicas 2: error {refused.error_code}")
     assert refused.error_code == NOT_ENOUGH_REPLICAS
     high_watermark, values = fetch_values(leader, topic)
     assert (high_watermark, values) == (len(acked), acked)
-    assert metric(leader, "streambus_under_min_isr_partitions") == 1
 
     for n in followers:
         restart_broker(cluster, n)
@@ -640,6 +656,7 @@ def slow_fence_cluster(tmp_path: Path) -> Iterator[ClusterProcesses]:
         "STREAMBUS_BROKER_SESSION_TIMEOUT_MS": "8000",
         "STREAMBUS_BROKER_HEARTBEAT_INTERVAL_MS": "1000",
         "STREAMBUS_REPLICA_LAG_TIME_MAX_MS": "30000",
+        "STREAMBUS_REPLICA_FETCH_WAIT_MAX_MS": str(FETCH_WAIT_MAX_MS),
     }
     with ClusterProcesses(tmp_path, 3, env=env) as c:
         wait_cluster_size(c, 3)
@@ -664,6 +681,10 @@ def test_a_leader_with_unreplicated_records_truncates_on_return(
     with contextlib.ExitStack() as stack:
         for n in followers:
             stack.enter_context(stopped(cluster.brokers[n]))
+        # Fetches the followers sent before they stopped wait at the leader for new data: a
+        # record appended now would go out in their answers (and be read after SIGCONT). Once
+        # replica.fetch.wait.max.ms has passed they are answered empty, and no new one comes.
+        time.sleep(5 * FETCH_WAIT_MAX_MS / 1000)
         for value in divergent:
             response = send_batch(cluster.brokers[old], topic, [value], acks=1)
             assert response.error_code == 0, response

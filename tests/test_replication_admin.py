@@ -192,9 +192,19 @@ def test_replicated_topics_are_created_placed_grown_and_elected(
     assert error.code() == ELECTION_NOT_NEEDED
 
 
+@pytest.fixture
+def cluster5(tmp_path: Path) -> Iterator[ClusterProcesses]:
+    """Five voters: two brokers can be down and the quorum still has a majority."""
+    with ClusterProcesses(tmp_path, 5, env=CLUSTER_ENV) as c:
+        any_broker = c.brokers[3].bootstrap
+        wait_until(lambda: brokers_listed(any_broker) == {1, 2, 3, 4, 5}, 60, 0.3)
+        yield c
+
+
 def test_a_killed_broker_leaves_the_isr_and_unclean_election_brings_a_partition_back(
-    cluster: ClusterProcesses,
+    cluster5: ClusterProcesses,
 ) -> None:
+    cluster = cluster5
     from confluent_kafka.admin import AdminClient, NewTopic
     from kafka.admin import NewTopic as KNewTopic
 
@@ -218,12 +228,13 @@ def test_a_killed_broker_leaves_the_isr_and_unclean_election_brings_a_partition_
         assert leader == (before[p][0] if before[p][0] != 2 else expected[0])
     settle(cluster, "pair", lambda lay: lay[0] == (1, [1, 2], [1]))
 
-    cluster.brokers[2].start()
-    wait_until(lambda: brokers_listed(b3) == {1, 2, 3}, 60, 0.3)
-
-    # Broker 1, the only in-sync replica of pair-0, goes: the partition is offline (a clean
-    # election will not pick the out-of-sync 2) until an unclean election is asked for.
+    # Broker 1, the only in-sync replica of pair-0, goes: the partition is offline. Broker 2
+    # returns out of sync (with no leader it cannot catch up), and a clean election will not
+    # pick it; an unclean election, asked for, does.
     cluster.brokers[1].kill()
+    settle(cluster, "pair", lambda lay: lay[0] == (-1, [1, 2], [1]))
+    cluster.brokers[2].start()
+    wait_until(lambda: brokers_listed(b3) == {2, 3, 4, 5}, 60, 0.3)
     settle(cluster, "pair", lambda lay: lay[0] == (-1, [1, 2], [1]))
     response = None
 
@@ -248,9 +259,6 @@ def test_a_killed_broker_leaves_the_isr_and_unclean_election_brings_a_partition_
     finally:
         client.close()
     assert election_codes(preferred) == {("pair", 0): PREFERRED_LEADER_NOT_AVAILABLE}
-
-    cluster.brokers[1].start()
-    wait_until(lambda: brokers_listed(b3) == {1, 2, 3}, 60, 0.3)
 
 
 def test_a_single_brokers_topic_grows(tmp_path: Path) -> None:
