@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo cluster test soak lint otelcol bench bench-quick bench-hostile bench-replication clean
+.PHONY: install deb demo cluster test soak lint otelcol bench bench-quick bench-hostile bench-replication bench-transactions clean
 
 install: $(STAMP) deb
 
@@ -44,10 +44,13 @@ test: install lint otelcol
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The replication fault tests with a long leader-kill loop (STREAMBUS_KILL_ROUNDS rounds of
-# SIGKILL and restart; `make test` runs 3). Figures are printed.
+# SIGKILL and restart; `make test` runs 3), then the exactly-once pipeline SIGKILLed
+# STREAMBUS_EOS_ROUNDS times (`make test` runs 3). Figures are printed.
 KILL_ROUNDS ?= 12
+EOS_ROUNDS ?= 12
 soak: $(STAMP)
 	STREAMBUS_KILL_ROUNDS=$(KILL_ROUNDS) $(BIN)/pytest -s tests/test_replication.py $(PYTEST_ARGS)
+	STREAMBUS_EOS_ROUNDS=$(EOS_ROUNDS) $(BIN)/pytest -s tests/test_eos.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check streambus telemetry tests examples bench
@@ -65,16 +68,24 @@ otelcol:
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
 	$(BIN)/python -m bench.replication $(REPL_ARGS)
+	$(BIN)/python -m bench.transactions $(TXN_ARGS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick $(ARGS)
 	$(BIN)/python -m bench.replication --quick $(REPL_ARGS)
+	$(BIN)/python -m bench.transactions --quick $(TXN_ARGS)
 
 # Replicated produce (replication factor 3, min.insync.replicas 2, acks=all) on three local
 # StreamBus brokers beside three local Kafka brokers (KRaft), and the replication latency of
 # each; writes bench/results/replication.json. REPL_ARGS="--quick", "--no-kafka", ...
 bench-replication: $(STAMP)
 	$(BIN)/python -m bench.replication $(REPL_ARGS)
+
+# Transactional produce (100 x 100 B records per transaction; transactions/s, messages/s, commit
+# latency p50/p99) and read_committed consume on one StreamBus broker beside one Kafka node;
+# writes bench/results/transactions.json. TXN_ARGS="--quick", "--no-kafka", ...
+bench-transactions: $(STAMP)
+	$(BIN)/python -m bench.transactions $(TXN_ARGS)
 
 # Each hardening finding reproduced against a fresh `streambus serve` of this checkout, one line
 # per figure (ARGS="--quick" or ARGS="--only huge-fetch,fuzz"); logs in bench/results/logs/hostile/.
