@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -13,7 +15,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -276,3 +280,29 @@ class ServerProcess:
         if keep is not None and self.log_path.exists():
             keep.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.log_path, keep)
+
+
+def run_and_report(
+    runs: list[tuple[str, Callable[[], None]]],
+    result: Any,
+    render: Callable[[Any], str],
+    out: Path,
+    log_dir: Path,
+) -> int:
+    """Run each system's bench (one failing still reports the others), print the table,
+    write the JSON; exit status 1 if any system failed. ``result`` is a dataclass with an
+    ``errors`` list."""
+    for system, run in runs:
+        try:
+            run()
+        except Exception as exc:  # one system's failure still reports the other
+            result.errors.append(f"{system}: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+    print()
+    print(render(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    print(f"\nwrote {out}; broker logs in {log_dir}")
+    for err in result.errors:
+        print(f"FAILED: {err}", file=sys.stderr)
+    return 1 if result.errors else 0

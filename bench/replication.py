@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import functools
 import secrets
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import ROOT, free_port, machine_info, wait_for_port
+from bench.common import ROOT, free_port, machine_info, run_and_report, wait_for_port
 from bench.kafka import ensure_kafka
 from bench.kafka_cluster import KafkaCluster, running_kafka_cluster
 from bench.streambus_server import StreamBusServer
@@ -544,20 +543,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs.append(("streambus", run_streambus))
     if not args.no_kafka:
         runs.append(("kafka", run_kafka))
-    for system, run in runs:
-        try:
-            run(plan, result, args.work_dir, args.log_dir)
-        except Exception as exc:  # one system's failure still reports the other
-            result.errors.append(f"{system}: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-    print()
-    print(render(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    print(f"\nwrote {args.out}; broker logs in {args.log_dir}")
-    for err in result.errors:
-        print(f"FAILED: {err}", file=sys.stderr)
-    return 1 if result.errors else 0
+    return run_and_report(
+        [
+            (system, functools.partial(run, plan, result, args.work_dir, args.log_dir))
+            for system, run in runs
+        ],
+        result,
+        render,
+        args.out,
+        args.log_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -32,14 +32,13 @@ Results go to ``bench/results/transactions.json``; goals are not asserted.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import secrets
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ from confluent_kafka import (
 from kafka.protocol.metadata.find_coordinator import FindCoordinatorRequest
 from kafka.protocol.producer.transaction import InitProducerIdRequest
 
-from bench.common import ROOT, machine_info
+from bench.common import ROOT, machine_info, run_and_report
 from bench.kafka import ensure_kafka, running_kafka
 from bench.streambus_server import StreamBusServer
 from bench.wire import RawClient
@@ -408,20 +407,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs.append(("streambus", run_streambus))
     if not args.no_kafka:
         runs.append(("kafka", run_kafka))
-    for system, run in runs:
-        try:
-            run(plan, result, args.work_dir, args.log_dir)
-        except Exception as exc:  # one system's failure still reports the other
-            result.errors.append(f"{system}: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-    print()
-    print(render(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    print(f"\nwrote {args.out}; broker logs in {args.log_dir}")
-    for err in result.errors:
-        print(f"FAILED: {err}", file=sys.stderr)
-    return 1 if result.errors else 0
+    return run_and_report(
+        [
+            (system, functools.partial(run, plan, result, args.work_dir, args.log_dir))
+            for system, run in runs
+        ],
+        result,
+        render,
+        args.out,
+        args.log_dir,
+    )
 
 
 if __name__ == "__main__":

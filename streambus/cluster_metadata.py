@@ -412,17 +412,34 @@ class ClusterMetadata:
             return
         if not isinstance(self.quorum, LocalQuorum):
             raise CoordinatorNotAvailableError(f"{OFFSETS_TOPIC} does not exist yet")
-        record = plan_topic(
-            state,
+        self._create_internal_now(
+            self.quorum,
             OFFSETS_TOPIC,
             self.config.offsets_topic_num_partitions,
             self._offsets_replication_factor(),
+            OFFSETS_TOPIC_CONFIG,
+        )
+
+    def _create_internal_now(
+        self,
+        quorum: LocalQuorum,
+        name: str,
+        partitions: int,
+        replication_factor: int,
+        configs: Mapping[str, str],
+    ) -> None:
+        """A single broker's internal topic, created at once (its first use needs it)."""
+        record = plan_topic(
+            quorum.state,
+            name,
+            partitions,
+            replication_factor,
             start_index=0,
             topic_id=uuid.uuid4(),
-            configs=OFFSETS_TOPIC_CONFIG,
+            configs=configs,
             internal=True,
         )
-        result = self.quorum.apply_now(record)
+        result = quorum.apply_now(record)
         if not result.ok:
             raise result.error() or StreamBusError(result.message)
         self._created(record)
@@ -494,20 +511,7 @@ class ClusterMetadata:
         configs = self._transaction_topic_configs(factor)
         partitions = self.config.transaction_state_log_num_partitions
         if isinstance(self.quorum, LocalQuorum):
-            record = plan_topic(
-                self.quorum.state,
-                TRANSACTION_TOPIC,
-                partitions,
-                factor,
-                start_index=0,
-                topic_id=uuid.uuid4(),
-                configs=configs,
-                internal=True,
-            )
-            result = self.quorum.apply_now(record)
-            if not result.ok:
-                raise result.error() or StreamBusError(result.message)
-            self._created(record)
+            self._create_internal_now(self.quorum, TRANSACTION_TOPIC, partitions, factor, configs)
             return
         with contextlib.suppress(TopicAlreadyExistsError):  # another broker was faster
             await self.create_cluster_topic(

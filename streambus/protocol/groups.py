@@ -259,6 +259,31 @@ async def handle_leave_group(services: BrokerServices, ctx: RequestContext, requ
     return R(throttle_time_ms=0, error_code=top, members=results)
 
 
+def offsets_to_commit(
+    services: BrokerServices, request: Any, *, with_epochs: bool
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, OffsetAndMetadata]]:
+    """What an OffsetCommit or TxnOffsetCommit asks to store, and the partitions refused
+    (unknown, or metadata over offset.metadata.max.bytes) with their error codes."""
+    limit = services.groups.settings.offset_metadata_max_bytes
+    now_ms = int(time.time() * 1000)
+    topics = services.partitions.topics()
+    errors: dict[TopicPartition, int] = {}
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for topic in request.topics:
+        meta = topics.get(topic.name)
+        for p in topic.partitions:
+            tp = TopicPartition(topic.name, p.partition_index)
+            metadata = p.committed_metadata or ""
+            if meta is None or not 0 <= tp.partition < meta.partitions:
+                errors[tp] = UnknownTopicOrPartitionError.errno
+            elif len(metadata.encode()) > limit:
+                errors[tp] = OffsetMetadataTooLargeError.errno
+            else:
+                epoch = p.committed_leader_epoch if with_epochs else -1
+                offsets[tp] = OffsetAndMetadata(p.committed_offset, epoch, metadata, now_ms)
+    return errors, offsets
+
+
 # How long a commit waits for the ISR of its __consumer_offsets partition (Kafka's
 # offsets.commit.timeout.ms).
 OFFSETS_COMMIT_TIMEOUT_S = 5.0
@@ -281,23 +306,7 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
     started = time.perf_counter()
     version = ctx.api_version
     group_id = request.group_id
-    limit = services.groups.settings.offset_metadata_max_bytes
-    now_ms = int(time.time() * 1000)
-    topics = services.partitions.topics()
-    errors: dict[TopicPartition, int] = {}
-    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-    for topic in request.topics:
-        meta = topics.get(topic.name)
-        for p in topic.partitions:
-            tp = TopicPartition(topic.name, p.partition_index)
-            metadata = p.committed_metadata or ""
-            if meta is None or not 0 <= tp.partition < meta.partitions:
-                errors[tp] = UnknownTopicOrPartitionError.errno
-            elif len(metadata.encode()) > limit:
-                errors[tp] = OffsetMetadataTooLargeError.errno
-            else:
-                epoch = p.committed_leader_epoch if version >= 6 else -1
-                offsets[tp] = OffsetAndMetadata(p.committed_offset, epoch, metadata, now_ms)
+    errors, offsets = offsets_to_commit(services, request, with_epochs=version >= 6)
     with services.telemetry.group_span(
         "commit", group_id, getattr(request, "member_id", "")
     ) as span:

@@ -40,7 +40,6 @@ from kafka.protocol.producer import (
 from streambus.errors import (
     InvalidProducerEpochError,
     InvalidRequestError,
-    OffsetMetadataTooLargeError,
     OperationNotAttemptedError,
     ProducerFencedError,
     StreamBusError,
@@ -48,9 +47,9 @@ from streambus.errors import (
     UnknownTopicOrPartitionError,
     error_name,
 )
-from streambus.groups import OFFSETS_TOPIC, OffsetAndMetadata
+from streambus.groups import OFFSETS_TOPIC
 from streambus.protocol.apis import ApiRoutes, RequestContext
-from streambus.protocol.groups import replicate_commit
+from streambus.protocol.groups import offsets_to_commit, replicate_commit
 from streambus.structs import TopicPartition
 from streambus.transactions import Marker, TxnState
 
@@ -185,23 +184,7 @@ async def handle_txn_offset_commit(
     R = TxnOffsetCommitResponse
     version = ctx.api_version
     group_id = request.group_id
-    limit = services.groups.settings.offset_metadata_max_bytes
-    now_ms = int(time.time() * 1000)
-    topics = services.partitions.topics()
-    errors: dict[TopicPartition, int] = {}
-    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-    for topic in request.topics:
-        meta = topics.get(topic.name)
-        for p in topic.partitions:
-            tp = TopicPartition(topic.name, p.partition_index)
-            metadata = p.committed_metadata or ""
-            if meta is None or not 0 <= tp.partition < meta.partitions:
-                errors[tp] = UnknownTopicOrPartitionError.errno
-            elif len(metadata.encode()) > limit:
-                errors[tp] = OffsetMetadataTooLargeError.errno
-            else:
-                epoch = p.committed_leader_epoch if version >= 2 else -1
-                offsets[tp] = OffsetAndMetadata(p.committed_offset, epoch, metadata, now_ms)
+    errors, offsets = offsets_to_commit(services, request, with_epochs=version >= 2)
     group_error = 0
     try:
         services.check_coordinator(group_id)
