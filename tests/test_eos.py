@@ -63,14 +63,6 @@ STATE_TOPIC = "__transaction_state"
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def require_transactions(bootstrap: str) -> None:
-    """Skip when this build has no transaction coordinator (it says so in FindCoordinator)."""
-    with RawClient(bootstrap) as client:
-        found = client.request(FindCoordinatorRequest(key="probe", key_type=1), 2)
-    if found.error_code and "not supported" in (found.error_message or ""):
-        pytest.skip(f"FindCoordinator(TRANSACTION): {found.error_message}")
-
-
 def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(30)
@@ -266,7 +258,6 @@ class Pipeline:
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
     with BrokerProcess(tmp_path / "data") as b:
-        require_transactions(b.bootstrap)
         yield b
 
 
@@ -508,7 +499,6 @@ def test_broker_sigkill_while_writing_markers(broker: BrokerProcess) -> None:
 def cluster3(tmp_path: Path) -> Iterator[ClusterProcesses]:
     with ClusterProcesses(tmp_path, 3, env=CLUSTER_ENV) as c:
         wait_cluster_size(c, 3)
-        require_transactions(c.brokers[1].bootstrap)
         yield c
 
 
