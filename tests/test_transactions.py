@@ -514,14 +514,21 @@ def test_markers_reach_partitions_led_by_other_brokers(tmp_path: Path) -> None:
         producer.flush(30)  # abort_transaction purges what is not sent yet
         producer.abort_transaction(30)
         consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "watermarks"})
-        try:
-            highs = [
+
+        def highs() -> list[int]:
+            return [
                 consumer.get_watermark_offsets(TopicPartition("spread", p), 10)[1] for p in range(6)
             ]
+
+        # 3 committed records + commit marker + 1 aborted record + abort marker, everywhere.
+        # EndTxn may be answered while a marker to another broker is still being retried
+        # (after 5 s), so the last ones are waited for.
+        try:
+            wait_until(lambda: highs() == [6] * 6, 30, 0.5)
+        except TimeoutError:
+            raise AssertionError(f"high watermarks {highs()}, not 6 everywhere") from None
         finally:
             consumer.close()
-        # 3 committed records + commit marker + 1 aborted record + abort marker, everywhere.
-        assert highs == [6] * 6
 
 
 def _fetch_stable(client: RawClient, group: str, topic: str) -> Any:
