@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -44,8 +46,26 @@ def _topic_setting(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("streambus")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streambus", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -142,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a topic default as Kafka names it, e.g. retention.ms=3600000 (repeatable)",
     )
     serve.add_argument("--no-tracing", action="store_true", help="build no tracer provider")
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=None,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO; also STREAMBUS_LOG_LEVEL)",
+    )
     add_traces_parser(sub)
     return parser
 
@@ -213,8 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "traces":
         return run_traces(args)
+    level = args.log_level
+    if level is None:
+        try:
+            level = _log_level(os.environ.get("STREAMBUS_LOG_LEVEL", "INFO"))
+        except argparse.ArgumentTypeError as exc:
+            print(f"streambus: STREAMBUS_LOG_LEVEL: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

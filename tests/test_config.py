@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from streambus.cli import build_parser, config_from_args
+from streambus.cli import build_parser, config_from_args, main
 from streambus.config import BrokerConfig
 from streambus.errors import InvalidConfigError
 from streambus.topic_config import CleanupPolicy
@@ -53,3 +53,26 @@ def test_unknown_topic_config_flag_is_refused() -> None:
     args = build_parser().parse_args(["serve", "--topic-config", "retention.minutes=5"])
     with pytest.raises(InvalidConfigError, match=r"retention\.minutes"):
         config_from_args(args)
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    name, version = capsys.readouterr().out.split()
+    assert name == "streambus"
+    assert version[0].isdigit()
+
+
+def test_an_unknown_log_level_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--log-level", "LOUD"])
+    assert exited.value.code == 2
+    assert "expected one of DEBUG, INFO, WARNING, ERROR, got 'LOUD'" in capsys.readouterr().err
+    # The variable is read like every other STREAMBUS_ setting, and checked the same way.
+    monkeypatch.setenv("STREAMBUS_LOG_LEVEL", "loud")
+    assert main(["serve"]) == 2
+    assert "STREAMBUS_LOG_LEVEL" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
