@@ -31,7 +31,9 @@ TOPIC = "profile"
 def _py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).exists():
-        raise SystemExit("py-spy is needed and is not installed by the project: .venv/bin/pip install py-spy")
+        raise SystemExit(
+            "py-spy is needed and the project does not install it: .venv/bin/pip install py-spy"
+        )
     return found
 
 
