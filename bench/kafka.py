@@ -206,8 +206,8 @@ class KafkaServer(ServerProcess):
             *args,
         ]
 
-    def start(self) -> None:
-        started = time.monotonic()
+    def format_storage(self, cluster_id: str) -> None:
+        """Write the node's config and ``StorageTool format`` its data dir with ``cluster_id``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
         fmt = subprocess.run(
@@ -215,7 +215,7 @@ class KafkaServer(ServerProcess):
                 "kafka.tools.StorageTool",
                 "format",
                 "--cluster-id",
-                random_cluster_id(),
+                cluster_id,
                 "--config",
                 str(self.config_path),
                 "--ignore-formatted",
@@ -227,8 +227,13 @@ class KafkaServer(ServerProcess):
         )
         if fmt.returncode != 0:
             raise RuntimeError(
-                f"kafka StorageTool format failed ({fmt.returncode}):\n{fmt.stdout}{fmt.stderr}"
+                f"kafka StorageTool format of {self.data_dir} failed ({fmt.returncode}):\n"
+                f"{fmt.stdout}{fmt.stderr}"
             )
+
+    def start(self) -> None:
+        started = time.monotonic()
+        self.format_storage(random_cluster_id())
         proc = self.launch(self._java("kafka.Kafka", str(self.config_path)), self.work_dir)
         deadline = started + START_TIMEOUT_S
         wait_for_port(self.port, proc, START_TIMEOUT_S, "kafka", self.log_path)

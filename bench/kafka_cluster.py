@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,31 +68,6 @@ class KafkaClusterNode(KafkaServer):
         )
         return props
 
-    def format_storage(self) -> None:
-        """``StorageTool format`` with the cluster's id (all three nodes share it)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
-        fmt = subprocess.run(
-            self._java(
-                "kafka.tools.StorageTool",
-                "format",
-                "--cluster-id",
-                self.cluster_id,
-                "--config",
-                str(self.config_path),
-                "--ignore-formatted",
-            ),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if fmt.returncode != 0:
-            raise RuntimeError(
-                f"kafka node {self.node_id}: StorageTool format failed ({fmt.returncode}):\n"
-                f"{fmt.stdout}{fmt.stderr}"
-            )
-
     def launch_node(self) -> None:
         self.launch(self._java("kafka.Kafka", str(self.config_path)), self.work_dir)
 
@@ -128,7 +102,7 @@ class KafkaCluster:
     def start(self) -> None:
         started = time.monotonic()
         for node in self.nodes.values():
-            node.format_storage()
+            node.format_storage(node.cluster_id)
         for node in self.nodes.values():
             node.launch_node()
         for node in self.nodes.values():
