@@ -34,6 +34,7 @@ from streambus.partitions import PartitionService, QuorumLeadership
 from streambus.producer_ids import ProducerIdAllocator
 from streambus.replication.fetcher import FetcherSettings
 from streambus.replication.manager import ReplicaManager
+from streambus.schemas import SCHEMAS_TOPIC, SCHEMAS_TOPIC_CONFIG, RegistryServer, SchemaRegistry
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
@@ -142,6 +143,19 @@ class Broker:
             # leading one means loading its groups, losing it means letting them go.
             self.replication.on_leadership(self._offsets_leadership)
             self.replication.on_leadership(self._transactions_leadership)
+        # The schema registry: state from _schemas, REST on schema_registry_port (0: off).
+        self.schemas = SchemaRegistry(
+            self.partitions,
+            self.telemetry,
+            create_topic=lambda: self.create_cluster_topic(
+                SCHEMAS_TOPIC, 1, SCHEMAS_TOPIC_CONFIG, internal=True
+            ),
+        )
+        self._registry_server = (
+            RegistryServer(self.schemas, self.telemetry, config.host, config.schema_registry_port)
+            if config.schema_registry_port
+            else None
+        )
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
@@ -170,11 +184,16 @@ class Broker:
             if not self.cluster.cluster_config.replicated:
                 self.groups.load()  # in a cluster, as partitions of __consumer_offsets are led
                 self.transactions.load()  # and of __transaction_state
+            self.schemas.load()
             await self._server.start()
             try:
                 await self.cluster.start(self.local_cluster_id)
                 self.replication.start()
+                if self._registry_server is not None:
+                    await self._registry_server.start()
             except BaseException:
+                if self._registry_server is not None:
+                    await self._registry_server.stop()
                 await self.replication.stop()
                 await self.cluster.stop()
                 await self._server.stop(0)
@@ -209,6 +228,8 @@ class Broker:
         self.partitions.wake_all()
         await self.groups.stop()  # answers waiting JoinGroup/SyncGroup calls so they finish now
         await self.transactions.stop()  # markers not yet written are finished by the next start
+        if self._registry_server is not None:
+            await self._registry_server.stop()
         await self._server.stop(self.config.shutdown_timeout_s)
         await self.replication.stop()
         await self.cluster.stop()
@@ -521,3 +542,14 @@ class Broker:
 
     def transaction_oldest_open_seconds(self) -> float:
         return self.transactions.oldest_open_seconds()
+
+    def schema_count(self) -> int:
+        return self.schemas.schema_count()
+
+    def schema_subject_count(self) -> int:
+        return self.schemas.subject_count()
+
+    @property
+    def schema_registry_port(self) -> int:
+        """The REST port bound (0: the registry's REST API is off)."""
+        return self._registry_server.port if self._registry_server is not None else 0

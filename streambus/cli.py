@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--metrics-host", help="address of the /metrics endpoint (default 0.0.0.0)")
     serve.add_argument("--metrics-port", type=int, help="/metrics port (default 9090; 0 = off)")
+    serve.add_argument(
+        "--schema-registry-port",
+        type=int,
+        metavar="PORT",
+        help="schema registry REST port, on --host (default 8081; 0 = off)",
+    )
     serve.add_argument("--num-partitions", type=int, help="Kafka's num.partitions (default 1)")
     serve.add_argument(
         "--auto-create-topics-enable",
@@ -181,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "broker_id": args.broker_id,
         "metrics_host": args.metrics_host,
         "metrics_port": args.metrics_port,
+        "schema_registry_port": args.schema_registry_port,
         "num_partitions": args.num_partitions,
         "auto_create_topics_enable": args.auto_create_topics_enable,
         "tracing": False if args.no_tracing else None,

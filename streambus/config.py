@@ -34,6 +34,8 @@ class BrokerConfig:
     broker_id: int = 1
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090  # 0 turns the /metrics endpoint off
+    # Confluent-compatible schema registry REST API, bound to ``host``; 0 turns it off.
+    schema_registry_port: int = 8081
     tracing: bool = True
     num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
     auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
@@ -145,7 +147,7 @@ class BrokerConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "schema_registry_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise InvalidConfigError(f"{name} must be 0-65535, got {port}")

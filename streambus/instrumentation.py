@@ -74,6 +74,8 @@ class BrokerStats(Protocol):
     def storage_write_errors(self) -> Iterable[tuple[str, int]]: ...  # reason, failed writes
     def transactions_active(self) -> int: ...  # Ongoing + Prepare* held by this coordinator
     def transaction_oldest_open_seconds(self) -> float: ...  # 0 when none is open
+    def schema_count(self) -> int: ...  # schema ids the registry holds
+    def schema_subject_count(self) -> int: ...  # subjects with a live version
 
 
 class BrokerTelemetry:
@@ -233,6 +235,24 @@ class BrokerTelemetry:
             explicit_bucket_boundaries_advisory=TXN_DURATION_BUCKETS,
         )
         self._txn_attrs: dict[tuple[bool, str], Attrs] = {}
+        # The schema registry: registrations, and its REST requests by route and status.
+        self._schemas_registered = counter(
+            "streambus.schemas.registered",
+            "{schema}",
+            "Schema versions registered (a re-registration of a subject's schema is not one)",
+        )
+        self._registry_requests = counter(
+            "streambus.schema_registry.requests",
+            "{request}",
+            "Schema registry REST requests, by route template, method and HTTP status",
+        )
+        self._registry_duration = meter.create_histogram(
+            "streambus.schema_registry.request_duration",
+            "s",
+            "Schema registry REST request latency, by route template and method",
+        )
+        self._registry_attrs: dict[tuple[str, str, int], Attrs] = {}
+        self._schema_type_attrs: dict[str, Attrs] = {}
         gauges: Sequence[tuple[str, str, str, Callable[[], float]]] = (
             ("streambus.broker.uptime", "s", "Broker uptime in seconds", stats.uptime_seconds),
             (
@@ -346,6 +366,18 @@ class BrokerTelemetry:
                 "s",
                 "Age of the oldest open transaction this coordinator holds (0: none)",
                 stats.transaction_oldest_open_seconds,
+            ),
+            (
+                "streambus.schemas",
+                "{schema}",
+                "Schemas (distinct ids) held by the schema registry",
+                stats.schema_count,
+            ),
+            (
+                "streambus.schema_subjects",
+                "{subject}",
+                "Schema registry subjects with at least one version not deleted",
+                stats.schema_subject_count,
             ),
             (
                 "streambus.storage.available",
@@ -553,6 +585,41 @@ class BrokerTelemetry:
     def compactions(self, count: int) -> None:
         if count:
             self._compactions.add(count, self._base)
+
+    def schema_registered(self, schema_type: str) -> None:
+        attrs = self._schema_type_attrs.get(schema_type)
+        if attrs is None:
+            attrs = self._schema_type_attrs[schema_type] = {**self._base, "type": schema_type}
+        self._schemas_registered.add(1, attrs)
+
+    def registry_span(self, method: str, route: str) -> trace.Span:
+        """The SERVER span of one schema registry REST request, named by its route."""
+        return self.tracer.start_span(
+            f"{method} {route}",
+            Context(),
+            SpanKind.SERVER,
+            {"http.request.method": method, "http.route": route},
+        )
+
+    def registry_request(
+        self, method: str, route: str, status: int, seconds: float, span: trace.Span
+    ) -> None:
+        """One schema registry REST request answered: counted, timed, its span ended."""
+        key = (method, route, status)
+        attrs = self._registry_attrs.get(key)
+        if attrs is None:
+            attrs = self._registry_attrs[key] = {
+                **self._base,
+                "method": method,
+                "route": route,
+                "status": str(status),
+            }
+        self._registry_requests.add(1, attrs)
+        self._registry_duration.record(seconds, attrs)
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(trace.StatusCode.ERROR)
+        span.end()
 
     # -- trace context carried in record headers ---------------------------------------
     def tracing_enabled(self) -> bool:

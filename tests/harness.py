@@ -50,6 +50,7 @@ class BrokerThread:
         config.setdefault("host", "127.0.0.1")
         config.setdefault("port", 0)
         config.setdefault("maintenance_interval_ms", 200)
+        config.setdefault("schema_registry_port", 0)  # tests that want it pick a free port
         self.config = BrokerConfig.load(
             {"data_dir": data_dir, **{k: v for k, v in config.items() if k != "topic"}},
             config.get("topic", {}),
@@ -175,6 +176,8 @@ class BrokerProcess:
             "127.0.0.1",
             "--metrics-port",
             str(self.metrics_port),
+            "--schema-registry-port",  # off unless a test asks (extra flags come later)
+            "0",
             *self.extra,
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

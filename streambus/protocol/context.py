@@ -19,6 +19,7 @@ from streambus.groups import GroupCoordinator
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService
 from streambus.producer_ids import ProducerIdAllocator
+from streambus.schemas.registry import SchemaRegistry
 from streambus.transactions import TransactionCoordinator
 
 
@@ -46,6 +47,10 @@ class BrokerServices(Protocol):
     def transactions(self) -> TransactionCoordinator: ...
     @property
     def telemetry(self) -> BrokerTelemetry: ...
+    @property
+    def schemas(self) -> SchemaRegistry:
+        """The schema registry's state (what produced records are validated against)."""
+        ...
 
     @property
     def quorum(self) -> Quorum:
