@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -105,7 +104,7 @@ def test_confluent_serializers_round_trip_through_streambus(broker: BrokerThread
 
 def round_trip(broker: BrokerThread, client: SchemaRegistryClient) -> None:
     readings = [{"sensor": f"s{i}", "value": i / 2} for i in range(5)]
-    Reading = reading_class()  # noqa: N806 - a class
+    Reading = reading_class()
     cases: list[tuple[str, Any, Any, list[Any]]] = [
         (
             "avro",
