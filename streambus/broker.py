@@ -184,7 +184,10 @@ class Broker:
             if not self.cluster.cluster_config.replicated:
                 self.groups.load()  # in a cluster, as partitions of __consumer_offsets are led
                 self.transactions.load()  # and of __transaction_state
-            self.schemas.load()
+            try:
+                self.schemas.load()
+            except StreamBusError as exc:  # _schemas offline: the broker serves Kafka anyway
+                log.error("schema registry: _schemas could not be read: %s", exc)
             await self._server.start()
             try:
                 await self.cluster.start(self.local_cluster_id)
