@@ -38,7 +38,7 @@ A_INT = {"name": "a", "type": "int"}
 # (format, name, base, evolution, levels that allow it)
 CASES: list[tuple[str, str, str, str, set[str]]] = [
     ("AVRO", "add field with default", avro(A_INT),
-     avro(A_INT, {"name": "b", "type": "string", "default": ""}), {"BACKWARD", "FORWARD", "FULL", "NONE"}),
+     avro(A_INT, {"name": "b", "type": "string", "default": ""}), set(LEVELS)),
     ("AVRO", "add field without default", avro(A_INT),
      avro(A_INT, {"name": "b", "type": "string"}), {"FORWARD", "NONE"}),
     ("AVRO", "remove field without default", avro(A_INT, {"name": "b", "type": "string"}),
@@ -106,6 +106,7 @@ def fresh_subject(http: httpx.Client, level: str) -> str:
 @pytest.mark.parametrize(("schema_type", "name", "base", "new", "allowed"), CASES)
 def test_each_level_allows_and_forbids(
     http: httpx.Client,
+    *,
     level: str,
     schema_type: str,
     name: str,
@@ -133,7 +134,7 @@ def test_each_level_allows_and_forbids(
 @pytest.mark.parametrize("level", ["BACKWARD", "FORWARD", "FULL"])
 @pytest.mark.parametrize(("schema_type", "v1", "v2", "v3"), TRANSITIVE)
 def test_transitive_levels_check_every_version(
-    http: httpx.Client, level: str, schema_type: str, v1: str, v2: str, v3: str
+    http: httpx.Client, *, level: str, schema_type: str, v1: str, v2: str, v3: str
 ) -> None:
     for transitive, expected in ((False, 200), (True, 409)):
         subject = fresh_subject(http, "NONE")
