@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,10 @@ from confluent_kafka.schema_registry.json_schema import JSONDeserializer, JSONSe
 from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer, ProtobufSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from tests.harness import BrokerThread, free_port, total
 
@@ -316,3 +321,27 @@ def test_metrics_from_a_real_scrape(broker: BrokerThread, http: httpx.Client) ->
     )
     assert delta("streambus_schema_registry_request_duration_seconds_count", route=route) == 3
     assert total(after, "streambus_schemas") == broker.broker.schemas.schema_count()
+
+
+def test_rest_requests_are_server_spans_named_by_route(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with (
+        BrokerThread(
+            tmp_path, tracer_provider=provider, schema_registry_port=free_port(), metrics=False
+        ) as b,
+        httpx.Client(base_url=url(b), timeout=30) as http,
+    ):
+        assert http.post("/subjects/traced/versions", json={"schema": '"int"'}).is_success
+        assert http.get("/subjects/traced/versions/5").status_code == 404
+    spans = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    by_name = {s.name: s for s in spans}
+    post = by_name["POST /subjects/{subject}/versions"]
+    assert post.attributes is not None
+    assert post.attributes["http.route"] == "/subjects/{subject}/versions"
+    assert post.attributes["http.response.status_code"] == 200
+    get = by_name["GET /subjects/{subject}/versions/{version}"]
+    assert get.attributes is not None
+    assert get.attributes["http.response.status_code"] == 404
+    provider.shutdown()
