@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -345,3 +346,38 @@ def test_rest_requests_are_server_spans_named_by_route(tmp_path: Path) -> None:
     assert get.attributes is not None
     assert get.attributes["http.response.status_code"] == 404
     provider.shutdown()
+
+
+def test_concurrent_registrations_on_a_fresh_registry_get_distinct_versions(
+    tmp_path: Path,
+) -> None:
+    count = 12
+    # pairwise backward compatible: each adds its own field with a default
+    schemas = [
+        json.dumps(
+            {
+                "type": "record",
+                "name": "C",
+                "fields": [
+                    {"name": "x", "type": "int"},
+                    {"name": f"f{i}", "type": "int", "default": 0},
+                ],
+            }
+        )
+        for i in range(count)
+    ]
+    with (
+        BrokerThread(tmp_path, schema_registry_port=free_port(), metrics=False) as b,
+        httpx.Client(base_url=url(b), timeout=30) as http,
+    ):
+        # the first writes race the creation of _schemas
+        def register(schema: str) -> int:
+            answer = http.post("/subjects/race/versions", json={"schema": schema})
+            assert answer.status_code == 200, answer.text
+            return int(answer.json()["id"])
+
+        with ThreadPoolExecutor(count) as pool:
+            ids = list(pool.map(register, schemas))
+        assert len(set(ids)) == count
+        versions = [http.get(f"/subjects/race/versions/{v}").json() for v in range(1, count + 1)]
+        assert sorted(v["id"] for v in versions) == sorted(ids)

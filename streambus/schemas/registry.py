@@ -138,10 +138,15 @@ class SchemaRegistry:
             )
         return count
 
-    async def _write(self, records: Sequence[Record]) -> None:
+    async def _ensure_topic(self) -> None:
         if not self.log.exists():
             with contextlib.suppress(TopicAlreadyExistsError):
                 await self._create_topic()
+
+    async def _write(self, records: Sequence[Record]) -> None:
+        """Append, then apply. With the topic in place nothing here suspends, so what a
+        caller decided before calling still holds when the records are applied."""
+        await self._ensure_topic()
         try:
             self.log.append(list(records))
         except StreamBusError as exc:
@@ -253,6 +258,7 @@ class SchemaRegistry:
         self._check_writable(subject)
         if schema_id is not None and self.mode(subject) != "IMPORT":
             raise OperationNotPermittedError("Overriding the schema id requires the IMPORT mode")
+        await self._ensure_topic()  # first: _write must not suspend between decide and append
         while True:
             generation = self.store.generation
             text, parsed = await asyncio.to_thread(self._parse, new, normalize)
@@ -271,6 +277,10 @@ class SchemaRegistry:
                 raise IncompatibleSchemaError(
                     "Schema being registered is incompatible with an earlier schema for "
                     f'subject "{subject}", details: {messages}'
+                )
+            if schema_id is not None and schema_id in self.store.schemas and existing != schema_id:
+                raise OperationNotPermittedError(
+                    f"Overwrite new schema with id {schema_id} is not permitted."
                 )
             new_id = existing if existing is not None else schema_id or self.store.next_id
             record = SchemaRecord(
