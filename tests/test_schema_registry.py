@@ -381,3 +381,59 @@ def test_concurrent_registrations_on_a_fresh_registry_get_distinct_versions(
         assert len(set(ids)) == count
         versions = [http.get(f"/subjects/race/versions/{v}").json() for v in range(1, count + 1)]
         assert sorted(v["id"] for v in versions) == sorted(ids)
+
+
+def test_schemas_topic_holds_confluents_layout(tmp_path: Path) -> None:
+    with (
+        BrokerThread(tmp_path, schema_registry_port=free_port(), metrics=False) as b,
+        httpx.Client(base_url=url(b), timeout=30) as http,
+    ):
+        schema_id = http.post("/subjects/lay/versions", json={"schema": '"string"'}).json()["id"]
+        assert http.put("/config/lay", json={"compatibility": "FULL"}).is_success
+        assert http.delete("/subjects/lay").is_success
+        assert http.delete("/subjects/lay?permanent=true").is_success
+        consumer = Consumer(
+            {
+                "bootstrap.servers": b.bootstrap,
+                "group.id": "layout",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        consumer.subscribe(["_schemas"])
+        records: list[tuple[bytes, bytes | None]] = []
+        try:
+            for _ in range(100):
+                msg = consumer.poll(0.5)
+                if msg is not None and msg.error() is None:
+                    records.append((msg.key(), msg.value()))
+                    if len(records) == 6:
+                        break
+        finally:
+            consumer.close()
+    key = b'{"keytype":"SCHEMA","subject":"lay","version":1,"magic":1}'
+    value = {
+        "subject": "lay",
+        "version": 1,
+        "id": schema_id,
+        "schemaType": "AVRO",
+        "schema": '"string"',
+        "references": [],
+        "deleted": False,
+    }
+    config_key = b'{"keytype":"CONFIG","subject":"lay","magic":0}'
+    assert (
+        records
+        == [
+            (key, json.dumps(value, separators=(",", ":")).encode()),
+            (config_key, b'{"compatibilityLevel":"FULL"}'),
+            (key, json.dumps({**value, "deleted": True}, separators=(",", ":")).encode()),
+            (
+                b'{"keytype":"DELETE_SUBJECT","subject":"lay","magic":0}',
+                b'{"subject":"lay","version":1}',
+            ),
+            (key, None),  # the permanent delete: a tombstone
+            (config_key, None),
+        ][: len(records)]
+    )
+    assert len(records) == 6
