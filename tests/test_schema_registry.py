@@ -3,6 +3,7 @@ raw HTTP, against a real broker; metrics read from a real scrape."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -437,3 +438,35 @@ def test_schemas_topic_holds_confluents_layout(tmp_path: Path) -> None:
         ][: len(records)]
     )
     assert len(records) == 6
+
+
+def test_protobuf_text_schema_is_served_serialized_to_confluents_deserializer(
+    broker: BrokerThread, http: httpx.Client
+) -> None:
+    text = (
+        'syntax = "proto3";\npackage sbtext;\n'
+        "message Order {\n  string id = 1;\n  repeated Line lines = 2;\n"
+        "  map<string, int32> tags = 3;\n  Kind kind = 4;\n"
+        "  enum Kind {\n    NONE = 0;\n    RUSH = 1;\n  }\n}\n"
+        "message Line {\n  string sku = 1;\n  int64 qty = 2;\n}\n"
+    )
+    answer = http.post(
+        "/subjects/orders-text/versions", json={"schema": text, "schemaType": "PROTOBUF"}
+    )
+    assert answer.status_code == 200, answer.text
+    schema_id = answer.json()["id"]
+    assert http.get(f"/schemas/ids/{schema_id}").json()["schema"] == text
+    encoded = http.get(f"/schemas/ids/{schema_id}?format=serialized").json()["schema"]
+    fd = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(encoded))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    Order = message_factory.GetMessageClass(pool.FindMessageTypeByName("sbtext.Order"))
+    order = Order(id="o1", kind=1)
+    order.lines.add(sku="s", qty=2)
+    order.tags["x"] = 7
+    # Confluent's framing: magic 0, the id, message index 0 (first message), the payload
+    payload = b"\x00" + schema_id.to_bytes(4, "big") + b"\x00" + order.SerializeToString()
+    with SchemaRegistryClient({"url": url(broker)}) as client:
+        deserializer = ProtobufDeserializer(Order, schema_registry_client=client)
+        ctx = SerializationContext("orders-text", MessageField.VALUE)
+        assert deserializer(payload, ctx) == order

@@ -243,3 +243,130 @@ def _compare(reader: ProtoModel, writer: ProtoModel) -> list[str]:
             if count > 1
         )
     return out
+
+
+# -- a .proto text as a FileDescriptorProto (``format=serialized``) -----------------------
+_SCALAR_TYPES = {name: _FD.Type.Value("TYPE_" + name.upper()) for name in SCALARS}
+_LABELS = {
+    "optional": _FD.LABEL_OPTIONAL,
+    "required": _FD.LABEL_REQUIRED,
+    "repeated": _FD.LABEL_REPEATED,
+}
+
+
+def serialized(schema: str, name: str = "default.proto") -> str:
+    """The schema as Confluent's ``format=serialized`` answers it: a base64
+    FileDescriptorProto (what Confluent's protobuf serializers parse)."""
+    stripped = schema.strip()
+    if stripped and _BASE64.match(stripped) and "syntax" not in stripped:
+        return stripped
+    tree = ProtobufSchema.parse(schema)._tree
+    assert tree is not None
+    return base64.b64encode(to_descriptor(tree, name).SerializeToString()).decode("ascii")
+
+
+def to_descriptor(tree: ast.File, name: str) -> descriptor_pb2.FileDescriptorProto:
+    """Messages, fields (maps and oneofs too), enums and imports of a parsed ``.proto``."""
+    proto = descriptor_pb2.FileDescriptorProto(name=name, syntax=tree.syntax or "proto2")
+    for element in tree.file_elements:
+        if isinstance(element, ast.Package):
+            proto.package = element.name
+        elif isinstance(element, ast.Import):
+            proto.dependency.append(element.name)
+    enums: set[str] = set()
+    messages: set[str] = set()
+
+    def collect(elements: list[Any], prefix: str) -> None:
+        for e in elements:
+            if isinstance(e, ast.Enum):
+                enums.add(prefix + e.name)
+            elif isinstance(e, ast.Message):
+                messages.add(prefix + e.name)
+                collect(e.elements, prefix + e.name + ".")
+
+    root = "." + proto.package + "." if proto.package else "."
+    collect(tree.file_elements, root)
+
+    def resolve(kind: str, scope: str) -> tuple[int, str]:
+        if kind in _SCALAR_TYPES:
+            return _SCALAR_TYPES[kind], ""
+        if kind.startswith("."):
+            full = kind
+        else:
+            full = "." + kind
+            parts = scope.rstrip(".").split(".")
+            for i in range(len(parts), 0, -1):
+                candidate = ".".join(parts[:i]) + "." + kind
+                if candidate in enums or candidate in messages:
+                    full = candidate
+                    break
+        return (_FD.TYPE_ENUM if full in enums else _FD.TYPE_MESSAGE), full
+
+    def field(
+        target: descriptor_pb2.DescriptorProto, f: ast.Field, scope: str, oneof: int | None
+    ) -> None:
+        kind, type_name = resolve(f.type, scope)
+        label = "optional"
+        if f.cardinality is ast.FieldCardinality.REPEATED:
+            label = "repeated"
+        elif f.cardinality is ast.FieldCardinality.REQUIRED:
+            label = "required"
+        out = target.field.add(name=f.name, number=f.number, type=kind, label=_LABELS[label])
+        if type_name:
+            out.type_name = type_name
+        if oneof is not None:
+            out.oneof_index = oneof
+        elif f.cardinality is ast.FieldCardinality.OPTIONAL and proto.syntax == "proto3":
+            out.proto3_optional = True  # a synthetic oneof, as protoc writes it
+            out.oneof_index = len(target.oneof_decl)
+            target.oneof_decl.add(name="_" + f.name)
+
+    def enum(target: Any, e: ast.Enum) -> None:
+        out = target.add(name=e.name)
+        for v in e.elements:
+            if isinstance(v, ast.EnumValue):
+                out.value.add(name=v.name, number=v.number)
+
+    def message(target: Any, m: ast.Message, scope: str) -> None:
+        out = target.add(name=m.name)
+        inner = scope + m.name + "."
+        for e in m.elements:
+            if isinstance(e, ast.Field):
+                field(out, e, inner, None)
+            elif isinstance(e, ast.OneOf):
+                index = len(out.oneof_decl)
+                out.oneof_decl.add(name=e.name)
+                for f in e.elements:
+                    if isinstance(f, ast.Field):
+                        field(out, f, inner, index)
+            elif isinstance(e, ast.MapField):
+                entry_name = "".join(p.capitalize() for p in e.name.split("_")) + "Entry"
+                entry = out.nested_type.add(name=entry_name)
+                entry.options.map_entry = True
+                for number, (fname, kind) in enumerate(
+                    (("key", e.key_type), ("value", e.value_type)), 1
+                ):
+                    ftype, tname = resolve(kind, inner)
+                    f = entry.field.add(
+                        name=fname, number=number, type=ftype, label=_FD.LABEL_OPTIONAL
+                    )
+                    if tname:
+                        f.type_name = tname
+                out.field.add(
+                    name=e.name,
+                    number=e.number,
+                    type=_FD.TYPE_MESSAGE,
+                    label=_FD.LABEL_REPEATED,
+                    type_name=inner + entry_name,
+                )
+            elif isinstance(e, ast.Message):
+                message(out.nested_type, e, inner)
+            elif isinstance(e, ast.Enum):
+                enum(out.enum_type, e)
+
+    for element in tree.file_elements:
+        if isinstance(element, ast.Message):
+            message(proto.message_type, element, root)
+        elif isinstance(element, ast.Enum):
+            enum(proto.enum_type, element)
+    return proto

@@ -9,6 +9,7 @@ its route template, never by the subject or id in the path.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from streambus.schemas.formats import (
     RegisteredSchema,
     SchemaReference,
 )
+from streambus.schemas.protobuf_format import PROTOBUF, serialized
 from streambus.schemas.registry import NewSchema, SchemaRegistry, default_type
 from streambus.schemas.store import Version
 
@@ -89,6 +91,14 @@ def _schema_fields(schema: RegisteredSchema) -> dict[str, Any]:
     return out
 
 
+async def _formatted(schema: RegisteredSchema, request: web.Request) -> str:
+    """The schema text, or with ``format=serialized`` a PROTOBUF schema as the base64
+    FileDescriptorProto Confluent's protobuf serializers and deserializers ask for."""
+    if schema.schema_type != PROTOBUF or request.query.get("format") != "serialized":
+        return schema.schema
+    return await asyncio.to_thread(serialized, schema.schema)
+
+
 def _id(request: web.Request) -> int:
     try:
         return int(request.match_info["id"])
@@ -100,14 +110,14 @@ class RegistryApi:
     def __init__(self, registry: SchemaRegistry) -> None:
         self.r = registry
 
-    def _version_body(self, v: Version) -> dict[str, Any]:
+    async def _version_body(self, v: Version, request: web.Request) -> dict[str, Any]:
         schema = self.r.schema(v.schema_id)
         return {
             "subject": v.subject,
             "version": v.version,
             "id": v.schema_id,
             **_schema_fields(schema),
-            "schema": schema.schema,
+            "schema": await _formatted(schema, request),
         }
 
     async def root(self, _: web.Request) -> web.Response:
@@ -136,7 +146,7 @@ class RegistryApi:
         v = self.r.version(
             request.match_info["subject"], request.match_info["version"], _flag(request, "deleted")
         )
-        return _answer(self._version_body(v))
+        return _answer(await self._version_body(v, request))
 
     async def get_version_schema(self, request: web.Request) -> web.Response:
         v = self.r.version(
@@ -169,7 +179,7 @@ class RegistryApi:
             normalize=_flag(request, "normalize"),
             deleted=_flag(request, "deleted"),
         )
-        return _answer(self._version_body(v))
+        return _answer(await self._version_body(v, request))
 
     async def delete_subject(self, request: web.Request) -> web.Response:
         versions = await self.r.delete_subject(
@@ -179,9 +189,8 @@ class RegistryApi:
 
     async def schema_by_id(self, request: web.Request) -> web.Response:
         schema = self.r.schema(_id(request))
-        # Confluent's serializers ask PROTOBUF schemas in the ``serialized`` format (a base64
-        # FileDescriptorProto): it is what they registered, so the stored text is answered.
-        return _answer({"schema": schema.schema, **_schema_fields(schema)})
+        text = await _formatted(schema, request)
+        return _answer({"schema": text, **_schema_fields(schema)})
 
     async def schema_text(self, request: web.Request) -> web.Response:
         return web.Response(text=self.r.schema(_id(request)).schema, content_type=CONTENT_TYPE)
