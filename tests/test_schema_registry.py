@@ -253,8 +253,9 @@ def test_config_and_mode(http: httpx.Client) -> None:
         "compatibility": "FULL"
     }
     assert http.get("/config/cfg").json() == {"compatibilityLevel": "FULL"}
-    bad = http.put("/config/cfg", json={"compatibility": "SIDEWAYS"})
-    assert (bad.status_code, bad.json()["error_code"]) == (422, 42203)
+    for level in ("SIDEWAYS", None, 3):
+        bad = http.put("/config/cfg", json={"compatibility": level})
+        assert (bad.status_code, bad.json()["error_code"]) == (422, 42203), level
     assert http.delete("/config/cfg").json() == {"compatibilityLevel": "FULL"}
     assert http.get("/config/cfg").status_code == 404
     assert http.get("/mode").json() == {"mode": "READWRITE"}

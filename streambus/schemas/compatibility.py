@@ -28,7 +28,9 @@ class Level(enum.Enum):
     @classmethod
     def of(cls, text: object) -> Level:
         try:
-            return cls(str(text).upper())
+            if not isinstance(text, str):
+                raise ValueError(text)
+            return cls(text.upper())
         except ValueError:
             raise InvalidCompatibilityLevelError(
                 f"Invalid compatibility level. Valid values are none, backward, forward, full, "
