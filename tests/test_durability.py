@@ -15,6 +15,11 @@ from tests.harness import BrokerProcess, BrokerThread, scrape, total, wait_until
 def consume_all(
     bootstrap: str, topic: str, partitions: int, expect: int, timeout: float = 30
 ) -> list[Any]:
+    """Every record of ``topic`` up to each partition's high watermark (at least ``expect``).
+
+    Reading to the ends, not to a count: a killed broker may hold more records than its
+    producer saw acknowledged, and stopping at the acknowledged count would leave a
+    partition half read."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(
@@ -25,14 +30,22 @@ def consume_all(
             "auto.offset.reset": "earliest",
         }
     )
+    ends = {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+        for p in range(partitions)
+    }
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     got: list[Any] = []
+    reached = dict.fromkeys(range(partitions), 0)
     deadline = time.monotonic() + timeout
-    while len(got) < expect and time.monotonic() < deadline:
+    while (
+        len(got) < expect or any(reached[p] < ends[p] for p in reached)
+    ) and time.monotonic() < deadline:
         for m in consumer.consume(500, 0.5):
             assert m.error() is None, m.error()
             got.append((m.partition(), m.offset(), m.key(), m.value()))
-    # one more short poll: anything beyond `expect` would show up here
+            reached[m.partition()] = max(reached[m.partition()], m.offset() + 1)
+    # one more short poll: anything beyond the ends would show up here
     got.extend(
         (m.partition(), m.offset(), m.key(), m.value())
         for m in consumer.consume(500, 0.5)
