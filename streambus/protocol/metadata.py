@@ -55,7 +55,7 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
         for entry in requested:
             name = entry.name
             if name is None:  # v10+: named by id (KIP-848 consumers learn ids first)
-                name = by_id.get(getattr(entry, "topic_id", None))
+                name = by_id.get(entry.topic_id)
                 if name is None or name in names:
                     continue
                 names.append(name)
