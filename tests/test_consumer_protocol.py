@@ -224,8 +224,10 @@ def test_heartbeat_errors_and_describe(broker: BrokerThread) -> None:
             1,
         )
         raw, missing = described.groups
-        assert raw.error_code == 0 and raw.assignor_name == "uniform"
+        assert raw.error_code == 0
+        assert raw.assignor_name == "uniform"
         assert {m.member_id for m in raw.members} >= {"member-a"}
         assert missing.error_code == 69  # GROUP_ID_NOT_FOUND
         left = _heartbeat(c, member_epoch=-1)
-        assert left.error_code == 0 and left.member_epoch == -1
+        assert left.error_code == 0
+        assert left.member_epoch == -1
