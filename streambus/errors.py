@@ -281,6 +281,32 @@ class GroupIdNotFoundError(StreamBusError):
     description = "The group id does not exist."
 
 
+# The consumer group protocol (KIP-848).
+class FencedMemberEpochError(StreamBusError):
+    errno = 110
+    kafka_name = "FENCED_MEMBER_EPOCH"
+    description = "The member epoch is fenced by the group coordinator; it must rejoin."
+
+
+class UnreleasedInstanceIdError(StreamBusError):
+    errno = 111
+    kafka_name = "UNRELEASED_INSTANCE_ID"
+    description = "The instance id is still used by another member of the consumer group."
+
+
+class UnsupportedAssignorError(StreamBusError):
+    errno = 112
+    kafka_name = "UNSUPPORTED_ASSIGNOR"
+    description = "The assignor or its version range is not supported by the consumer group."
+
+
+class StaleMemberEpochError(StreamBusError):
+    errno = 113
+    kafka_name = "STALE_MEMBER_EPOCH"
+    retriable = True
+    description = "The member epoch is stale; the member must retry after its next heartbeat."
+
+
 class MemberIdRequiredError(StreamBusError):
     errno = 79
     kafka_name = "MEMBER_ID_REQUIRED"

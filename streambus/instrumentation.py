@@ -57,6 +57,7 @@ class BrokerStats(Protocol):
     def storage_available_bytes(self) -> int: ...
     def group_count(self) -> int: ...
     def group_member_counts(self) -> Iterable[tuple[str, int]]: ...
+    def group_rebalances(self) -> Iterable[tuple[str, int]]: ...  # group, rebalances completed
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]: ...  # group, topic, partition, lag
     def storage_corruptions(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, count
     def offline_partition_count(self) -> int: ...
@@ -193,6 +194,13 @@ class BrokerTelemetry:
             [self._observe_many("group members", self._group_members)],
             unit="{member}",
             description="Consumer group members",
+        )
+        meter.create_observable_counter(
+            "streambus.consumer_group.rebalances",
+            [self._observe_many("group rebalances", self._group_rebalances)],
+            unit="{rebalance}",
+            description="Consumer group rebalances completed (classic generations, "
+            "consumer-protocol target assignments)",
         )
         meter.create_observable_counter(
             "streambus.storage.corruptions",
@@ -419,6 +427,10 @@ class BrokerTelemetry:
     def _corruptions(self) -> Iterable[Observation]:
         for topic, partition, count in self._stats.storage_corruptions():
             yield Observation(count, self.tp_attrs(topic, partition))
+
+    def _group_rebalances(self) -> Iterable[Observation]:
+        for group, count in self._stats.group_rebalances():
+            yield Observation(count, {**self._base, "group": group})
 
     def _group_lags(self) -> Iterable[Observation]:
         for group, topic, partition, lag in self._stats.group_lags():
