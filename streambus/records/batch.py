@@ -258,6 +258,20 @@ def validate_records(
     return total
 
 
+def checked_records(
+    data: Buffer, pos: int, header: BatchHeader, *, limit: int, keys_required: bool
+) -> tuple[int, Iterator[Record]]:
+    """``validate_records``, and the records from the same decompression, for checks that
+    read every record (schema validation): the records are decoded as they are iterated."""
+    buf, i, end = _records_section(data, pos, header, limit, "max.message.bytes")
+    total = _payload(buf, i, end, header.records_count)
+    if keys_required:
+        for record in _records(buf, i, end, header):
+            if record.key is None:
+                raise InvalidRecordError("compacted topic cannot accept a record without key")
+    return total, _records(buf, i, end, header)
+
+
 def _payload(buf: Buffer, i: int, end: int, records_count: int) -> int:
     total = 0
     varint = _varint
