@@ -530,3 +530,25 @@ def test_broker_full_mode_through_confluent_kafka(broker: BrokerThread) -> None:
         )
         == 1
     )
+
+
+async def test_check_reads_keys_and_full_values_of_a_batch(source: MemorySource) -> None:
+    """The produce path's own record walk: keys by their 5-byte header, values whole."""
+    source.add("orders-key", Schema(3, "AVRO", '"string"'))
+    validation = SchemaValidation(Telemetry())
+    validation.source = source
+    c = config(
+        **{"confluent.key.schema.validation": "true", **FULL},
+    )
+    good = wire(1, avro({"name": "ada", "age": 36}))
+    records = [
+        (wire(3, b"\x02k" + b"!" * 300), good, [("h", b"v")], 1),  # a long key: id only
+        (None, good, [], 2),
+        (wire(1), good, [], 3),  # a key of the value's subject
+        (wire(3), good[:-1], [], 4),  # a value cut short
+    ]
+    with pytest.raises(InvalidRecordError) as caught:
+        await validation.check("orders", build_batch(records), c, off_loop=False)
+    assert [i for i, _ in caught.value.record_errors] == [2, 3]
+    assert caught.value.record_errors[0][1].startswith("key schema id 1")
+    assert "does not decode" in caught.value.record_errors[1][1]

@@ -40,7 +40,7 @@ import functools
 import io
 import json
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -77,8 +77,8 @@ WIRE_HEADER = 5  # magic byte + 4-byte big-endian schema id
 # Parsed schemas kept (each holds a decoder; an Avro one a few KB).
 CACHE_SCHEMAS = 1000
 # Records checked between yields to the event loop: a slice stays around 5 ms in full
-# mode (fastavro ~5 us a small record) and id mode (~1 us a record).
-RECORDS_PER_SLICE = {SchemaValidationMode.ID: 4096, SchemaValidationMode.FULL: 512}
+# mode (~8 us a small Avro record) and id mode (~3 us a record), measured on one core.
+RECORDS_PER_SLICE = {SchemaValidationMode.ID: 2048, SchemaValidationMode.FULL: 512}
 # Longest reason text quoted from a decoder (a JSON Schema error can quote the document).
 MAX_PROBLEM_CHARS = 200
 # Message-index arrays longer than this are refused (nesting deeper than any real .proto).
@@ -174,13 +174,15 @@ class SchemaValidation:
             limit=config.max_message_bytes,
             keys_required=config.cleanup_policy.compacts,
         )
-        payload, iterator = await asyncio.to_thread(check) if off_loop else check()
+        payload, buf, start, _ = await asyncio.to_thread(check) if off_loop else check()
         checker = _BatchChecker(self, topic, config)
         step = RECORDS_PER_SLICE[checker.slowest]
-        for index, record in enumerate(iterator):
+        heads = checker.head_only
+        fields = _key_values(buf, start, header.records_count, heads[0], heads[1])
+        for index, (key, value) in enumerate(fields):
             if index and index % step == 0:
                 await asyncio.sleep(0)
-            checker.record(index, record)
+            checker.check(index, key, value)
         verdict = checker.verdict()
         self._count(topic, verdict)
         if verdict.failures:
@@ -193,7 +195,7 @@ class SchemaValidation:
         """The same checks over records already decoded, at once (not counted)."""
         checker = _BatchChecker(self, topic, config)
         for index, record in enumerate(records):
-            checker.record(index, record)
+            checker.check(index, record.key, record.value)
         return checker.verdict()
 
     def _count(self, topic: str, verdict: BatchVerdict) -> None:
@@ -266,10 +268,16 @@ class _BatchChecker:
         self._count = 0
         self._failures: list[tuple[int, str, str]] = []
 
-    def record(self, index: int, record: Record) -> None:
+    @property
+    def head_only(self) -> tuple[bool, bool]:
+        """(key, value): whether only the 5-byte wire header of each is read."""
+        full = {side.name: side.full for side in self._sides}
+        return not full.get("key", False), not full.get("value", False)
+
+    def check(self, index: int, key: bytes | None, value: bytes | None) -> None:
         self._count += 1
         for side in self._sides:
-            data = record.key if side.name == "key" else record.value
+            data = key if side.name == "key" else value
             if data is None:
                 continue
             problem = self._check(side, data)
@@ -337,6 +345,49 @@ class _BatchChecker:
         if isinstance(parsed, str):
             return DECODE_FAILED, parsed
         return parsed
+
+
+def _zigzag(buf: Buffer, i: int) -> tuple[int, int]:
+    """A zigzag varint at ``i`` (the batch framing is checked already): (value, next)."""
+    b = buf[i]
+    if b < 0x80:
+        return (b >> 1) ^ -(b & 1), i + 1
+    result, shift = b & 0x7F, 7
+    while True:
+        i += 1
+        b = buf[i]
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (result >> 1) ^ -(result & 1), i + 1
+        shift += 7
+
+
+def _key_values(
+    buf: Buffer, i: int, count: int, key_head: bool, value_head: bool
+) -> Iterator[tuple[bytes | None, bytes | None]]:
+    """Each record's (key, value) of a checked records section, without decoding the rest of
+    the record; ``*_head``: only the first 5 bytes of it (id mode reads no more)."""
+    for _ in range(count):
+        length, i = _zigzag(buf, i)
+        record_end = i + length
+        j = i + 1  # attributes
+        while buf[j] & 0x80:  # timestampDelta
+            j += 1
+        j += 1
+        while buf[j] & 0x80:  # offsetDelta
+            j += 1
+        j += 1
+        size, j = _zigzag(buf, j)
+        key = None
+        if size >= 0:
+            key = bytes(buf[j : j + (min(size, WIRE_HEADER) if key_head else size)])
+            j += size
+        size, j = _zigzag(buf, j)
+        value = None
+        if size >= 0:
+            value = bytes(buf[j : j + (min(size, WIRE_HEADER) if value_head else size)])
+        yield key, value
+        i = record_end
 
 
 def _short(exc: BaseException) -> str:
