@@ -199,6 +199,13 @@ class InvalidRecordError(StreamBusError):
     kafka_name = "INVALID_RECORD"
     description = "This record has failed the validation on broker and hence will be rejected."
 
+    def __init__(
+        self, message: str | None = None, record_errors: tuple[tuple[int, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        # (index in the batch, why): Produce v8+'s record_errors naming each failing record
+        self.record_errors = record_errors
+
 
 class OffsetMetadataTooLargeError(StreamBusError):
     errno = 12
