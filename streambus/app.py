@@ -17,6 +17,7 @@ from __future__ import annotations
 from streambus.config import BrokerConfig
 from streambus.protocol import (
     admin,
+    consumer_groups,
     fetch,
     groups,
     metadata,
@@ -36,6 +37,7 @@ APIS: dict[int, ApiSpec] = build_table(
     replication.routes,
     admin.routes,
     groups.routes,
+    consumer_groups.routes,
     transactions.routes,
 )
 

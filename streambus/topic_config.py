@@ -47,6 +47,61 @@ class TimestampType(enum.Enum):
     LOG_APPEND_TIME = "LogAppendTime"
 
 
+# -- schema validation of produced records (streambus.schemas.validation) -----------------
+# Confluent Server's topic configs, and StreamBus's own mode beside them.
+_STRATEGY_PACKAGE = "io.confluent.kafka.serializers.subject."
+
+
+class SubjectNameStrategy(enum.Enum):
+    """How a record's subject is named (Confluent's ``*.subject.name.strategy``)."""
+
+    TOPIC = _STRATEGY_PACKAGE + "TopicNameStrategy"  # <topic>-key / <topic>-value
+    RECORD = _STRATEGY_PACKAGE + "RecordNameStrategy"  # the schema's full record name
+    TOPIC_RECORD = _STRATEGY_PACKAGE + "TopicRecordNameStrategy"  # <topic>-<record name>
+
+    @classmethod
+    def parse(cls, key: str, text: str) -> SubjectNameStrategy:
+        """The class name with or without its package, as Confluent Server takes it."""
+        short = text.strip().removeprefix(_STRATEGY_PACKAGE)
+        for strategy in cls:
+            if strategy.value.removeprefix(_STRATEGY_PACKAGE) == short:
+                return strategy
+        raise InvalidConfigError(
+            f"{key} must be TopicNameStrategy, RecordNameStrategy or TopicRecordNameStrategy "
+            f"(optionally prefixed with {_STRATEGY_PACKAGE}), got {text!r}"
+        )
+
+
+class SchemaValidationMode(enum.Enum):
+    ID = "id"  # magic byte 0 and the id of a schema registered under the record's subject
+    FULL = "full"  # that, and the payload decodes with that schema
+
+
+def _parse_bool(key: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text not in ("true", "false"):
+        raise InvalidConfigError(f"{key} must be true or false, got {raw!r}")
+    return text == "true"
+
+
+def _parse_mode(key: str, raw: str) -> SchemaValidationMode:
+    try:
+        return SchemaValidationMode(raw.strip().lower())
+    except ValueError:
+        raise InvalidConfigError(f"{key} must be id or full, got {raw!r}") from None
+
+
+_SCHEMA_PARSERS: dict[str, Any] = {
+    "confluent_key_schema_validation": _parse_bool,
+    "confluent_value_schema_validation": _parse_bool,
+    "confluent_key_subject_name_strategy": SubjectNameStrategy.parse,
+    "confluent_value_subject_name_strategy": SubjectNameStrategy.parse,
+    "streambus_key_schema_validation_mode": _parse_mode,
+    "streambus_value_schema_validation_mode": _parse_mode,
+}
+# -- end of schema validation configs ---------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class TopicConfig:
     retention_ms: int = 7 * 24 * 3600 * 1000  # -1: keep forever
@@ -65,6 +120,13 @@ class TopicConfig:
     min_insync_replicas: int = 1
     # A partition with no live in-sync replica may be led by an out-of-sync one (data loss)
     unclean_leader_election_enable: bool = False
+    # Schema validation of produced records (see streambus.schemas.validation)
+    confluent_key_schema_validation: bool = False
+    confluent_value_schema_validation: bool = False
+    confluent_key_subject_name_strategy: SubjectNameStrategy = SubjectNameStrategy.TOPIC
+    confluent_value_subject_name_strategy: SubjectNameStrategy = SubjectNameStrategy.TOPIC
+    streambus_key_schema_validation_mode: SchemaValidationMode = SchemaValidationMode.ID
+    streambus_value_schema_validation_mode: SchemaValidationMode = SchemaValidationMode.ID
 
     def with_overrides(self, kafka_configs: Mapping[str, str | None]) -> TopicConfig:
         """A copy with Kafka-named overrides applied; unknown or invalid ones raise."""
@@ -97,6 +159,9 @@ KAFKA_NAMES: dict[str, str] = {
 
 
 def _parse(key: str, field: str, raw: str) -> Any:
+    schema_parser = _SCHEMA_PARSERS.get(field)
+    if schema_parser is not None:
+        return schema_parser(key, raw)
     if field == "cleanup_policy":
         return CleanupPolicy.parse(raw)
     if field == "message_timestamp_type":

@@ -1,20 +1,8 @@
-"""A Confluent-compatible schema registry, stored in the broker's own ``_schemas`` topic.
+"""The schema registry, and the broker-side validation of produced records against it.
 
-``registry`` holds the operations, ``store`` the in-memory state, ``storage`` the
-records in ``_schemas``, ``formats`` (with ``json_format`` and ``protobuf_format``)
-each format's parsing and rules, ``compatibility`` the levels, ``rest`` the HTTP API.
+``registry`` holds the registry's operations, ``store`` its in-memory state, ``storage``
+its records in the ``_schemas`` topic, ``formats`` (with ``json_format`` and
+``protobuf_format``) each format's parsing and rules, ``compatibility`` the levels,
+``rest`` the HTTP API; ``validation`` checks produced records. Nothing is imported here:
+``streambus.partitions`` imports ``validation``, and the registry imports the partitions.
 """
-
-from streambus.schemas.formats import RegisteredSchema, SchemaReference
-from streambus.schemas.registry import SchemaRegistry
-from streambus.schemas.rest import RegistryServer
-from streambus.schemas.storage import SCHEMAS_TOPIC, SCHEMAS_TOPIC_CONFIG
-
-__all__ = [
-    "SCHEMAS_TOPIC",
-    "SCHEMAS_TOPIC_CONFIG",
-    "RegisteredSchema",
-    "RegistryServer",
-    "SchemaReference",
-    "SchemaRegistry",
-]

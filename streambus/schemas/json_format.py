@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jsonschema
-import jsonschema.exceptions
-import jsonschema.validators
+import jsonschema  # type: ignore[import-untyped]
+import jsonschema.exceptions  # type: ignore[import-untyped]
+import jsonschema.validators  # type: ignore[import-untyped]
 
 from streambus.schemas.errors import InvalidSchemaError
 
