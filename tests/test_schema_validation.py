@@ -138,13 +138,13 @@ def test_confluent_avro_serializer_through_a_validating_topic(
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     b, port = broker
-    registry = SchemaRegistryClient({"url": f"http://127.0.0.1:{port}"})
-    serializer = AvroSerializer(registry, json.dumps(USER))
+    with SchemaRegistryClient({"url": f"http://127.0.0.1:{port}"}) as registry:
+        serializer = AvroSerializer(registry, json.dumps(USER))
+        value = serializer(
+            {"name": "ada", "age": 36}, SerializationContext("users", MessageField.VALUE)
+        )
     producer = Producer({"bootstrap.servers": b.bootstrap, "linger.ms": 0})
     reports: list[Any] = []
-    value = serializer(
-        {"name": "ada", "age": 36}, SerializationContext("users", MessageField.VALUE)
-    )
     for payload in (value, b"not the wire format"):
         producer.produce("users", payload, on_delivery=lambda err, _msg: reports.append(err))
         producer.flush(10)
