@@ -281,6 +281,12 @@ class GroupIdNotFoundError(StreamBusError):
     description = "The group id does not exist."
 
 
+class GroupSubscribedToTopicError(StreamBusError):
+    errno = 86
+    kafka_name = "GROUP_SUBSCRIBED_TO_TOPIC"
+    description = "The consumer group is actively subscribed to the topic."
+
+
 class MemberIdRequiredError(StreamBusError):
     errno = 79
     kafka_name = "MEMBER_ID_REQUIRED"
