@@ -24,7 +24,14 @@ from kafka.structs import TopicPartition as KafkaTP
 from streambus.records import build_batch
 from streambus.storage import PartitionLog
 from streambus.topic_config import TopicConfig
-from tests.harness import BrokerProcess, BrokerThread, RawClient, fetch_request, wait_until
+from tests.harness import (
+    BrokerProcess,
+    BrokerThread,
+    ClusterProcesses,
+    RawClient,
+    fetch_request,
+    wait_until,
+)
 
 OFFSET_OUT_OF_RANGE = 1
 UNKNOWN_TOPIC_OR_PARTITION = 3
@@ -378,3 +385,24 @@ def test_authorized_operations_when_asked(broker: BrokerThread) -> None:
     ops = topics["ops"].result(10).authorized_operations
     assert ops is not None
     assert len(ops) == 8
+
+
+# -- followers ----------------------------------------------------------------------------------
+
+
+def test_followers_follow_the_leaders_log_start(tmp_path: Path) -> None:
+    from tests.test_replication import REPL_ENV, create_replicated, wait_cluster_size, wait_in_sync
+
+    with ClusterProcesses(tmp_path, 3, env=REPL_ENV) as cluster:
+        wait_cluster_size(cluster, 3)
+        create_replicated(cluster.bootstrap, "trimmed", 1)
+        view = wait_in_sync(cluster, "trimmed", 1)[0]
+        producer = Producer({"bootstrap.servers": cluster.bootstrap, "acks": "all"})
+        for i in range(10):
+            producer.produce("trimmed", value=f"r{i}".encode(), partition=0)
+        assert producer.flush(30) == 0
+        leader = cluster.brokers[view.leader]
+        assert _delete_records(leader.bootstrap, "trimmed", 6).low_watermark == 6
+        for node in view.replicas:
+            path = cluster.brokers[node].data_dir / "topics/trimmed/0/log-start.checkpoint"
+            wait_until(lambda p=path: p.exists() and p.read_text().split() == ["0", "6"], 60)
