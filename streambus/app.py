@@ -17,6 +17,7 @@ from __future__ import annotations
 from streambus.config import BrokerConfig
 from streambus.protocol import (
     admin,
+    admin_data,
     consumer_groups,
     fetch,
     groups,
@@ -36,6 +37,7 @@ APIS: dict[int, ApiSpec] = build_table(
     fetch.routes,
     replication.routes,
     admin.routes,
+    admin_data.routes,
     groups.routes,
     consumer_groups.routes,
     transactions.routes,

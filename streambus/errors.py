@@ -314,6 +314,12 @@ class StaleMemberEpochError(StreamBusError):
     description = "The member epoch is stale; the member must retry after its next heartbeat."
 
 
+class GroupSubscribedToTopicError(StreamBusError):
+    errno = 86
+    kafka_name = "GROUP_SUBSCRIBED_TO_TOPIC"
+    description = "The consumer group is actively subscribed to the topic."
+
+
 class MemberIdRequiredError(StreamBusError):
     errno = 79
     kafka_name = "MEMBER_ID_REQUIRED"

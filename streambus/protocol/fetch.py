@@ -34,7 +34,12 @@ from kafka.protocol.consumer import (
 )
 from opentelemetry import trace
 
-from streambus.errors import OffsetOutOfRangeError, StreamBusError, error_name
+from streambus.errors import (
+    InvalidRequestError,
+    OffsetOutOfRangeError,
+    StreamBusError,
+    error_name,
+)
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, ConnectionClosedError, RequestContext
 from streambus.protocol.fetch_encoding import (
@@ -352,21 +357,31 @@ async def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
     return SplicedFetch(response, parts)
 
 
-@routes.api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 6))
+# v7 asks for the record with the largest timestamp (-3), v8 for the earliest local
+# offset (-4), v9 for the latest tiered offset (-5), v10 adds a timeout for tiered reads;
+# all answered (no tiered storage: -4 is the log start, -5 has no offset). v11's -6
+# (earliest pending upload) is not served.
+@routes.api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 10))
 async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = ListOffsetsResponse
     topics = []
+    asked = Counter(
+        TopicPartition(t.name, p.partition_index) for t in request.topics for p in t.partitions
+    )
     for topic in request.topics:
         parts = []
         for p in topic.partitions:
             error, timestamp, offset, epoch = 0, -1, -1, -1
             try:
                 tp = TopicPartition(topic.name, p.partition_index)
+                if asked[tp] > 1:  # Kafka answers each copy of a repeated one so
+                    raise InvalidRequestError(f"{tp.topic}-{tp.partition} asked twice")
                 services.partitions.check_epoch(tp, _epoch(p))
                 timestamp, offset = services.partitions.list_offset(
                     tp, p.timestamp, committed=request.isolation_level == READ_COMMITTED
                 )
-                epoch = services.partitions.leader_epoch(tp)
+                if offset >= 0:  # no offset found: no epoch either
+                    epoch = services.partitions.leader_epoch(tp)
             except StreamBusError as exc:
                 error = exc.errno
                 services.telemetry.error("ListOffsets", exc.kafka_name)
