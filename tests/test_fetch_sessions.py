@@ -180,3 +180,71 @@ def test_kafka_python_reads_many_partitions_through_a_fetch_session(tmp_path: Pa
         consumer.close()
         assert sorted(got) == sorted(sent)  # every record once, none twice
         assert sessions >= 1  # the consumer fetched through a session
+
+
+TOOLS_LIBS = Path(__file__).resolve().parents[1] / ".tools" / "kafka-tools-4.4.0" / "libs"
+
+
+def test_kafkas_java_consumer_reads_through_incremental_fetch_sessions(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import threading
+
+    import pytest
+
+    java = shutil.which("java")
+    if java is None or not any(TOOLS_LIBS.glob("kafka-tools-*.jar")):
+        pytest.skip("needs java and Kafka's tool jars in .tools/kafka-tools-4.4.0/libs")
+    partitions = 12
+    with BrokerThread(tmp_path / "data", num_partitions=partitions) as b:
+        producer = Producer({"bootstrap.servers": b.bootstrap, "linger.ms": 5})
+        sent = {f"{p}-{i}" for p in range(partitions) for i in range(10)}
+        for value in sorted(sent):
+            producer.produce("java", value.encode(), partition=int(value.split("-")[0]))
+        assert producer.flush(15) == 0
+        late = {f"late-{p}" for p in range(partitions)}
+        consumer = subprocess.Popen(
+            [
+                java,
+                "-cp",
+                f"{TOOLS_LIBS}/*",
+                "org.apache.kafka.tools.consumer.ConsoleConsumer",
+                "--bootstrap-server",
+                b.bootstrap,
+                "--topic",
+                "java",
+                "--from-beginning",
+                "--max-messages",
+                str(len(sent) + len(late)),
+                "--timeout-ms",
+                "60000",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        lines: list[str] = []
+
+        def read() -> None:
+            assert consumer.stdout is not None
+            lines.extend(line.strip() for line in consumer.stdout)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: len(lines) >= len(sent), timeout=90)
+            # Read so far, the consumer is fetching through its session: the rest comes
+            # in incremental fetches.
+            assert b.run(len, b.broker.fetch_sessions) >= 1
+            for value in sorted(late):
+                producer.produce("java", value.encode(), partition=int(value.split("-")[1]))
+            assert producer.flush(15) == 0
+            assert consumer.wait(90) == 0
+        finally:
+            if consumer.poll() is None:
+                consumer.kill()
+                consumer.wait()
+        reader.join(10)
+        assert consumer.stdout is not None
+        consumer.stdout.close()
+        assert sorted(lines) == sorted(sent | late)

@@ -119,9 +119,14 @@ class FetchContext:
             parts = self.session.partitions
             out = []
             for read in reads:
-                cached = parts.get((read.topic, read.partition))
+                key = (read.topic, read.partition)
+                cached = parts.get(key)
                 if cached is None or cached.must_answer(read):
                     out.append(read)
+                    if read.records:
+                        # Kafka's fairness rule: a partition that returned data moves to the
+                        # end, so one busy partition cannot take every response's byte budget.
+                        parts[key] = parts.pop(key)
             return out
         if self._opener is not None:
             for read in reads:
