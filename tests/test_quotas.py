@@ -13,7 +13,14 @@ from confluent_kafka import Producer
 from kafka.protocol.admin import AlterClientQuotasRequest as A
 from kafka.protocol.admin import DescribeClientQuotasRequest as D
 
-from tests.harness import BrokerThread, RawClient, fetch_request, total
+from tests.harness import (
+    BrokerThread,
+    ClusterProcesses,
+    RawClient,
+    fetch_request,
+    total,
+    wait_until,
+)
 
 QUOTA = 100 * 1024  # bytes per second
 WINDOW = {"quota_window_num": 2, "quota_window_size_seconds": 1.0}
@@ -178,3 +185,23 @@ def test_quota_records_apply_alike_and_survive_the_wire_and_snapshots() -> None:
     assert refused.error_code == 42
     cleared, _ = apply(state, AlterClientQuota(record.entity, (("producer_byte_rate", None),)))
     assert dict(cleared.client_quotas) == {}
+
+
+def test_a_quota_altered_on_one_broker_is_applied_on_every_broker(tmp_path: Path) -> None:
+    env = {"STREAMBUS_BROKER_HEARTBEAT_INTERVAL_MS": "500", "PYTHONUNBUFFERED": "1"}
+    with ClusterProcesses(tmp_path, 3, env=env) as c:
+        brokers = list(c.brokers.values())
+
+        def altered() -> bool:
+            try:
+                response = alter(
+                    brokers[0].bootstrap, [("user", None)], {"producer_byte_rate": 7e5}
+                )
+            except OSError:
+                return False
+            return bool(response.entries[0].error_code == 0)
+
+        wait_until(altered, timeout=60, interval=0.5)
+        want = {(("user", None),): {"producer_byte_rate": 7e5}}
+        for broker in brokers:
+            wait_until(lambda b=broker: describe(b.bootstrap, [("user", 1, None)]) == want, 30)
