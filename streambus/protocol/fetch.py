@@ -126,7 +126,7 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
     reads = session.answer(reads)
     if replica_id >= 0:
         _count_errors(services, reads)
-        return await _response(reads, session.session_id)
+        return await _response(request, reads, session.session_id)
     await _account(services, reads)
     elapsed = time.perf_counter() - started
     for topic in {r.topic for r in reads}:
@@ -135,7 +135,7 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
     # is muted for the throttle time after this answer (before it, for v7 and older).
     throttle = services.quotas.record(FETCH, ctx.client_id, sum(len(r.records) for r in reads))
     ctx.throttle.ms, ctx.throttle.delay_response = throttle, ctx.api_version < 8
-    return await _response(reads, session.session_id, throttle)
+    return await _response(request, reads, session.session_id, throttle)
 
 
 def _session(services: BrokerServices, ctx: RequestContext, request: Any) -> FetchContext:
@@ -333,7 +333,9 @@ def _traceparents(reads: list[_Read]) -> list[bytes]:
     return list(found)
 
 
-async def _response(reads: list[_Read], session_id: int, throttle_ms: int = 0) -> SplicedFetch:
+async def _response(
+    request: Any, reads: list[_Read], session_id: int = 0, throttle_ms: int = 0
+) -> SplicedFetch:
     token = new_token()
     by_topic: dict[str, list[Any]] = {}
     parts: list[tuple[Any, bytes, Records]] = []
