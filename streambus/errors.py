@@ -288,6 +288,20 @@ class GroupIdNotFoundError(StreamBusError):
     description = "The group id does not exist."
 
 
+class FetchSessionIdNotFoundError(StreamBusError):
+    errno = 70
+    kafka_name = "FETCH_SESSION_ID_NOT_FOUND"
+    retriable = True
+    description = "The fetch session ID was not found."
+
+
+class InvalidFetchSessionEpochError(StreamBusError):
+    errno = 71
+    kafka_name = "INVALID_FETCH_SESSION_EPOCH"
+    retriable = True
+    description = "The fetch session epoch is invalid."
+
+
 # The consumer group protocol (KIP-848).
 class FencedMemberEpochError(StreamBusError):
     errno = 110
