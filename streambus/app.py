@@ -7,7 +7,7 @@ Layers, top to bottom (an import points down only; tests/test_architecture.py
 keeps it so)::
 
     broker ─► app ─► server ─► protocol.apis ─► protocol.context (BrokerServices)
-                 └─► protocol.{admin,fetch,groups,metadata,produce}
+                 └─► protocol.{admin,client_quotas,fetch,groups,metadata,produce}
     broker, protocol ─► partitions ─► storage ─► records
                         groups ─┘
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 from streambus.config import BrokerConfig
 from streambus.protocol import (
     admin,
+    admin_data,
+    client_quotas,
     consumer_groups,
     fetch,
     groups,
@@ -36,9 +38,11 @@ APIS: dict[int, ApiSpec] = build_table(
     fetch.routes,
     replication.routes,
     admin.routes,
+    admin_data.routes,
     groups.routes,
     consumer_groups.routes,
     transactions.routes,
+    client_quotas.routes,
 )
 
 

@@ -145,6 +145,15 @@ class SetClusterId:
     cluster_id: str  # Kafka's form: base64url of 16 bytes, no padding
 
 
+@dataclass(frozen=True, slots=True)
+class AlterClientQuota:
+    """Set or remove client quotas of one entity (Kafka's ClientQuotaRecord); see
+    ``streambus.cluster.client_quotas``."""
+
+    entity: tuple[tuple[str, str | None], ...]  # (type, name; None: the default entity), by type
+    ops: tuple[tuple[str, float | None], ...]  # quota key -> new value, None removes it
+
+
 Record = (
     RegisterBroker
     | BrokerHeartbeat
@@ -158,6 +167,7 @@ Record = (
     | AlterTopicConfigs
     | AllocateProducerIds
     | SetClusterId
+    | AlterClientQuota
 )
 
 RECORD_TYPES: dict[str, type[Any]] = {
@@ -175,6 +185,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         AlterTopicConfigs,
         AllocateProducerIds,
         SetClusterId,
+        AlterClientQuota,
     )
 }
 

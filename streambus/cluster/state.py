@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from streambus.cluster import client_quotas
 from streambus.cluster.records import (
     OK,
     AllocateProducerIds,
+    AlterClientQuota,
     AlterPartition,
     AlterTopicConfigs,
     BrokerHeartbeat,
@@ -120,6 +122,10 @@ class ClusterState:
     metadata_version: int = 0  # how many applied records changed the state
     cluster_id: str = ""  # "" until the first SetClusterId
     next_producer_id: int = 0  # the first producer id no broker has been given
+    # Client quotas by entity (see streambus.cluster.client_quotas)
+    client_quotas: client_quotas.QuotaTable = dataclasses.field(
+        default_factory=lambda: client_quotas.EMPTY
+    )
 
     def live_brokers(self) -> list[BrokerInfo]:
         """Registered and unfenced, by id: what Metadata lists and placement uses."""
@@ -533,6 +539,9 @@ _HANDLERS: dict[type[Any], _Handler] = {
     AlterTopicConfigs: _alter_configs,
     AllocateProducerIds: _allocate_producer_ids,
     SetClusterId: _set_cluster_id,
+    AlterClientQuota: lambda state, r: dataclasses.replace(
+        state, client_quotas=client_quotas.altered(state.client_quotas, r)
+    ),
 }
 
 
@@ -723,6 +732,7 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "metadata_version": state.metadata_version,
         "cluster_id": state.cluster_id,
         "next_producer_id": state.next_producer_id,
+        "client_quotas": client_quotas.table_to_wire(state.client_quotas),
         "brokers": [
             [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
             for _, b in sorted(state.brokers.items())
@@ -774,4 +784,5 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         # absent from snapshots written before these were replicated
         str(wire.get("cluster_id", "")),
         int(wire.get("next_producer_id", 0)),
+        client_quotas=client_quotas.table_from_wire(wire.get("client_quotas")),
     )

@@ -19,6 +19,8 @@ from streambus.groups import GroupCoordinator
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService
 from streambus.producer_ids import ProducerIdAllocator
+from streambus.protocol.fetch_sessions import FetchSessionCache
+from streambus.quotas import QuotaManager
 from streambus.schemas.registry import SchemaRegistry
 from streambus.transactions import TransactionCoordinator
 
@@ -47,6 +49,10 @@ class BrokerServices(Protocol):
     def transactions(self) -> TransactionCoordinator: ...
     @property
     def telemetry(self) -> BrokerTelemetry: ...
+    @property
+    def quotas(self) -> QuotaManager: ...
+    @property
+    def fetch_sessions(self) -> FetchSessionCache: ...
     @property
     def schemas(self) -> SchemaRegistry:
         """The schema registry's state (what produced records are validated against)."""
