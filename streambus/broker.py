@@ -157,13 +157,14 @@ class Broker:
                 SCHEMAS_TOPIC, 1, SCHEMAS_TOPIC_CONFIG, internal=True
             ),
         )
+        # Produced records of topics with schema validation on are checked against its state,
+        # which is loaded from _schemas whether or not this broker serves the REST API.
+        self.partitions.schema_validation.source = self.schemas
         self._registry_server = None
         if config.schema_registry_port:
             self._registry_server = RegistryServer(
                 self.schemas, self.telemetry, config.host, config.schema_registry_port
             )
-            # Produced records of topics with schema validation on are checked against it.
-            self.partitions.schema_validation.source = self.schemas
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self.quotas = QuotaManager(
             lambda: self.cluster.quorum,
