@@ -36,6 +36,8 @@ from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
 from streambus.replication.fetcher import FetcherSettings
 from streambus.replication.manager import ReplicaManager
+from streambus.security.audit import AuditLog
+from streambus.security.authorizer import Authorizer
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
@@ -154,6 +156,22 @@ class Broker:
             window_num=config.quota_window_num,
             window_size_s=config.quota_window_size_seconds,
         )
+        self.audit = AuditLog(
+            config.audit_log,
+            self.telemetry,
+            max_bytes=config.audit_log_max_bytes,
+            backup_count=config.audit_log_backup_count,
+        )
+        self.authorizer = Authorizer(
+            lambda: self.cluster.quorum,
+            self.telemetry,
+            self.audit,
+            self.data_dir,
+            enabled=config.authorizer_enabled,
+            super_users=config.super_users,
+            allow_everyone_if_no_acl_found=config.allow_everyone_if_no_acl_found,
+            audit_allowed=config.audit_log_allowed,
+        )
         self.fetch_sessions = FetchSessionCache(config.max_incremental_fetch_session_cache_slots)
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
@@ -182,10 +200,12 @@ class Broker:
             if not self.cluster.cluster_config.replicated:
                 self.groups.load()  # in a cluster, as partitions of __consumer_offsets are led
                 self.transactions.load()  # and of __transaction_state
+            self.audit.open()
             await self._server.start()
             try:
                 await self.cluster.start(self.local_cluster_id)
                 self.quotas.load_local()
+                self.authorizer.load_local()
                 self.replication.start()
             except BaseException:
                 await self.replication.stop()
@@ -241,6 +261,7 @@ class Broker:
             log.error("flushing logs at shutdown failed: %s", exc)
             clean = False
         self.logs.close()
+        await asyncio.to_thread(self.audit.close)  # writes what is queued
         if clean:
             with contextlib.suppress(OSError):
                 mark_clean_shutdown(self.data_dir)

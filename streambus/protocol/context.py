@@ -21,6 +21,7 @@ from streambus.partitions import PartitionService
 from streambus.producer_ids import ProducerIdAllocator
 from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
+from streambus.security.authorizer import Authorizer
 from streambus.transactions import TransactionCoordinator
 
 
@@ -52,6 +53,8 @@ class BrokerServices(Protocol):
     def quotas(self) -> QuotaManager: ...
     @property
     def fetch_sessions(self) -> FetchSessionCache: ...
+    @property
+    def authorizer(self) -> Authorizer: ...
 
     @property
     def quorum(self) -> Quorum:
