@@ -38,7 +38,14 @@ from streambus.cluster import acls
 from streambus.cluster.acls import ALL, ALLOW, DENY, IMPLIED_BY, AclBinding, AclSet
 from streambus.cluster.quorum import LocalQuorum, Quorum
 from streambus.cluster.records import AlterAcls, Result
-from streambus.errors import KafkaStorageError
+from streambus.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaStorageError,
+    StreamBusError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
+)
 from streambus.storage.datadir import write_atomically
 
 if TYPE_CHECKING:
@@ -53,6 +60,13 @@ FILE_NAME = "acls.json"
 #                               operation, permission], ...]} (Kafka's codes)
 FILE_VERSION = 1
 _ANY_HOST = acls.WILDCARD
+# What a denial answers, by resource type
+DENIED: dict[int, type[StreamBusError]] = {
+    acls.TOPIC: TopicAuthorizationFailedError,
+    acls.GROUP: GroupAuthorizationFailedError,
+    acls.CLUSTER: ClusterAuthorizationFailedError,
+    acls.TRANSACTIONAL_ID: TransactionalIdAuthorizationFailedError,
+}
 
 
 class Requester(Protocol):
@@ -155,8 +169,68 @@ class Authorizer:
             )
         return allowed
 
+    def require(
+        self, ctx: Requester, operation: int, resource_type: int, name: str = acls.CLUSTER_NAME
+    ) -> None:
+        """``authorize``, raising the resource type's AUTHORIZATION_FAILED error when denied."""
+        if not self.authorize(ctx, operation, resource_type, name):
+            raise DENIED[resource_type]()
+
+    def may_create_topic(self, ctx: Requester, name: str) -> bool:
+        """Kafka's check for creating a topic: CREATE on the cluster (its absence not
+        audited), else CREATE on the topic."""
+        return self.authorize(ctx, acls.CREATE, acls.CLUSTER, acls.CLUSTER_NAME, quiet=True) or (
+            self.authorize(ctx, acls.CREATE, acls.TOPIC, name)
+        )
+
     def authorize_cluster(self, ctx: Requester, operation: int) -> bool:
         return self.authorize(ctx, operation, acls.CLUSTER, acls.CLUSTER_NAME)
+
+    def authorize_idempotent(self, ctx: Requester) -> bool:
+        """Kafka 3+'s check for an idempotent producer: IDEMPOTENT_WRITE on the cluster, or
+        WRITE on some topic (Kafka's ``authorizeByResourceType``). One counted check."""
+        if not self.enabled:
+            return True
+        host = host_of(ctx.peer)
+        if self.decide(ctx.principal, host, acls.IDEMPOTENT_WRITE, acls.CLUSTER, acls.CLUSTER_NAME):
+            return self.authorize(ctx, acls.IDEMPOTENT_WRITE, acls.CLUSTER, acls.CLUSTER_NAME)
+        allowed = self._may_on_some(ctx.principal, host, acls.WRITE, acls.TOPIC)
+        self._telemetry.authorization_checked("IDEMPOTENT_WRITE", "CLUSTER", not allowed)
+        if not allowed or self.audit_allowed:
+            self.audit.authorization(
+                principal=ctx.principal,
+                client=ctx.peer,
+                listener=ctx.listener,
+                api=ctx.api_key,
+                operation="IDEMPOTENT_WRITE",
+                resource_type="CLUSTER",
+                resource_name=acls.CLUSTER_NAME,
+                allowed=allowed,
+            )
+        return allowed
+
+    def _may_on_some(self, principal: str, host: str, operation: int, resource_type: int) -> bool:
+        """Some resource of the type allows ``operation`` (a wildcard DENY refuses all)."""
+        if principal in self.super_users:
+            return True
+        index = self._index_for(resource_type)
+        everything = [
+            b for table in (index.literal, index.prefixed) for bs in table.values() for b in bs
+        ]
+        if not everything:
+            return self.allow_if_no_acl
+        principals = (principal, acls.WILDCARD_PRINCIPAL)
+        hosts = (host, _ANY_HOST)
+        mine = [b for b in everything if b.principal in principals and b.host in hosts]
+        if any(
+            b.permission == DENY
+            and b.operation in (operation, ALL)
+            and b.pattern_type == acls.LITERAL
+            and b.resource_name == acls.WILDCARD
+            for b in mine
+        ):
+            return False
+        return any(b.permission == ALLOW and b.operation in (operation, ALL) for b in mine)
 
     def allowed_names(
         self, ctx: Requester, operation: int, resource_type: int, names: Iterable[str]
@@ -166,15 +240,15 @@ class Authorizer:
 
     def authorized_operations(
         self, ctx: Requester, resource_type: int, name: str, operations: Iterable[int]
-    ) -> int:
-        """Kafka's authorized-operations bitfield (bit ``op`` set when allowed), uncounted:
-        it describes permissions, it does not use them."""
+    ) -> set[int]:
+        """Which of ``operations`` are allowed (Kafka's authorized-operations field, KIP-430),
+        uncounted: it describes permissions, it does not use them."""
+        if not self.enabled:
+            return set(operations)
         host = host_of(ctx.peer)
-        bits = 0
-        for op in operations:
-            if not self.enabled or self.decide(ctx.principal, host, op, resource_type, name):
-                bits |= 1 << op
-        return bits
+        return {
+            op for op in operations if self.decide(ctx.principal, host, op, resource_type, name)
+        }
 
     def decide(
         self, principal: str, host: str, operation: int, resource_type: int, name: str
