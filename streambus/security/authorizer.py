@@ -60,6 +60,7 @@ FILE_NAME = "acls.json"
 #                               operation, permission], ...]} (Kafka's codes)
 FILE_VERSION = 1
 _ANY_HOST = acls.WILDCARD
+_CLUSTER = acls.CLUSTER_NAME
 # What a denial answers, by resource type
 DENIED: dict[int, type[StreamBusError]] = {
     acls.TOPIC: TopicAuthorizationFailedError,
@@ -170,7 +171,7 @@ class Authorizer:
         return allowed
 
     def require(
-        self, ctx: Requester, operation: int, resource_type: int, name: str = acls.CLUSTER_NAME
+        self, ctx: Requester, operation: int, resource_type: int, name: str = _CLUSTER
     ) -> None:
         """``authorize``, raising the resource type's AUTHORIZATION_FAILED error when denied."""
         if not self.authorize(ctx, operation, resource_type, name):
