@@ -7,7 +7,7 @@ Layers, top to bottom (an import points down only; tests/test_architecture.py
 keeps it so)::
 
     broker ─► app ─► server ─► protocol.apis ─► protocol.context (BrokerServices)
-                 └─► protocol.{admin,client_quotas,fetch,groups,metadata,produce}
+                 └─► protocol.{acls,admin,client_quotas,fetch,groups,metadata,produce}
     broker, protocol ─► partitions ─► storage ─► records
                         groups ─┘
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from streambus.config import BrokerConfig
 from streambus.protocol import (
+    acls,
     admin,
     admin_data,
     client_quotas,
@@ -43,6 +44,7 @@ APIS: dict[int, ApiSpec] = build_table(
     consumer_groups.routes,
     transactions.routes,
     client_quotas.routes,
+    acls.routes,
 )
 
 

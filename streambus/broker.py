@@ -39,6 +39,8 @@ from streambus.replication.manager import ReplicaManager
 from streambus.schemas.registry import SchemaRegistry
 from streambus.schemas.rest import RegistryServer
 from streambus.schemas.storage import SCHEMAS_TOPIC, SCHEMAS_TOPIC_CONFIG
+from streambus.security.audit import AuditLog
+from streambus.security.authorizer import Authorizer
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
@@ -173,6 +175,22 @@ class Broker:
             window_num=config.quota_window_num,
             window_size_s=config.quota_window_size_seconds,
         )
+        self.audit = AuditLog(
+            config.audit_log,
+            self.telemetry,
+            max_bytes=config.audit_log_max_bytes,
+            backup_count=config.audit_log_backup_count,
+        )
+        self.authorizer = Authorizer(
+            lambda: self.cluster.quorum,
+            self.telemetry,
+            self.audit,
+            self.data_dir,
+            enabled=config.authorizer_enabled,
+            super_users=config.super_users,
+            allow_everyone_if_no_acl_found=config.allow_everyone_if_no_acl_found,
+            audit_allowed=config.audit_log_allowed,
+        )
         self.fetch_sessions = FetchSessionCache(config.max_incremental_fetch_session_cache_slots)
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
@@ -205,10 +223,12 @@ class Broker:
                 self.schemas.load()
             except StreamBusError as exc:  # _schemas offline: the broker serves Kafka anyway
                 log.error("schema registry: _schemas could not be read: %s", exc)
+            self.audit.open()
             await self._server.start()
             try:
                 await self.cluster.start(self.local_cluster_id)
                 self.quotas.load_local()
+                self.authorizer.load_local()
                 self.replication.start()
                 if self._registry_server is not None:
                     await self._registry_server.start()
@@ -270,6 +290,7 @@ class Broker:
             log.error("flushing logs at shutdown failed: %s", exc)
             clean = False
         self.logs.close()
+        await asyncio.to_thread(self.audit.close)  # writes what is queued
         if clean:
             with contextlib.suppress(OSError):
                 mark_clean_shutdown(self.data_dir)

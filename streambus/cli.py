@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a topic default as Kafka names it, e.g. retention.ms=3600000 (repeatable)",
     )
+    serve.add_argument(
+        "--authorizer",
+        nargs="?",
+        const="acl",
+        help="'acl' turns on Kafka's ACL authorizer (default none; STREAMBUS_AUTHORIZER)",
+    )
+    serve.add_argument("--super-users", help="Kafka's super.users, e.g. 'User:admin;User:ops'")
+    serve.add_argument("--audit-log", type=Path, help="path of the rotating JSON audit log")
     serve.add_argument("--no-tracing", action="store_true", help="build no tracer provider")
     serve.add_argument(
         "--log-level",
@@ -201,6 +209,9 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "broker_session_timeout_ms": args.broker_session_timeout_ms,
         "replica_lag_time_max_ms": args.replica_lag_time_max_ms,
         "broker_heartbeat_interval_ms": args.broker_heartbeat_interval_ms,
+        "authorizer": args.authorizer,
+        "super_users": args.super_users,
+        "audit_log": args.audit_log,
     }
     return BrokerConfig.load(overrides, dict(args.topic_config))
 

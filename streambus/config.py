@@ -21,6 +21,8 @@ from streambus.topic_config import KAFKA_NAMES, TopicConfig
 
 ENV_PREFIX = "STREAMBUS_"
 TOPIC_ENV_PREFIX = ENV_PREFIX + "TOPIC_"
+AUTHORIZER_ON = ("acl", "on", "true", "1")
+AUTHORIZER_OFF = ("none", "off", "false", "0", "")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,7 +101,22 @@ class BrokerConfig:
     quota_window_size_seconds: float = 1.0
     # Kafka's max.incremental.fetch.session.cache.slots: fetch sessions (KIP-227) kept
     max_incremental_fetch_session_cache_slots: int = 1000
+    # Authorization (Kafka's names): "acl" turns the ACL authorizer on (off: everyone may do
+    # everything, as before); super_users is Kafka's super.users ("User:a;User:b").
+    authorizer: str = "none"
+    super_users: str = ""
+    allow_everyone_if_no_acl_found: bool = False
+    # The audit log: JSON lines, rotated at audit_log_max_bytes, audit_log_backup_count kept.
+    # Denials are always audited, allowed checks when audit_log_allowed is on.
+    audit_log: Path | None = None
+    audit_log_allowed: bool = False
+    audit_log_max_bytes: int = 100 * 1024 * 1024
+    audit_log_backup_count: int = 10
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
+
+    @property
+    def authorizer_enabled(self) -> bool:
+        return self.authorizer.lower() in AUTHORIZER_ON
 
     @property
     def advertised(self) -> str:
@@ -206,6 +223,10 @@ class BrokerConfig:
             raise InvalidConfigError("quota.window.num and quota.window.size.seconds must be > 0")
         if self.max_incremental_fetch_session_cache_slots < 0:
             raise InvalidConfigError("max.incremental.fetch.session.cache.slots must be >= 0")
+        if self.authorizer.lower() not in AUTHORIZER_ON + AUTHORIZER_OFF:
+            raise InvalidConfigError(f"authorizer is 'acl' or 'none', not {self.authorizer!r}")
+        if self.audit_log_max_bytes < 1 or self.audit_log_backup_count < 0:
+            raise InvalidConfigError("audit log max bytes must be >= 1 and backup count >= 0")
         self.cluster()  # quorum syntax, secret, timings
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise InvalidConfigError(

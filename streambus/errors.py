@@ -513,6 +513,36 @@ class TransactionalIdNotFoundError(StreamBusError):
     description = "The transactionalId could not be found."
 
 
+class TopicAuthorizationFailedError(StreamBusError):
+    errno = 29
+    kafka_name = "TOPIC_AUTHORIZATION_FAILED"
+    description = "Topic authorization failed."
+
+
+class GroupAuthorizationFailedError(StreamBusError):
+    errno = 30
+    kafka_name = "GROUP_AUTHORIZATION_FAILED"
+    description = "Group authorization failed."
+
+
+class ClusterAuthorizationFailedError(StreamBusError):
+    errno = 31
+    kafka_name = "CLUSTER_AUTHORIZATION_FAILED"
+    description = "Cluster authorization failed."
+
+
+class TransactionalIdAuthorizationFailedError(StreamBusError):
+    errno = 53
+    kafka_name = "TRANSACTIONAL_ID_AUTHORIZATION_FAILED"
+    description = "Transactional Id authorization failed."
+
+
+class SecurityDisabledError(StreamBusError):
+    errno = 54
+    kafka_name = "SECURITY_DISABLED"
+    description = "Security features are disabled."
+
+
 class FrameError(StreamBusError):
     """A request frame that cannot be parsed: the connection that sent it is closed."""
 

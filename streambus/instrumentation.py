@@ -156,6 +156,23 @@ class BrokerTelemetry:
             "How late the event loop ran a timer due now: its stalls, every client waits them",
         )
         self._reason_attrs: dict[str, Attrs] = {}
+        # Authorization (streambus.security): counted per request and resource
+        self._authz_checks = counter(
+            "streambus.authorization.checks",
+            "{check}",
+            "ACL authorization checks, by operation and resource type",
+        )
+        self._authz_denials = counter(
+            "streambus.authorization.denials",
+            "{check}",
+            "ACL authorization checks denied, by operation and resource type",
+        )
+        self._audit_events = counter(
+            "streambus.audit.events_logged",
+            "{event}",
+            "Audit events logged (file or OpenTelemetry logs), by type",
+        )
+        self._authz_attrs: dict[tuple[str, str], Attrs] = {}
         # Schema validation of produced records (streambus.schemas.validation)
         self._schema_validations = counter(
             "streambus.schema.validations",
@@ -616,6 +633,25 @@ class BrokerTelemetry:
         if attrs is None:
             attrs = self._reason_attrs["throttle:" + kind] = {**self._base, "type": kind}
         self._throttle_time.record(seconds, attrs)
+
+    def authorization_checked(self, operation: str, resource_type: str, denied: bool) -> None:
+        key = (operation, resource_type)
+        attrs = self._authz_attrs.get(key)
+        if attrs is None:
+            attrs = self._authz_attrs[key] = {
+                **self._base,
+                "operation": operation,
+                "resource_type": resource_type,
+            }
+        self._authz_checks.add(1, attrs)
+        if denied:
+            self._authz_denials.add(1, attrs)
+
+    def audit_event(self, kind: str) -> None:
+        attrs = self._reason_attrs.get("audit:" + kind)
+        if attrs is None:
+            attrs = self._reason_attrs["audit:" + kind] = {**self._base, "type": kind}
+        self._audit_events.add(1, attrs)
 
     def connections_idle_closed(self, count: int) -> None:
         self._idle_closed.add(count, self._base)

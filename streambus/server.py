@@ -581,7 +581,13 @@ class Connection:
             await self._write([reply], spec.name, len(frame))
             return
         ctx = RequestContext(
-            spec.key, version, correlation_id, header.client_id, self.peer, self.gone, apis
+            spec.key,
+            version,
+            correlation_id,
+            header.client_id,
+            self.peer,
+            closed=self.gone,
+            apis=apis,
         )
         server = self._server
         server.request_started()

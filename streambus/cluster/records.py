@@ -154,6 +154,16 @@ class AlterClientQuota:
     ops: tuple[tuple[str, float | None], ...]  # quota key -> new value, None removes it
 
 
+@dataclass(frozen=True, slots=True)
+class AlterAcls:
+    """Remove, then add ACL bindings (Kafka's AccessControlEntryRecord and its removal);
+    see ``streambus.cluster.acls``. A binding: (resource type, resource name, pattern
+    type, principal, host, operation, permission), Kafka's codes."""
+
+    creations: tuple[tuple[int, str, int, str, str, int, int], ...] = ()
+    deletions: tuple[tuple[int, str, int, str, str, int, int], ...] = ()
+
+
 Record = (
     RegisterBroker
     | BrokerHeartbeat
@@ -168,6 +178,7 @@ Record = (
     | AllocateProducerIds
     | SetClusterId
     | AlterClientQuota
+    | AlterAcls
 )
 
 RECORD_TYPES: dict[str, type[Any]] = {
@@ -186,6 +197,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         AllocateProducerIds,
         SetClusterId,
         AlterClientQuota,
+        AlterAcls,
     )
 }
 

@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from streambus.cluster import acls as cluster_acls
 from streambus.cluster import client_quotas
 from streambus.cluster.records import (
     OK,
     AllocateProducerIds,
+    AlterAcls,
     AlterClientQuota,
     AlterPartition,
     AlterTopicConfigs,
@@ -126,6 +128,8 @@ class ClusterState:
     client_quotas: client_quotas.QuotaTable = dataclasses.field(
         default_factory=lambda: client_quotas.EMPTY
     )
+    # ACL bindings (see streambus.cluster.acls)
+    acls: cluster_acls.AclSet = cluster_acls.EMPTY
 
     def live_brokers(self) -> list[BrokerInfo]:
         """Registered and unfenced, by id: what Metadata lists and placement uses."""
@@ -542,6 +546,9 @@ _HANDLERS: dict[type[Any], _Handler] = {
     AlterClientQuota: lambda state, r: dataclasses.replace(
         state, client_quotas=client_quotas.altered(state.client_quotas, r)
     ),
+    AlterAcls: lambda state, r: dataclasses.replace(
+        state, acls=cluster_acls.altered(state.acls, r)
+    ),
 }
 
 
@@ -733,6 +740,7 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "cluster_id": state.cluster_id,
         "next_producer_id": state.next_producer_id,
         "client_quotas": client_quotas.table_to_wire(state.client_quotas),
+        "acls": cluster_acls.to_wire(state.acls),
         "brokers": [
             [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
             for _, b in sorted(state.brokers.items())
@@ -785,4 +793,5 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         str(wire.get("cluster_id", "")),
         int(wire.get("next_producer_id", 0)),
         client_quotas=client_quotas.table_from_wire(wire.get("client_quotas")),
+        acls=cluster_acls.from_wire(wire.get("acls")),
     )

@@ -17,10 +17,13 @@ from kafka.protocol.admin import (
     ElectLeadersResponse,
 )
 
+from streambus.cluster import acls
 from streambus.errors import (
+    ClusterAuthorizationFailedError,
     InvalidReplicaAssignmentError,
     InvalidRequestError,
     StreamBusError,
+    TopicAuthorizationFailedError,
 )
 from streambus.protocol.apis import ApiRoutes, RequestContext
 
@@ -43,6 +46,8 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
     for topic in request.topics:
         result = R.CreatableTopicResult(name=topic.name, error_code=0, error_message=None)
         try:
+            if not services.authorizer.may_create_topic(ctx, topic.name):
+                raise TopicAuthorizationFailedError()
             if services.partitions.is_internal(topic.name):
                 raise InvalidRequestError(f"creation of internal topic {topic.name} is prohibited")
             partitions, assignments = _placement(services, topic)
@@ -116,6 +121,7 @@ async def handle_delete_topics(services: BrokerServices, ctx: RequestContext, re
     for name in names:
         result = R.DeletableTopicResult(name=name, error_code=0, error_message=None)
         try:
+            services.authorizer.require(ctx, acls.DELETE, acls.TOPIC, name)
             if services.partitions.is_internal(name):
                 raise InvalidRequestError(f"internal topic {name} cannot be deleted")
             result.topic_id = await services.delete_cluster_topic(name)
@@ -141,6 +147,7 @@ async def handle_create_partitions(
         try:
             if names.count(topic.name) > 1:
                 raise InvalidRequestError(f"topic {topic.name!r} appears twice in the request")
+            services.authorizer.require(ctx, acls.ALTER, acls.TOPIC, topic.name)
             if services.partitions.is_internal(topic.name):
                 # Growing it would move groups to other coordinator partitions.
                 raise InvalidRequestError(f"internal topic {topic.name} cannot be grown")
@@ -183,6 +190,13 @@ async def handle_elect_leaders(services: BrokerServices, ctx: RequestContext, re
         else [(t.topic, int(p)) for t in request.topic_partitions for p in t.partitions]
     )
     by_topic: dict[str, list[Any]] = {}
+    if not services.authorizer.authorize_cluster(ctx, acls.ALTER):
+        services.telemetry.error("ElectLeaders", ClusterAuthorizationFailedError.kafka_name)
+        return R(
+            throttle_time_ms=0,
+            error_code=ClusterAuthorizationFailedError.errno,
+            replica_election_results=[],
+        )
     if election_type not in (0, 1):
         bad = InvalidRequestError(f"election type {election_type} is neither 0 nor 1")
         outcomes: list[tuple[str, int, StreamBusError | None]] = [

@@ -52,6 +52,10 @@ class RequestContext:
     correlation_id: int
     client_id: str | None
     peer: str
+    # Who is asking (Kafka's principal, "User:name") and on which listener; set from
+    # authentication, User:ANONYMOUS until a client authenticates.
+    principal: str = "User:ANONYMOUS"
+    listener: str = "PLAINTEXT"
     # Completes when the client goes (EOF or lost connection): a handler that waits
     # (a long poll) stops waiting for a client that can no longer take the answer.
     closed: asyncio.Future[None] | None = None

@@ -22,6 +22,7 @@ from streambus.producer_ids import ProducerIdAllocator
 from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
 from streambus.schemas.registry import SchemaRegistry
+from streambus.security.authorizer import Authorizer
 from streambus.transactions import TransactionCoordinator
 
 
@@ -57,6 +58,9 @@ class BrokerServices(Protocol):
     def schemas(self) -> SchemaRegistry:
         """The schema registry's state (what produced records are validated against)."""
         ...
+
+    @property
+    def authorizer(self) -> Authorizer: ...
 
     @property
     def quorum(self) -> Quorum:

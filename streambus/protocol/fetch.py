@@ -36,10 +36,13 @@ from kafka.protocol.consumer import (
 )
 from opentelemetry import trace
 
+from streambus.cluster import acls
 from streambus.errors import (
+    ClusterAuthorizationFailedError,
     InvalidRequestError,
     OffsetOutOfRangeError,
     StreamBusError,
+    TopicAuthorizationFailedError,
     error_name,
 )
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
@@ -102,6 +105,23 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
             [],
         )
     wanted = session.wanted
+    denied: frozenset[str] = frozenset()
+    if services.authorizer.enabled:
+        if replica_id >= 0 and not services.authorizer.authorize_cluster(ctx, acls.CLUSTER_ACTION):
+            services.telemetry.error("Fetch", ClusterAuthorizationFailedError.kafka_name)
+            return SplicedFetch(
+                FetchResponse(
+                    throttle_time_ms=0,
+                    error_code=ClusterAuthorizationFailedError.errno,
+                    session_id=0,
+                    responses=[],
+                ),
+                [],
+            )
+        if replica_id < 0:
+            topics = {w.topic for w in wanted}
+            allowed = services.authorizer.allowed_names(ctx, acls.READ, acls.TOPIC, topics)
+            denied = frozenset(topics - allowed)
     committed = replica_id < 0 and request.isolation_level == READ_COMMITTED
     asked = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
     max_bytes = min(asked, services.config.fetch_max_bytes)
@@ -115,7 +135,9 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
         to_verify.append((TopicPartition(t, p), o, min(m, max_bytes)))
     while True:
         await services.partitions.verify_for_read(to_verify, slice_size=SLICE_PARTITIONS)
-        reads, total = await _read_all(services, wanted, max_bytes, replica_id, committed)
+        reads, total = await _read_all(
+            services, wanted, max_bytes, replica_id, committed, denied=denied
+        )
         remaining = deadline - time.perf_counter()
         if (
             total >= max(request.min_bytes, 1)
@@ -173,6 +195,8 @@ async def _read_all(
     max_bytes: int,
     replica_id: int = -1,
     committed: bool = False,
+    *,
+    denied: frozenset[str] = frozenset(),
 ) -> tuple[list[_Read], int]:
     partitions = services.partitions
     reads: list[_Read] = []
@@ -183,6 +207,9 @@ async def _read_all(
             await asyncio.sleep(0)  # a fetch of 100,000 partitions must not stall everyone
         read = _Read(topic, partition, offset)
         reads.append(read)
+        if topic in denied:  # no READ on the topic
+            read.error = TopicAuthorizationFailedError.errno
+            continue
         tp = TopicPartition(topic, partition)
         budget = min(partition_max, max_bytes - total)
         got: LogSlice
@@ -396,9 +423,12 @@ async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, req
     )
     for topic in request.topics:
         parts = []
+        may = services.authorizer.authorize(ctx, acls.DESCRIBE, acls.TOPIC, topic.name)
         for p in topic.partitions:
             error, timestamp, offset, epoch = 0, -1, -1, -1
             try:
+                if not may:
+                    raise TopicAuthorizationFailedError()
                 tp = TopicPartition(topic.name, p.partition_index)
                 if asked[tp] > 1:  # Kafka answers each copy of a repeated one so
                     raise InvalidRequestError(f"{tp.topic}-{tp.partition} asked twice")

@@ -35,8 +35,10 @@ from kafka.protocol.consumer import (
 )
 from kafka.protocol.metadata import FindCoordinatorRequest, FindCoordinatorResponse
 
+from streambus.cluster import acls
 from streambus.errors import (
     CoordinatorNotAvailableError,
+    GroupAuthorizationFailedError,
     InvalidGroupIdError,
     InvalidRequestError,
     MemberIdRequiredError,
@@ -46,6 +48,7 @@ from streambus.errors import (
     NotLeaderOrFollowerError,
     OffsetMetadataTooLargeError,
     StreamBusError,
+    TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
     UnstableOffsetCommitError,
     error_name,
@@ -85,8 +88,10 @@ async def handle_find_coordinator(
         else:
             try:
                 if key_type == GROUP_KEY:
+                    services.authorizer.require(ctx, acls.DESCRIBE, acls.GROUP, key)
                     info = services.group_coordinator(key)
                 else:
+                    services.authorizer.require(ctx, acls.DESCRIBE, acls.TRANSACTIONAL_ID, key)
                     info = services.transaction_coordinator(key)
             except StreamBusError as exc:
                 err = exc
@@ -157,6 +162,7 @@ async def handle_join_group(services: BrokerServices, ctx: RequestContext, reque
 
     with services.telemetry.group_span("join", join.group_id, join.member_id) as span:
         try:
+            services.authorizer.require(ctx, acls.READ, acls.GROUP, join.group_id)
             services.check_coordinator(join.group_id)
             result = await services.groups.join(join)
         except MemberIdRequiredError as exc:
@@ -192,6 +198,7 @@ async def handle_sync_group(services: BrokerServices, ctx: RequestContext, reque
     group = services.groups.groups().get(request.group_id)
     with services.telemetry.group_span("sync", request.group_id, request.member_id) as span:
         try:
+            services.authorizer.require(ctx, acls.READ, acls.GROUP, request.group_id)
             services.check_coordinator(request.group_id)
             assignment = await services.groups.sync(
                 request.group_id,
@@ -223,6 +230,7 @@ async def handle_sync_group(services: BrokerServices, ctx: RequestContext, reque
 async def handle_heartbeat(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     error = 0
     try:
+        services.authorizer.require(ctx, acls.READ, acls.GROUP, request.group_id)
         services.check_coordinator(request.group_id)
         services.groups.heartbeat(
             request.group_id,
@@ -247,6 +255,7 @@ async def handle_leave_group(services: BrokerServices, ctx: RequestContext, requ
     for member_id, instance_id in leaving:
         error = 0
         try:
+            services.authorizer.require(ctx, acls.READ, acls.GROUP, request.group_id)
             services.check_coordinator(request.group_id)
             services.groups.leave(request.group_id, member_id, instance_id)
         except StreamBusError as exc:
@@ -284,6 +293,23 @@ def offsets_to_commit(
     return errors, offsets
 
 
+def refuse_unreadable(
+    services: BrokerServices,
+    ctx: RequestContext,
+    errors: dict[TopicPartition, int],
+    offsets: dict[TopicPartition, OffsetAndMetadata],
+) -> None:
+    """Committing a topic's offsets needs READ on it (Kafka's check): the others are
+    answered TOPIC_AUTHORIZATION_FAILED and not stored."""
+    if not services.authorizer.enabled:
+        return
+    topics = {tp.topic for tp in offsets}
+    readable = services.authorizer.allowed_names(ctx, acls.READ, acls.TOPIC, topics)
+    for tp in [tp for tp in offsets if tp.topic not in readable]:
+        del offsets[tp]
+        errors[tp] = TopicAuthorizationFailedError.errno
+
+
 # How long a commit waits for the ISR of its __consumer_offsets partition (Kafka's
 # offsets.commit.timeout.ms).
 OFFSETS_COMMIT_TIMEOUT_S = 5.0
@@ -307,6 +333,7 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
     version = ctx.api_version
     group_id = request.group_id
     errors, offsets = offsets_to_commit(services, request, with_epochs=version >= 6)
+    refuse_unreadable(services, ctx, errors, offsets)
     with services.telemetry.group_span(
         "commit", group_id, getattr(request, "member_id", "")
     ) as span:
@@ -314,6 +341,7 @@ async def handle_offset_commit(services: BrokerServices, ctx: RequestContext, re
         try:
             if not group_id:
                 raise InvalidGroupIdError("group id must not be empty")
+            services.authorizer.require(ctx, acls.READ, acls.GROUP, group_id)
             services.check_coordinator(group_id)
             written = services.groups.commit(
                 group_id,
@@ -353,6 +381,7 @@ async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, req
     R = OffsetFetchResponse
     T = R.OffsetFetchResponseTopic
     try:
+        services.authorizer.require(ctx, acls.READ, acls.GROUP, request.group_id)
         services.check_coordinator(request.group_id)
     except StreamBusError as exc:
         services.telemetry.error("OffsetFetch", exc.kafka_name)
@@ -367,13 +396,18 @@ async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, req
             wanted.setdefault(tp.topic, []).append(tp.partition)
     else:
         wanted = {t.name: list(t.partition_indexes) for t in request.topics}
+    readable = services.authorizer.allowed_names(ctx, acls.DESCRIBE, acls.TOPIC, wanted)
     topics = []
     for name, partitions in wanted.items():
+        if name not in readable and request.topics is None:
+            continue  # a listing of every committed offset shows what may be described
         parts = []
         for partition in sorted(partitions):
             tp = TopicPartition(name, partition)
-            value = committed.get(tp)
+            value = committed.get(tp) if name in readable else None
             error = UnstableOffsetCommitError.errno if tp in unstable else 0
+            if name not in readable:
+                error = TopicAuthorizationFailedError.errno
             if error:
                 services.telemetry.error("OffsetFetch", UnstableOffsetCommitError.kafka_name)
             parts.append(
@@ -405,6 +439,13 @@ async def handle_list_groups(services: BrokerServices, ctx: RequestContext, requ
         (g.group_id, g.protocol_type, g.state.value, "consumer")
         for g in services.groups.consumer_groups().values()
     ]
+    authz = services.authorizer
+    if authz.enabled and not authz.authorize(
+        ctx, acls.DESCRIBE, acls.CLUSTER, acls.CLUSTER_NAME, quiet=True
+    ):
+        rows = [
+            r for r in rows if authz.authorize(ctx, acls.DESCRIBE, acls.GROUP, r[0], quiet=True)
+        ]
     listed = [
         R.ListedGroup(
             group_id=group_id, protocol_type=protocol_type, group_state=state, group_type=kind
@@ -424,6 +465,19 @@ async def handle_describe_groups(
     described = []
     for group_id in request.groups:
         group = services.groups.groups().get(group_id)
+        if not services.authorizer.authorize(ctx, acls.DESCRIBE, acls.GROUP, group_id):
+            services.telemetry.error("DescribeGroups", GroupAuthorizationFailedError.kafka_name)
+            described.append(
+                G(
+                    error_code=GroupAuthorizationFailedError.errno,
+                    group_id=group_id,
+                    group_state="",
+                    protocol_type="",
+                    protocol_data="",
+                    members=[],
+                )
+            )
+            continue
         if group is None:
             # Kafka describes an unknown group as Dead rather than failing; so too a
             # consumer-protocol group, which DescribeGroups (classic only) does not know.
@@ -469,6 +523,7 @@ async def handle_delete_groups(services: BrokerServices, ctx: RequestContext, re
     for group_id in request.groups_names:
         error = 0
         try:
+            services.authorizer.require(ctx, acls.DELETE, acls.GROUP, group_id)
             services.check_coordinator(group_id)
             services.groups.delete_group(group_id)
         except StreamBusError as exc:

@@ -13,10 +13,12 @@ from kafka.protocol.metadata import (
     MetadataResponse,
 )
 
+from streambus.cluster import acls
 from streambus.errors import (
     KafkaStorageError,
     LeaderNotAvailableError,
     StreamBusError,
+    TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
     error_name,
 )
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from streambus.protocol.context import BrokerServices
 
 log = logging.getLogger("streambus.protocol")
+DESCRIBE, TOPIC = acls.DESCRIBE, acls.TOPIC
 routes = ApiRoutes()
 
 # Authorized operations (KIP-430): a 32-bit field of Kafka's AclOperation codes, here the
@@ -40,8 +43,19 @@ TOPIC_OPERATIONS = frozenset({3, 4, 5, 6, 7, 8, 10, 11})
 CLUSTER_OPERATIONS = frozenset({5, 7, 8, 9, 10, 11, 12})
 
 
-def _operations(asked: Any, operations: frozenset[int]) -> set[int] | None:
-    return set(operations) if asked else None
+def _operations(
+    asked: Any,
+    operations: frozenset[int],
+    services: BrokerServices | None = None,
+    ctx: RequestContext | None = None,
+    resource: tuple[int, str] = (acls.CLUSTER, acls.CLUSTER_NAME),
+) -> set[int] | None:
+    """The operations ``ctx`` may do to ``resource`` (all of them with no authorizer)."""
+    if not asked:
+        return None
+    if services is None or ctx is None:
+        return set(operations)
+    return services.authorizer.authorized_operations(ctx, *resource, operations)
 
 
 @routes.api(ApiVersionsRequest, ApiVersionsResponse, versions=(0, 3))
@@ -55,10 +69,13 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
     version = ctx.api_version
     requested = request.topics
     cluster = services.quorum.state
+    authz = services.authorizer
     offline_here = services.partitions.offline_topics()
     if requested is None or (version == 0 and not requested):
         names = [name for name, t in cluster.topics.items() if not t.internal]
         names += [n for n, o in offline_here.items() if not o.internal and n not in names]
+        if authz.enabled:  # a listing shows only what the principal may describe
+            names = [n for n in names if authz.authorize(ctx, DESCRIBE, TOPIC, n, quiet=True)]
         errors: dict[str, int] = {}
     else:
         names = []
@@ -75,11 +92,17 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
                 names.append(name)
                 continue
             names.append(name)
+            if not authz.authorize(ctx, DESCRIBE, TOPIC, name):
+                errors[name] = TopicAuthorizationFailedError.errno
+                continue
             if name in cluster.topics or name in offline_here:
                 continue
             if services.partitions.is_internal(name):  # only the broker creates those
                 errors[name] = UnknownTopicOrPartitionError.errno
             elif allow_create and services.config.auto_create_topics_enable:
+                if not authz.may_create_topic(ctx, name):
+                    errors[name] = TopicAuthorizationFailedError.errno
+                    continue
                 try:
                     await services.create_cluster_topic(name, services.config.num_partitions, {})
                     log.info("auto-created topic %r for %s", name, ctx.client_id)
@@ -135,13 +158,15 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
                 topic_id=meta.topic_id,
                 is_internal=meta.internal,
                 partitions=partitions,
-                authorized_operations=topic_ops,
+                authorized_operations=topic_ops
+                if topic_ops is None or not authz.enabled
+                else _operations(True, TOPIC_OPERATIONS, services, ctx, (TOPIC, name)),
             )
         )
     fields: dict[str, Any] = {}
     if 8 <= version <= 10:
         fields["authorized_operations"] = _operations(
-            request.include_cluster_authorized_operations, CLUSTER_OPERATIONS
+            request.include_cluster_authorized_operations, CLUSTER_OPERATIONS, services, ctx
         )
     return R(
         throttle_time_ms=0,
@@ -192,7 +217,7 @@ async def handle_describe_cluster(
             for b in live_brokers(services)
         ],
         authorized_operations=_operations(
-            request.include_cluster_authorized_operations, CLUSTER_OPERATIONS
+            request.include_cluster_authorized_operations, CLUSTER_OPERATIONS, services, ctx
         ),
         **fields,
     )

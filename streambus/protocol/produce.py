@@ -27,11 +27,15 @@ from kafka.protocol.producer import (
 )
 from opentelemetry import trace
 
+from streambus.cluster import acls
 from streambus.errors import (
+    ClusterAuthorizationFailedError,
     InvalidRecordError,
     InvalidRequiredAcksError,
     KafkaStorageError,
     StreamBusError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
     error_name,
 )
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
@@ -79,7 +83,7 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
     span: trace.Span | None = None
     if tel.tracing_enabled():
         span = await _start_span(services, request)
-    refused = _refusal(request)
+    refused = _refusal(request) or _txn_refusal(services, ctx, request)
     topics_out = []
     touched: list[str] = []
     rejected: list[tuple[str, int, StreamBusError]] = []
@@ -91,9 +95,16 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
             topic = topic_data.name
             touched.append(topic)
             parts = []
+            topic_refused = refused
+            if topic_refused is None and not services.authorizer.authorize(
+                ctx, acls.WRITE, acls.TOPIC, topic
+            ):
+                topic_refused = TopicAuthorizationFailedError()
             for pd in topic_data.partition_data:
                 tp = TopicPartition(topic, pd.index)
-                part, end = await _append_one(services, topic, pd, refused, rejected, acks=acks)
+                part, end = await _append_one(
+                    services, topic, pd, topic_refused, rejected, acks=acks
+                )
                 parts.append(part)
                 if acks == -1 and end is not None and services.partitions.replicated(tp):
                     pending.append((tp, part, end))
@@ -140,6 +151,16 @@ def _refusal(request: Any) -> StreamBusError | None:
     """An error that applies to every partition of the request, if there is one."""
     if request.acks not in (0, 1, -1):
         return InvalidRequiredAcksError(f"acks={request.acks} (must be 0, 1 or -1)")
+    return None
+
+
+def _txn_refusal(
+    services: BrokerServices, ctx: RequestContext, request: Any
+) -> StreamBusError | None:
+    """A transactional produce needs WRITE on its transactional id (Kafka's check)."""
+    txn_id = getattr(request, "transactional_id", None)
+    if txn_id and not services.authorizer.authorize(ctx, acls.WRITE, acls.TRANSACTIONAL_ID, txn_id):
+        return TransactionalIdAuthorizationFailedError()
     return None
 
 
@@ -301,7 +322,13 @@ async def handle_init_producer_id(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
     if request.transactional_id:
+        if not services.authorizer.authorize(
+            ctx, acls.WRITE, acls.TRANSACTIONAL_ID, request.transactional_id
+        ):
+            return _init_refused(services, TransactionalIdAuthorizationFailedError())
         return await init_transactional_producer(services, ctx, request)
+    if not services.authorizer.authorize_idempotent(ctx):
+        return _init_refused(services, ClusterAuthorizationFailedError())
     try:
         pid, epoch = await services.producer_ids.allocate(
             getattr(request, "producer_id", -1), getattr(request, "producer_epoch", -1)
@@ -313,4 +340,11 @@ async def handle_init_producer_id(
         )
     return InitProducerIdResponse(
         throttle_time_ms=0, error_code=0, producer_id=pid, producer_epoch=epoch
+    )
+
+
+def _init_refused(services: BrokerServices, exc: StreamBusError) -> Any:
+    services.telemetry.error("InitProducerId", exc.kafka_name)
+    return InitProducerIdResponse(
+        throttle_time_ms=0, error_code=exc.errno, producer_id=-1, producer_epoch=-1
     )

@@ -37,19 +37,22 @@ from kafka.protocol.producer import (
     WriteTxnMarkersResponse,
 )
 
+from streambus.cluster import acls
 from streambus.errors import (
     InvalidProducerEpochError,
     InvalidRequestError,
     OperationNotAttemptedError,
     ProducerFencedError,
     StreamBusError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
     TransactionalIdNotFoundError,
     UnknownTopicOrPartitionError,
     error_name,
 )
 from streambus.groups import OFFSETS_TOPIC
 from streambus.protocol.apis import ApiRoutes, RequestContext
-from streambus.protocol.groups import offsets_to_commit, replicate_commit
+from streambus.protocol.groups import offsets_to_commit, refuse_unreadable, replicate_commit
 from streambus.structs import TopicPartition
 from streambus.transactions import Marker, TxnState
 
@@ -107,6 +110,13 @@ async def handle_add_partitions(services: BrokerServices, ctx: RequestContext, r
     local = services.partitions.topics()
     wanted: list[TopicPartition] = []
     errors: dict[TopicPartition, int] = {}
+    authz = services.authorizer
+    txn_denied = not authz.authorize(
+        ctx, acls.WRITE, acls.TRANSACTIONAL_ID, request.v3_and_below_transactional_id
+    )
+    writable = authz.allowed_names(
+        ctx, acls.WRITE, acls.TOPIC, [t.name for t in request.v3_and_below_topics]
+    )
     for topic in request.v3_and_below_topics:
         known = state.topics.get(topic.name)
         count = len(known.partitions) if known is not None else None
@@ -114,7 +124,11 @@ async def handle_add_partitions(services: BrokerServices, ctx: RequestContext, r
             count = local[topic.name].partitions
         for p in topic.partitions:
             tp = TopicPartition(topic.name, p)
-            if count is None or not 0 <= p < count:
+            if txn_denied:
+                errors[tp] = TransactionalIdAuthorizationFailedError.errno
+            elif topic.name not in writable:
+                errors[tp] = TopicAuthorizationFailedError.errno
+            elif count is None or not 0 <= p < count:
                 errors[tp] = UnknownTopicOrPartitionError.errno
             else:
                 wanted.append(tp)
@@ -155,6 +169,10 @@ async def handle_add_partitions(services: BrokerServices, ctx: RequestContext, r
 async def handle_add_offsets(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     code = 0
     try:
+        services.authorizer.require(
+            ctx, acls.WRITE, acls.TRANSACTIONAL_ID, request.transactional_id
+        )
+        services.authorizer.require(ctx, acls.READ, acls.GROUP, request.group_id)
         await services.transactions.add_offsets(
             request.transactional_id, request.producer_id, request.producer_epoch, request.group_id
         )
@@ -168,6 +186,9 @@ async def handle_add_offsets(services: BrokerServices, ctx: RequestContext, requ
 async def handle_end_txn(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     code = 0
     try:
+        services.authorizer.require(
+            ctx, acls.WRITE, acls.TRANSACTIONAL_ID, request.transactional_id
+        )
         await services.transactions.end_transaction(
             request.transactional_id, request.producer_id, request.producer_epoch, request.committed
         )
@@ -185,8 +206,10 @@ async def handle_txn_offset_commit(
     version = ctx.api_version
     group_id = request.group_id
     errors, offsets = offsets_to_commit(services, request, with_epochs=version >= 2)
+    refuse_unreadable(services, ctx, errors, offsets)
     group_error = 0
     try:
+        services.authorizer.require(ctx, acls.READ, acls.GROUP, group_id)
         services.check_coordinator(group_id)
         services.transactions.check_offsets_commit(
             request.producer_id, request.producer_epoch, group_id
