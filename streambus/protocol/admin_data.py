@@ -22,10 +22,13 @@ from kafka.protocol.admin import (
 )
 from kafka.protocol.consumer import OffsetDeleteRequest, OffsetDeleteResponse
 
+from streambus.cluster import acls
 from streambus.errors import (
+    ClusterAuthorizationFailedError,
     InvalidGroupIdError,
     InvalidTopicError,
     StreamBusError,
+    TopicAuthorizationFailedError,
     error_name,
 )
 from streambus.groups.offset_delete import delete_offsets
@@ -52,6 +55,7 @@ async def handle_delete_records(services: BrokerServices, ctx: RequestContext, r
             tp = TopicPartition(topic.name, p.partition_index)
             low, error = -1, 0
             try:
+                services.authorizer.require(ctx, acls.DELETE, acls.TOPIC, tp.topic)
                 if services.partitions.is_internal(tp.topic):
                     # Kafka refuses clients this too: the broker alone trims those logs.
                     raise InvalidTopicError(f"cannot delete records of internal topic {tp.topic}")
@@ -84,6 +88,8 @@ async def handle_describe_log_dirs(
     R = DescribeLogDirsResponse
     D = R.DescribeLogDirsResult
     P = D.DescribeLogDirsTopic.DescribeLogDirsPartition
+    if not services.authorizer.authorize_cluster(ctx, acls.DESCRIBE):
+        return R(throttle_time_ms=0, error_code=ClusterAuthorizationFailedError.errno, results=[])
     wanted: dict[str, set[int]] | None = None
     if request.topics is not None:
         wanted = {}
@@ -138,8 +144,16 @@ async def handle_offset_delete(services: BrokerServices, ctx: RequestContext, re
     try:
         if not group_id:
             raise InvalidGroupIdError("group id must not be empty")
+        services.authorizer.require(ctx, acls.DELETE, acls.GROUP, group_id)
         services.check_coordinator(group_id)
-        errors, written = delete_offsets(services.groups, group_id, asked)
+        readable = services.authorizer.allowed_names(
+            ctx, acls.READ, acls.TOPIC, (tp.topic for tp in asked)
+        )
+        denied = [tp for tp in asked if tp.topic not in readable]
+        errors, written = delete_offsets(
+            services.groups, group_id, [tp for tp in asked if tp.topic in readable]
+        )
+        errors.update(dict.fromkeys(denied, TopicAuthorizationFailedError.errno))
         if written:  # answered once the ISR has the tombstones, as a commit is
             home = services.groups.offsets.partition_for(group_id)
             _, end, _ = services.partitions.replica_log_end(home)

@@ -20,6 +20,7 @@ from kafka.protocol.admin import (
     DescribeClientQuotasResponse,
 )
 
+from streambus.cluster import acls
 from streambus.cluster.client_quotas import (
     ENTITY_TYPES,
     QuotaEntity,
@@ -47,6 +48,7 @@ async def handle_describe_client_quotas(
 ) -> Any:
     R = DescribeClientQuotasResponse
     try:
+        services.authorizer.require(ctx, acls.DESCRIBE_CONFIGS, acls.CLUSTER)
         found = describe(services.quotas.table, request.components, request.strict)
     except StreamBusError as exc:
         services.telemetry.error("DescribeClientQuotas", exc.kafka_name)
@@ -111,6 +113,7 @@ async def handle_alter_client_quotas(
         pairs = [(e.entity_type, e.entity_name) for e in entry.entity]
         error: StreamBusError | None = None
         try:
+            services.authorizer.require(ctx, acls.ALTER_CONFIGS, acls.CLUSTER)
             record = _record(pairs, entry.ops)
             if not request.validate_only:
                 result = await services.quotas.submit(record)

@@ -11,6 +11,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from streambus.cluster import acls
 from streambus.errors import StreamBusError, error_name
 from streambus.groups.consumer import Heartbeat, Partitions
 from streambus.protocol.apis import ApiRoutes, RequestContext
@@ -89,6 +90,7 @@ async def handle_consumer_group_heartbeat(
             assignment=None,
         )
     try:
+        services.authorizer.require(ctx, acls.READ, acls.GROUP, hb.group_id)
         services.check_coordinator(hb.group_id)
         answer = services.groups.consumer_heartbeat(hb, counts)
     except StreamBusError as exc:
@@ -149,6 +151,7 @@ async def handle_consumer_group_describe(
     described = []
     for group_id in request.group_ids:
         try:
+            services.authorizer.require(ctx, acls.DESCRIBE, acls.GROUP, group_id)
             services.check_coordinator(group_id)
         except StreamBusError as exc:
             services.telemetry.error("ConsumerGroupDescribe", exc.kafka_name)

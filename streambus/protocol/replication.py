@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from kafka.protocol.consumer import OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse
 
-from streambus.errors import StreamBusError
+from streambus.cluster import acls
+from streambus.errors import ClusterAuthorizationFailedError, StreamBusError
 from streambus.protocol.apis import ApiRoutes, RequestContext
 from streambus.structs import TopicPartition
 
@@ -26,12 +27,19 @@ R = OffsetForLeaderEpochResponse
 async def handle_offset_for_leader_epoch(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
+    # A follower (replica_id >= 0, v3+) needs CLUSTER_ACTION; a client DESCRIBE on the topic.
+    replica = ctx.api_version >= 3 and request.replica_id >= 0
+    from_replica = replica and services.authorizer.authorize_cluster(ctx, acls.CLUSTER_ACTION)
     topics = []
     for topic in request.topics:
         parts = []
         for p in topic.partitions:
             error, epoch, end = 0, -1, -1
             try:
+                if replica and not from_replica:
+                    raise ClusterAuthorizationFailedError()
+                if not replica:
+                    services.authorizer.require(ctx, acls.DESCRIBE, acls.TOPIC, topic.topic)
                 tp = TopicPartition(topic.topic, p.partition)
                 epoch, end = services.partitions.leader_epoch_end(
                     tp, p.current_leader_epoch, p.leader_epoch

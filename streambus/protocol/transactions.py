@@ -39,6 +39,7 @@ from kafka.protocol.producer import (
 
 from streambus.cluster import acls
 from streambus.errors import (
+    ClusterAuthorizationFailedError,
     InvalidProducerEpochError,
     InvalidRequestError,
     OperationNotAttemptedError,
@@ -254,6 +255,7 @@ async def handle_write_txn_markers(
     asks this broker to end a transaction in partitions it leads."""
     R = WriteTxnMarkersResponse
     results = []
+    may_write_markers = services.authorizer.authorize_cluster(ctx, acls.CLUSTER_ACTION)
     for m in request.markers:
         marker = Marker(m.producer_id, m.producer_epoch, m.transaction_result, m.coordinator_epoch)
         topics = []
@@ -261,7 +263,11 @@ async def handle_write_txn_markers(
             partitions = []
             for index in topic.partition_indexes:
                 tp = TopicPartition(topic.name, index)
-                code = await _write_marker(services, marker, tp)
+                code = (
+                    await _write_marker(services, marker, tp)
+                    if may_write_markers
+                    else ClusterAuthorizationFailedError.errno
+                )
                 if code:
                     services.telemetry.error("WriteTxnMarkers", error_name(code))
                 partitions.append(
@@ -346,6 +352,7 @@ async def handle_describe_transactions(
     out = []
     for txn_id in request.transactional_ids:
         try:
+            services.authorizer.require(ctx, acls.DESCRIBE, acls.TRANSACTIONAL_ID, txn_id)
             meta = services.transactions.describe(txn_id)
             if meta is None:
                 raise TransactionalIdNotFoundError(f"no transactional id {txn_id!r}")
@@ -398,6 +405,7 @@ async def handle_describe_producers(
         for index in topic.partition_indexes:
             tp = TopicPartition(topic.name, index)
             try:
+                services.authorizer.require(ctx, acls.READ, acls.TOPIC, tp.topic)
                 active = [
                     R.TopicResponse.PartitionResponse.ProducerState(
                         producer_id=p.producer_id,
