@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo cluster test soak lint otelcol jaeger bench bench-quick bench-hostile bench-replication bench-transactions clean
+.PHONY: install deb demo cluster test soak lint otelcol jaeger kafka-tools bench bench-quick bench-hostile bench-replication bench-transactions clean
 
 install: $(STAMP) deb
 
@@ -40,7 +40,7 @@ cluster: $(STAMP)
 	$(BIN)/python deploy/cluster.py $(ARGS)
 
 # The lint gates run first: a type or lint error fails the build like a failing test.
-test: install lint otelcol jaeger
+test: install lint otelcol jaeger kafka-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The replication fault tests with a long leader-kill loop (STREAMBUS_KILL_ROUNDS rounds of
@@ -67,6 +67,12 @@ otelcol:
 # pinned in deploy/jaeger/go.mod into .tools/jaeger; rebuilt only when that pin changes.
 jaeger:
 	deploy/jaeger/build.sh
+
+# Apache Kafka's command-line tools for tests/test_kafka_tools.py, fetched with Maven into .tools/
+# once (bench/kafka-tools/pom.xml). Without java the tests skip them; java without mvn fails.
+kafka-tools: $(STAMP)
+	@if command -v java >/dev/null; then $(BIN)/python -m bench.kafka fetch-tools; \
+	else echo "no java: tests/test_kafka_tools.py will be skipped"; fi
 
 # StreamBus beside Apache Kafka on this machine; Kafka's jars are fetched with Maven into .tools/
 # on first use (needs java 17+ and mvn). Writes bench/results/latest.json and prints a table.

@@ -2,13 +2,16 @@
 
 ``ensure_kafka()`` fetches the jars named by ``bench/kafka/pom.xml`` (``kafka_2.13`` and its
 runtime dependencies, plus an slf4j binding) with Maven into ``.tools/kafka-<version>/libs``,
-once: when that directory is complete it is used as it is. ``KafkaServer`` writes a
-``server.properties`` for a combined broker+controller node on free 127.0.0.1 ports, formats
-its storage with a random cluster id (``kafka.tools.StorageTool``), runs ``kafka.Kafka`` with
-``java -cp 'libs/*'`` and the heap and GC flags of Kafka's own start scripts, waits until the
-broker answers metadata, and stops it with SIGTERM.
+once: when that directory is complete it is used as it is (a lock file makes concurrent callers
+wait for one fetch). ``ensure_kafka_tools()`` does the same for Kafka's command-line tools
+(``bench/kafka-tools/pom.xml``, into ``.tools/kafka-tools-<version>/libs``).
 
-Run by hand: ``python -m bench.kafka fetch`` (print where the jars are) or
+``KafkaServer`` writes a ``server.properties`` for a combined broker+controller node on free
+127.0.0.1 ports, formats its storage with a random cluster id (``kafka.tools.StorageTool``),
+runs ``kafka.Kafka`` with ``java -cp 'libs/*'`` and the heap and GC flags of Kafka's own start
+scripts, waits until the broker answers metadata, and stops it with SIGTERM.
+
+Run by hand: ``python -m bench.kafka fetch`` (print where the jars are), ``fetch-tools``, or
 ``python -m bench.kafka serve [--port N]`` (a broker until Ctrl+C).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import re
 import shutil
 import signal
@@ -40,6 +44,7 @@ from bench.common import (
 )
 
 POM = ROOT / "bench" / "kafka" / "pom.xml"
+TOOLS_POM = ROOT / "bench" / "kafka-tools" / "pom.xml"
 TOOLS = ROOT / ".tools"
 FETCHED_MARKER = ".fetched"
 START_TIMEOUT_S = 90.0
@@ -67,11 +72,11 @@ KAFKA_ROUTINE_WARNINGS = re.compile(
 )
 
 
-def kafka_version() -> str:
-    """The version ``bench/kafka/pom.xml`` pins (its ``kafka.version`` property)."""
-    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
+def kafka_version(pom: Path = POM) -> str:
+    """The version a pom pins (its ``kafka.version`` property)."""
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom.read_text())
     if match is None:
-        raise RuntimeError(f"{POM} has no <kafka.version> property")
+        raise RuntimeError(f"{pom} has no <kafka.version> property")
     return match.group(1).strip()
 
 
@@ -108,41 +113,65 @@ def _java_major(version_line: str) -> int:
 
 def ensure_kafka(log: bool = True) -> KafkaHome:
     """The Kafka jars, fetched with Maven into ``.tools/kafka-<version>/libs`` if missing."""
-    version = kafka_version()
-    home = TOOLS / f"kafka-{version}"
+    return fetch_jars(POM, "kafka", "kafka_2.13-*.jar", log=log)
+
+
+def ensure_kafka_tools(log: bool = True) -> KafkaHome:
+    """Kafka's command-line tools (``kafka-tools`` and its dependencies), fetched with Maven into
+    ``.tools/kafka-tools-<version>/libs`` if missing."""
+    return fetch_jars(TOOLS_POM, "kafka-tools", "kafka-tools-[0-9]*.jar", log=log)
+
+
+def fetch_jars(pom: Path, name: str, probe: str, *, log: bool = True) -> KafkaHome:
+    """The runtime dependencies of ``pom`` in ``.tools/<name>-<version>/libs``, fetched with
+    Maven once. A lock file beside the directory makes concurrent callers (parallel test runs,
+    a bench beside the tests) wait for one fetch instead of writing the same files."""
+    version = kafka_version(pom)
+    home = TOOLS / f"{name}-{version}"
     libs = home / "libs"
-    if (home / FETCHED_MARKER).exists() and any(libs.glob("kafka_2.13-*.jar")):
+
+    def fetched() -> bool:
+        return (home / FETCHED_MARKER).exists() and any(libs.glob(probe))
+
+    if fetched():
         return KafkaHome(version, libs, None)
     if shutil.which("mvn") is None:
-        raise RuntimeError("no `mvn` on PATH: it fetches Kafka's jars from Maven Central")
+        raise RuntimeError(
+            f"no `mvn` on PATH: it fetches {name} {version}'s jars from Maven Central"
+        )
     if _java_major(java_version()) < 17:
         raise RuntimeError(f"Kafka {version} needs Java 17 or newer; found {java_version()}")
-    partial = home / "libs.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    home.mkdir(parents=True, exist_ok=True)
-    if log:
-        print(f"fetching Apache Kafka {version} jars with Maven into {libs} ...", flush=True)
-    started = time.monotonic()
-    cmd = [
-        "mvn",
-        "-q",
-        "-B",
-        "-f",
-        str(POM),
-        "dependency:copy-dependencies",
-        f"-DoutputDirectory={partial}",
-        "-DincludeScope=runtime",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"Maven could not fetch Kafka {version} (exit {result.returncode}):\n"
-            + result.stdout[-4000:]
-            + result.stderr[-4000:]
-        )
-    shutil.rmtree(libs, ignore_errors=True)
-    partial.rename(libs)
-    (home / FETCHED_MARKER).write_text(f"kafka {version}\n")
+    TOOLS.mkdir(parents=True, exist_ok=True)
+    with open(TOOLS / f"{name}-{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fetched():  # another process fetched them while this one waited
+            return KafkaHome(version, libs, None)
+        partial = home / "libs.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        home.mkdir(parents=True, exist_ok=True)
+        if log:
+            print(f"fetching {name} {version} jars with Maven into {libs} ...", flush=True)
+        started = time.monotonic()
+        cmd = [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={partial}",
+            "-DincludeScope=runtime",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"Maven could not fetch {name} {version} (exit {result.returncode}):\n"
+                + result.stdout[-4000:]
+                + result.stderr[-4000:]
+            )
+        shutil.rmtree(libs, ignore_errors=True)
+        partial.rename(libs)
+        (home / FETCHED_MARKER).write_text(f"{name} {version}\n")
     seconds = time.monotonic() - started
     if log:
         jars = len(list(libs.glob("*.jar")))
@@ -281,9 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kafka", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("fetch", help="fetch the jars if missing; print where they are")
+    sub.add_parser("fetch-tools", help="fetch the command-line tools' jars if missing")
     serve = sub.add_parser("serve", help="run a single-node Kafka until Ctrl+C")
     serve.add_argument("--seconds", type=float, default=0, help="stop after this long")
     args = parser.parse_args(argv)
+    if args.command == "fetch-tools":
+        tools = ensure_kafka_tools()
+        print(f"Apache Kafka {tools.version} tools: {tools.libs}")
+        return 0
     home = ensure_kafka()
     if args.command == "fetch":
         print(f"Apache Kafka {home.version}: {home.libs}")

@@ -233,6 +233,20 @@ def test_data_dir_that_is_a_file_is_one_clear_line(tmp_path: Path) -> None:
     assert f"data directory {data} is not a directory" in errors[0]
 
 
+def test_data_dir_under_a_file_is_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "data"
+    blocker.write_text("not a directory")
+    for data in (blocker / "broker", blocker / "a" / "b"):
+        result = serve_once(data)
+        assert result.returncode != 0
+        out = result.stdout + result.stderr
+        assert "Traceback" not in out
+        assert "Errno" not in out
+        errors = error_lines(out)
+        assert len(errors) == 1, out
+        assert f"data directory {data} cannot be created: {blocker} is a file" in errors[0]
+
+
 # -- topic size against what the broker can open -----------------------------------------------
 def _nofile(limit: int) -> Any:
     def lower() -> None:

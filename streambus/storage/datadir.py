@@ -84,13 +84,16 @@ class DataDirLock:
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """Create the directory if needed; refuse a path that is something else."""
+    """Create the directory if needed; refuse a path that is something else, naming what is
+    in the way rather than passing on an errno ("File exists", "Not a directory")."""
     if data_dir.exists() and not data_dir.is_dir():
         raise DataDirError(f"data directory {data_dir} is not a directory")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise DataDirError(f"data directory {data_dir}: a parent is not a directory") from None
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in data_dir.parents if p.exists() and not p.is_dir()), None)
+        where = f"{blocker} is a file" if blocker else "a parent is not a directory"
+        raise DataDirError(f"data directory {data_dir} cannot be created: {where}") from None
 
 
 def write_atomically(path: Path, content: bytes) -> None:
