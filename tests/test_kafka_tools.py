@@ -331,7 +331,6 @@ def test_configs_brokers_describe_alter(tools: Tools) -> None:
     assert "log.retention.ms" not in default.stdout, default
 
 
-@pytest.mark.xfail(reason="needs DescribeClientQuotas and AlterClientQuotas", strict=False)
 def test_configs_clients_quotas(tools: Tools) -> None:
     entity = ("--entity-type", "clients", "--entity-name", "kt-client")
     altered = tools.configs(
@@ -392,7 +391,6 @@ def test_consumer_groups_list_describe_reset(tools: Tools) -> None:
     assert sorted(again.lines) == ["v2", "v3"], again
 
 
-@pytest.mark.xfail(reason="needs OffsetDelete", strict=False)
 def test_consumer_groups_delete_offsets(tools: Tools) -> None:
     create_topic(tools.bootstrap, "kt-deloff", 2)
     produce_keyed(tools.bootstrap, "kt-deloff", [(0, 1000), (1, 1001)])
@@ -408,7 +406,6 @@ def test_consumer_groups_delete_offsets(tools: Tools) -> None:
 # -- kafka-delete-records, kafka-log-dirs ------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="needs DeleteRecords", strict=False)
 def test_delete_records(tools: Tools, tmp_path: Path) -> None:
     create_topic(tools.bootstrap, "kt-delrec", 2)
     produce_keyed(tools.bootstrap, "kt-delrec", [(0, 1000 + i) for i in range(5)] + [(1, 2000)])
@@ -428,7 +425,6 @@ def test_delete_records(tools: Tools, tmp_path: Path) -> None:
     assert read.lines == ["v3", "v4"], read
 
 
-@pytest.mark.xfail(reason="needs DescribeLogDirs", strict=False)
 def test_log_dirs(tools: Tools, broker: BrokerThread) -> None:
     create_topic(tools.bootstrap, "kt-logdirs", 2)
     produce_keyed(tools.bootstrap, "kt-logdirs", [(0, 1000), (0, 1001)])
@@ -471,9 +467,6 @@ def test_get_offsets_latest_earliest_timestamp(tools: Tools) -> None:
     }
 
 
-@pytest.mark.xfail(
-    reason="needs ListOffsets v7-v9 (max timestamp, earliest local, latest tiered)", strict=False
-)
 def test_get_offsets_max_timestamp_local_and_tiered(tools: Tools) -> None:
     create_topic(tools.bootstrap, "kt-offsets-new", 2)
     produce_keyed(tools.bootstrap, "kt-offsets-new", STAMPED)
@@ -505,7 +498,6 @@ def test_console_producer_each_codec_read_back(tools: Tools, broker: BrokerThrea
     assert sorted(read.lines) == sorted(f"{c}-{i}" for c in CODECS for i in range(20)), read
 
 
-@pytest.mark.xfail(reason="needs ConsumerGroupHeartbeat (group.protocol=consumer)", strict=False)
 def test_console_consumer_group_protocol_consumer(tools: Tools) -> None:
     create_topic(tools.bootstrap, "kt-kip848", 2)
     tools.produce("kt-kip848", [f"m{i}" for i in range(10)])
