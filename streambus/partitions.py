@@ -574,6 +574,7 @@ class PartitionService:
         if hw > replica.high_watermark:
             replica.high_watermark = hw
             plog.set_high_watermark(hw)
+            self._wake(tp)  # what reads this copy up to its high watermark (_schemas' tail)
         if leader_log_start > plog.log_start_offset:  # DeleteRecords on the leader
             doomed = plog.advance_log_start(min(leader_log_start, plog.high_watermark))
             await asyncio.to_thread(_settle_log_start, plog, doomed)
