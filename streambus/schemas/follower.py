@@ -46,7 +46,7 @@ class SchemasTail:
         """The local copy's high watermark (0 without a local copy)."""
         if not self._log.exists():
             return 0
-        return self._log.service.offsets(SCHEMAS_PARTITION).high_watermark
+        return self._log.service.copy_offsets(SCHEMAS_PARTITION).high_watermark
 
     def log_end(self) -> int:
         """The local copy's log end: what a new leader must apply before it decides."""

@@ -167,11 +167,11 @@ class SchemasLog:
         offset after it."""
         if not self.exists():
             return
-        offsets = self.service.offsets(SCHEMAS_PARTITION)
+        offsets = self.service.copy_offsets(SCHEMAS_PARTITION)
         end = offsets.high_watermark if end is None else end
         offset = max(start, offsets.log_start_offset)
         while offset < end:
-            data = self.service.read(SCHEMAS_PARTITION, offset, _READ_BYTES)
+            data = self.service.read_copy(SCHEMAS_PARTITION, offset, _READ_BYTES)
             if not data:
                 break
             for pos, header in walk_batches(data):
