@@ -36,9 +36,14 @@ from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
 from streambus.replication.fetcher import FetcherSettings
 from streambus.replication.manager import ReplicaManager
+from streambus.schemas.forward import Forwarder, SchemasLeader
 from streambus.schemas.registry import SchemaRegistry
 from streambus.schemas.rest import RegistryServer
-from streambus.schemas.storage import SCHEMAS_TOPIC, SCHEMAS_TOPIC_CONFIG
+from streambus.schemas.storage import (
+    SCHEMAS_REPLICATION_FACTOR,
+    SCHEMAS_TOPIC,
+    SCHEMAS_TOPIC_CONFIG,
+)
 from streambus.security.audit import AuditLog
 from streambus.security.authorizer import Authorizer
 from streambus.storage import LogManager
@@ -152,12 +157,21 @@ class Broker:
             self.replication.on_leadership(self._offsets_leadership)
             self.replication.on_leadership(self._transactions_leadership)
         # The schema registry: state from _schemas, REST on schema_registry_port (0: off).
+        # Every broker follows _schemas; writes go to its partition's leader (forwarded).
         self.schemas = SchemaRegistry(
             self.partitions,
             self.telemetry,
             create_topic=lambda: self.create_cluster_topic(
-                SCHEMAS_TOPIC, 1, SCHEMAS_TOPIC_CONFIG, internal=True
+                SCHEMAS_TOPIC,
+                1,
+                SCHEMAS_TOPIC_CONFIG,
+                # Confluent's kafkastore.topic.replication.factor (3), or every live broker.
+                replication_factor=max(
+                    1, min(SCHEMAS_REPLICATION_FACTOR, len(self.quorum.state.live_brokers()))
+                ),
+                internal=True,
             ),
+            stopping=lambda: self.stopping,
         )
         # Produced records of topics with schema validation on are checked against its state,
         # which is loaded from _schemas whether or not this broker serves the REST API.
@@ -165,7 +179,11 @@ class Broker:
         self._registry_server = None
         if config.schema_registry_port:
             self._registry_server = RegistryServer(
-                self.schemas, self.telemetry, config.host, config.schema_registry_port
+                self.schemas,
+                self.telemetry,
+                config.host,
+                config.schema_registry_port,
+                Forwarder(self.schemas, self.broker_id, self._schemas_leader),
             )
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self.quotas = QuotaManager(
@@ -230,11 +248,13 @@ class Broker:
                 self.quotas.load_local()
                 self.authorizer.load_local()
                 self.replication.start()
+                self.schemas.tail.start()
                 if self._registry_server is not None:
                     await self._registry_server.start()
             except BaseException:
                 if self._registry_server is not None:
                     await self._registry_server.stop()
+                await self.schemas.tail.stop()
                 await self.replication.stop()
                 await self.cluster.stop()
                 await self._server.stop(0)
@@ -271,6 +291,7 @@ class Broker:
         await self.transactions.stop()  # markers not yet written are finished by the next start
         if self._registry_server is not None:
             await self._registry_server.stop()
+        await self.schemas.tail.stop()
         await self._server.stop(self.config.shutdown_timeout_s)
         await self.replication.stop()
         await self.cluster.stop()
@@ -476,6 +497,18 @@ class Broker:
             self.groups.load_partition(tp.partition)
         else:
             self.groups.unload_partition(tp.partition)
+
+    def _schemas_leader(self) -> SchemasLeader:
+        """Who leads _schemas partition 0, from the metadata, and its registry address."""
+        state = self.cluster.quorum.state
+        topic = state.topics.get(SCHEMAS_TOPIC)
+        if topic is None or not topic.partitions:
+            return SchemasLeader(False)
+        leader = topic.partitions[0].leader
+        info = state.brokers.get(leader)
+        if info is None:
+            return SchemasLeader(True)
+        return SchemasLeader(True, leader, info.host, info.registry_port)
 
     def _transactions_leadership(self, tp: TopicPartition, leads: bool) -> None:
         if tp.topic != TRANSACTION_TOPIC:

@@ -109,6 +109,7 @@ class ClusterMetadata:
             self.config.advertised,
             self._port(),
             cluster_id=local_cluster_id,
+            registry_port=self.config.schema_registry_port,
         )
         if isinstance(self.quorum, LocalQuorum):
             await self.controller.start()

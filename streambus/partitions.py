@@ -477,6 +477,15 @@ class PartitionService:
     def read(self, tp: TopicPartition, offset: int, max_bytes: int) -> bytes | memoryview:
         return self._partition(tp).read(offset, max_bytes)
 
+    # A broker reading its own copy of an internal topic, whatever its role (the schema
+    # registry follows _schemas on every replica): committed offsets only are applied.
+    def copy_offsets(self, tp: TopicPartition) -> PartitionOffsets:
+        plog = self._logs.log(tp)
+        return PartitionOffsets(plog.log_start_offset, self._high_watermark(tp, plog))
+
+    def read_copy(self, tp: TopicPartition, offset: int, max_bytes: int) -> bytes | memoryview:
+        return self._logs.log(tp).read(offset, max_bytes)
+
     # -- the leader's side of follower fetches --------------------------------------------
     def follower_fetch(
         self,
@@ -574,6 +583,7 @@ class PartitionService:
         if hw > replica.high_watermark:
             replica.high_watermark = hw
             plog.set_high_watermark(hw)
+            self._wake(tp)  # what reads this copy up to its high watermark (_schemas' tail)
         if leader_log_start > plog.log_start_offset:  # DeleteRecords on the leader
             doomed = plog.advance_log_start(min(leader_log_start, plog.high_watermark))
             await asyncio.to_thread(_settle_log_start, plog, doomed)

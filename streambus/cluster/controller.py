@@ -65,6 +65,7 @@ class Controller:
         port: int,
         *,
         clock: Callable[[], float] = time.monotonic,
+        registry_port: int = 0,
         registration_timeout_s: float | None = None,
         cluster_id: str = "",
     ) -> None:
@@ -73,6 +74,7 @@ class Controller:
         self.broker_id = config.node_id
         self.host = host  # advertised Kafka address, what Metadata tells clients
         self.port = port
+        self.registry_port = registry_port  # the schema registry's REST port, 0: none
         self.incarnation = str(uuid.uuid4())
         self.cluster_id = cluster_id  # this broker's own (meta.properties): proposed, "" none
         self._clock = clock
@@ -136,7 +138,9 @@ class Controller:
                 await task
 
     async def _register(self) -> None:
-        record = RegisterBroker(self.broker_id, self.host, self.port, self.incarnation)
+        record = RegisterBroker(
+            self.broker_id, self.host, self.port, self.incarnation, self.registry_port
+        )
         deadline = self._clock() + self._registration_timeout
         refused: str | None = None  # the last refusal, None while no leader answered
         self._rival_beats = 0

@@ -39,6 +39,8 @@ class RegisterBroker:
     host: str  # the address clients are told to connect to
     port: int  # its Kafka listener port
     incarnation: str  # a UUID the broker draws at each start: tells a restart from a twin
+    # Its schema registry REST port on ``host`` (0: none). Absent from older records.
+    registry_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)

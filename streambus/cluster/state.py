@@ -89,6 +89,7 @@ class BrokerInfo:
     port: int
     incarnation: str  # the UUID of the broker's current start
     fenced: bool  # True: registered but not heartbeating (or not yet unfenced)
+    registry_port: int = 0  # its schema registry REST port on ``host``; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,15 +249,20 @@ def _register(state: ClusterState, r: RegisterBroker) -> ClusterState:
         raise InvalidRequestError(f"broker id {r.broker_id!r} is not a non-negative integer")
     old = state.brokers.get(r.broker_id)
     if old is not None and old.incarnation == r.incarnation:
-        if (old.host, old.port) == (r.host, r.port):
+        if (old.host, old.port, old.registry_port) == (r.host, r.port, r.registry_port):
             return state  # a retried registration
-        return _with_broker(state, dataclasses.replace(old, host=r.host, port=r.port))
+        return _with_broker(
+            state,
+            dataclasses.replace(old, host=r.host, port=r.port, registry_port=r.registry_port),
+        )
     if old is not None and not old.fenced:
         raise DuplicateBrokerRegistrationError(
             f"broker {r.broker_id} is registered and live as another incarnation "
             f"({old.host}:{old.port}); a restart is accepted once that one is fenced"
         )
-    return _with_broker(state, BrokerInfo(r.broker_id, r.host, r.port, r.incarnation, True))
+    return _with_broker(
+        state, BrokerInfo(r.broker_id, r.host, r.port, r.incarnation, True, r.registry_port)
+    )
 
 
 def _heartbeat(state: ClusterState, r: BrokerHeartbeat) -> ClusterState:
@@ -742,7 +748,7 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "client_quotas": client_quotas.table_to_wire(state.client_quotas),
         "acls": cluster_acls.to_wire(state.acls),
         "brokers": [
-            [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
+            [b.broker_id, b.host, b.port, b.incarnation, b.fenced, b.registry_port]
             for _, b in sorted(state.brokers.items())
         ],
         "topics": [
@@ -766,7 +772,9 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
     if wire.get("v") != 1:
         raise ValueError(f"cluster state version {wire.get('v')!r} is not 1")
     brokers = {
-        int(b[0]): BrokerInfo(int(b[0]), str(b[1]), int(b[2]), str(b[3]), bool(b[4]))
+        int(b[0]): BrokerInfo(
+            int(b[0]), str(b[1]), int(b[2]), str(b[3]), bool(b[4]), int(b[5]) if b[5:] else 0
+        )
         for b in wire["brokers"]
     }
     topics = {

@@ -126,3 +126,9 @@ class ForwardingError(SchemaRegistryError):
     http_status = 500
     error_code = 50003
     description = "Error while forwarding the request to the primary"
+
+
+class UnknownLeaderError(SchemaRegistryError):
+    http_status = 500
+    error_code = 50004
+    description = "Unknown primary: no broker leads _schemas"

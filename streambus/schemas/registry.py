@@ -5,8 +5,11 @@ store after (the store never holds what the log does not). Parsing and compatibi
 checks run in a worker thread: a large schema must not stall the broker's Kafka
 clients; the decision is retried if the state moved meanwhile.
 
-This broker writes ``_schemas`` itself: a single broker leads its partition. (In a
-cluster Confluent's design has one primary that the others forward to; not done yet.)
+The broker leading ``_schemas`` partition 0 writes it (the REST layer forwards other
+brokers' writes there, ``forward.py``). Writes are serialised: each decides on the
+state, appends, waits until its records are replicated and applied (``SchemasTail``,
+which every broker runs), then answers, so the next decision sees them. A new leader
+first applies its whole log, so ids continue from the highest one any leader wrote.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from streambus.schemas.errors import (
     OperationNotPermittedError,
     SchemaNotFoundError,
     StoreError,
+    StoreTimeoutError,
     SubjectConfigNotFoundError,
     SubjectNotFoundError,
     SubjectNotSoftDeletedError,
@@ -37,6 +41,7 @@ from streambus.schemas.errors import (
     VersionNotSoftDeletedError,
     VersionSoftDeletedError,
 )
+from streambus.schemas.follower import SchemasTail
 from streambus.schemas.formats import (
     AVRO,
     SCHEMA_TYPES,
@@ -47,6 +52,7 @@ from streambus.schemas.formats import (
     parse,
 )
 from streambus.schemas.storage import (
+    SCHEMAS_PARTITION,
     ConfigRecord,
     DeleteSubjectRecord,
     ModeRecord,
@@ -62,6 +68,7 @@ log = logging.getLogger("streambus.schemas")
 MODES = ("READWRITE", "READONLY", "IMPORT")
 _PARSED_CACHE = 4096  # parsed schemas kept by id (compatibility checks reuse them)
 _MAX_REFERENCE_DEPTH = 32
+_WRITE_TIMEOUT_S = 10.0  # replication of a write, or a new leader applying its log
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +102,12 @@ class SchemaRegistry:
         service: PartitionService,
         telemetry: BrokerTelemetry,
         create_topic: Callable[[], Awaitable[object]],
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = SchemaStore()
         self.log = SchemasLog(service)
+        self.tail = SchemasTail(self.log, self.store.apply, stopping)
+        self._writing = asyncio.Lock()  # one write decided and stored at a time
         self._telemetry = telemetry
         self._create_topic = create_topic
         self._parsed: dict[int, ParsedSchema] = {}
@@ -126,10 +136,7 @@ class SchemaRegistry:
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> int:
         """Rebuild the state from ``_schemas``; returns the records applied."""
-        count = 0
-        for _, record in self.log.read():
-            self.store.apply(record)
-            count += 1
+        count = self.tail.catch_up()
         if count:
             log.info(
                 "schema registry: %d schemas under %d subjects loaded from _schemas",
@@ -138,21 +145,30 @@ class SchemaRegistry:
             )
         return count
 
-    async def _ensure_topic(self) -> None:
+    async def ensure_topic(self) -> None:
         if not self.log.exists():
             with contextlib.suppress(TopicAlreadyExistsError):
                 await self._create_topic()
 
+    async def _prepare_write(self) -> None:
+        """Before deciding (holding ``_writing``): the topic exists and the state holds
+        every record of the local log, a new leader's not yet committed ones included."""
+        await self.ensure_topic()
+        if not await self.tail.wait_applied(self.tail.log_end(), _WRITE_TIMEOUT_S):
+            raise StoreTimeoutError(
+                "Timed out waiting for _schemas to be replicated before writing to it"
+            )
+
     async def _write(self, records: Sequence[Record]) -> None:
-        """Append, then apply. With the topic in place nothing here suspends, so what a
-        caller decided before calling still holds when the records are applied."""
-        await self._ensure_topic()
+        """Append, wait for the ISR to have the records, and apply them (through the tail,
+        as every broker does)."""
         try:
-            self.log.append(list(records))
+            end = self.log.append(list(records))
+            await self.log.service.wait_replicated(SCHEMAS_PARTITION, end, _WRITE_TIMEOUT_S)
         except StreamBusError as exc:
             raise StoreError(f"Error while writing to _schemas: {exc}") from exc
-        for record in records:
-            self.store.apply(record)
+        if not await self.tail.wait_applied(end, _WRITE_TIMEOUT_S):
+            raise StoreTimeoutError("Timed out applying the write to _schemas")
 
     # -- subjects and versions ---------------------------------------------------------
     def subjects(self, deleted: bool = False) -> list[str]:
@@ -226,13 +242,17 @@ class SchemaRegistry:
 
     async def set_config(self, subject: str | None, level: object) -> str:
         parsed = Level.of(level)
-        await self._write([ConfigRecord(subject, parsed.value)])
-        return parsed.value
+        async with self._writing:
+            await self._prepare_write()
+            await self._write([ConfigRecord(subject, parsed.value)])
+            return parsed.value
 
     async def delete_config(self, subject: str | None) -> str:
-        previous = self.config(subject)
-        await self._write([ConfigRecord(subject, None)])
-        return previous
+        async with self._writing:
+            await self._prepare_write()
+            previous = self.config(subject)
+            await self._write([ConfigRecord(subject, None)])
+            return previous
 
     def mode(self, subject: str | None = None) -> str:
         if subject is not None and subject in self.store.modes:
@@ -243,8 +263,10 @@ class SchemaRegistry:
         text = str(mode).upper()
         if text not in MODES:
             raise InvalidModeError(f"Invalid mode. Valid values are {', '.join(MODES)}")
-        await self._write([ModeRecord(subject, text)])
-        return text
+        async with self._writing:
+            await self._prepare_write()
+            await self._write([ModeRecord(subject, text)])
+            return text
 
     def _check_writable(self, subject: str | None) -> None:
         if self.mode(subject) == "READONLY":
@@ -255,47 +277,54 @@ class SchemaRegistry:
         self, subject: str, new: NewSchema, *, normalize: bool = False, schema_id: int | None = None
     ) -> int:
         """Register ``new`` under ``subject``; its id (an existing one if it is known)."""
-        self._check_writable(subject)
-        if schema_id is not None and self.mode(subject) != "IMPORT":
-            raise OperationNotPermittedError("Overriding the schema id requires the IMPORT mode")
-        await self._ensure_topic()  # first: _write must not suspend between decide and append
-        while True:
-            generation = self.store.generation
-            text, parsed = await asyncio.to_thread(self._parse, new, normalize)
-            key = identity_of(new.schema_type, text, new.references)
-            existing = self.store.id_of(key)
-            if existing is not None:
-                found = self.store.find(subject, existing)
-                if found is not None:
-                    return existing  # a re-registration: nothing new
-            earlier = [v.schema_id for v in self.store.versions(subject)]
-            level = self.level(subject)
-            messages = await asyncio.to_thread(self._check, level, parsed, earlier)
-            if self.store.generation != generation:
-                continue  # something was written while this was decided: decide again
-            if messages:
-                raise IncompatibleSchemaError(
-                    "Schema being registered is incompatible with an earlier schema for "
-                    f'subject "{subject}", details: {messages}'
-                )
-            if schema_id is not None and schema_id in self.store.schemas and existing != schema_id:
+        async with self._writing:
+            await self._prepare_write()
+            self._check_writable(subject)
+            if schema_id is not None and self.mode(subject) != "IMPORT":
                 raise OperationNotPermittedError(
-                    f"Overwrite new schema with id {schema_id} is not permitted."
+                    "Overriding the schema id requires the IMPORT mode"
                 )
-            new_id = existing if existing is not None else schema_id or self.store.next_id
-            record = SchemaRecord(
-                subject,
-                self.store.next_version(subject),
-                new_id,
-                new.schema_type,
-                text,
-                new.references,
-                False,
-            )
-            await self._write([record])
-            self._parsed[new_id] = parsed
-            self._telemetry.schema_registered(new.schema_type)
-            return new_id
+            while True:
+                generation = self.store.generation
+                text, parsed = await asyncio.to_thread(self._parse, new, normalize)
+                key = identity_of(new.schema_type, text, new.references)
+                existing = self.store.id_of(key)
+                if existing is not None:
+                    found = self.store.find(subject, existing)
+                    if found is not None:
+                        return existing  # a re-registration: nothing new
+                earlier = [v.schema_id for v in self.store.versions(subject)]
+                level = self.level(subject)
+                messages = await asyncio.to_thread(self._check, level, parsed, earlier)
+                if self.store.generation != generation:
+                    continue  # something was written while this was decided: decide again
+                if messages:
+                    raise IncompatibleSchemaError(
+                        "Schema being registered is incompatible with an earlier schema for "
+                        f'subject "{subject}", details: {messages}'
+                    )
+                if (
+                    schema_id is not None
+                    and schema_id in self.store.schemas
+                    and existing != schema_id
+                ):
+                    raise OperationNotPermittedError(
+                        f"Overwrite new schema with id {schema_id} is not permitted."
+                    )
+                new_id = existing if existing is not None else schema_id or self.store.next_id
+                record = SchemaRecord(
+                    subject,
+                    self.store.next_version(subject),
+                    new_id,
+                    new.schema_type,
+                    text,
+                    new.references,
+                    False,
+                )
+                await self._write([record])
+                self._parsed[new_id] = parsed
+                self._telemetry.schema_registered(new.schema_type)
+                return new_id
 
     def _parse(self, new: NewSchema, normalize: bool) -> tuple[str, ParsedSchema]:
         if new.schema_type not in SCHEMA_TYPES:
@@ -340,66 +369,72 @@ class SchemaRegistry:
 
     # -- deletion ----------------------------------------------------------------------
     async def delete_version(self, subject: str, version: str, permanent: bool) -> int:
-        self._check_writable(subject)
-        v = self.version(subject, version, deleted=True)
-        if parse_version(version) is None:
-            v = self.version(subject, version)
-        if not permanent:
-            if v.deleted:
-                raise VersionSoftDeletedError(
-                    f"Subject '{subject}' Version {v.version} was soft deleted. Set "
-                    "permanent=true to delete permanently"
+        async with self._writing:
+            await self._prepare_write()
+            self._check_writable(subject)
+            v = self.version(subject, version, deleted=True)
+            if parse_version(version) is None:
+                v = self.version(subject, version)
+            if not permanent:
+                if v.deleted:
+                    raise VersionSoftDeletedError(
+                        f"Subject '{subject}' Version {v.version} was soft deleted. Set "
+                        "permanent=true to delete permanently"
+                    )
+                schema = self.store.schemas[v.schema_id]
+                record: Record = SchemaRecord(
+                    subject,
+                    v.version,
+                    v.schema_id,
+                    schema.schema_type,
+                    schema.schema,
+                    schema.references,
+                    True,
                 )
-            schema = self.store.schemas[v.schema_id]
-            record: Record = SchemaRecord(
-                subject,
-                v.version,
-                v.schema_id,
-                schema.schema_type,
-                schema.schema,
-                schema.references,
-                True,
-            )
-        else:
-            if not v.deleted:
-                raise VersionNotSoftDeletedError(
-                    f"Subject '{subject}' Version {v.version} was not deleted first before "
-                    "being permanently deleted"
-                )
-            record = SchemaTombstone(subject, v.version)
-        await self._write([record])
-        return v.version
+            else:
+                if not v.deleted:
+                    raise VersionNotSoftDeletedError(
+                        f"Subject '{subject}' Version {v.version} was not deleted first before "
+                        "being permanently deleted"
+                    )
+                record = SchemaTombstone(subject, v.version)
+            await self._write([record])
+            return v.version
 
     async def delete_subject(self, subject: str, permanent: bool) -> list[int]:
-        self._check_writable(subject)
-        every = self.store.versions(subject, True)
-        if not every:
-            raise SubjectNotFoundError(f"Subject '{subject}' not found.")
-        live = [v for v in every if not v.deleted]
-        if permanent:
-            if live:
-                raise SubjectNotSoftDeletedError(
-                    f"Subject '{subject}' was not deleted first before being permanently deleted"
+        async with self._writing:
+            await self._prepare_write()
+            self._check_writable(subject)
+            every = self.store.versions(subject, True)
+            if not every:
+                raise SubjectNotFoundError(f"Subject '{subject}' not found.")
+            live = [v for v in every if not v.deleted]
+            if permanent:
+                if live:
+                    raise SubjectNotSoftDeletedError(
+                        f"Subject '{subject}' was not deleted first before being permanently "
+                        "deleted"
+                    )
+                records: list[Record] = [SchemaTombstone(subject, v.version) for v in every]
+                records.append(ConfigRecord(subject, None))
+                await self._write(records)
+                return [v.version for v in every]
+            if not live:
+                raise SubjectSoftDeletedError(
+                    f"Subject '{subject}' was soft deleted. Set permanent=true to delete "
+                    "permanently"
                 )
-            records: list[Record] = [SchemaTombstone(subject, v.version) for v in every]
-            records.append(ConfigRecord(subject, None))
+            records = []
+            for v in live:
+                s = self.store.schemas[v.schema_id]
+                records.append(
+                    SchemaRecord(
+                        subject, v.version, v.schema_id, s.schema_type, s.schema, s.references, True
+                    )
+                )
+            records.append(DeleteSubjectRecord(subject, live[-1].version))
             await self._write(records)
-            return [v.version for v in every]
-        if not live:
-            raise SubjectSoftDeletedError(
-                f"Subject '{subject}' was soft deleted. Set permanent=true to delete permanently"
-            )
-        records = []
-        for v in live:
-            s = self.store.schemas[v.schema_id]
-            records.append(
-                SchemaRecord(
-                    subject, v.version, v.schema_id, s.schema_type, s.schema, s.references, True
-                )
-            )
-        records.append(DeleteSubjectRecord(subject, live[-1].version))
-        await self._write(records)
-        return [v.version for v in live]
+            return [v.version for v in live]
 
     # -- by id -------------------------------------------------------------------------
     def schema(self, schema_id: int) -> RegisteredSchema:

@@ -4,7 +4,8 @@ Handlers are thin: they read the path and query, call the registry, and answer J
 Confluent's content type. Errors are answered from the exception: the registry's carry
 Confluent's ``error_code``; aiohttp's own (unknown route, a body over the size limit)
 get a body of the same shape. One middleware times, counts and traces each request by
-its route template, never by the subject or id in the path.
+its route template, never by the subject or id in the path. In a cluster the same
+middleware forwards writes to the broker leading ``_schemas`` (``forward.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from streambus.schemas.formats import (
     RegisteredSchema,
     SchemaReference,
 )
+from streambus.schemas.forward import OFFSET_HEADER, Forwarder, is_write
 from streambus.schemas.protobuf_format import PROTOBUF, serialized
 from streambus.schemas.registry import NewSchema, SchemaRegistry, default_type
 from streambus.schemas.store import Version
@@ -244,7 +246,9 @@ class RegistryApi:
         return _answer({"mode": mode})
 
 
-def build_app(registry: SchemaRegistry, telemetry: BrokerTelemetry) -> web.Application:
+def build_app(
+    registry: SchemaRegistry, telemetry: BrokerTelemetry, forwarder: Forwarder | None = None
+) -> web.Application:
     api = RegistryApi(registry)
 
     @web.middleware
@@ -253,8 +257,17 @@ def build_app(registry: SchemaRegistry, telemetry: BrokerTelemetry) -> web.Appli
         route_info = request.match_info.route.resource
         route = route_info.canonical if route_info is not None else "unmatched"
         span = telemetry.registry_span(request.method, route)
+        write = is_write(request.method, route)
         try:
-            response = await handler(request)
+            forwarded = None
+            if write and forwarder is not None:
+                forwarded = await forwarder.forward(request)
+            if forwarded is not None:
+                response: web.StreamResponse = forwarded
+            else:
+                response = await handler(request)
+                if write:  # what a forwarding broker waits for before it answers
+                    response.headers[OFFSET_HEADER] = str(registry.tail.applied)
         except SchemaRegistryError as exc:
             response = _error(exc.http_status, exc.error_code, str(exc))
         except web.HTTPException as exc:  # unknown route, wrong method, body too large
@@ -299,9 +312,15 @@ class RegistryServer:
     """The REST listener, started and stopped with the broker."""
 
     def __init__(
-        self, registry: SchemaRegistry, telemetry: BrokerTelemetry, host: str, port: int
+        self,
+        registry: SchemaRegistry,
+        telemetry: BrokerTelemetry,
+        host: str,
+        port: int,
+        forwarder: Forwarder | None = None,
     ) -> None:
-        self._app = build_app(registry, telemetry)
+        self._app = build_app(registry, telemetry, forwarder)
+        self._forwarder = forwarder
         self._host, self._requested = host, port
         self._runner: web.AppRunner | None = None
         self.port = port
@@ -325,3 +344,5 @@ class RegistryServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._forwarder is not None:
+            await self._forwarder.close()

@@ -16,7 +16,8 @@ read by the same tools (and a registry's ``_schemas`` could be copied in):
 
 Keys are written with a fixed field order and no spaces: compaction keeps the latest
 record per key by its bytes. Records are appended through the partition service like
-every write of the broker's own (``__consumer_offsets``), and read back in full at start.
+every write of the broker's own (``__consumer_offsets``), and read back in offset order up
+to the high watermark, at start and as they arrive (``follower.SchemasTail``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger("streambus.schemas")
 SCHEMAS_TOPIC = "_schemas"
 SCHEMAS_PARTITION = TopicPartition(SCHEMAS_TOPIC, 0)
 SCHEMAS_TOPIC_CONFIG = {"cleanup.policy": "compact"}
+SCHEMAS_REPLICATION_FACTOR = 3  # at creation, or fewer when fewer brokers are live
 _READ_BYTES = 4 * 1024 * 1024
 
 
@@ -160,17 +162,21 @@ class SchemasLog:
         result = self.service.append_now(SCHEMAS_PARTITION, batch, origin=AppendOrigin.COORDINATOR)
         return int(result.last_offset) + 1
 
-    def read(self, start: int = 0) -> Iterator[tuple[int, Record]]:
-        """Every record from ``start`` to the log's end, with the offset after it."""
+    def read(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, Record]]:
+        """Every record from ``start`` to ``end`` (None: the high watermark), with the
+        offset after it."""
         if not self.exists():
             return
-        offset, end = start, self.service.offsets(SCHEMAS_PARTITION)[1]
-        offset = max(offset, self.service.offsets(SCHEMAS_PARTITION)[0])
+        offsets = self.service.copy_offsets(SCHEMAS_PARTITION)
+        end = offsets.high_watermark if end is None else end
+        offset = max(start, offsets.log_start_offset)
         while offset < end:
-            data = self.service.read(SCHEMAS_PARTITION, offset, _READ_BYTES)
+            data = self.service.read_copy(SCHEMAS_PARTITION, offset, _READ_BYTES)
             if not data:
                 break
             for pos, header in walk_batches(data):
+                if header.base_offset >= end:
+                    return
                 for record in iter_records(data, pos, header):
                     if header.is_control or record.key is None:
                         continue
