@@ -7,7 +7,7 @@ Layers, top to bottom (an import points down only; tests/test_architecture.py
 keeps it so)::
 
     broker ─► app ─► server ─► protocol.apis ─► protocol.context (BrokerServices)
-                 └─► protocol.{admin,fetch,groups,metadata,produce}
+                 └─► protocol.{admin,configs,fetch,groups,metadata,produce}
     broker, protocol ─► partitions ─► storage ─► records
                         groups ─┘
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 from streambus.config import BrokerConfig
 from streambus.protocol import (
     admin,
+    configs,
     fetch,
     groups,
     metadata,
@@ -35,6 +36,7 @@ APIS: dict[int, ApiSpec] = build_table(
     fetch.routes,
     replication.routes,
     admin.routes,
+    configs.routes,
     groups.routes,
     transactions.routes,
 )
