@@ -61,7 +61,7 @@ from streambus.partitions import PartitionService
 from streambus.storage import LogManager
 from streambus.storage.datadir import write_atomically
 from streambus.structs import TopicPartition
-from streambus.topic_config import BROKER_SYNONYMS
+from streambus.topic_config import with_dynamic_defaults
 from streambus.transactions.state import TRANSACTION_TOPIC, TRANSACTION_TOPIC_CONFIG
 
 # The broker's logger: these lines read (and filter) as they did when the broker held them.
@@ -194,18 +194,16 @@ class ClusterMetadata:
         and the dynamic broker configs (cluster default, then this broker's), and each local
         topic its overrides (rewriting its topic.json, so a restart finds them)."""
         self._configs_synced = True
-        dynamic: dict[str, str] = {}
-        for entity in ("", str(self.broker_id)):
-            for key, value in state.broker_configs.get(entity, {}).items():
-                dynamic[BROKER_SYNONYMS[key]] = value
         try:
-            defaults = self.config.topic_defaults.with_overrides(dynamic)
+            defaults = with_dynamic_defaults(
+                self.config.topic_defaults, state.broker_configs, self.broker_id
+            )
         except InvalidConfigError as exc:
             log.error("dynamic broker configs not applied: %s", exc)
             defaults = self.config.topic_defaults
         if defaults != self.logs.defaults:
             self.logs.set_defaults(defaults)
-            log.info("topic defaults now include dynamic broker configs %s", dynamic)
+            log.info("topic defaults changed by dynamic broker configs")
         local = self.logs.topics()
         for name, topic in state.topics.items():
             here = local.get(name)

@@ -284,6 +284,18 @@ def default_value(key: str) -> str:
     return render(getattr(_DEFAULTS, KAFKA_NAMES[key]))
 
 
+def with_dynamic_defaults(
+    static: TopicConfig, broker_configs: Mapping[str, Mapping[str, str]], broker_id: int
+) -> TopicConfig:
+    """A broker's topic defaults: its static ones, under the cluster's dynamic default
+    (entity ""), under its own dynamic broker configs (entity ``broker_id``)."""
+    dynamic: dict[str, str] = {}
+    for entity in ("", str(broker_id)):
+        for key, value in broker_configs.get(entity, {}).items():
+            dynamic[BROKER_SYNONYMS[key]] = value
+    return static.with_overrides(dynamic)
+
+
 def parse_value(key: str, raw: str) -> Any:
     """``raw`` as the field's type, checked as Kafka checks it (InvalidConfigError)."""
     spec = SPECS[key]

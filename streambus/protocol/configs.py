@@ -51,6 +51,7 @@ from streambus.topic_config import (
     ConfigType,
     default_value,
     render,
+    with_dynamic_defaults,
 )
 
 if TYPE_CHECKING:
@@ -143,11 +144,21 @@ def _topic_doc(key: str) -> str:
     return TOPIC_DOCS[key] + ("" if key in APPLIED else NOT_APPLIED)
 
 
+def _effective(services: BrokerServices, overrides: Mapping[str, str]) -> dict[str, str]:
+    """A topic's settings on this broker, from the replicated state alone (what every
+    broker's storage applies once it has caught up with the state)."""
+    state = services.quorum.state
+    defaults = with_dynamic_defaults(
+        services.config.topic_defaults, state.broker_configs, services.broker_id
+    )
+    return defaults.with_overrides(overrides).to_kafka()
+
+
 def describe_topic(services: BrokerServices, name: str) -> list[Entry]:
     topic = services.quorum.state.topics.get(name)
     if topic is None:
         raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
-    effective = services.partitions.topic_defaults.with_overrides(topic.configs).to_kafka()
+    effective = _effective(services, topic.configs)
     out = []
     for key, spec in SPECS.items():
         chain = _topic_chain(services, key, topic.configs)
@@ -542,7 +553,7 @@ def _list_op(
         topic = services.quorum.state.topics.get(name)
         if topic is None:
             raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
-        current = services.partitions.topic_defaults.with_overrides(topic.configs).to_kafka()[key]
+        current = _effective(services, topic.configs)[key]
     else:
         current = _broker_chain(services, key, spec.name)[0][1]
     items = _list_value(current)
