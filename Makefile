@@ -69,11 +69,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run $(ARGS)
 	$(BIN)/python -m bench.replication $(REPL_ARGS)
 	$(BIN)/python -m bench.transactions $(TXN_ARGS)
+	$(BIN)/python -m bench.schemas
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick $(ARGS)
 	$(BIN)/python -m bench.replication --quick $(REPL_ARGS)
 	$(BIN)/python -m bench.transactions --quick $(TXN_ARGS)
+	$(BIN)/python -m bench.schemas --quick
 
 # Replicated produce (replication factor 3, min.insync.replicas 2, acks=all) on three local
 # StreamBus brokers beside three local Kafka brokers (KRaft), and the replication latency of

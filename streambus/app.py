@@ -18,6 +18,7 @@ from streambus.config import BrokerConfig
 from streambus.protocol import (
     admin,
     configs,
+    consumer_groups,
     fetch,
     groups,
     metadata,
@@ -38,6 +39,7 @@ APIS: dict[int, ApiSpec] = build_table(
     admin.routes,
     configs.routes,
     groups.routes,
+    consumer_groups.routes,
     transactions.routes,
 )
 

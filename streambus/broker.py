@@ -28,7 +28,7 @@ from streambus.cluster import BrokerInfo, Quorum, TopicState
 from streambus.cluster_metadata import ClusterMetadata
 from streambus.config import BrokerConfig
 from streambus.errors import KafkaStorageError, StreamBusError
-from streambus.groups import OFFSETS_TOPIC, GroupCoordinator, GroupSettings, GroupState
+from streambus.groups import OFFSETS_TOPIC, GroupCoordinator, GroupSettings
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService, QuorumLeadership
 from streambus.producer_ids import ProducerIdAllocator
@@ -102,6 +102,8 @@ class Broker:
                 initial_rebalance_delay_ms=config.group_initial_rebalance_delay_ms,
                 min_session_timeout_ms=config.group_min_session_timeout_ms,
                 max_session_timeout_ms=config.group_max_session_timeout_ms,
+                consumer_session_timeout_ms=config.group_consumer_session_timeout_ms,
+                consumer_heartbeat_interval_ms=config.group_consumer_heartbeat_interval_ms,
                 offsets_retention_minutes=config.offsets_retention_minutes,
                 offsets_topic_partitions=config.offsets_topic_num_partitions,
             ),
@@ -477,12 +479,13 @@ class Broker:
         return self.logs.total_size_bytes()
 
     def group_count(self) -> int:
-        return sum(1 for g in self.groups.groups().values() if g.state is not GroupState.DEAD)
+        return sum(1 for _ in self.groups.member_counts())
 
     def group_member_counts(self) -> Iterable[tuple[str, int]]:
-        for group in self.groups.groups().values():
-            if group.state is not GroupState.DEAD:
-                yield group.group_id, len(group.members)
+        return self.groups.member_counts()
+
+    def group_rebalances(self) -> Iterable[tuple[str, int]]:
+        return self.groups.rebalance_counts()
 
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]:
         for group, tp, lag in self.groups.lags():

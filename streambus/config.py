@@ -54,6 +54,10 @@ class BrokerConfig:
     group_initial_rebalance_delay_ms: int = 3000
     group_min_session_timeout_ms: int = 6000
     group_max_session_timeout_ms: int = 1_800_000
+    # The consumer group protocol (KIP-848): a member sends no heartbeat for the session
+    # timeout and is removed; the heartbeat interval is what members are told to keep.
+    group_consumer_session_timeout_ms: int = 45_000
+    group_consumer_heartbeat_interval_ms: int = 5000
     offsets_retention_minutes: int = 7 * 24 * 60
     offsets_topic_num_partitions: int = 50  # Kafka's default
     # The cluster (see streambus/cluster): without a controller quorum the broker is a

@@ -354,6 +354,14 @@ BROKER_FIELDS: dict[str, tuple[str, str]] = {
         "group.max.session.timeout.ms",
         "The longest session timeout a group member may ask for.",
     ),
+    "group_consumer_session_timeout_ms": (
+        "group.consumer.session.timeout.ms",
+        "A consumer-protocol (KIP-848) member not heartbeating for this long is removed.",
+    ),
+    "group_consumer_heartbeat_interval_ms": (
+        "group.consumer.heartbeat.interval.ms",
+        "The heartbeat interval consumer-protocol members are told to keep.",
+    ),
     "offsets_retention_minutes": (
         "offsets.retention.minutes",
         "How long the committed offsets of an empty group are kept.",
@@ -434,3 +442,35 @@ BROKER_FIELDS: dict[str, tuple[str, str]] = {
         "How often transactions past their timeout are aborted.",
     ),
 }
+
+# Confluent Server's schema validation topic configs, and StreamBus's mode beside them.
+TOPIC_DOCS.update(
+    {
+        "confluent.key.schema.validation": (
+            "True: every non-null record key must carry the schema registry's wire format "
+            "(magic byte 0, a schema id registered under the key's subject); a batch with a "
+            "failing record is refused with INVALID_RECORD."
+        ),
+        "confluent.value.schema.validation": (
+            "True: every non-null record value must carry the schema registry's wire format "
+            "(magic byte 0, a schema id registered under the value's subject); a batch with a "
+            "failing record is refused with INVALID_RECORD."
+        ),
+        "confluent.key.subject.name.strategy": (
+            "The subject a key's schema id must be registered under: TopicNameStrategy, "
+            "RecordNameStrategy or TopicRecordNameStrategy."
+        ),
+        "confluent.value.subject.name.strategy": (
+            "The subject a value's schema id must be registered under: TopicNameStrategy, "
+            "RecordNameStrategy or TopicRecordNameStrategy."
+        ),
+        "streambus.key.schema.validation.mode": (
+            "id: check the key's 5-byte schema header only; full: also decode the key with "
+            "that schema."
+        ),
+        "streambus.value.schema.validation.mode": (
+            "id: check the value's 5-byte schema header only; full: also decode the value "
+            "with that schema."
+        ),
+    }
+)

@@ -199,6 +199,13 @@ class InvalidRecordError(StreamBusError):
     kafka_name = "INVALID_RECORD"
     description = "This record has failed the validation on broker and hence will be rejected."
 
+    def __init__(
+        self, message: str | None = None, record_errors: tuple[tuple[int, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        # (index in the batch, why): Produce v8+'s record_errors naming each failing record
+        self.record_errors = record_errors
+
 
 class OffsetMetadataTooLargeError(StreamBusError):
     errno = 12
@@ -279,6 +286,32 @@ class GroupIdNotFoundError(StreamBusError):
     errno = 69
     kafka_name = "GROUP_ID_NOT_FOUND"
     description = "The group id does not exist."
+
+
+# The consumer group protocol (KIP-848).
+class FencedMemberEpochError(StreamBusError):
+    errno = 110
+    kafka_name = "FENCED_MEMBER_EPOCH"
+    description = "The member epoch is fenced by the group coordinator; it must rejoin."
+
+
+class UnreleasedInstanceIdError(StreamBusError):
+    errno = 111
+    kafka_name = "UNRELEASED_INSTANCE_ID"
+    description = "The instance id is still used by another member of the consumer group."
+
+
+class UnsupportedAssignorError(StreamBusError):
+    errno = 112
+    kafka_name = "UNSUPPORTED_ASSIGNOR"
+    description = "The assignor or its version range is not supported by the consumer group."
+
+
+class StaleMemberEpochError(StreamBusError):
+    errno = 113
+    kafka_name = "STALE_MEMBER_EPOCH"
+    retriable = True
+    description = "The member epoch is stale; the member must retry after its next heartbeat."
 
 
 class MemberIdRequiredError(StreamBusError):

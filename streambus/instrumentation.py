@@ -57,6 +57,7 @@ class BrokerStats(Protocol):
     def storage_available_bytes(self) -> int: ...
     def group_count(self) -> int: ...
     def group_member_counts(self) -> Iterable[tuple[str, int]]: ...
+    def group_rebalances(self) -> Iterable[tuple[str, int]]: ...  # group, rebalances completed
     def group_lags(self) -> Iterable[tuple[str, str, int, int]]: ...  # group, topic, partition, lag
     def storage_corruptions(self) -> Iterable[tuple[str, int, int]]: ...  # topic, partition, count
     def offline_partition_count(self) -> int: ...
@@ -152,6 +153,18 @@ class BrokerTelemetry:
             "How late the event loop ran a timer due now: its stalls, every client waits them",
         )
         self._reason_attrs: dict[str, Attrs] = {}
+        # Schema validation of produced records (streambus.schemas.validation)
+        self._schema_validations = counter(
+            "streambus.schema.validations",
+            "{record}",
+            "Produced records checked against the schema registry, by topic",
+        )
+        self._schema_validation_errors = counter(
+            "streambus.schema.validation_errors",
+            "{record}",
+            "Produced records refused by schema validation, by topic and reason",
+        )
+        self._schema_error_attrs: dict[tuple[str, str], Attrs] = {}
         self._produce_latency = meter.create_histogram(
             "streambus.produce.latency", "s", "Produce request latency in seconds"
         )
@@ -193,6 +206,13 @@ class BrokerTelemetry:
             [self._observe_many("group members", self._group_members)],
             unit="{member}",
             description="Consumer group members",
+        )
+        meter.create_observable_counter(
+            "streambus.consumer_group.rebalances",
+            [self._observe_many("group rebalances", self._group_rebalances)],
+            unit="{rebalance}",
+            description="Consumer group rebalances completed (classic generations, "
+            "consumer-protocol target assignments)",
         )
         meter.create_observable_counter(
             "streambus.storage.corruptions",
@@ -379,6 +399,8 @@ class BrokerTelemetry:
 
     def forget_topic(self, topic: str) -> None:
         self._topic_attrs.pop(topic, None)
+        for schema_key in [k for k in self._schema_error_attrs if k[0] == topic]:
+            del self._schema_error_attrs[schema_key]
         for key in [k for k in self._tp_attrs if k[0] == topic]:
             del self._tp_attrs[key]
 
@@ -419,6 +441,10 @@ class BrokerTelemetry:
     def _corruptions(self) -> Iterable[Observation]:
         for topic, partition, count in self._stats.storage_corruptions():
             yield Observation(count, self.tp_attrs(topic, partition))
+
+    def _group_rebalances(self) -> Iterable[Observation]:
+        for group, count in self._stats.group_rebalances():
+            yield Observation(count, {**self._base, "group": group})
 
     def _group_lags(self) -> Iterable[Observation]:
         for group, topic, partition, lag in self._stats.group_lags():
@@ -549,6 +575,19 @@ class BrokerTelemetry:
 
     def event_loop_lag(self, seconds: float) -> None:
         self._loop_lag.record(seconds, self._base)
+
+    def schema_validated(self, topic: str, records: int, errors: Mapping[str, int]) -> None:
+        """One batch's schema checks: records checked, and the refused ones by reason."""
+        self._schema_validations.add(records, self.topic_attrs(topic))
+        for reason, count in errors.items():
+            key = (topic, reason)
+            attrs = self._schema_error_attrs.get(key)
+            if attrs is None:
+                attrs = self._schema_error_attrs[key] = {
+                    **self.topic_attrs(topic),
+                    "reason": reason,
+                }
+            self._schema_validation_errors.add(count, attrs)
 
     def compactions(self, count: int) -> None:
         if count:

@@ -43,6 +43,7 @@ from streambus.records.batch import (
     validate_records,
 )
 from streambus.replication.replica import Replica, Role
+from streambus.schemas.validation import SchemaValidation
 from streambus.storage import LogManager, PartitionLog, TopicMeta
 from streambus.storage.catalog import OfflineTopic
 from streambus.storage.log import LogSlice
@@ -149,6 +150,9 @@ class PartitionService:
         self._stopping = stopping
         self.leadership: Leadership = leadership or LeadsEverything()
         self._payload_sizes = PayloadSizes()
+        # Produced records of topics with schema validation on are checked here; the
+        # broker sets ``schema_validation.source`` to its registry when it runs one.
+        self.schema_validation = SchemaValidation(telemetry)
         self._waiters: dict[TopicPartition, set[asyncio.Future[None]]] = {}
         self._long_polls: set[asyncio.Future[None]] = set()
         # Segment checks in flight: a second fetch of the same segment waits for the first
@@ -286,7 +290,14 @@ class PartitionService:
             raise InvalidRequestError("produce request without records")
         payload = None
         config = self._partition(tp).config
-        if _decompress_off_loop(records, config):
+        if origin is AppendOrigin.CLIENT and SchemaValidation.wanted(config):
+            off_loop = _decompress_off_loop(records, config)
+            payload = await self.schema_validation.check(
+                tp.topic, records, config, off_loop=off_loop
+            )
+            if self._logs.log(tp).config is not config:  # changed while we waited: check again
+                payload = None
+        elif _decompress_off_loop(records, config):
             payload = await asyncio.to_thread(_validate, records, config)
             if self._logs.log(tp).config is not config:  # changed while we waited: check again
                 payload = None

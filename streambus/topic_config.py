@@ -58,6 +58,61 @@ class TimestampType(enum.Enum):
     LOG_APPEND_TIME = "LogAppendTime"
 
 
+# -- schema validation of produced records (streambus.schemas.validation) -----------------
+# Confluent Server's topic configs, and StreamBus's own mode beside them.
+_STRATEGY_PACKAGE = "io.confluent.kafka.serializers.subject."
+
+
+class SubjectNameStrategy(enum.Enum):
+    """How a record's subject is named (Confluent's ``*.subject.name.strategy``)."""
+
+    TOPIC = _STRATEGY_PACKAGE + "TopicNameStrategy"  # <topic>-key / <topic>-value
+    RECORD = _STRATEGY_PACKAGE + "RecordNameStrategy"  # the schema's full record name
+    TOPIC_RECORD = _STRATEGY_PACKAGE + "TopicRecordNameStrategy"  # <topic>-<record name>
+
+    @classmethod
+    def parse(cls, key: str, text: str) -> SubjectNameStrategy:
+        """The class name with or without its package, as Confluent Server takes it."""
+        short = text.strip().removeprefix(_STRATEGY_PACKAGE)
+        for strategy in cls:
+            if strategy.value.removeprefix(_STRATEGY_PACKAGE) == short:
+                return strategy
+        raise InvalidConfigError(
+            f"{key} must be TopicNameStrategy, RecordNameStrategy or TopicRecordNameStrategy "
+            f"(optionally prefixed with {_STRATEGY_PACKAGE}), got {text!r}"
+        )
+
+
+class SchemaValidationMode(enum.Enum):
+    ID = "id"  # magic byte 0 and the id of a schema registered under the record's subject
+    FULL = "full"  # that, and the payload decodes with that schema
+
+
+def _parse_bool(key: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text not in ("true", "false"):
+        raise InvalidConfigError(f"{key} must be true or false, got {raw!r}")
+    return text == "true"
+
+
+def _parse_mode(key: str, raw: str) -> SchemaValidationMode:
+    try:
+        return SchemaValidationMode(raw.strip().lower())
+    except ValueError:
+        raise InvalidConfigError(f"{key} must be id or full, got {raw!r}") from None
+
+
+_SCHEMA_PARSERS: dict[str, Any] = {
+    "confluent_key_schema_validation": _parse_bool,
+    "confluent_value_schema_validation": _parse_bool,
+    "confluent_key_subject_name_strategy": SubjectNameStrategy.parse,
+    "confluent_value_subject_name_strategy": SubjectNameStrategy.parse,
+    "streambus_key_schema_validation_mode": _parse_mode,
+    "streambus_value_schema_validation_mode": _parse_mode,
+}
+# -- end of schema validation configs ---------------------------------------------------
+
+
 class ConfigType(enum.IntEnum):
     """DescribeConfigs' ConfigType (v3+), Kafka's ``ConfigDef.Type`` numbered."""
 
@@ -91,6 +146,13 @@ class TopicConfig:
     min_insync_replicas: int = 1
     # A partition with no live in-sync replica may be led by an out-of-sync one (data loss)
     unclean_leader_election_enable: bool = False
+    # Schema validation of produced records (see streambus.schemas.validation)
+    confluent_key_schema_validation: bool = False
+    confluent_value_schema_validation: bool = False
+    confluent_key_subject_name_strategy: SubjectNameStrategy = SubjectNameStrategy.TOPIC
+    confluent_value_subject_name_strategy: SubjectNameStrategy = SubjectNameStrategy.TOPIC
+    streambus_key_schema_validation_mode: SchemaValidationMode = SchemaValidationMode.ID
+    streambus_value_schema_validation_mode: SchemaValidationMode = SchemaValidationMode.ID
     # Kafka's other topic configs: validated and stored, not applied (see APPLIED).
     compression_type: str = "producer"
     compression_gzip_level: int = -1
@@ -162,6 +224,12 @@ APPLIED = frozenset(
         "message.timestamp.type",
         "min.insync.replicas",
         "unclean.leader.election.enable",
+        "confluent.key.schema.validation",
+        "confluent.value.schema.validation",
+        "confluent.key.subject.name.strategy",
+        "confluent.value.subject.name.strategy",
+        "streambus.key.schema.validation.mode",
+        "streambus.value.schema.validation.mode",
     }
 )
 
@@ -228,6 +296,13 @@ _SPEC_LIST = [
     ),
     ConfigSpec("min.insync.replicas", _I, "min.insync.replicas", low=1),
     ConfigSpec("unclean.leader.election.enable", _B, "unclean.leader.election.enable"),
+    # Confluent Server's schema validation configs, and StreamBus's mode beside them
+    ConfigSpec("confluent.key.schema.validation", _B, None),
+    ConfigSpec("confluent.value.schema.validation", _B, None),
+    ConfigSpec("confluent.key.subject.name.strategy", ConfigType.STRING, None),
+    ConfigSpec("confluent.value.subject.name.strategy", ConfigType.STRING, None),
+    ConfigSpec("streambus.key.schema.validation.mode", ConfigType.STRING, None),
+    ConfigSpec("streambus.value.schema.validation.mode", ConfigType.STRING, None),
     ConfigSpec(
         "compression.type",
         ConfigType.STRING,
@@ -298,6 +373,9 @@ def with_dynamic_defaults(
 
 def parse_value(key: str, raw: str) -> Any:
     """``raw`` as the field's type, checked as Kafka checks it (InvalidConfigError)."""
+    schema_parser = _SCHEMA_PARSERS.get(KAFKA_NAMES[key])
+    if schema_parser is not None:
+        return schema_parser(key, raw)
     spec = SPECS[key]
     text = raw.strip()
     value: Any

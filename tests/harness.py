@@ -334,7 +334,8 @@ def wait_until(predicate: Any, timeout: float = 15, interval: float = 0.1) -> An
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
+            what = getattr(predicate, "__qualname__", repr(predicate))
+            raise TimeoutError(f"{what} not met in {timeout:g}s (last value {value!r})")
         time.sleep(interval)
 
 

@@ -91,6 +91,7 @@ TRANSACTION_ALERTS = {
     "StreamBusTransactionAbortRate",
     "StreamBusTransactionTimeouts",
 }
+SCHEMA_ALERTS = {"StreamBusSchemaValidationErrors"}
 OPERATOR_ALERTS = {
     "StreamBusDown",
     "BrokerNotRunning",
@@ -111,6 +112,7 @@ OPERATOR_ALERTS = {
     "StreamBusControllerElections",
     *REPLICATION_ALERTS,
     *TRANSACTION_ALERTS,
+    *SCHEMA_ALERTS,
 }
 SEED_NAMES = {
     "HighProduceLatency",

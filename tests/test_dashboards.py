@@ -3,7 +3,8 @@ panel returns data from a real Prometheus scraping a broker that carries traffic
 Replication row's from one scraping a three-broker cluster whose replicated topic carries
 acks=all traffic while a follower is stopped past replica.lag.time.max.ms and resumed; the
 Transactions row's from one scraping a broker whose transactional producers commit, abort, and
-leave transactions open past their transaction.timeout.ms."""
+leave transactions open past their transaction.timeout.ms; the Schemas row's from one scraping a
+broker that validates produced records against schemas and refuses some."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, BrokerThread, ClusterProcesses, total, wait_until
+from tests.harness import ROOT, BrokerThread, ClusterProcesses, RawClient, total, wait_until
 from tests.test_alerts import fast_rules
 from tests.test_cluster import controller, wait_cluster_size
 from tests.test_cluster import metric as broker_metric
@@ -27,13 +28,15 @@ from tests.test_replication import REPL_ENV, create_replicated, wait_in_sync
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "streambus.json"
 DATASOURCE_UID = "streambus-prometheus"
-PANEL_QUERIES = 71  # every target of every panel; a new panel must raise this
+PANEL_QUERIES = 74  # every target of every panel; a new panel must raise this
 REPLICATION_ROW = "Replication"
 REPLICATION_QUERIES = 9  # of them, in the Replication row
 TRANSACTIONS_ROW = "Transactions"
 TRANSACTIONS_QUERIES = 7  # of them, in the Transactions row
+SCHEMAS_ROW = "Schemas"
+SCHEMAS_QUERIES = 3  # of them, in the Schemas row
 # Rows whose queries need more than one broker's plain traffic: each has its own live test.
-OWN_TEST_ROWS = {REPLICATION_ROW, TRANSACTIONS_ROW}
+OWN_TEST_ROWS = {REPLICATION_ROW, TRANSACTIONS_ROW, SCHEMAS_ROW}
 TXN_TOPIC = "txn-orders"
 REPLICATED_TOPIC = "replicated"
 TOPIC = "orders"
@@ -306,7 +309,9 @@ def traffic(bootstrap: str, stop: threading.Event, ready: threading.Event) -> No
 def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     d = dashboard()
     panel_queries = [(title, substitute(expr)) for title, expr in plain_queries(d)]
-    assert len(panel_queries) == PANEL_QUERIES - REPLICATION_QUERIES - TRANSACTIONS_QUERIES
+    assert len(panel_queries) == (
+        PANEL_QUERIES - REPLICATION_QUERIES - TRANSACTIONS_QUERIES - SCHEMAS_QUERIES
+    )
     (variable,) = d["templating"]["list"]
     variable_query, label = label_values_query(variable["definition"])
 
@@ -559,5 +564,82 @@ def test_every_transactions_panel_query_returns_data(tmp_path: Path) -> None:
             wait_until(lambda: value("streambus_transactions_active") == 0, 10)
             # the clients go before the broker does
             del abandoned, producer, worker
+        finally:
+            prom.stop()
+
+
+def test_dashboard_has_a_schemas_row() -> None:
+    d = dashboard()
+    rows = [
+        p["title"]
+        for p in sorted(d["panels"], key=lambda p: p["gridPos"]["y"])
+        if p["type"] == "row"
+    ]
+    assert rows.index(SCHEMAS_ROW) == rows.index(TRANSACTIONS_ROW) + 1
+    schemas = dict(row_queries(d, SCHEMAS_ROW))
+    assert len(schemas) == SCHEMAS_QUERIES
+    rate = "[$__rate_interval]"
+    validated = f"sum by (topic) (rate(streambus_schema_validations_total{rate}))"
+    refused = f"rate(streambus_schema_validation_errors_total{rate})"
+    assert schemas["Records validated per second by topic"] == validated
+    assert schemas["Records refused per second by reason"] == f"sum by (topic, reason) ({refused})"
+    assert schemas["Validation error ratio by topic"] == f"sum by (topic) ({refused}) / {validated}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
+def test_every_schemas_panel_query_returns_data(tmp_path: Path) -> None:
+    """A broker validating the values of one topic against an in-memory schema source (the
+    registry's REST API is tested in test_schema_validation.py), a real Prometheus scraping
+    it every second and evaluating alerts.yml (``for:`` shortened): batches of 4 records, one
+    of which lacks the magic byte, are refused. Every Schemas panel query returns data, the
+    figures are exactly the work done, and StreamBusSchemaValidationErrors fires."""
+    from tests.test_schema_validation_checks import (
+        MemorySource,
+        Schema,
+        batch,
+        produce,
+        wire,
+    )
+
+    d = dashboard()
+    panel_queries = [(title, substitute(expr)) for title, expr in row_queries(d, SCHEMAS_ROW)]
+    assert len(panel_queries) == SCHEMAS_QUERIES
+    source = MemorySource()
+    source.add("checked-value", Schema(1, "AVRO", '"string"'))
+    with BrokerThread(tmp_path / "data") as b:
+        b.broker.partitions.schema_validation.source = source
+        b.run(b.broker.create_topic, "checked", 1, {"confluent.value.schema.validation": "true"})
+        target = b.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        prom = PrometheusServer(tmp_path / "prom", target, rule_files=[fast_rules(tmp_path)])
+        firing = 'ALERTS{alertname="StreamBusSchemaValidationErrors", alertstate="firing"}'
+        sent = refused = 0
+        try:
+            with RawClient(b.bootstrap) as client:
+                pending = list(panel_queries)
+                deadline = time.monotonic() + 45
+                while (pending or not prom.query(firing)) and time.monotonic() < deadline:
+                    good = produce(client, {("checked", 0): batch(wire(1, b"\x02a"))})
+                    bad = produce(client, {("checked", 0): batch(*[wire(1)] * 3, b"plain")})
+                    assert good[("checked", 0)].error_code == 0
+                    assert bad[("checked", 0)].error_code == 87
+                    sent, refused = sent + 5, refused + 1
+                    pending = [(title, q) for title, q in pending if not prom.query(q)]
+                    time.sleep(0.5)
+            assert not pending, "panel queries without data:\n" + "\n".join(
+                f"  {title}: {q}" for title, q in pending
+            )
+            (alert,) = prom.query(firing)
+            assert alert["metric"]["topic"] == "checked"
+
+            def value(expr: str) -> float:
+                (sample,) = prom.query(expr)
+                return float(sample["value"][1])
+
+            assert wait_until(lambda: value("sum(streambus_schema_validations_total)") == sent, 10)
+            assert (
+                value('streambus_schema_validation_errors_total{reason="missing_magic_byte"}')
+                == refused
+            )
         finally:
             prom.stop()

@@ -251,11 +251,15 @@ def test_static_member_restart_keeps_generation_and_fences_the_old_id(broker: Br
         assert joined.error_code == 0, "static members get an id at once"
         gen, old_id = joined.generation_id, joined.member_id
         assert sync(c, gen, old_id, [(old_id, b"a")], instance="instance-1").error_code == 0
-        # a non-leader restart would keep the generation; the lone member is the leader, so it
-        # triggers a new round, which completes at once
+        # As Kafka: the restarted static member (here also the leader) takes its old place
+        # in the stable group with no new round; its previous assignment is kept.
         restarted = join(c, instance="instance-1")
         assert restarted.error_code == 0
         assert restarted.member_id != old_id
+        assert restarted.generation_id == gen, "no rebalance"
+        assert restarted.leader == restarted.member_id
+        kept = sync(c, gen, restarted.member_id, [], instance="instance-1")
+        assert (kept.error_code, kept.assignment) == (0, b"a")
         assert (
             heartbeat(c, restarted.generation_id, old_id, instance="instance-1") == 82
         )  # FENCED_INSTANCE_ID

@@ -693,8 +693,13 @@ def test_a_leader_with_unreplicated_records_truncates_on_return(
     survivor = cluster.brokers[followers[0]]
 
     def new_leader() -> int | None:
+        # The new leader's own view too: the survivor may apply the election before the
+        # broker it elected does, and that broker refuses a produce until it has.
         leader = partitions_of(survivor.bootstrap, topic).get(0)
-        return leader.leader if leader is not None and leader.leader in followers else None
+        if leader is None or leader.leader not in followers:
+            return None
+        own = partitions_of(cluster.brokers[leader.leader].bootstrap, topic).get(0)
+        return leader.leader if own is not None and own.leader == leader.leader else None
 
     leader = int(wait_until(new_leader, 60, 0.1))
     print(

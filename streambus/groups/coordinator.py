@@ -35,9 +35,11 @@ from streambus.errors import (
     NonEmptyGroupError,
     NotCoordinatorError,
     RebalanceInProgressError,
+    StaleMemberEpochError,
     StreamBusError,
     UnknownMemberIdError,
 )
+from streambus.groups.consumer import ConsumerGroup, Heartbeat, HeartbeatAnswer
 from streambus.groups.membership import Group, GroupState, JoinResult, Member
 from streambus.groups.offsets import OffsetAndMetadata, OffsetStore
 from streambus.partitions import OFFSETS_TOPIC, PartitionService
@@ -59,6 +61,8 @@ class GroupSettings:
     offsets_retention_minutes: int = 7 * 24 * 60  # offsets.retention.minutes
     offsets_topic_partitions: int = 50  # offsets.topic.num.partitions
     offset_metadata_max_bytes: int = 4096  # offset.metadata.max.bytes
+    consumer_session_timeout_ms: int = 45_000  # group.consumer.session.timeout.ms
+    consumer_heartbeat_interval_ms: int = 5000  # group.consumer.heartbeat.interval.ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +91,9 @@ class GroupCoordinator:
         self.offsets = OffsetStore(
             partitions, settings.offsets_topic_partitions, create_offsets_topic
         )
-        self._groups: dict[str, Group] = {}
+        self._groups: dict[str, Group] = {}  # classic protocol
+        # The consumer protocol (KIP-848); a group id is in one of the two at most.
+        self._consumer_groups: dict[str, ConsumerGroup] = {}
         self._read_committed: set[str] = set()  # groups whose consumers read_committed
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
@@ -124,6 +130,10 @@ class GroupCoordinator:
             group = self._groups.pop(group_id)
             for member in group.members.values():
                 _fail_waiters(member, NotCoordinatorError.errno)
+        for group_id in list(self._consumer_groups):
+            if self.offsets.partition_for(group_id).partition == partition:
+                # Its members are answered NOT_COORDINATOR and rejoin the new coordinator.
+                del self._consumer_groups[group_id]
 
     def start(self) -> None:
         self._stopping = False
@@ -141,7 +151,27 @@ class GroupCoordinator:
 
     # -- reads for metrics and admin APIs ------------------------------------------------
     def groups(self) -> Mapping[str, Group]:
+        """The classic protocol's groups."""
         return self._groups
+
+    def consumer_groups(self) -> Mapping[str, ConsumerGroup]:
+        """The consumer protocol's groups."""
+        return self._consumer_groups
+
+    def member_counts(self) -> Iterator[tuple[str, int]]:
+        """(group, members) of every live group of either protocol."""
+        for group in self._groups.values():
+            if group.state is not GroupState.DEAD:
+                yield group.group_id, len(group.members)
+        for cgroup in self._consumer_groups.values():
+            yield cgroup.group_id, len(cgroup.members)
+
+    def rebalance_counts(self) -> Iterator[tuple[str, int]]:
+        """(group, rebalances completed since this broker coordinates it), either protocol."""
+        for group in self._groups.values():
+            yield group.group_id, group.rebalances
+        for cgroup in self._consumer_groups.values():
+            yield cgroup.group_id, cgroup.rebalances
 
     def lags(self) -> Iterator[tuple[str, TopicPartition, int]]:
         """(group, partition, end - committed offset) for every committed partition; the
@@ -186,6 +216,13 @@ class GroupCoordinator:
                 f"session timeout {req.session_timeout_ms} ms outside "
                 f"[{settings.min_session_timeout_ms}, {settings.max_session_timeout_ms}]"
             )
+        cgroup = self._consumer_groups.get(req.group_id)
+        if cgroup is not None:
+            if cgroup.members:
+                raise InconsistentGroupProtocolError(
+                    f"group {req.group_id!r} uses the consumer protocol"
+                )
+            del self._consumer_groups[req.group_id]  # empty: it becomes a classic group
         group = self._groups.get(req.group_id)
         if group is None:
             if req.member_id:
@@ -248,18 +285,19 @@ class GroupCoordinator:
         was_leader = group.leader == old.member_id
         if was_leader:
             group.leader = member_id
-        if (
-            group.state is GroupState.STABLE
-            and old.same_protocols(req.protocols)
-            and not was_leader
-        ):
+        # As Kafka: in a stable group whose selected protocol the member still supports, it
+        # gets its previous assignment back with no rebalance; a returning leader is told
+        # to skip assigning (JoinGroup v9) and its SyncGroup answers the stored assignment.
+        if group.state is GroupState.STABLE and group.protocol in {n for n, _ in req.protocols}:
             log.info(
-                "static member %r of group %r rejoined as %s",
+                "static member %r of group %r rejoined as %s, no rebalance",
                 req.group_instance_id,
                 group.group_id,
                 member_id,
             )
-            return self._current_generation(group, member)
+            return self._result(group, member, leader_view=was_leader)._replace(
+                skip_assignment=was_leader
+            )
         return await self._wait_for_round(group, member, now)
 
     async def _add_and_rebalance(
@@ -348,6 +386,7 @@ class GroupCoordinator:
             _set_state(group, GroupState.EMPTY)
             return
         group.protocol = group.select_protocol()
+        group.rebalances += 1
         if group.leader not in group.members:
             group.leader = next(iter(group.members))
         _set_state(group, GroupState.COMPLETING_REBALANCE)
@@ -524,6 +563,18 @@ class GroupCoordinator:
             if expired:
                 self._after_departure(group, f"{len(expired)} member(s) expired")
             self._maybe_complete_join(group, now)
+        timeout_ms = self.settings.consumer_session_timeout_ms
+        for cgroup in self._consumer_groups.values():
+            for cmember, reason in cgroup.expired(now, timeout_ms):
+                log.info(
+                    "member %s of consumer group %r %s; removed",
+                    cmember.member_id,
+                    cgroup.group_id,
+                    reason,
+                )
+                cgroup.remove(cmember, reason)
+                if not cgroup.members:
+                    cgroup.state_since_ms = _now_ms()
 
     def expire_offsets(self, now_ms: int) -> int:
         """Drop the offsets of groups that have been empty for offsets.retention.minutes."""
@@ -536,6 +587,10 @@ class GroupCoordinator:
                 log.info(
                     "group %r empty for %d min: offsets expired", group.group_id, horizon // 60_000
                 )
+        for cgroup in list(self._consumer_groups.values()):
+            if not cgroup.members and now_ms - cgroup.state_since_ms >= horizon:
+                removed += self.offsets.delete(cgroup.group_id)
+                del self._consumer_groups[cgroup.group_id]
         return removed
 
     # -- offsets ----------------------------------------------------------------------------------
@@ -548,6 +603,10 @@ class GroupCoordinator:
         offsets: Mapping[TopicPartition, OffsetAndMetadata],
     ) -> tuple[TopicPartition, int] | None:
         """Commit; answers where the ISR must reach for it to survive (see OffsetStore)."""
+        cgroup = self._consumer_groups.get(group_id)
+        if cgroup is not None:
+            self._check_consumer_commit(cgroup, generation, member_id)
+            return self.offsets.commit(group_id, offsets)
         group = self._groups.get(group_id)
         if generation < 0 and not member_id:
             # A consumer that assigns its own partitions commits without membership,
@@ -574,7 +633,11 @@ class GroupCoordinator:
         """TxnOffsetCommit: offsets pending until the transaction's marker. ``member``:
         (generation, member id, instance id) when the client named them (v3+), checked as
         OffsetCommit checks them."""
-        if member is not None and member[0] >= 0:
+        cgroup = self._consumer_groups.get(group_id)
+        if cgroup is not None:
+            if member is not None and member[0] >= 0:
+                self._check_consumer_commit(cgroup, member[0], member[1])
+        elif member is not None and member[0] >= 0:
             self._member(group_id, member[1], member[2], member[0])
         elif group_id not in self._groups:
             self._groups[group_id] = Group(group_id, state_since_ms=_now_ms())
@@ -586,11 +649,64 @@ class GroupCoordinator:
         if applied:
             log.debug("producer %d committed %d transactional offsets", producer_id, applied)
 
+    # -- the consumer protocol (KIP-848) ---------------------------------------------------
+    def consumer_heartbeat(self, hb: Heartbeat, topics: Mapping[str, int]) -> HeartbeatAnswer:
+        """ConsumerGroupHeartbeat; ``topics``: every topic's partition count."""
+        if not hb.group_id:
+            raise InvalidGroupIdError("group id must not be empty")
+        if self._stopping:
+            raise CoordinatorNotAvailableError("the broker is shutting down")
+        group = self._consumer_groups.get(hb.group_id)
+        if group is None:
+            classic = self._groups.get(hb.group_id)
+            if classic is not None and classic.members:
+                raise GroupIdNotFoundError(f"group {hb.group_id!r} is not a consumer group")
+            if hb.member_epoch != 0:
+                # Not here (a new coordinator, or the group expired): the member rejoins.
+                raise UnknownMemberIdError(f"consumer group {hb.group_id!r} has no members")
+            # An empty classic group (its offsets kept) becomes a consumer group.
+            self._groups.pop(hb.group_id, None)
+            group = self._consumer_groups[hb.group_id] = ConsumerGroup(
+                hb.group_id, state_since_ms=_now_ms()
+            )
+        answer = group.heartbeat(hb, topics, _loop_time())
+        if not group.members:
+            group.state_since_ms = _now_ms()
+        return answer
+
+    def _check_consumer_commit(self, group: ConsumerGroup, epoch: int, member_id: str) -> None:
+        """An OffsetCommit's member epoch (sent as its generation) against the member's.
+        A commit from an epoch it has moved past is accepted, as Kafka 4 does for a member
+        still holding the partitions; an epoch ahead of the member's is stale."""
+        if epoch < 0 and not member_id:
+            if group.members:
+                raise UnknownMemberIdError(
+                    f"group {group.group_id!r} has members; commit as one of them"
+                )
+            return
+        member = group.members.get(member_id)
+        if member is None:
+            raise UnknownMemberIdError(f"member {member_id} is not in group {group.group_id!r}")
+        member.last_heartbeat = _loop_time()
+        if epoch > member.member_epoch:
+            raise StaleMemberEpochError(
+                f"member {member_id} is at epoch {member.member_epoch}, not {epoch}"
+            )
+
     def committed(self, group_id: str) -> Mapping[TopicPartition, OffsetAndMetadata]:
         """The group's committed offsets (OffsetFetch)."""
         return self.offsets.fetch(group_id)
 
     def delete_group(self, group_id: str) -> None:
+        cgroup = self._consumer_groups.get(group_id)
+        if cgroup is not None:
+            if cgroup.members:
+                raise NonEmptyGroupError(f"group {group_id!r} has {len(cgroup.members)} members")
+            cgroup.dead = True
+            self.offsets.delete(group_id)
+            del self._consumer_groups[group_id]
+            log.info("deleted consumer group %r", group_id)
+            return
         group = self._groups.get(group_id)
         if group is None or group.state is GroupState.DEAD:
             raise GroupIdNotFoundError(f"group {group_id!r} does not exist")

@@ -40,6 +40,9 @@ class JoinResult(NamedTuple):
     leader: str
     member_id: str
     members: list[tuple[str, str | None, bytes]]  # (member id, instance id, metadata): leader only
+    # JoinGroup v9: the leader gets the members but must not assign (a static leader's
+    # return, its group's assignment unchanged).
+    skip_assignment: bool = False
 
 
 @dataclass(eq=False)
@@ -89,6 +92,7 @@ class Group:
     state_since_ms: int = (
         0  # wall clock of the last state change (offsets retention counts from it)
     )
+    rebalances: int = 0  # rebalance rounds completed with members
 
     def candidate_protocols(self) -> set[str]:
         """Protocols every member supports."""

@@ -177,7 +177,7 @@ async def handle_join_group(services: BrokerServices, ctx: RequestContext, reque
         protocol_type=result.protocol_type,
         protocol_name=result.protocol,
         leader=result.leader,
-        skip_assignment=False,
+        skip_assignment=result.skip_assignment,
         member_id=result.member_id,
         members=[
             R.JoinGroupResponseMember(member_id=mid, group_instance_id=iid, metadata=meta)
@@ -389,18 +389,28 @@ async def handle_offset_fetch(services: BrokerServices, ctx: RequestContext, req
     return R(throttle_time_ms=0, topics=topics, error_code=0)
 
 
-@routes.api(ListGroupsRequest, ListGroupsResponse, versions=(0, 4))
+@routes.api(ListGroupsRequest, ListGroupsResponse, versions=(0, 5))
 async def handle_list_groups(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = ListGroupsResponse
-    states = set(request.states_filter) if ctx.api_version >= 4 else set()
+    version = ctx.api_version
+    # Filters match as Kafka's do: states and types case-insensitively, empty = all.
+    states = {s.lower() for s in request.states_filter} if version >= 4 else set()
+    types = {t.lower() for t in request.types_filter} if version >= 5 else set()
+    # (group id, protocol type, state, group type)
+    rows: list[tuple[str, str, str, str]] = [
+        (g.group_id, g.protocol_type or "", g.state.value, "classic")
+        for g in services.groups.groups().values()
+    ]
+    rows += [
+        (g.group_id, g.protocol_type, g.state.value, "consumer")
+        for g in services.groups.consumer_groups().values()
+    ]
     listed = [
         R.ListedGroup(
-            group_id=group.group_id,
-            protocol_type=group.protocol_type or "",
-            group_state=group.state.value,
+            group_id=group_id, protocol_type=protocol_type, group_state=state, group_type=kind
         )
-        for group in services.groups.groups().values()
-        if not states or group.state.value in states
+        for group_id, protocol_type, state, kind in rows
+        if (not states or state.lower() in states) and (not types or kind in types)
     ]
     return R(throttle_time_ms=0, error_code=0, groups=listed)
 
@@ -415,7 +425,8 @@ async def handle_describe_groups(
     for group_id in request.groups:
         group = services.groups.groups().get(group_id)
         if group is None:
-            # Kafka describes an unknown group as Dead rather than failing.
+            # Kafka describes an unknown group as Dead rather than failing; so too a
+            # consumer-protocol group, which DescribeGroups (classic only) does not know.
             described.append(
                 G(
                     error_code=0,

@@ -51,9 +51,14 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
         errors = {}
         # v4+ lets the client forbid auto-creation; before v4 it was always allowed.
         allow_create = version < 4 or bool(request.allow_auto_topic_creation)
+        by_id = {t.topic_id: n for n, t in cluster.topics.items()} if version >= 10 else {}
         for entry in requested:
             name = entry.name
-            if name is None:
+            if name is None:  # v10+: named by id (KIP-848 consumers learn ids first)
+                name = by_id.get(entry.topic_id)
+                if name is None or name in names:
+                    continue
+                names.append(name)
                 continue
             names.append(name)
             if name in cluster.topics or name in offline_here:

@@ -27,6 +27,7 @@ from kafka.protocol.producer import (
 from opentelemetry import trace
 
 from streambus.errors import (
+    InvalidRecordError,
     InvalidRequiredAcksError,
     KafkaStorageError,
     StreamBusError,
@@ -48,6 +49,7 @@ log = logging.getLogger("streambus.protocol")
 routes = ApiRoutes()
 
 PartitionResponse = ProduceResponse.TopicProduceResponse.PartitionProduceResponse
+RecordError = PartitionResponse.BatchIndexAndErrorMessage
 TRACEPARENT = "traceparent"
 
 
@@ -191,6 +193,8 @@ def _refused(
 
 
 def _failed(partition: int, exc: StreamBusError) -> Any:
+    # INVALID_RECORD names each failing record (Produce v8+; older versions drop the field).
+    named = exc.record_errors if isinstance(exc, InvalidRecordError) else ()
     return PartitionResponse(
         index=partition,
         error_code=exc.errno,
@@ -198,6 +202,10 @@ def _failed(partition: int, exc: StreamBusError) -> Any:
         log_append_time_ms=-1,
         log_start_offset=-1,
         error_message=str(exc),
+        record_errors=[
+            RecordError(batch_index=index, batch_index_error_message=message)
+            for index, message in named
+        ],
     )
 
 

@@ -258,6 +258,22 @@ def validate_records(
     return total
 
 
+def checked_records(
+    data: Buffer, pos: int, header: BatchHeader, *, limit: int, keys_required: bool
+) -> tuple[int, Buffer, int, int]:
+    """``validate_records``, and the records section it checked (buffer, start, end: the
+    batch's own bytes, or the decompressed ones), for checks that read every record (schema
+    validation) without decompressing twice. Its framing is checked: lengths stay inside
+    their records and the count matches ``recordsCount``."""
+    buf, i, end = _records_section(data, pos, header, limit, "max.message.bytes")
+    total = _payload(buf, i, end, header.records_count)
+    if keys_required:
+        for record in _records(buf, i, end, header):
+            if record.key is None:
+                raise InvalidRecordError("compacted topic cannot accept a record without key")
+    return total, buf, i, end
+
+
 def _payload(buf: Buffer, i: int, end: int, records_count: int) -> int:
     total = 0
     varint = _varint

@@ -1,0 +1,1 @@
+"""The schema registry, and the broker-side validation of produced records against it."""
