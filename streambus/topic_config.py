@@ -178,6 +178,21 @@ class TopicConfig:
     remote_log_delete_on_disable: bool = False
     errors_deadletterqueue_group_enable: bool = False
 
+    @property
+    def compression_codec(self) -> int | None:
+        """The codec batches are stored in (a batch's attribute bits), None for
+        ``producer``: each batch kept as its producer compressed it."""
+        return _CODECS.get(self.compression_type)
+
+    def compression_level(self, codec: int) -> int:
+        """The topic's ``compression.<codec>.level`` (0 for codecs without levels)."""
+        levels = {
+            1: self.compression_gzip_level,
+            3: self.compression_lz4_level,
+            4: self.compression_zstd_level,
+        }
+        return levels.get(codec, 0)
+
     def with_overrides(self, kafka_configs: Mapping[str, str | None]) -> TopicConfig:
         """A copy with Kafka-named overrides applied; unknown or invalid ones raise."""
         changes: dict[str, Any] = {}
@@ -203,6 +218,9 @@ class TopicConfig:
         return {key: render(getattr(self, field)) for key, field in KAFKA_NAMES.items()}
 
 
+# compression.type -> the codec's attribute bits (producer: keep each batch's own)
+_CODECS = {"uncompressed": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
+
 KAFKA_NAMES: dict[str, str] = {
     f.name.replace("_", "."): f.name for f in dataclasses.fields(TopicConfig)
 }
@@ -224,6 +242,10 @@ APPLIED = frozenset(
         "message.timestamp.type",
         "min.insync.replicas",
         "unclean.leader.election.enable",
+        "compression.type",
+        "compression.gzip.level",
+        "compression.lz4.level",
+        "compression.zstd.level",
         "confluent.key.schema.validation",
         "confluent.value.schema.validation",
         "confluent.key.subject.name.strategy",

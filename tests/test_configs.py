@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -32,6 +32,7 @@ from streambus.cluster import AlterBrokerConfigs, AlterTopicConfigs, CreateTopic
 from streambus.cluster.records import from_wire, to_wire
 from streambus.cluster.state import ClusterState, apply, state_from_wire, state_to_wire
 from streambus.config_docs import TOPIC_DOCS
+from streambus.records.batch import compression_of, walk_batches
 from streambus.structs import TopicPartition
 from streambus.topic_config import APPLIED, KAFKA_NAMES, SPECS, TopicConfig
 from tests.harness import BrokerProcess, BrokerThread, ClusterProcesses, RawClient, wait_until
@@ -40,8 +41,8 @@ from tests.test_cluster import CLUSTER_ENV, wait_cluster_size
 TOPIC, BROKER, BROKER_LOGGER = 2, 4, 8
 INVALID_CONFIG, INVALID_REQUEST, UNKNOWN_TOPIC = 40, 42, 3
 
-# Topic configs Kafka 4.4 defines that StreamBus stores without applying, with valid values.
-STORED_ONLY = {
+# Topic configs Kafka 4.4 defines that StreamBus had no use for before, with valid values.
+KAFKA_ONLY = {
     "compression.type": "zstd",
     "file.delete.delay.ms": "1000",
     "segment.index.bytes": "4096",
@@ -186,11 +187,11 @@ def test_describe_broker(broker: BrokerThread) -> None:
     assert raw["auto.create.topics.enable"].config_type == 1
 
 
-def test_kafka_topic_configs_streambus_does_not_apply_are_accepted(broker: BrokerThread) -> None:
+def test_every_kafka_topic_config_is_accepted_and_stored(broker: BrokerThread) -> None:
     admin = _admin(broker)
-    _create(admin, "stored", {**STORED_ONLY, "message.timestamp.type": "LogAppendTime"})
+    _create(admin, "stored", {**KAFKA_ONLY, "message.timestamp.type": "LogAppendTime"})
     configs = _describe(admin, "topic", "stored")
-    for key, value in STORED_ONLY.items():
+    for key, value in KAFKA_ONLY.items():
         assert configs[key].value == value, key
         assert configs[key].source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value
     assert configs["message.timestamp.type"].value == "LogAppendTime"
@@ -511,3 +512,57 @@ def test_configs_reach_every_broker_of_a_cluster(tmp_path: Path) -> None:
             )
 
         wait_until(caught_up, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("topic_codec", "producer_codec"),
+    [
+        ("zstd", "gzip"),
+        ("lz4", "none"),
+        ("snappy", "zstd"),
+        ("gzip", "lz4"),
+        ("uncompressed", "zstd"),
+    ],
+)
+def test_topic_compression_type_recompresses_batches(
+    broker: BrokerThread, topic_codec: str, producer_codec: str
+) -> None:
+    codes = {"uncompressed": 0, "none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
+    admin = _admin(broker)
+    _create(admin, "squeezed", {"compression.type": topic_codec})
+    sent = [(f"k{i}".encode(), (f"value {i} " * (i % 7 + 1)).encode()) for i in range(300)]
+    producer = Producer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "compression.type": producer_codec,
+            "linger.ms": 20,
+        }
+    )
+    for key, value in sent:
+        producer.produce("squeezed", value=value, key=key)
+    assert producer.flush(30) == 0
+    tp = TopicPartition("squeezed", 0)
+    stored = bytes(broker.run(lambda: broker.broker.partitions.read(tp, 0, 50_000_000)))
+    codecs = {compression_of(stored, pos) for pos, _ in walk_batches(stored)}
+    assert codecs == {codes[topic_codec]}
+    consumer = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "group.id": "squeezed-reader",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        consumer.subscribe(["squeezed"])
+        got: list[tuple[bytes, bytes]] = []
+
+        def read_all() -> bool:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                got.append((message.key(), message.value()))
+            return len(got) >= len(sent)
+
+        wait_until(read_all, timeout=60, interval=0)
+    finally:
+        consumer.close()
+    assert got == sent
