@@ -36,7 +36,7 @@ from streambus.records.batch import compression_of, walk_batches
 from streambus.structs import TopicPartition
 from streambus.topic_config import APPLIED, KAFKA_NAMES, SPECS, TopicConfig
 from tests.harness import BrokerProcess, BrokerThread, ClusterProcesses, RawClient, wait_until
-from tests.test_cluster import CLUSTER_ENV, wait_cluster_size
+from tests.test_cluster import CLUSTER_ENV, restart, wait_cluster_size
 
 TOPIC, BROKER, BROKER_LOGGER = 2, 4, 8
 INVALID_CONFIG, INVALID_REQUEST, UNKNOWN_TOPIC = 40, 42, 3
@@ -501,8 +501,7 @@ def test_configs_reach_every_broker_of_a_cluster(tmp_path: Path) -> None:
             assert described(broker, BROKER, str(node))["log.retention.bytes"].value == "3000000"
         # a restarted broker finds them in the quorum's journal (replayed as it starts)
         two.kill()
-        two.start()
-        wait_cluster_size(cluster, 3)
+        restart(cluster, 2)
 
         def caught_up() -> bool:
             configs = described(two, TOPIC, "everywhere")
