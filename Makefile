@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEB_PACKAGES := prometheus prometheus-alertmanager kcat
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install deb demo cluster test soak lint otelcol bench bench-quick bench-hostile bench-replication bench-transactions clean
+.PHONY: install deb demo cluster test soak lint otelcol jaeger bench bench-quick bench-hostile bench-replication bench-transactions clean
 
 install: $(STAMP) deb
 
@@ -40,7 +40,7 @@ cluster: $(STAMP)
 	$(BIN)/python deploy/cluster.py $(ARGS)
 
 # The lint gates run first: a type or lint error fails the build like a failing test.
-test: install lint otelcol
+test: install lint otelcol jaeger
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The replication fault tests with a long leader-kill loop (STREAMBUS_KILL_ROUNDS rounds of
@@ -62,6 +62,11 @@ lint: $(STAMP)
 # rebuilds only when the manifest changed (Go's caches make a rebuild take seconds).
 otelcol:
 	deploy/otelcol/build.sh
+
+# Jaeger v2 (all-in-one), the trace backend of the end-to-end trace test, built from the Go module
+# pinned in deploy/jaeger/go.mod into .tools/jaeger; rebuilt only when that pin changes.
+jaeger:
+	deploy/jaeger/build.sh
 
 # StreamBus beside Apache Kafka on this machine; Kafka's jars are fetched with Maven into .tools/
 # on first use (needs java 17+ and mvn). Writes bench/results/latest.json and prints a table.

@@ -7,7 +7,7 @@ Layers, top to bottom (an import points down only; tests/test_architecture.py
 keeps it so)::
 
     broker ─► app ─► server ─► protocol.apis ─► protocol.context (BrokerServices)
-                 └─► protocol.{admin,configs,fetch,groups,metadata,produce}
+                 └─► protocol.{admin,client_quotas,configs,fetch,groups,metadata,produce}
     broker, protocol ─► partitions ─► storage ─► records
                         groups ─┘
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 from streambus.config import BrokerConfig
 from streambus.protocol import (
     admin,
+    admin_data,
+    client_quotas,
     configs,
     consumer_groups,
     fetch,
@@ -38,9 +40,11 @@ APIS: dict[int, ApiSpec] = build_table(
     replication.routes,
     admin.routes,
     configs.routes,
+    admin_data.routes,
     groups.routes,
     consumer_groups.routes,
     transactions.routes,
+    client_quotas.routes,
 )
 
 

@@ -32,6 +32,8 @@ from streambus.groups import OFFSETS_TOPIC, GroupCoordinator, GroupSettings
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService, QuorumLeadership
 from streambus.producer_ids import ProducerIdAllocator
+from streambus.protocol.fetch_sessions import FetchSessionCache
+from streambus.quotas import QuotaManager
 from streambus.replication.fetcher import FetcherSettings
 from streambus.replication.manager import ReplicaManager
 from streambus.storage import LogManager
@@ -145,6 +147,14 @@ class Broker:
             self.replication.on_leadership(self._offsets_leadership)
             self.replication.on_leadership(self._transactions_leadership)
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
+        self.quotas = QuotaManager(
+            lambda: self.cluster.quorum,
+            self.telemetry,
+            self.data_dir,
+            window_num=config.quota_window_num,
+            window_size_s=config.quota_window_size_seconds,
+        )
+        self.fetch_sessions = FetchSessionCache(config.max_incremental_fetch_session_cache_slots)
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
         self._maintenance: asyncio.Task[None] | None = None
@@ -175,6 +185,7 @@ class Broker:
             await self._server.start()
             try:
                 await self.cluster.start(self.local_cluster_id)
+                self.quotas.load_local()
                 self.replication.start()
             except BaseException:
                 await self.replication.stop()

@@ -91,6 +91,12 @@ class BrokerConfig:
     transaction_state_log_min_isr: int = 2
     transaction_max_timeout_ms: int = 900_000
     transaction_abort_timed_out_transaction_cleanup_interval_ms: int = 10_000
+    # Client quotas (Kafka's quota.window.num, quota.window.size.seconds): byte rates are
+    # measured over this many samples of this many seconds each.
+    quota_window_num: int = 11
+    quota_window_size_seconds: float = 1.0
+    # Kafka's max.incremental.fetch.session.cache.slots: fetch sessions (KIP-227) kept
+    max_incremental_fetch_session_cache_slots: int = 1000
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -194,6 +200,10 @@ class BrokerConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidConfigError(f"{name.replace('_', '.')} must be at least 1")
+        if self.quota_window_num < 1 or not self.quota_window_size_seconds > 0:
+            raise InvalidConfigError("quota.window.num and quota.window.size.seconds must be > 0")
+        if self.max_incremental_fetch_session_cache_slots < 0:
+            raise InvalidConfigError("max.incremental.fetch.session.cache.slots must be >= 0")
         self.cluster()  # quorum syntax, secret, timings
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise InvalidConfigError(

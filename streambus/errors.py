@@ -288,6 +288,20 @@ class GroupIdNotFoundError(StreamBusError):
     description = "The group id does not exist."
 
 
+class FetchSessionIdNotFoundError(StreamBusError):
+    errno = 70
+    kafka_name = "FETCH_SESSION_ID_NOT_FOUND"
+    retriable = True
+    description = "The fetch session ID was not found."
+
+
+class InvalidFetchSessionEpochError(StreamBusError):
+    errno = 71
+    kafka_name = "INVALID_FETCH_SESSION_EPOCH"
+    retriable = True
+    description = "The fetch session epoch is invalid."
+
+
 # The consumer group protocol (KIP-848).
 class FencedMemberEpochError(StreamBusError):
     errno = 110
@@ -312,6 +326,12 @@ class StaleMemberEpochError(StreamBusError):
     kafka_name = "STALE_MEMBER_EPOCH"
     retriable = True
     description = "The member epoch is stale; the member must retry after its next heartbeat."
+
+
+class GroupSubscribedToTopicError(StreamBusError):
+    errno = 86
+    kafka_name = "GROUP_SUBSCRIBED_TO_TOPIC"
+    description = "The consumer group is actively subscribed to the topic."
 
 
 class MemberIdRequiredError(StreamBusError):

@@ -38,6 +38,7 @@ MAX_LINKS = 32  # a span linking to every record of a 10k-record fetch would be 
 TRACE_SCAN_BYTES = 4 * 1024 * 1024
 # streambus_transaction_duration_seconds buckets (seconds): transactions last up to minutes.
 TXN_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+THROTTLE_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 Attrs = Mapping[str, AttributeValue]
 
@@ -253,6 +254,14 @@ class BrokerTelemetry:
             explicit_bucket_boundaries_advisory=TXN_DURATION_BUCKETS,
         )
         self._txn_attrs: dict[tuple[bool, str], Attrs] = {}
+        # Unit-less for the same reason: a throttle lasts up to the whole quota window.
+        self._throttle_time = meter.create_histogram(
+            "streambus.throttle_time_seconds",
+            "",
+            "Throttle time given to clients under a quota, one observation per request "
+            "(0 when within it), by type (produce, fetch)",
+            explicit_bucket_boundaries_advisory=THROTTLE_BUCKETS,
+        )
         gauges: Sequence[tuple[str, str, str, Callable[[], float]]] = (
             ("streambus.broker.uptime", "s", "Broker uptime in seconds", stats.uptime_seconds),
             (
@@ -569,6 +578,12 @@ class BrokerTelemetry:
         if attrs is None:
             attrs = self._reason_attrs[reason] = {**self._base, "reason": reason}
         self._rejected.add(1, attrs)
+
+    def throttle_time(self, kind: str, seconds: float) -> None:
+        attrs = self._reason_attrs.get("throttle:" + kind)
+        if attrs is None:
+            attrs = self._reason_attrs["throttle:" + kind] = {**self._base, "type": kind}
+        self._throttle_time.record(seconds, attrs)
 
     def connections_idle_closed(self, count: int) -> None:
         self._idle_closed.add(count, self._base)

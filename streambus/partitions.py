@@ -30,6 +30,7 @@ from streambus.errors import (
     NotEnoughReplicasAfterAppendError,
     NotEnoughReplicasError,
     NotLeaderOrFollowerError,
+    OffsetOutOfRangeError,
     RequestTimedOutError,
     StreamBusError,
     UnknownLeaderEpochError,
@@ -56,6 +57,7 @@ from streambus.topic_config import TopicConfig
 
 if TYPE_CHECKING:
     import uuid
+    from pathlib import Path
 
     from streambus.cluster.state import ClusterState
 
@@ -83,6 +85,9 @@ INTERNAL_TOPICS = frozenset({OFFSETS_TOPIC, "__transaction_state"})
 # ListOffsets' special timestamps.
 LATEST = -1
 EARLIEST = -2
+MAX_TIMESTAMP = -3  # the record with the largest timestamp (KIP-734, v7+)
+EARLIEST_LOCAL = -4  # the first offset on local disk (KIP-405, v8+): the log start here
+LATEST_TIERED = -5  # the last offset in tiered storage (KIP-1005, v9+): none here
 
 # A compressed batch at least this large is decompressed and checked in a worker
 # thread before it is appended; smaller ones cost less than the hand-over.
@@ -555,10 +560,14 @@ class PartitionService:
         replica.high_watermark = offset
 
     async def append_replicated(
-        self, tp: TopicPartition, records: Buffer, leader_high_watermark: int
+        self,
+        tp: TopicPartition,
+        records: Buffer,
+        leader_high_watermark: int,
+        leader_log_start: int = -1,
     ) -> ReplicatedAppend | None:
         """Store batches fetched from the leader as it stored them; this copy's high
-        watermark follows the leader's."""
+        watermark and log start offset follow the leader's."""
         replica, plog = self._followed(tp)
         appended = None
         if len(records):
@@ -571,6 +580,9 @@ class PartitionService:
         if hw > replica.high_watermark:
             replica.high_watermark = hw
             plog.set_high_watermark(hw)
+        if leader_log_start > plog.log_start_offset:  # DeleteRecords on the leader
+            doomed = plog.advance_log_start(min(leader_log_start, plog.high_watermark))
+            await asyncio.to_thread(_settle_log_start, plog, doomed)
         return appended
 
     async def verify_for_read(
@@ -635,18 +647,57 @@ class PartitionService:
         stable offset for a read_committed client), EARLIEST (-2) or the first record at or
         after ``timestamp``; (-1, -1) when no record is that new."""
         plog = self._partition(tp)
+        hw = self._high_watermark(tp, plog)
+        fetchable = plog.last_stable_offset(hw) if committed else hw
         if timestamp == LATEST:
-            hw = self._high_watermark(tp, plog)
-            return -1, plog.last_stable_offset(hw) if committed else hw
-        if timestamp == EARLIEST:
+            return -1, fetchable
+        if timestamp in (EARLIEST, EARLIEST_LOCAL):  # no tiered storage: all of it is local
             return -1, plog.log_start_offset
-        if timestamp < 0:
+        if timestamp == LATEST_TIERED:
+            return -1, -1  # what Kafka answers for a topic without remote storage
+        if timestamp == MAX_TIMESTAMP:
+            found = plog.max_timestamp_offset()
+        elif timestamp < 0:
             raise InvalidRequestError(f"unsupported ListOffsets timestamp {timestamp}")
-        found = plog.offset_for_timestamp(timestamp)
-        if found is None:
-            return -1, -1  # Kafka's answer when no record is that new
+        else:
+            found = plog.offset_for_timestamp(timestamp)
+        # Kafka's answer when no record is that new, or none a client may read yet is
+        if found is None or found[0] >= fetchable:
+            return -1, -1
         offset, ts = found
         return ts, offset
+
+    async def delete_records(self, tp: TopicPartition, offset: int) -> int:
+        """DeleteRecords: move the log start offset to ``offset`` (-1: the high watermark),
+        deleting whole segments below it; answers the new log start offset (the low
+        watermark). OFFSET_OUT_OF_RANGE past the high watermark. The checkpoint is
+        fsynced and the files unlinked in a worker thread before the answer."""
+        plog = self._partition(tp)
+        hw = self._high_watermark(tp, plog)
+        target = hw if offset == -1 else offset
+        if not 0 <= target <= hw:
+            raise OffsetOutOfRangeError(
+                f"{tp.topic}-{tp.partition}: cannot delete records below offset {offset}: "
+                f"the high watermark is {hw}"
+            )
+        doomed = plog.advance_log_start(target)
+        await asyncio.to_thread(_settle_log_start, plog, doomed)
+        self._wake(tp)  # followers waiting in a fetch learn the new log start now
+        return plog.log_start_offset
+
+    def log_sizes(self) -> list[tuple[TopicPartition, int, int]]:
+        """(partition, bytes on disk, offset lag) of every partition stored here
+        (DescribeLogDirs): the lag is how far this copy's end is behind the high watermark."""
+        found = []
+        for tp, plog in self._logs.logs():
+            replica = self._replicas.get(tp)
+            hw = plog.log_end_offset if replica is None else replica.high_watermark
+            found.append((tp, plog.size_bytes, max(hw - plog.log_end_offset, 0)))
+        return found
+
+    @property
+    def data_dir(self) -> Path:
+        return self._logs.data_dir
 
     def payload_size(self, tp: TopicPartition, base_offset: int, crc: int) -> int | None:
         """Payload bytes of a batch appended recently, as measured when it was validated."""
@@ -749,6 +800,14 @@ class PartitionService:
         meta = self._logs.delete_topic(name)
         self._telemetry.forget_topic(name)
         return meta
+
+
+def _settle_log_start(plog: PartitionLog, doomed: list[Segment]) -> None:
+    """In a worker thread: the log start offset's checkpoint, then the files of the
+    segments below it (a crash in between leaves them to the next maintenance run)."""
+    plog.persist_log_start()
+    for segment in doomed:
+        segment.delete()
 
 
 def _check_epoch(tp: TopicPartition, replica: Replica, current: int) -> None:

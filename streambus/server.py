@@ -75,6 +75,7 @@ class Phase:
     QUEUED = "queued"  # a frame header read; waiting for request memory (not read meanwhile)
     HANDLING = "handling"  # the handler runs (a long poll may wait here)
     WRITING = "writing"  # the response is being handed to a client that may not read
+    MUTED = "muted"  # over a quota: not read until its throttle time has passed
 
 
 class ThrottledLog:
@@ -454,7 +455,7 @@ class Connection:
 
     def idle_since(self, now: float) -> float:
         """Seconds since this connection last moved bytes; 0 while its request is handled."""
-        if self.phase in (Phase.HANDLING, Phase.QUEUED):
+        if self.phase in (Phase.HANDLING, Phase.QUEUED, Phase.MUTED):
             return 0.0
         if self.phase == Phase.WRITING:
             # Progress is the transport's buffer changing as the client takes bytes.
@@ -467,7 +468,7 @@ class Connection:
     def stop_reading(self) -> None:
         """Finish the request in hand, read no more; an idle connection closes now."""
         self._stopping = True
-        if self.phase in (Phase.READING, Phase.QUEUED):
+        if self.phase in (Phase.READING, Phase.QUEUED, Phase.MUTED):
             self.close()
 
     def close(self) -> None:
@@ -607,7 +608,20 @@ class Connection:
             raise ConnectionClosedError("handler failed") from None
         finally:
             server.request_finished()
+        throttle = ctx.throttle
+        if throttle.ms > 0 and throttle.delay_response:
+            await self._mute(throttle.ms)
         await self._write(chunks, spec.name, len(frame))
+        if throttle.ms > 0 and not throttle.delay_response:
+            await self._mute(throttle.ms)
+
+    async def _mute(self, ms: int) -> None:
+        """Kafka's quota mute: no request of this connection is read for ``ms``, so a
+        client over its quota waits it out whether or not it honours throttle_time_ms."""
+        self.phase = Phase.MUTED
+        done, _ = await asyncio.wait((self.gone,), timeout=ms / 1000)
+        if done:
+            raise ConnectionClosedError("client left while muted")
 
     async def _write(self, chunks: Sequence[Chunk], api: str, bytes_in: int) -> None:
         self.phase = Phase.WRITING

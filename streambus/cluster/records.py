@@ -156,6 +156,15 @@ class SetClusterId:
     cluster_id: str  # Kafka's form: base64url of 16 bytes, no padding
 
 
+@dataclass(frozen=True, slots=True)
+class AlterClientQuota:
+    """Set or remove client quotas of one entity (Kafka's ClientQuotaRecord); see
+    ``streambus.cluster.client_quotas``."""
+
+    entity: tuple[tuple[str, str | None], ...]  # (type, name; None: the default entity), by type
+    ops: tuple[tuple[str, float | None], ...]  # quota key -> new value, None removes it
+
+
 Record = (
     RegisterBroker
     | BrokerHeartbeat
@@ -170,6 +179,7 @@ Record = (
     | AlterBrokerConfigs
     | AllocateProducerIds
     | SetClusterId
+    | AlterClientQuota
 )
 
 RECORD_TYPES: dict[str, type[Any]] = {
@@ -188,6 +198,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         AlterBrokerConfigs,
         AllocateProducerIds,
         SetClusterId,
+        AlterClientQuota,
     )
 }
 

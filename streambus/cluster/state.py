@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from streambus.cluster import client_quotas
 from streambus.cluster.records import (
     OK,
     AllocateProducerIds,
     AlterBrokerConfigs,
+    AlterClientQuota,
     AlterPartition,
     AlterTopicConfigs,
     BrokerHeartbeat,
@@ -125,6 +127,10 @@ class ClusterState:
     # Kafka-named broker settings (``log.retention.ms``), each a topic default's synonym.
     broker_configs: Mapping[str, Mapping[str, str]] = dataclasses.field(
         default_factory=lambda: MappingProxyType({})
+    )
+    # Client quotas by entity (see streambus.cluster.client_quotas)
+    client_quotas: client_quotas.QuotaTable = dataclasses.field(
+        default_factory=lambda: client_quotas.EMPTY
     )
 
     def live_brokers(self) -> list[BrokerInfo]:
@@ -566,6 +572,9 @@ _HANDLERS: dict[type[Any], _Handler] = {
     AlterBrokerConfigs: _alter_broker_configs,
     AllocateProducerIds: _allocate_producer_ids,
     SetClusterId: _set_cluster_id,
+    AlterClientQuota: lambda state, r: dataclasses.replace(
+        state, client_quotas=client_quotas.altered(state.client_quotas, r)
+    ),
 }
 
 
@@ -757,6 +766,7 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "cluster_id": state.cluster_id,
         "next_producer_id": state.next_producer_id,
         "broker_configs": {e: dict(c) for e, c in sorted(state.broker_configs.items())},
+        "client_quotas": client_quotas.table_to_wire(state.client_quotas),
         "brokers": [
             [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
             for _, b in sorted(state.brokers.items())
@@ -808,10 +818,11 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         # absent from snapshots written before these were replicated
         str(wire.get("cluster_id", "")),
         int(wire.get("next_producer_id", 0)),
-        MappingProxyType(
+        broker_configs=MappingProxyType(
             {
                 str(e): _frozen_map({str(k): str(v) for k, v in c.items()})
                 for e, c in wire.get("broker_configs", {}).items()
             }
         ),
+        client_quotas=client_quotas.table_from_wire(wire.get("client_quotas")),
     )

@@ -307,7 +307,7 @@ class GroupCoordinator:
         group.members[member_id] = member
         if req.group_instance_id is not None:
             group.static_members[req.group_instance_id] = member_id
-        if group.protocol_type is None:
+        if len(group.members) == 1:  # the first member of an empty group sets its type
             group.protocol_type = req.protocol_type
         log.info("member %s joins group %r", member_id, group.group_id)
         return await self._wait_for_round(group, member, now)
@@ -381,8 +381,8 @@ class GroupCoordinator:
             self._remove(group, member, UnknownMemberIdError.errno)
         group.generation += 1
         if not group.members:
+            # Like Kafka, an empty group keeps its protocol type (described as "consumer").
             group.protocol = group.leader = None
-            group.protocol_type = None
             _set_state(group, GroupState.EMPTY)
             return
         group.protocol = group.select_protocol()
@@ -528,7 +528,7 @@ class GroupCoordinator:
             self._maybe_complete_join(group, now)
         elif not group.members:
             group.generation += 1
-            group.protocol = group.leader = group.protocol_type = None
+            group.protocol = group.leader = None
             _set_state(group, GroupState.EMPTY)
         else:
             self._prepare_rebalance(group, now, reason)

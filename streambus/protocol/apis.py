@@ -34,6 +34,17 @@ REQUEST_PREFIX = struct.Struct(">hhi")
 FRAME_SIZE = struct.Struct(">i")
 
 
+@dataclass(slots=True)
+class Throttle:
+    """What a quota asks of the connection once a request is answered: read none of its
+    requests for ``ms`` (Kafka mutes the channel). ``delay_response``: hold the response
+    itself that long first, for request versions older than KIP-219, whose clients do
+    not wait out ``throttle_time_ms`` themselves."""
+
+    ms: int = 0
+    delay_response: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     api_key: int
@@ -46,6 +57,8 @@ class RequestContext:
     closed: asyncio.Future[None] | None = None
     # The table being served (ApiVersions lists it).
     apis: Mapping[int, ApiSpec] = field(default_factory=dict)
+    # Set by a handler whose client went over its quota (see streambus.quotas).
+    throttle: Throttle = field(default_factory=Throttle)
 
 
 class ConnectionClosedError(Exception):

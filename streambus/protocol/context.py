@@ -19,6 +19,8 @@ from streambus.groups import GroupCoordinator
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import PartitionService
 from streambus.producer_ids import ProducerIdAllocator
+from streambus.protocol.fetch_sessions import FetchSessionCache
+from streambus.quotas import QuotaManager
 from streambus.transactions import TransactionCoordinator
 
 
@@ -46,6 +48,10 @@ class BrokerServices(Protocol):
     def transactions(self) -> TransactionCoordinator: ...
     @property
     def telemetry(self) -> BrokerTelemetry: ...
+    @property
+    def quotas(self) -> QuotaManager: ...
+    @property
+    def fetch_sessions(self) -> FetchSessionCache: ...
 
     @property
     def quorum(self) -> Quorum:

@@ -4,8 +4,10 @@ Fetch is a long poll: when fewer than ``min_bytes`` are available the request
 waits (up to ``max_wait_ms``) for an append to one of its partitions, then
 reads again. Batches are returned whole, as stored; the first batch of the
 response is returned even when it is larger than the limits, so a consumer
-always makes progress (Kafka's rule). Sessions (KIP-227) are not kept: every
-response says session 0, which clients take as "send full requests".
+always makes progress (Kafka's rule). Fetch sessions (KIP-227, v7+) are kept by
+``fetch_sessions``: an incremental request reads every partition of its session
+and answers only those with something new. A consumer over its fetch quota is
+answered with a throttle time and muted (``streambus.quotas``).
 
 Memory and loop time are bounded whatever the request asks: the broker's
 ``fetch_max_bytes`` caps every response; only its first ``EAGER_BYTES`` of
@@ -24,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from kafka.protocol.consumer import (
     FetchRequest,
@@ -34,7 +36,12 @@ from kafka.protocol.consumer import (
 )
 from opentelemetry import trace
 
-from streambus.errors import OffsetOutOfRangeError, StreamBusError, error_name
+from streambus.errors import (
+    InvalidRequestError,
+    OffsetOutOfRangeError,
+    StreamBusError,
+    error_name,
+)
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, ConnectionClosedError, RequestContext
 from streambus.protocol.fetch_encoding import (
@@ -44,6 +51,8 @@ from streambus.protocol.fetch_encoding import (
     marker_for,
     new_token,
 )
+from streambus.protocol.fetch_sessions import FetchContext, FetchPartition
+from streambus.quotas import FETCH
 from streambus.records.batch import header_values, iter_records, payload_bytes, walk_batches
 from streambus.structs import TopicPartition
 
@@ -81,14 +90,18 @@ class _Read:
 @routes.api(FetchRequest, FetchResponse, versions=(4, 12), encoder=encode_spliced)
 async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     started = time.perf_counter()
-    wanted = [
-        _Wanted(t.topic, p.partition, p.fetch_offset, p.partition_max_bytes, _epoch(p))
-        for t in request.topics
-        for p in t.partitions
-    ]
     # A broker's follower fetch (replica id >= 0) reads to the log end and reports its
     # progress; a consumer's (-1) reads below the high watermark only.
     replica_id = request.replica_id
+    try:
+        session = _session(services, ctx, request)
+    except StreamBusError as exc:  # 70, 71: the client starts over with a full request
+        services.telemetry.error("Fetch", exc.kafka_name)
+        return SplicedFetch(
+            FetchResponse(throttle_time_ms=0, error_code=exc.errno, session_id=0, responses=[]),
+            [],
+        )
+    wanted = session.wanted
     committed = replica_id < 0 and request.isolation_level == READ_COMMITTED
     asked = request.max_bytes if ctx.api_version >= 3 else 2**31 - 1
     max_bytes = min(asked, services.config.fetch_max_bytes)
@@ -115,22 +128,38 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
         await services.partitions.wait_for_append(tps, remaining, ctx.closed)
         if ctx.closed is not None and ctx.closed.done():
             raise ConnectionClosedError("client closed during a long poll")
+    reads = session.answer(reads)
     if replica_id >= 0:
         _count_errors(services, reads)
-        return await _response(request, reads)
+        return await _response(request, reads, session.session_id)
     await _account(services, reads)
     elapsed = time.perf_counter() - started
     for topic in {r.topic for r in reads}:
         services.telemetry.consume_latency(topic, elapsed)
-    return await _response(request, reads)
+    # Kafka's fetch quota: the bytes handed out count; over the quota, the connection
+    # is muted for the throttle time after this answer (before it, for v7 and older).
+    throttle = services.quotas.record(FETCH, ctx.client_id, sum(len(r.records) for r in reads))
+    ctx.throttle.ms, ctx.throttle.delay_response = throttle, ctx.api_version < 8
+    return await _response(request, reads, session.session_id, throttle)
 
 
-class _Wanted(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    max_bytes: int
-    leader_epoch: int  # current_leader_epoch (v9+), -1 when not given
+def _session(services: BrokerServices, ctx: RequestContext, request: Any) -> FetchContext:
+    wanted = [
+        FetchPartition(t.topic, p.partition, p.fetch_offset, p.partition_max_bytes, _epoch(p))
+        for t in request.topics
+        for p in t.partitions
+    ]
+    if ctx.api_version < 7:
+        return FetchContext(wanted)
+    forgotten = [(t.topic, p) for t in request.forgotten_topics_data or () for p in t.partitions]
+    return services.fetch_sessions.context(
+        ctx.api_version,
+        request.session_id,
+        request.session_epoch,
+        wanted,
+        forgotten,
+        privileged=request.replica_id >= 0,
+    )
 
 
 def _epoch(p: Any) -> int:
@@ -140,7 +169,7 @@ def _epoch(p: Any) -> int:
 
 async def _read_all(
     services: BrokerServices,
-    wanted: Sequence[_Wanted],
+    wanted: Sequence[FetchPartition],
     max_bytes: int,
     replica_id: int = -1,
     committed: bool = False,
@@ -309,7 +338,9 @@ def _traceparents(reads: list[_Read]) -> list[bytes]:
     return list(found)
 
 
-async def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
+async def _response(
+    request: Any, reads: list[_Read], session_id: int = 0, throttle_ms: int = 0
+) -> SplicedFetch:
     token = new_token()
     by_topic: dict[str, list[Any]] = {}
     parts: list[tuple[Any, bytes, Records]] = []
@@ -341,9 +372,9 @@ async def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
             parts.append((data, marker, read.records))
         by_topic.setdefault(read.topic, []).append(data)
     response = FetchResponse(
-        throttle_time_ms=0,
+        throttle_time_ms=throttle_ms,
         error_code=0,
-        session_id=0,
+        session_id=session_id,
         responses=[
             FetchResponse.FetchableTopicResponse(topic=topic, partitions=partitions)
             for topic, partitions in by_topic.items()
@@ -352,21 +383,31 @@ async def _response(request: Any, reads: list[_Read]) -> SplicedFetch:
     return SplicedFetch(response, parts)
 
 
-@routes.api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 6))
+# v7 asks for the record with the largest timestamp (-3), v8 for the earliest local
+# offset (-4), v9 for the latest tiered offset (-5), v10 adds a timeout for tiered reads;
+# all answered (no tiered storage: -4 is the log start, -5 has no offset). v11's -6
+# (earliest pending upload) is not served.
+@routes.api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 10))
 async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = ListOffsetsResponse
     topics = []
+    asked = Counter(
+        TopicPartition(t.name, p.partition_index) for t in request.topics for p in t.partitions
+    )
     for topic in request.topics:
         parts = []
         for p in topic.partitions:
             error, timestamp, offset, epoch = 0, -1, -1, -1
             try:
                 tp = TopicPartition(topic.name, p.partition_index)
+                if asked[tp] > 1:  # Kafka answers each copy of a repeated one so
+                    raise InvalidRequestError(f"{tp.topic}-{tp.partition} asked twice")
                 services.partitions.check_epoch(tp, _epoch(p))
                 timestamp, offset = services.partitions.list_offset(
                     tp, p.timestamp, committed=request.isolation_level == READ_COMMITTED
                 )
-                epoch = services.partitions.leader_epoch(tp)
+                if offset >= 0:  # no offset found: no epoch either
+                    epoch = services.partitions.leader_epoch(tp)
             except StreamBusError as exc:
                 error = exc.errno
                 services.telemetry.error("ListOffsets", exc.kafka_name)

@@ -29,6 +29,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("streambus.protocol")
 routes = ApiRoutes()
 
+# Authorized operations (KIP-430): a 32-bit field of Kafka's AclOperation codes, here the
+# set of codes (the protocol library packs it; None is Kafka's "not requested", bit 31).
+# With no authorizer Kafka allows every operation its ACLs know for the resource type.
+#   topic:   READ 3, WRITE 4, CREATE 5, DELETE 6, ALTER 7, DESCRIBE 8,
+#            DESCRIBE_CONFIGS 10, ALTER_CONFIGS 11                      (bit field 3576)
+#   cluster: CREATE 5, ALTER 7, DESCRIBE 8, CLUSTER_ACTION 9, DESCRIBE_CONFIGS 10,
+#            ALTER_CONFIGS 11, IDEMPOTENT_WRITE 12                      (bit field 8096)
+TOPIC_OPERATIONS = frozenset({3, 4, 5, 6, 7, 8, 10, 11})
+CLUSTER_OPERATIONS = frozenset({5, 7, 8, 9, 10, 11, 12})
+
+
+def _operations(asked: Any, operations: frozenset[int]) -> set[int] | None:
+    return set(operations) if asked else None
+
 
 @routes.api(ApiVersionsRequest, ApiVersionsResponse, versions=(0, 3))
 async def handle_api_versions(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
@@ -75,6 +89,9 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
                 errors[name] = UnknownTopicOrPartitionError.errno
 
     cluster = services.quorum.state  # as it is after any auto-creation
+    topic_ops = _operations(
+        getattr(request, "include_topic_authorized_operations", False), TOPIC_OPERATIONS
+    )
     topics = []
     for name in names:
         error = errors.get(name, 0)
@@ -118,7 +135,13 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
                 topic_id=meta.topic_id,
                 is_internal=meta.internal,
                 partitions=partitions,
+                authorized_operations=topic_ops,
             )
+        )
+    fields: dict[str, Any] = {}
+    if 8 <= version <= 10:
+        fields["authorized_operations"] = _operations(
+            request.include_cluster_authorized_operations, CLUSTER_OPERATIONS
         )
     return R(
         throttle_time_ms=0,
@@ -129,6 +152,7 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
         cluster_id=services.cluster_id,
         controller_id=services.controller_id(),
         topics=topics,
+        **fields,
     )
 
 
@@ -167,7 +191,9 @@ async def handle_describe_cluster(
             R.DescribeClusterBroker(broker_id=b.node_id, host=b.host, port=b.port, rack=None)
             for b in live_brokers(services)
         ],
-        authorized_operations=None,  # not computed (encoded as Kafka's "not requested")
+        authorized_operations=_operations(
+            request.include_cluster_authorized_operations, CLUSTER_OPERATIONS
+        ),
         **fields,
     )
 

@@ -5,7 +5,8 @@ idempotent producers, and stored exactly as it arrived apart from its base
 offset, all by the partition service (``streambus.partitions``). acks=all and
 acks=1 are the same on a single broker: the batch is in the log (written to
 the OS, so it survives the broker process dying) before the response goes
-out. acks=0 gets no response at all.
+out. acks=0 gets no response at all. A producer over its byte-rate quota is
+answered with a throttle time and its connection muted (``streambus.quotas``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from streambus.errors import (
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
 from streambus.protocol.apis import ApiRoutes, Chunk, RequestContext, encode_response
 from streambus.protocol.transactions import init_transactional_producer
+from streambus.quotas import PRODUCE
 from streambus.records.batch import (
     header_values,
     walk_batches,
@@ -117,9 +119,14 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
             _finish_span(span, topics_out)
         if rejected:
             _log_rejections(ctx, rejected)
+    # Kafka's produce quota: the record bytes of the request count; over the quota, the
+    # connection is muted for the throttle time after the answer (before it, below v6).
+    produced = sum(len(pd.records or b"") for td in request.topic_data for pd in td.partition_data)
+    throttle = services.quotas.record(PRODUCE, ctx.client_id, produced)
+    ctx.throttle.ms, ctx.throttle.delay_response = throttle, ctx.api_version < 6
     if acks == 0:
         return None
-    response = ProduceResponse(responses=topics_out, throttle_time_ms=0)
+    response = ProduceResponse(responses=topics_out, throttle_time_ms=throttle)
     if done > ENCODE_IN_THREAD_OVER:
         # Encoding costs about as much per partition as appending; for a response this
         # large it would hold the loop in one piece, so a worker thread does it.

@@ -328,7 +328,9 @@ class ReplicaFetcher:
             self._rest(tp, fetching, f"Fetch: {error_name(p.error_code)}")
             return
         try:
-            await service.append_replicated(tp, p.records or b"", p.high_watermark)
+            await service.append_replicated(
+                tp, p.records or b"", p.high_watermark, p.log_start_offset
+            )
         except StreamBusError as exc:
             # Not the offset we asked for (the leader's log changed under us): truncate again.
             fetching.truncated = False

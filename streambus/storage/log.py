@@ -117,6 +117,10 @@ CHECKPOINT_FILE = "leo.checkpoint"
 # High watermark checkpoint, same format: the offset below which every record is on
 # every in-sync replica, so a restart does not show consumers less than they saw.
 HW_CHECKPOINT_FILE = "hw.checkpoint"
+# Log start offset checkpoint, same format (Kafka's log-start-offset-checkpoint, kept per
+# partition here): DeleteRecords may move the log start into the first segment, above its
+# base offset, and that must outlive a restart. Absent: the first segment's base offset.
+LOG_START_CHECKPOINT_FILE = "log-start.checkpoint"
 _CHECKPOINT_VERSION = "0"
 
 
@@ -250,6 +254,9 @@ class PartitionLog:
         self._synced_end = -1  # log end offset covered by the last completed fsync
         self._cleaning: CompactionJob | None = None
         self._epochs = LeaderEpochCache(directory)  # replaced by open's
+        # A log start above the first segment's base (DeleteRecords); -1: that base.
+        self._start = -1
+        self._start_checkpointed = -1
         self._high_watermark = self.log_start_offset
         self._hw_checkpointed = -1  # last high watermark written to its checkpoint
         # Bumped by every truncation: an fsync waiter whose offsets may have gone stops.
@@ -297,6 +304,9 @@ class PartitionLog:
         for segment in segments:
             plog._report(segment, segment.take_found())
         plog._resume_at_checkpoint(now_ms)
+        plog._start = plog._start_checkpointed = _read_checkpoint(
+            directory / LOG_START_CHECKPOINT_FILE
+        )
         epochs, rebuild = LeaderEpochCache.load(directory)
         plog._epochs = epochs
         # One walk over the headers feeds both: the producers' batches and the epochs
@@ -566,7 +576,47 @@ class PartitionLog:
 
     @property
     def log_start_offset(self) -> int:
-        return self._segments[0].base_offset
+        """The first offset a reader may ask for: the first segment's base offset, or
+        above it once DeleteRecords moved it (never past the log end)."""
+        base = self._segments[0].base_offset
+        return base if self._start <= base else min(self._start, self.log_end_offset)
+
+    def advance_log_start(self, offset: int) -> list[Segment]:
+        """Move the log start offset up to ``offset`` (DeleteRecords, or a follower after
+        its leader), at most to the log end; a lower ``offset`` changes nothing. Segments
+        wholly below it are taken out of the log (the active one too, when the log start
+        reaches the log end: a new one is rolled); the caller deletes their files and
+        writes the checkpoint (``persist_log_start``), both may run in a worker thread."""
+        offset = min(offset, self.log_end_offset)
+        if offset <= self.log_start_offset:
+            return []
+        self._start = offset
+        if offset == self.log_end_offset and self._active.size and self._cleaning is None:
+            self.roll()
+        doomed = self._detach_below_start()
+        self._after_head_moved()
+        return doomed
+
+    def _detach_below_start(self) -> list[Segment]:
+        """Segments below the log start offset, taken out of the log (not while a
+        compaction works on that prefix: the next maintenance run takes them)."""
+        doomed: list[Segment] = []
+        if self._cleaning is not None:
+            return doomed
+        while len(self._segments) > 1 and self._segments[1].base_offset <= self._start:
+            doomed.append(self._detach_oldest(f"below the log start offset {self._start}"))
+        return doomed
+
+    def persist_log_start(self) -> None:
+        """Write the log start offset's checkpoint, fsynced (DeleteRecords is answered
+        after it: records acknowledged as deleted must not come back after a crash)."""
+        start = self.log_start_offset
+        if start == self._start_checkpointed or (
+            self._start_checkpointed < 0 and start == self._segments[0].base_offset
+        ):
+            return  # no file stands for the first segment's base offset
+        _write_offset_file(self.directory / LOG_START_CHECKPOINT_FILE, start, durable=True)
+        self._start_checkpointed = start
 
     @property
     def log_end_offset(self) -> int:
@@ -1164,11 +1214,33 @@ class PartitionLog:
         return LogSlice(spans, b"".join(chunks) if len(chunks) != 1 else chunks[0])
 
     def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
-        """(offset, timestamp) of the first record stamped at or after ``timestamp_ms``."""
+        """(offset, timestamp) of the first record at or above the log start offset
+        stamped at or after ``timestamp_ms``."""
         for segment in self._segments:
             found = segment.find_timestamp(timestamp_ms)
             if found is not None:
-                return self._first_record_at(segment, *found, timestamp_ms)
+                offset, ts = self._first_record_at(segment, *found, timestamp_ms)
+                if offset >= self.log_start_offset:
+                    return offset, ts
+                return self._first_record_from(self.log_start_offset, timestamp_ms)
+        return None
+
+    def _first_record_from(self, start: int, timestamp_ms: int) -> tuple[int, int] | None:
+        """``offset_for_timestamp`` when its answer lies below the log start (records
+        DeleteRecords removed inside the first segment): the batches from ``start`` on."""
+        for segment in self._segments[self._segment_index(start) :]:
+            if segment.max_timestamp < timestamp_ms:
+                continue
+            for pos, header in segment.iter_headers(segment.lookup(start) or 0):
+                if header.last_offset < start or header.max_timestamp < timestamp_ms:
+                    continue
+                data = segment.read(pos, header.size)
+                try:
+                    for record in iter_records(data, 0, header):
+                        if record.offset >= start and record.timestamp >= timestamp_ms:
+                            return record.offset, record.timestamp
+                except StreamBusError:  # a codec this broker lacks: the batch is close enough
+                    return max(header.base_offset, start), header.max_timestamp
         return None
 
     def max_timestamp_offset(self) -> tuple[int, int] | None:
@@ -1300,6 +1372,7 @@ class PartitionLog:
             for segment in doomed:
                 segment.delete()
             self._segments[:] = [fresh]
+            self._start = offset
             fsync_dir(self.directory)
         except OSError as exc:
             raise KafkaStorageError(f"{self.directory}: truncation failed: {exc}") from exc
@@ -1329,7 +1402,9 @@ class PartitionLog:
         self._epochs.truncate_from_end(end)
         self._epochs.truncate_from_start(self.log_start_offset)
         self._high_watermark = min(max(self._high_watermark, self.log_start_offset), end)
+        self._start = min(self._start, end)
         self.flush()  # fsyncs the cut segment, writes both checkpoints at the new end
+        self.persist_log_start()
 
     # -- cleanup ---------------------------------------------------------------
 
@@ -1366,9 +1441,15 @@ class PartitionLog:
         goes while a compaction works on that prefix.
         """
         config = self._config
-        if not config.cleanup_policy.deletes or self._cleaning is not None:
+        if self._cleaning is not None:
             return []
-        doomed: list[Segment] = []
+        # Whatever the cleanup policy, segments below a moved log start go (Kafka's
+        # deleteLogStartOffsetBreachedSegments).
+        doomed = self._detach_below_start()
+        if not config.cleanup_policy.deletes:
+            if doomed:
+                self._after_head_moved()
+            return doomed
         if config.retention_ms >= 0:
             while len(self._segments) > 1:
                 age = now_ms - self._segments[0].largest_time_ms
@@ -1386,14 +1467,18 @@ class PartitionLog:
                 doomed.append(self._detach_oldest(reason))
                 size -= oldest
         if doomed:
-            start = self.log_start_offset
-            self._producers.truncate_head(start)
-            self._aborted.truncate_head(start)
-            # Not fsynced on the loop: open trims the cache to the log start again.
-            if self._epochs.truncate_from_start(start, persist=False):
-                self._epochs.persist(durable=False)
-            self._high_watermark = max(self._high_watermark, start)
+            self._after_head_moved()
         return doomed
+
+    def _after_head_moved(self) -> None:
+        """Bring the state kept per offset in line with a higher log start offset."""
+        start = self.log_start_offset
+        self._producers.truncate_head(start)
+        self._aborted.truncate_head(start)
+        # Not fsynced on the loop: open trims the cache to the log start again.
+        if self._epochs.truncate_from_start(start, persist=False):
+            self._epochs.persist(durable=False)
+        self._high_watermark = max(self._high_watermark, start)
 
     def compact(self, now_ms: int) -> bool:
         """Keep the latest record per key in closed segments, inline; True if anything

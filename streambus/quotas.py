@@ -1,0 +1,232 @@
+"""Client quotas enforced the Kafka way: byte rates per (user, client id), measured
+over a window of samples, paid for with throttle time.
+
+The quota table is replicated metadata (``ClusterState.client_quotas``, changed by
+``AlterClientQuota`` records), so every broker enforces the same quotas; each
+broker measures only the bytes it serves, as Kafka's brokers do.
+
+Measurement follows Kafka's ``Rate`` over ``quota.window.num`` samples of
+``quota.window.size.seconds`` each: the rate is the bytes of the live samples
+over the time they span, never less than ``num - 1`` windows (so the first
+burst of a new client is spread over the whole window, not over its first
+millisecond). A request that takes the rate over the quota is answered with
+``throttle_time_ms = (rate - quota) / quota * window`` (at most the whole
+window), and the server mutes the connection that long: it reads none of its
+requests until then (``streambus.server``).
+
+Which quota applies is Kafka's precedence, per quota key: (user, client-id),
+(user, default client-id), (user), (default user, client-id), (default user,
+default client-id), (default user), (client-id), (default client-id). The
+matched entry also says who shares a rate: a quota on client-id ``x`` is one
+rate for every connection named ``x``; a default one is a rate per client id.
+
+Until the broker authenticates clients every connection is the user
+``ANONYMOUS``, so user quotas apply through the default user entity (or an
+entry naming ``ANONYMOUS``).
+
+A single broker's quorum lives in memory; its quota table is kept durable in
+``client_quotas.json`` in the data dir (written whole, atomically, on each
+change, and replayed at start). A cluster's Raft log keeps it instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from streambus.cluster.client_quotas import (
+    CLIENT_ID,
+    CONSUMER_BYTE_RATE,
+    PRODUCER_BYTE_RATE,
+    USER,
+    QuotaEntity,
+    QuotaTable,
+    table_from_wire,
+    table_to_wire,
+)
+from streambus.cluster.quorum import LocalQuorum, Quorum
+from streambus.cluster.records import AlterClientQuota, Result
+from streambus.errors import KafkaStorageError
+from streambus.storage.datadir import write_atomically
+
+if TYPE_CHECKING:
+    from streambus.instrumentation import BrokerTelemetry
+
+log = logging.getLogger("streambus.quotas")
+
+ANONYMOUS = "ANONYMOUS"  # Kafka's principal for unauthenticated connections
+PRODUCE = "produce"
+FETCH = "fetch"
+_KEYS = {PRODUCE: PRODUCER_BYTE_RATE, FETCH: CONSUMER_BYTE_RATE}
+# Resolved quotas cached per client id; the cache is dropped whole when metadata changes
+# or when it grows past this (client ids are the client's to choose).
+RESOLVED_MAX = 10_000
+# Rates of clients not seen for a whole window are dropped (their samples would all be
+# obsolete anyway) once there are this many.
+PRUNE_OVER = 1_000
+FILE_NAME = "client_quotas.json"
+# client_quotas.json: {"v": 1, "quotas": [[[[type, name or null], ...], {key: value}], ...]}
+FILE_VERSION = 1
+
+
+def _candidates(user: str, client_id: str) -> tuple[QuotaEntity, ...]:
+    """Kafka's precedence, most specific first (entities sorted by type)."""
+    c, u = (CLIENT_ID, client_id), (USER, user)
+    dc, du = (CLIENT_ID, None), (USER, None)
+    return ((c, u), (dc, u), (u,), (c, du), (dc, du), (du,), (c,), (dc,))
+
+
+class Rate:
+    """Kafka's sampled ``Rate``: [start, bytes] samples, at most ``num``."""
+
+    __slots__ = ("samples",)
+
+    def __init__(self) -> None:
+        self.samples: collections.deque[list[float]] = collections.deque()
+
+    def record(self, value: float, now: float, window: float, num: int) -> None:
+        if not self.samples or now - self.samples[-1][0] >= window:
+            self.samples.append([now, 0.0])
+            if len(self.samples) > num:
+                self.samples.popleft()
+        self.samples[-1][1] += value
+
+    def measure(self, now: float, window: float, num: int) -> tuple[float, float]:
+        """(bytes per second, the seconds that rate is measured over)."""
+        samples = self.samples
+        while samples and now - samples[0][0] >= window * num:
+            samples.popleft()
+        if not samples:
+            return 0.0, window
+        span = max(now - samples[0][0], window * max(num - 1, 1))
+        return sum(s[1] for s in samples) / span, span
+
+    def last_used(self) -> float:
+        return self.samples[-1][0] if self.samples else float("-inf")
+
+
+class QuotaManager:
+    def __init__(
+        self,
+        quorum: Callable[[], Quorum],
+        telemetry: BrokerTelemetry,
+        data_dir: Path,
+        *,
+        window_num: int = 11,
+        window_size_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._quorum = quorum
+        self._telemetry = telemetry
+        self._path = Path(data_dir) / FILE_NAME
+        self.window_num = window_num
+        self.window_s = window_size_s
+        self._clock = clock
+        self._resolved: dict[tuple[str, str, str], tuple[float, tuple[object, ...]] | None] = {}
+        self._resolved_version = -1
+        self._rates: dict[tuple[object, ...], Rate] = {}
+        self._pruned_at = 0.0
+
+    # -- the table ------------------------------------------------------------------------
+    @property
+    def table(self) -> QuotaTable:
+        return self._quorum().state.client_quotas
+
+    def quota_for(self, kind: str, client_id: str, user: str = ANONYMOUS) -> float | None:
+        found = self._resolve(kind, user, client_id)
+        return None if found is None else found[0]
+
+    def _resolve(
+        self, kind: str, user: str, client_id: str
+    ) -> tuple[float, tuple[object, ...]] | None:
+        state = self._quorum().state
+        if state.metadata_version != self._resolved_version or len(self._resolved) > RESOLVED_MAX:
+            self._resolved.clear()
+            self._resolved_version = state.metadata_version
+        cache_key = (kind, user, client_id)
+        if cache_key in self._resolved:
+            return self._resolved[cache_key]
+        found: tuple[float, tuple[object, ...]] | None = None
+        table = state.client_quotas
+        if table:
+            key = _KEYS[kind]
+            for entity in _candidates(user, client_id):
+                value = table.get(entity, {}).get(key)
+                if value is not None:
+                    # Who shares the rate: the entity, with default names made concrete.
+                    actual = {USER: user, CLIENT_ID: client_id}
+                    found = (value, (kind, *((t, actual[t]) for t, _ in entity)))
+                    break
+        self._resolved[cache_key] = found
+        return found
+
+    # -- enforcement ------------------------------------------------------------------------
+    def record(self, kind: str, client_id: str | None, nbytes: int) -> int:
+        """Count ``nbytes`` served to this client; the throttle time (ms) it has earned."""
+        found = self._resolve(kind, ANONYMOUS, client_id or "")
+        if found is None:
+            return 0
+        quota, sensor = found
+        now = self._clock()
+        rate = self._rates.get(sensor)
+        if rate is None:
+            self._prune(now)
+            rate = self._rates[sensor] = Rate()
+        rate.record(nbytes, now, self.window_s, self.window_num)
+        observed, span = rate.measure(now, self.window_s, self.window_num)
+        throttle_s = 0.0
+        if observed > quota:
+            throttle_s = min((observed - quota) / quota * span, self.window_s * self.window_num)
+        self._telemetry.throttle_time(kind, throttle_s)
+        return round(throttle_s * 1000)
+
+    def _prune(self, now: float) -> None:
+        horizon = self.window_s * self.window_num
+        if len(self._rates) < PRUNE_OVER or now - self._pruned_at < self.window_s:
+            return
+        self._pruned_at = now
+        for sensor, rate in list(self._rates.items()):
+            if now - rate.last_used() >= horizon:
+                del self._rates[sensor]
+
+    # -- changes, and their durability on a single broker ------------------------------------
+    async def submit(self, record: AlterClientQuota) -> Result:
+        quorum = self._quorum()
+        result = await quorum.submit(record)
+        if result.ok and isinstance(quorum, LocalQuorum):
+            content = json.dumps(
+                {"v": FILE_VERSION, "quotas": table_to_wire(quorum.state.client_quotas)}
+            ).encode()
+            try:
+                await asyncio.to_thread(write_atomically, self._path, content)
+            except OSError as exc:
+                raise KafkaStorageError(f"cannot write {self._path}: {exc}") from exc
+        return result
+
+    def load_local(self) -> None:
+        """A single broker: replay ``client_quotas.json`` into its in-memory quorum."""
+        quorum = self._quorum()
+        if not isinstance(quorum, LocalQuorum):
+            return
+        try:
+            raw = self._path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            wire = json.loads(raw)
+            if wire.get("v") != FILE_VERSION:
+                raise ValueError(f"version {wire.get('v')!r} is not {FILE_VERSION}")
+            table = table_from_wire(wire["quotas"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("client quotas in %s not loaded: %s", self._path, exc)
+            return
+        for entity, values in table.items():
+            result = quorum.apply_now(AlterClientQuota(entity, tuple(sorted(values.items()))))
+            if not result.ok:
+                log.warning("client quota %r not loaded: %s", entity, result.message)
