@@ -7,7 +7,7 @@ Layers, top to bottom (an import points down only; tests/test_architecture.py
 keeps it so)::
 
     broker ─► app ─► server ─► protocol.apis ─► protocol.context (BrokerServices)
-                 └─► protocol.{acls,admin,client_quotas,fetch,groups,metadata,produce}
+                 └─► protocol.{acls,admin,client_quotas,configs,fetch,groups,metadata,produce}
     broker, protocol ─► partitions ─► storage ─► records
                         groups ─┘
 """
@@ -20,6 +20,7 @@ from streambus.protocol import (
     admin,
     admin_data,
     client_quotas,
+    configs,
     consumer_groups,
     fetch,
     groups,
@@ -39,6 +40,7 @@ APIS: dict[int, ApiSpec] = build_table(
     fetch.routes,
     replication.routes,
     admin.routes,
+    configs.routes,
     admin_data.routes,
     groups.routes,
     consumer_groups.routes,

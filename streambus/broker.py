@@ -382,6 +382,30 @@ class Broker:
     ) -> TopicState:
         return self.cluster.create_topic(name, partitions, overrides, validate_only=validate_only)
 
+    async def alter_topic_configs(
+        self,
+        name: str,
+        changes: Mapping[str, str | None],
+        *,
+        replace: bool = False,
+        validate_only: bool = False,
+    ) -> None:
+        await self.cluster.alter_topic_configs(
+            name, changes, replace=replace, validate_only=validate_only
+        )
+
+    async def alter_broker_configs(
+        self,
+        entity: str,
+        changes: Mapping[str, str | None],
+        *,
+        replace: bool = False,
+        validate_only: bool = False,
+    ) -> None:
+        await self.cluster.alter_broker_configs(
+            entity, changes, replace=replace, validate_only=validate_only
+        )
+
     async def delete_cluster_topic(self, name: str) -> uuid.UUID:
         return await self.cluster.delete_cluster_topic(name)
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 from streambus.cluster import (
+    AlterBrokerConfigs,
+    AlterTopicConfigs,
     Applied,
     BrokerInfo,
     ChangePartitionLeader,
@@ -42,6 +46,7 @@ from streambus.errors import (
     CoordinatorNotAvailableError,
     DuplicateBrokerRegistrationError,
     ElectionNotNeededError,
+    InvalidConfigError,
     InvalidReplicationFactorError,
     NotControllerError,
     NotCoordinatorError,
@@ -54,11 +59,18 @@ from streambus.groups import OFFSETS_TOPIC
 from streambus.groups.offsets import OFFSETS_TOPIC_CONFIG
 from streambus.partitions import PartitionService
 from streambus.storage import LogManager
+from streambus.storage.datadir import write_atomically
 from streambus.structs import TopicPartition
+from streambus.topic_config import with_dynamic_defaults
 from streambus.transactions.state import TRANSACTION_TOPIC, TRANSACTION_TOPIC_CONFIG
 
 # The broker's logger: these lines read (and filter) as they did when the broker held them.
 log = logging.getLogger("streambus.broker")
+
+# A single broker's dynamic broker configs (its quorum is in memory): JSON, by entity
+# ("" for the cluster default, else the broker id), each a map of Kafka-named settings.
+# Rewritten atomically on every change; a cluster's live in its Raft journal.
+DYNAMIC_CONFIGS_FILE = "dynamic_configs.json"
 
 # ElectLeaders' election types (Kafka's ElectionType)
 PREFERRED_ELECTION = 0
@@ -91,6 +103,7 @@ class ClusterMetadata:
         self._joining: asyncio.Task[None] | None = None
         self.failure: str | None = None  # why this broker cannot go on (a duplicate node id)
         self._failed = asyncio.Event()
+        self._configs_synced = False  # dynamic configs reached local storage once
 
     @property
     def advertised_address(self) -> tuple[str, int]:
@@ -114,6 +127,7 @@ class ClusterMetadata:
         if isinstance(self.quorum, LocalQuorum):
             await self.controller.start()
             self._seed_local(self.quorum)
+            self._load_dynamic_configs(self.quorum)
         else:
             self._joining = asyncio.create_task(self._join(), name="streambus-cluster-join")
 
@@ -161,6 +175,54 @@ class ClusterMetadata:
             if not result.ok:
                 log.warning("topic %r not in the cluster metadata: %s", name, result.message)
 
+    def _load_dynamic_configs(self, quorum: LocalQuorum) -> None:
+        path = Path(self.config.data_dir) / DYNAMIC_CONFIGS_FILE
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            entities = {str(e): {str(k): str(v) for k, v in c.items()} for e, c in saved.items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            log.error("dynamic broker configs in %s ignored: %s", path, exc)
+            return
+        for entity, configs in sorted(entities.items()):
+            record = AlterBrokerConfigs(entity, tuple(sorted(configs.items())), replace=True)
+            result = quorum.apply_now(record)
+            if not result.ok:
+                log.error("dynamic broker configs of %r ignored: %s", entity, result.message)
+        self._sync_configs(quorum.state, save=False)
+
+    def _sync_configs(self, state: ClusterState, *, save: bool) -> None:
+        """Local storage takes the replicated configs: topic defaults from the static ones
+        and the dynamic broker configs (cluster default, then this broker's), and each local
+        topic its overrides (rewriting its topic.json, so a restart finds them)."""
+        self._configs_synced = True
+        try:
+            defaults = with_dynamic_defaults(
+                self.config.topic_defaults, state.broker_configs, self.broker_id
+            )
+        except InvalidConfigError as exc:
+            log.error("dynamic broker configs not applied: %s", exc)
+            defaults = self.config.topic_defaults
+        if defaults != self.logs.defaults:
+            self.logs.set_defaults(defaults)
+            log.info("topic defaults changed by dynamic broker configs")
+        local = self.logs.topics()
+        for name, topic in state.topics.items():
+            here = local.get(name)
+            if here is None or here.topic_id != topic.topic_id:
+                continue
+            if dict(here.overrides) != dict(topic.configs):
+                try:
+                    self.logs.set_overrides(name, topic.configs)
+                except StreamBusError as exc:
+                    log.error("configs of topic %r not stored locally: %s", name, exc)
+        if save:
+            path = Path(self.config.data_dir) / DYNAMIC_CONFIGS_FILE
+            wire = {e: dict(c) for e, c in sorted(state.broker_configs.items())}
+            try:
+                write_atomically(path, json.dumps(wire, indent=1, sort_keys=True).encode())
+            except OSError as exc:
+                log.error("dynamic broker configs not saved to %s: %s", path, exc)
+
     def _reconcile(self, applied: Applied) -> None:
         """Local storage follows the replicated state: logs for topics with a replica here,
         and the logs of a deleted topic (the same topic id only) removed."""
@@ -168,6 +230,8 @@ class ClusterMetadata:
         if not applied.changed:
             return
         record = applied.record
+        if isinstance(record, AlterTopicConfigs | AlterBrokerConfigs) or not self._configs_synced:
+            self._sync_configs(applied.state, save=isinstance(record, AlterBrokerConfigs))
         if isinstance(record, DeleteTopic):
             gone = before.topics.get(record.name)
             local = self.logs.topics().get(record.name) or self.logs.offline_topics().get(
@@ -349,6 +413,44 @@ class ClusterMetadata:
         if failure is not None:
             raise failure
         return self.quorum.state.topics.get(name) or topic
+
+    # -- configs (DescribeConfigs / AlterConfigs / IncrementalAlterConfigs) ------------------
+    async def alter_topic_configs(
+        self,
+        name: str,
+        changes: Mapping[str, str | None],
+        *,
+        replace: bool = False,
+        validate_only: bool = False,
+    ) -> None:
+        """Change a topic's overrides through the quorum (None removes one; ``replace``:
+        ``changes`` are the whole new set). Every broker hosting it applies them at once."""
+        if name not in self.quorum.state.topics:
+            raise UnknownTopicOrPartitionError(f"topic {name!r} does not exist")
+        record = AlterTopicConfigs(name, tuple(sorted(changes.items())), replace=replace)
+        await self._submit_config(record, validate_only)
+
+    async def alter_broker_configs(
+        self,
+        entity: str,
+        changes: Mapping[str, str | None],
+        *,
+        replace: bool = False,
+        validate_only: bool = False,
+    ) -> None:
+        """Change dynamic broker configs (``entity`` "" for every broker, else one id)."""
+        record = AlterBrokerConfigs(entity, tuple(sorted(changes.items())), replace=replace)
+        await self._submit_config(record, validate_only)
+
+    async def _submit_config(
+        self, record: AlterTopicConfigs | AlterBrokerConfigs, validate_only: bool
+    ) -> None:
+        if validate_only:
+            _, result = apply(self.quorum.state, record)  # pure: what it would answer
+        else:
+            result = await self.quorum.submit(record)
+        if not result.ok:
+            raise result.error() or StreamBusError(result.message)
 
     async def elect_leaders(
         self, election_type: int, partitions: Iterable[tuple[str, int]] | None

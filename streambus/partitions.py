@@ -38,9 +38,11 @@ from streambus.errors import (
 from streambus.instrumentation import BrokerTelemetry
 from streambus.payload_sizes import PayloadSizes
 from streambus.records.batch import (
+    HEADER,
     Buffer,
     compression_of,
     parse_batches,
+    recompressed,
     validate_records,
 )
 from streambus.replication.replica import Replica, Role
@@ -295,6 +297,10 @@ class PartitionService:
             raise InvalidRequestError("produce request without records")
         payload = None
         config = self._partition(tp).config
+        codec = _recompress_to(records, config) if origin is AppendOrigin.CLIENT else None
+        if codec is not None:  # the topic's compression.type: a worker thread's CPU work
+            level, limit = config.compression_level(codec), config.max_message_bytes
+            records = await asyncio.to_thread(recompressed, records, codec, level, limit)
         if origin is AppendOrigin.CLIENT and SchemaValidation.wanted(config):
             off_loop = _decompress_off_loop(records, config)
             payload = await self.schema_validation.check(
@@ -835,6 +841,15 @@ def _check_min_isr(replica: Replica, config: TopicConfig, error: type[StreamBusE
             f"{replica.tp.topic}-{replica.tp.partition}: ISR {list(replica.isr)} is smaller "
             f"than min.insync.replicas {config.min_insync_replicas}"
         )
+
+
+def _recompress_to(records: Buffer, config: TopicConfig) -> int | None:
+    """The codec the batch must be rewritten in, None to store it as sent (the topic's
+    compression.type is ``producer`` or the batch's own; a runt is refused by the append)."""
+    codec = config.compression_codec
+    if codec is None or len(records) < HEADER.size or compression_of(records) == codec:
+        return None
+    return codec
 
 
 def _decompress_off_loop(records: Buffer, config: TopicConfig) -> bool:

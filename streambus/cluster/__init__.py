@@ -21,6 +21,7 @@ from streambus.cluster.quorum import (
 )
 from streambus.cluster.records import (
     AllocateProducerIds,
+    AlterBrokerConfigs,
     AlterPartition,
     AlterTopicConfigs,
     BrokerHeartbeat,
@@ -84,6 +85,7 @@ __all__ = [  # noqa: RUF022 - grouped by what a caller does with them
     # records
     "AllocateProducerIds",
     "AlterPartition",
+    "AlterBrokerConfigs",
     "AlterTopicConfigs",
     "BrokerHeartbeat",
     "ChangePartitionLeader",

@@ -121,6 +121,17 @@ class CreatePartitions:
 class AlterTopicConfigs:
     name: str
     configs: tuple[tuple[str, str | None], ...]  # key -> new value, None removes the override
+    replace: bool = False  # True: ``configs`` are the whole new set (Kafka's AlterConfigs)
+
+
+@dataclass(frozen=True, slots=True)
+class AlterBrokerConfigs:
+    """Dynamic broker configs (Kafka's BROKER resource), as topic defaults by their broker
+    names (``log.retention.ms``): for every broker (``entity`` "") or one (its id)."""
+
+    entity: str  # "" for the cluster-wide default, else a broker id in decimal
+    configs: tuple[tuple[str, str | None], ...]  # key -> new value, None removes it
+    replace: bool = False  # True: ``configs`` are the entity's whole new set
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +188,7 @@ Record = (
     | AlterPartition
     | CreatePartitions
     | AlterTopicConfigs
+    | AlterBrokerConfigs
     | AllocateProducerIds
     | SetClusterId
     | AlterClientQuota
@@ -196,6 +208,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         AlterPartition,
         CreatePartitions,
         AlterTopicConfigs,
+        AlterBrokerConfigs,
         AllocateProducerIds,
         SetClusterId,
         AlterClientQuota,

@@ -40,6 +40,7 @@ from streambus.cluster.records import (
     OK,
     AllocateProducerIds,
     AlterAcls,
+    AlterBrokerConfigs,
     AlterClientQuota,
     AlterPartition,
     AlterTopicConfigs,
@@ -76,7 +77,7 @@ from streambus.errors import (
     UnknownTopicOrPartitionError,
 )
 from streambus.storage.catalog import validate_topic_name
-from streambus.topic_config import TopicConfig
+from streambus.topic_config import BROKER_SYNONYMS, TopicConfig, parse_value
 
 NO_LEADER = -1
 MAX_PRODUCER_ID = (1 << 63) - 1  # Kafka's producer ids are int64
@@ -125,6 +126,11 @@ class ClusterState:
     metadata_version: int = 0  # how many applied records changed the state
     cluster_id: str = ""  # "" until the first SetClusterId
     next_producer_id: int = 0  # the first producer id no broker has been given
+    # Dynamic broker configs by entity: "" the cluster-wide default, "<id>" one broker.
+    # Kafka-named broker settings (``log.retention.ms``), each a topic default's synonym.
+    broker_configs: Mapping[str, Mapping[str, str]] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
     # Client quotas by entity (see streambus.cluster.client_quotas)
     client_quotas: client_quotas.QuotaTable = dataclasses.field(
         default_factory=lambda: client_quotas.EMPTY
@@ -275,9 +281,12 @@ def _heartbeat(state: ClusterState, r: BrokerHeartbeat) -> ClusterState:
     return state
 
 
-def _unclean_allowed(topic: TopicState) -> bool:
-    """The topic's own override only: see the module docstring."""
-    return topic.configs.get("unclean.leader.election.enable", "false").lower() == "true"
+def _unclean_allowed(state: ClusterState, topic: TopicState) -> bool:
+    """The topic's own override, else the cluster-wide dynamic default (both replicated;
+    the static broker default is not: see the module docstring)."""
+    key = "unclean.leader.election.enable"
+    default = state.broker_configs.get("", {}).get(key, "false")
+    return topic.configs.get(key, default).lower() == "true"
 
 
 def _changed(p: PartitionState, leader: int, isr: tuple[int, ...]) -> PartitionState:
@@ -304,7 +313,7 @@ def _elect(
     for b in p.replicas:
         if b in isr and state.is_live(b):
             return b, isr
-    if _unclean_allowed(topic):
+    if _unclean_allowed(state, topic):
         for b in p.replicas:
             if state.is_live(b):
                 return b, (b,)
@@ -491,7 +500,7 @@ def _alter_configs(state: ClusterState, r: AlterTopicConfigs) -> ClusterState:
     topic = state.topics.get(r.name)
     if topic is None:
         raise UnknownTopicOrPartitionError(f"topic {r.name!r} does not exist")
-    configs = dict(topic.configs)
+    configs = {} if r.replace else dict(topic.configs)
     for key, value in r.configs:
         if value is None:
             configs.pop(key, None)
@@ -507,6 +516,29 @@ def _alter_configs(state: ClusterState, r: AlterTopicConfigs) -> ClusterState:
     if configs == dict(topic.configs):
         return state
     return _with_topics(state, {r.name: dataclasses.replace(topic, configs=_frozen_map(configs))})
+
+
+def _alter_broker_configs(state: ClusterState, r: AlterBrokerConfigs) -> ClusterState:
+    if not isinstance(r.entity, str) or (r.entity and not r.entity.isdigit()):
+        raise InvalidRequestError(f"broker {r.entity!r} is not a broker id (or '' for all)")
+    configs = {} if r.replace else dict(state.broker_configs.get(r.entity, {}))
+    for key, value in r.configs:
+        topic_key = BROKER_SYNONYMS.get(key)
+        if topic_key is None:
+            raise InvalidRequestError(f"{key} cannot be updated dynamically")
+        if value is None:
+            configs.pop(key, None)
+        else:
+            parse_value(topic_key, value)  # raises InvalidConfigError
+            configs[key] = value
+    if configs == dict(state.broker_configs.get(r.entity, {})):
+        return state
+    entities = dict(state.broker_configs)
+    if configs:
+        entities[r.entity] = _frozen_map(configs)
+    else:
+        entities.pop(r.entity, None)
+    return dataclasses.replace(state, broker_configs=MappingProxyType(entities))
 
 
 def _allocate_producer_ids(
@@ -547,6 +579,7 @@ _HANDLERS: dict[type[Any], _Handler] = {
     AlterPartition: _alter_partition,
     CreatePartitions: _create_partitions,
     AlterTopicConfigs: _alter_configs,
+    AlterBrokerConfigs: _alter_broker_configs,
     AllocateProducerIds: _allocate_producer_ids,
     SetClusterId: _set_cluster_id,
     AlterClientQuota: lambda state, r: dataclasses.replace(
@@ -745,6 +778,7 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "metadata_version": state.metadata_version,
         "cluster_id": state.cluster_id,
         "next_producer_id": state.next_producer_id,
+        "broker_configs": {e: dict(c) for e, c in sorted(state.broker_configs.items())},
         "client_quotas": client_quotas.table_to_wire(state.client_quotas),
         "acls": cluster_acls.to_wire(state.acls),
         "brokers": [
@@ -800,6 +834,12 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         # absent from snapshots written before these were replicated
         str(wire.get("cluster_id", "")),
         int(wire.get("next_producer_id", 0)),
+        broker_configs=MappingProxyType(
+            {
+                str(e): _frozen_map({str(k): str(v) for k, v in c.items()})
+                for e, c in wire.get("broker_configs", {}).items()
+            }
+        ),
         client_quotas=client_quotas.table_from_wire(wire.get("client_quotas")),
         acls=cluster_acls.from_wire(wire.get("acls")),
     )

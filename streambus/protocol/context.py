@@ -100,6 +100,26 @@ class BrokerServices(Protocol):
 
     async def delete_cluster_topic(self, name: str) -> uuid.UUID: ...
 
+    # Dynamic configs go through the quorum too: a topic's overrides, and broker configs
+    # for every broker (entity "") or one (its id).
+    async def alter_topic_configs(
+        self,
+        name: str,
+        changes: Mapping[str, str | None],
+        *,
+        replace: bool = False,
+        validate_only: bool = False,
+    ) -> None: ...
+
+    async def alter_broker_configs(
+        self,
+        entity: str,
+        changes: Mapping[str, str | None],
+        *,
+        replace: bool = False,
+        validate_only: bool = False,
+    ) -> None: ...
+
     # Group coordination: a group lives on the leader of its __consumer_offsets partition.
     async def ensure_offsets_topic(self) -> None: ...
     def group_coordinator(self, group_id: str) -> BrokerInfo: ...

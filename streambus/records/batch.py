@@ -36,7 +36,7 @@ from streambus.errors import (
     InvalidRecordError,
     MessageTooLargeError,
 )
-from streambus.records.compression import MAX_INFLATED_BYTES, inflate
+from streambus.records.compression import MAX_INFLATED_BYTES, deflate, inflate
 
 Buffer = bytes | bytearray | memoryview
 
@@ -620,3 +620,24 @@ def with_attributes(batch: bytes, attributes: int) -> bytes:
     _ATTRIBUTES.pack_into(buf, ATTRIBUTES_OFFSET, current | attributes)
     _rewrite_crc(buf, 0)
     return bytes(buf)
+
+
+def recompressed(data: Buffer, codec: int, level: int, limit: int) -> bytes | Buffer:
+    """``data`` (one checked batch) with its records section in ``codec`` (0: none), as a
+    topic's ``compression.type`` asks; unchanged when it already is, or when it is a
+    control batch. Inflating is bounded by ``limit`` (max.message.bytes); header fields
+    the records do not hold (offsets, timestamps, producer state) stay as they were."""
+    (pos, header), *rest = parse_batches(data)
+    if rest:
+        raise InvalidRecordError(f"expected exactly one record batch, got {len(rest) + 1}")
+    if header.compression == codec or header.attributes & CONTROL_MASK:
+        return data
+    buf, start, end = _records_section(data, pos, header, limit, "max.message.bytes")
+    records = memoryview(buf)[start:end]
+    body = bytes(records) if codec == 0 else deflate(records, codec, level)
+    out = bytearray(memoryview(data)[pos : pos + HEADER.size]) + body
+    LOG_OVERHEAD.pack_into(out, 0, header.base_offset, len(out) - LOG_OVERHEAD.size)
+    attributes = (header.attributes & ~COMPRESSION_MASK) | codec
+    _ATTRIBUTES.pack_into(out, ATTRIBUTES_OFFSET, attributes)
+    _rewrite_crc(out, 0)
+    return bytes(out)

@@ -221,3 +221,32 @@ _DECODERS: dict[int, tuple[str, Callable[[memoryview, int], bytearray]]] = {
     LZ4: ("lz4", _framed(cramjam.lz4.decompress_into, _lz4_content_size)),
     ZSTD: ("zstd", _framed(cramjam.zstd.decompress_into, _zstd_content_size)),
 }
+
+
+# -- compression (a topic's compression.type rewrites batches of another codec) ---------------
+_XERIAL_BLOCK = 32 * 1024  # uncompressed bytes per xerial block, as the Java client writes them
+_XERIAL_VERSION = struct.Struct(">ii")  # version 1, compatible version 1
+
+
+def deflate(records: _Buffer, compression: int, level: int) -> bytes:
+    """``records`` compressed with codec ``compression`` as Kafka's Java client frames it
+    (gzip; xerial-framed snappy; an LZ4 frame of independent blocks, which Kafka's reader
+    requires; a zstd frame). ``level`` is the topic's ``compression.<codec>.level``
+    (gzip -1: zlib's default; snappy has none)."""
+    view = memoryview(records)
+    if compression == GZIP:
+        packer = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
+        return packer.compress(view) + packer.flush()
+    if compression == SNAPPY:
+        out = bytearray(_XERIAL_MAGIC) + _XERIAL_VERSION.pack(1, 1)
+        for start in range(0, len(view), _XERIAL_BLOCK):
+            block = bytes(cramjam.snappy.compress_raw(view[start : start + _XERIAL_BLOCK]))
+            out += _XERIAL_CHUNK.pack(len(block)) + block
+        return bytes(out)
+    if compression == LZ4:
+        frame = cramjam.lz4.Compressor(level, content_checksum=False, block_linked=False)
+        frame.compress(bytes(view))  # the streaming compressor takes bytes only
+        return bytes(frame.finish())
+    if compression == ZSTD:
+        return bytes(cramjam.zstd.compress(view, level=level))
+    raise UnsupportedCompressionTypeError(f"unknown compression type {compression}")

@@ -503,6 +503,38 @@ class LogManager:
         fsync_dir(self._root)
         shutil.rmtree(doomed, ignore_errors=True)
 
+    def set_defaults(self, defaults: TopicConfig) -> None:
+        """New broker-wide topic defaults (dynamic broker configs): every open topic's
+        partitions take its new effective config from their next append or maintenance."""
+        self.defaults = defaults
+        for topic in self._topics.values():
+            self._reconfigure(topic)
+
+    def set_overrides(self, name: str, overrides: Mapping[str, str]) -> TopicMeta:
+        """Replace a topic's overrides (AlterConfigs): topic.json first, then its logs."""
+        topic = self._topics.get(name)
+        if topic is None:
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        self.defaults.with_overrides(overrides)  # raises InvalidConfigError
+        meta = replace(topic.meta, overrides=MappingProxyType(dict(overrides)))
+        try:
+            write_atomically(self._root / name / _META_FILE, _meta_json(meta))
+        except OSError as exc:
+            self.health.failed(f"writing {name}/{_META_FILE}", exc)
+            raise KafkaStorageError(f"storing the configs of topic {name!r} failed: {exc}") from exc
+        topic.meta = meta
+        self._reconfigure(topic)
+        log.info("topic %s overrides now %s", name, dict(meta.overrides))
+        return meta
+
+    def _reconfigure(self, topic: _Topic) -> None:
+        config = self.defaults.with_overrides(topic.meta.overrides)
+        if config == topic.config:
+            return
+        topic.config = config
+        for plog in topic.logs:
+            plog.update_config(config)
+
     def offline_topics(self) -> Mapping[str, OfflineTopic]:
         return MappingProxyType(self._offline)
 
