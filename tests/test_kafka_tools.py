@@ -247,7 +247,6 @@ def test_topics_create_list_alter_partitions_delete(tools: Tools) -> None:
     assert "kt-topics" not in tools.topics("--list").lines
 
 
-@pytest.mark.xfail(reason="needs DescribeConfigs", strict=False)
 def test_topics_describe(tools: Tools) -> None:
     tools.topics(
         "--create", "--topic", "kt-describe", "--partitions", "3", "--replication-factor", "1",
@@ -268,7 +267,6 @@ def test_topics_describe(tools: Tools) -> None:
 # -- kafka-configs -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="needs DescribeConfigs and IncrementalAlterConfigs", strict=False)
 def test_configs_topics_describe_alter(tools: Tools) -> None:
     tools.topics("--create", "--topic", "kt-configs", "--config", "retention.ms=3600000")
     entity = ("--entity-type", "topics", "--entity-name", "kt-configs")
@@ -301,7 +299,6 @@ def test_configs_topics_describe_alter(tools: Tools) -> None:
     assert re.search(r"^\s+retention\.ms=7200000 ", every.stdout, re.M), every
 
 
-@pytest.mark.xfail(reason="needs DescribeConfigs and IncrementalAlterConfigs", strict=False)
 def test_configs_brokers_describe_alter(tools: Tools) -> None:
     every = tools.configs("--describe", "--all", "--entity-type", "brokers", "--entity-name", "1")
     assert every.lines[0] == "All configs for broker 1 are:", every

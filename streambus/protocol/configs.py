@@ -35,6 +35,7 @@ from kafka.protocol.admin import (
     IncrementalAlterConfigsResponse,
 )
 
+from streambus.cluster import acls
 from streambus.config import BrokerConfig
 from streambus.config_docs import BROKER_FIELDS, TOPIC_DOCS
 from streambus.errors import (
@@ -311,6 +312,7 @@ async def handle_describe_configs(
             error_code=0, error_message=None, resource_type=kind, resource_name=name, configs=[]
         )
         try:
+            _authorize(services, ctx, acls.DESCRIBE_CONFIGS, kind, name)
             if kind == Resource.TOPIC:
                 entries = describe_topic(services, name)
             elif kind == Resource.BROKER:
@@ -439,6 +441,16 @@ def _response(results: list[tuple[int, str, StreamBusError | None]], cls: Any) -
     )
 
 
+def _authorize(
+    services: BrokerServices, ctx: RequestContext, operation: int, kind: int, name: str
+) -> None:
+    """Kafka's check: the operation on the topic, or on the cluster for broker resources."""
+    if kind == Resource.TOPIC:
+        services.authorizer.require(ctx, operation, acls.TOPIC, name)
+    else:
+        services.authorizer.require(ctx, operation, acls.CLUSTER)
+
+
 def _duplicate_resources(request: Any) -> set[tuple[int, str]]:
     keys = [(int(r.resource_type), str(r.resource_name)) for r in request.resources]
     return {k for k in keys if keys.count(k) > 1}
@@ -453,6 +465,7 @@ async def handle_alter_configs(services: BrokerServices, ctx: RequestContext, re
         kind, name = int(resource.resource_type), str(resource.resource_name)
         error: StreamBusError | None = None
         try:
+            _authorize(services, ctx, acls.ALTER_CONFIGS, kind, name)
             if (kind, name) in twice:
                 raise InvalidRequestError(f"resource {name!r} appears more than once")
             _no_duplicates([c.name for c in resource.configs])
@@ -489,6 +502,7 @@ async def handle_incremental_alter_configs(
         kind, name = int(resource.resource_type), str(resource.resource_name)
         error: StreamBusError | None = None
         try:
+            _authorize(services, ctx, acls.ALTER_CONFIGS, kind, name)
             if (kind, name) in twice:
                 raise InvalidRequestError(f"resource {name!r} appears more than once")
             _no_duplicates([c.name for c in resource.configs])
