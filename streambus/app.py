@@ -25,6 +25,8 @@ from streambus.protocol import (
     metadata,
     produce,
     replication,
+    sasl,
+    scram_admin,
     transactions,
 )
 from streambus.protocol.apis import ApiSpec, build_table
@@ -43,6 +45,8 @@ APIS: dict[int, ApiSpec] = build_table(
     consumer_groups.routes,
     transactions.routes,
     client_quotas.routes,
+    sasl.routes,
+    scram_admin.routes,
 )
 
 

@@ -36,6 +36,7 @@ from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
 from streambus.replication.fetcher import FetcherSettings
 from streambus.replication.manager import ReplicaManager
+from streambus.security.credentials import CredentialStore
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
@@ -154,6 +155,7 @@ class Broker:
             window_num=config.quota_window_num,
             window_size_s=config.quota_window_size_seconds,
         )
+        self.credentials = CredentialStore(lambda: self.cluster.quorum, self.data_dir)
         self.fetch_sessions = FetchSessionCache(config.max_incremental_fetch_session_cache_slots)
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
@@ -186,6 +188,7 @@ class Broker:
             try:
                 await self.cluster.start(self.local_cluster_id)
                 self.quotas.load_local()
+                self.credentials.load_local()
                 self.replication.start()
             except BaseException:
                 await self.replication.stop()
@@ -383,6 +386,13 @@ class Broker:
     @property
     def advertised_address(self) -> tuple[str, int]:
         return self.config.advertised, self.port
+
+    def listener_address(self, listener: str) -> tuple[str, int]:
+        return self._server.advertised(listener)
+
+    def listener_port(self, listener: str) -> int:
+        """The bound port of listener ``listener`` (tests bind port 0)."""
+        return self._server.listener_port(listener)
 
     @property
     def bootstrap(self) -> str:

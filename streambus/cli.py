@@ -22,6 +22,12 @@ from pathlib import Path
 from streambus.broker import Broker
 from streambus.config import BrokerConfig
 from streambus.errors import StreamBusError
+from streambus.security.cli import (
+    add_security_arguments,
+    add_users_parser,
+    run_users,
+    security_overrides,
+)
 from streambus.storage.datadir import DataDirError
 from streambus.tracefile import add_traces_parser, run_traces
 from telemetry import TelemetryConfig, start_pipeline
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a topic default as Kafka names it, e.g. retention.ms=3600000 (repeatable)",
     )
+    add_security_arguments(serve)
     serve.add_argument("--no-tracing", action="store_true", help="build no tracer provider")
     serve.add_argument(
         "--log-level",
@@ -169,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DEBUG, INFO, WARNING or ERROR (default INFO; also STREAMBUS_LOG_LEVEL)",
     )
     add_traces_parser(sub)
+    add_users_parser(sub)
     return parser
 
 
@@ -194,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "broker_session_timeout_ms": args.broker_session_timeout_ms,
         "replica_lag_time_max_ms": args.replica_lag_time_max_ms,
         "broker_heartbeat_interval_ms": args.broker_heartbeat_interval_ms,
+        **security_overrides(args),
     }
     return BrokerConfig.load(overrides, dict(args.topic_config))
 
@@ -238,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "traces":
         return run_traces(args)
+    if args.command == "users":
+        return run_users(args)
     level = args.log_level
     if level is None:
         try:

@@ -154,6 +154,19 @@ class AlterClientQuota:
     ops: tuple[tuple[str, float | None], ...]  # quota key -> new value, None removes it
 
 
+@dataclass(frozen=True, slots=True)
+class AlterScramCredential:
+    """Set or delete one user's SCRAM credential for one mechanism (Kafka's
+    UserScramCredentialRecord); see ``streambus.cluster.scram_credentials``."""
+
+    user: str
+    mechanism: str  # SCRAM-SHA-256 or SCRAM-SHA-512
+    salt: str = ""  # base64; the three byte strings are empty for a deletion
+    stored_key: str = ""  # base64 of H(ClientKey)
+    server_key: str = ""  # base64 of HMAC(SaltedPassword, "Server Key")
+    iterations: int = 0  # 0: delete the credential
+
+
 Record = (
     RegisterBroker
     | BrokerHeartbeat
@@ -168,6 +181,7 @@ Record = (
     | AllocateProducerIds
     | SetClusterId
     | AlterClientQuota
+    | AlterScramCredential
 )
 
 RECORD_TYPES: dict[str, type[Any]] = {
@@ -186,6 +200,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         AllocateProducerIds,
         SetClusterId,
         AlterClientQuota,
+        AlterScramCredential,
     )
 }
 

@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from streambus.cluster import client_quotas
+from streambus.cluster import client_quotas, scram_credentials
 from streambus.cluster.records import (
     OK,
     AllocateProducerIds,
     AlterClientQuota,
     AlterPartition,
+    AlterScramCredential,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
@@ -125,6 +126,10 @@ class ClusterState:
     # Client quotas by entity (see streambus.cluster.client_quotas)
     client_quotas: client_quotas.QuotaTable = dataclasses.field(
         default_factory=lambda: client_quotas.EMPTY
+    )
+    # SCRAM credentials by user and mechanism (see streambus.cluster.scram_credentials)
+    scram_credentials: scram_credentials.CredentialTable = dataclasses.field(
+        default_factory=lambda: scram_credentials.EMPTY
     )
 
     def live_brokers(self) -> list[BrokerInfo]:
@@ -542,6 +547,9 @@ _HANDLERS: dict[type[Any], _Handler] = {
     AlterClientQuota: lambda state, r: dataclasses.replace(
         state, client_quotas=client_quotas.altered(state.client_quotas, r)
     ),
+    AlterScramCredential: lambda state, r: dataclasses.replace(
+        state, scram_credentials=scram_credentials.altered(state.scram_credentials, r)
+    ),
 }
 
 
@@ -733,6 +741,7 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "cluster_id": state.cluster_id,
         "next_producer_id": state.next_producer_id,
         "client_quotas": client_quotas.table_to_wire(state.client_quotas),
+        "scram_credentials": scram_credentials.table_to_wire(state.scram_credentials),
         "brokers": [
             [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
             for _, b in sorted(state.brokers.items())
@@ -785,4 +794,5 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         str(wire.get("cluster_id", "")),
         int(wire.get("next_producer_id", 0)),
         client_quotas=client_quotas.table_from_wire(wire.get("client_quotas")),
+        scram_credentials=scram_credentials.table_from_wire(wire.get("scram_credentials")),
     )

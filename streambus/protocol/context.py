@@ -21,6 +21,7 @@ from streambus.partitions import PartitionService
 from streambus.producer_ids import ProducerIdAllocator
 from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
+from streambus.security.credentials import CredentialStore
 from streambus.transactions import TransactionCoordinator
 
 
@@ -52,6 +53,11 @@ class BrokerServices(Protocol):
     def quotas(self) -> QuotaManager: ...
     @property
     def fetch_sessions(self) -> FetchSessionCache: ...
+    @property
+    def credentials(self) -> CredentialStore: ...
+    def listener_address(self, listener: str) -> tuple[str, int]:
+        """Where clients of listener ``listener`` reach this broker (its advertised address)."""
+        ...
 
     @property
     def quorum(self) -> Quorum:

@@ -91,7 +91,10 @@ async def handle_find_coordinator(
             except StreamBusError as exc:
                 err = exc
             else:
-                answers.append((key, info.broker_id, info.host, info.port, 0, None))
+                host, port = info.host, info.port
+                if info.broker_id == services.broker_id:
+                    host, port = services.listener_address(ctx.listener)
+                answers.append((key, info.broker_id, host, port, 0, None))
                 continue
         services.telemetry.error("FindCoordinator", err.kafka_name)
         answers.append((key, -1, "", -1, err.errno, err.message))
