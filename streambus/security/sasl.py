@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from scramp import ScramException, ScramMechanism
-from scramp.core import ScramServer
+from scramp.core import Nonce, ScramServer
 
 from streambus.errors import (
     IllegalSaslStateError,
@@ -163,9 +163,17 @@ class SaslSession:
                 self._scram.set_client_first(text)
                 return self._scram.get_server_first().encode(), None
             server, self._scram = self._scram, None
+            echoed = next((a[2:] for a in text.split(",") if a.startswith("r=")), "")
+            ours = str(server.nonce)
+            if echoed != ours and echoed.endswith(ours):
+                # librdkafka 2.0 (kcat 1.7) echoes its own nonce once more in front; Kafka
+                # accepts a final nonce that ends with the server's (ScramSaslServer), and
+                # the proof still covers the message exactly as the client sent it.
+                server.nonce = Nonce(echoed)
             server.set_client_final(text)
             return server.get_server_final().encode(), "User:" + self._scram_user
         except (ScramException, UnicodeDecodeError, _FailureError) as exc:
+            log.debug("SCRAM exchange with %s failed: %r", self._peer, exc)
             reason = exc.reason if isinstance(exc, _FailureError) else "invalid_credentials"
             raise _FailureError(reason) from None
 
