@@ -284,7 +284,8 @@ def test_principal_from_the_certificate_subject() -> None:
     assert principal_from_cert({"subject": ((("commonName", "a,b"),),)}) == "User:CN=a\\,b"
 
 
-def test_session_lifetime_and_expiry(tmp_path: Path) -> None:
+def test_session_lifetime_and_expiry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="streambus")
     with BrokerThread(
         tmp_path / "data",
         listeners="SASL_PLAINTEXT://127.0.0.1:0",
@@ -303,6 +304,7 @@ def test_session_lifetime_and_expiry(tmp_path: Path) -> None:
                 return False
 
             assert wait_until(closed, timeout=10)
+    assert [r for r in caplog.records if "SASL session expired" in r.getMessage()]
 
 
 def _users(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -405,3 +407,45 @@ def test_confluent_kafka_admin_alters_scram_credentials(broker: BrokerThread) ->
     described = admin.describe_user_scram_credentials(["dave"])
     infos = described["dave"].result(15).scram_credential_infos
     assert [(i.mechanism, i.iterations) for i in infos] == [(ScramMechanism.SCRAM_SHA_512, 8192)]
+
+
+def test_librdkafka_reauthenticates_before_its_session_expires(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """connections.max.reauth.ms with a real client: librdkafka re-authenticates on the
+    same connection before the lifetime it was told, and keeps being served."""
+    import time
+
+    from confluent_kafka import Producer
+
+    caplog.set_level(logging.INFO, logger="streambus")
+    with BrokerThread(
+        tmp_path / "data",
+        listeners="SASL_PLAINTEXT://127.0.0.1:0",
+        connections_max_reauth_ms=1000,
+    ) as b:
+        add_user(b, USER, PASSWORD)
+        labels = {"mechanism": "SCRAM-SHA-256", "listener": "SASL_PLAINTEXT"}
+        producer = Producer(
+            {
+                "bootstrap.servers": address(b, "SASL_PLAINTEXT"),
+                "security.protocol": "SASL_PLAINTEXT",
+                "sasl.mechanism": "SCRAM-SHA-256",
+                "sasl.username": USER,
+                "sasl.password": PASSWORD,
+            }
+        )
+        errors: list[Any] = []
+        delivered = 0
+        deadline = time.monotonic() + 30
+        # produce until the client has authenticated three times (twice more than at start)
+        while total(b.scrape(), ATTEMPTS, **labels) < 4 and time.monotonic() < deadline:
+            producer.produce("reauth", b"x", on_delivery=lambda e, _m: e and errors.append(e))
+            delivered += 1
+            assert producer.flush(10) == 0
+        assert total(b.scrape(), ATTEMPTS, **labels) >= 4
+        assert total(b.scrape(), FAILURES, **labels) == 0
+        assert not errors
+        assert delivered > 1
+        # re-authenticated on its connections: none was closed for an expired session
+        assert not [r for r in caplog.records if "expired" in r.getMessage()]
