@@ -94,7 +94,15 @@ class Broker:
             leadership=QuorumLeadership(lambda: self.cluster.quorum.state, self.broker_id),
         )
         # The quorum and controller, and local storage kept to the replicated state.
-        self.cluster = ClusterMetadata(config, self.partitions, self.logs, port=lambda: self.port)
+        self.cluster = ClusterMetadata(
+            config,
+            self.partitions,
+            self.logs,
+            port=lambda: self.port,
+            listeners=lambda: tuple(
+                (x.name, *self._server.advertised(x.name)) for x in self._server.listeners
+            ),
+        )
         # A single broker's quorum is in memory: its producer_ids file is the durable reservation.
         replicated = self.cluster.cluster_config.replicated
         pid_file = None if replicated else self.data_dir / "producer_ids"

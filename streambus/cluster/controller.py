@@ -67,8 +67,10 @@ class Controller:
         clock: Callable[[], float] = time.monotonic,
         registration_timeout_s: float | None = None,
         cluster_id: str = "",
+        listeners: tuple[tuple[str, str, int], ...] = (),
     ) -> None:
         self.quorum = quorum
+        self.listeners = listeners  # (name, advertised host, port) per listener
         self.config = config
         self.broker_id = config.node_id
         self.host = host  # advertised Kafka address, what Metadata tells clients
@@ -136,7 +138,9 @@ class Controller:
                 await task
 
     async def _register(self) -> None:
-        record = RegisterBroker(self.broker_id, self.host, self.port, self.incarnation)
+        record = RegisterBroker(
+            self.broker_id, self.host, self.port, self.incarnation, self.listeners
+        )
         deadline = self._clock() + self._registration_timeout
         refused: str | None = None  # the last refusal, None while no leader answered
         self._rival_beats = 0

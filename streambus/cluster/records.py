@@ -39,6 +39,9 @@ class RegisterBroker:
     host: str  # the address clients are told to connect to
     port: int  # its Kafka listener port
     incarnation: str  # a UUID the broker draws at each start: tells a restart from a twin
+    # (listener name, advertised host, port) of each listener: Metadata answers a client
+    # with the brokers' addresses on the listener it connected on
+    listeners: tuple[tuple[str, str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

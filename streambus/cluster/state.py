@@ -88,6 +88,17 @@ class BrokerInfo:
     port: int
     incarnation: str  # the UUID of the broker's current start
     fenced: bool  # True: registered but not heartbeating (or not yet unfenced)
+    listeners: tuple[tuple[str, str, int], ...] = ()  # (name, advertised host, port)
+
+    def address(self, listener: str) -> tuple[str, int] | None:
+        """Where clients of ``listener`` reach this broker; the registered address for a
+        broker that registered no listeners, None for one without that listener."""
+        if not self.listeners:
+            return self.host, self.port
+        for name, host, port in self.listeners:
+            if name == listener:
+                return host, port
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,15 +260,19 @@ def _register(state: ClusterState, r: RegisterBroker) -> ClusterState:
         raise InvalidRequestError(f"broker id {r.broker_id!r} is not a non-negative integer")
     old = state.brokers.get(r.broker_id)
     if old is not None and old.incarnation == r.incarnation:
-        if (old.host, old.port) == (r.host, r.port):
+        if (old.host, old.port, old.listeners) == (r.host, r.port, r.listeners):
             return state  # a retried registration
-        return _with_broker(state, dataclasses.replace(old, host=r.host, port=r.port))
+        return _with_broker(
+            state, dataclasses.replace(old, host=r.host, port=r.port, listeners=r.listeners)
+        )
     if old is not None and not old.fenced:
         raise DuplicateBrokerRegistrationError(
             f"broker {r.broker_id} is registered and live as another incarnation "
             f"({old.host}:{old.port}); a restart is accepted once that one is fenced"
         )
-    return _with_broker(state, BrokerInfo(r.broker_id, r.host, r.port, r.incarnation, True))
+    return _with_broker(
+        state, BrokerInfo(r.broker_id, r.host, r.port, r.incarnation, True, r.listeners)
+    )
 
 
 def _heartbeat(state: ClusterState, r: BrokerHeartbeat) -> ClusterState:
@@ -743,7 +758,7 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "client_quotas": client_quotas.table_to_wire(state.client_quotas),
         "scram_credentials": scram_credentials.table_to_wire(state.scram_credentials),
         "brokers": [
-            [b.broker_id, b.host, b.port, b.incarnation, b.fenced]
+            [b.broker_id, b.host, b.port, b.incarnation, b.fenced, [list(x) for x in b.listeners]]
             for _, b in sorted(state.brokers.items())
         ],
         "topics": [
@@ -767,7 +782,15 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
     if wire.get("v") != 1:
         raise ValueError(f"cluster state version {wire.get('v')!r} is not 1")
     brokers = {
-        int(b[0]): BrokerInfo(int(b[0]), str(b[1]), int(b[2]), str(b[3]), bool(b[4]))
+        int(b[0]): BrokerInfo(
+            int(b[0]),
+            str(b[1]),
+            int(b[2]),
+            str(b[3]),
+            bool(b[4]),
+            # absent from snapshots written before listeners were registered
+            tuple((str(n), str(h), int(p)) for n, h, p in (b[5] if len(b) > 5 else ())),
+        )
         for b in wire["brokers"]
     }
     topics = {

@@ -91,9 +91,10 @@ async def handle_find_coordinator(
             except StreamBusError as exc:
                 err = exc
             else:
-                host, port = info.host, info.port
                 if info.broker_id == services.broker_id:
                     host, port = services.listener_address(ctx.listener)
+                else:  # its address on the client's listener, as Metadata lists it
+                    host, port = info.address(ctx.listener) or (info.host, info.port)
                 answers.append((key, info.broker_id, host, port, 0, None))
                 continue
         services.telemetry.error("FindCoordinator", err.kafka_name)

@@ -164,15 +164,14 @@ class _Node(NamedTuple):
 
 def live_brokers(services: BrokerServices, listener: str) -> list[_Node]:
     """The registered, unfenced brokers; this one too while its registration is on the
-    way (a client that reached it can always be told about it). This broker is listed at
-    its address on the client's ``listener``; others at their registered (inter-broker)
-    address, as brokers register one address each."""
+    way (a client that reached it can always be told about it). Each at its address on the
+    client's ``listener``, as every broker registers its listeners."""
     own = services.broker_id
-    nodes = [
-        _Node(b.broker_id, b.host, b.port)
-        for b in services.quorum.state.live_brokers()
-        if b.broker_id != own
-    ]
+    nodes = []
+    for b in services.quorum.state.live_brokers():
+        found = b.address(listener) if b.broker_id != own else None
+        if found is not None:  # a broker without this listener is not listed, as in Kafka
+            nodes.append(_Node(b.broker_id, *found))
     host, port = services.listener_address(listener)
     nodes.append(_Node(own, host, port))
     nodes.sort()
