@@ -28,6 +28,7 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import resource
 import ssl
 import time
@@ -72,6 +73,8 @@ TICK_MAX_S = 0.5
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # A TLS client that has not finished its handshake by then is closed.
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+# How often the certificate, key and CA files are looked at for a change (one stat each).
+TLS_RELOAD_CHECK_S = 5.0
 
 
 class Phase:
@@ -189,10 +192,13 @@ class KafkaServer:
         self.inter_broker = config.inter_broker_listener()
         self.mechanisms = config.sasl_mechanisms()
         self.tls: ssl.SSLContext | None = None
+        self._tls_files = [
+            p for p in (config.ssl_certfile, config.ssl_keyfile, config.ssl_cafile) if p
+        ]
+        self._tls_stamp = self._tls_stat()
+        self._tls_checked = 0.0
         if any(x.protocol.tls for x in self.listeners):
-            self.tls = server_context(
-                config.ssl_certfile, config.ssl_keyfile, config.ssl_cafile, config.ssl_client_auth
-            )
+            self.tls = self._tls_context()
         self._max_request_bytes = config.max_request_bytes
         self.memory = RequestMemory(config.queued_max_request_bytes)
         self._idle_s = config.connections_max_idle_ms / 1000
@@ -267,6 +273,37 @@ class KafkaServer:
             self.memory.capacity,
         )
 
+    # -- TLS certificates, reloaded when their files change ---------------------------------
+    def _tls_context(self) -> ssl.SSLContext:
+        c = self._config
+        return server_context(c.ssl_certfile, c.ssl_keyfile, c.ssl_cafile, c.ssl_client_auth)
+
+    def _tls_stat(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in self._tls_files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((-1, -1))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def _reload_tls(self) -> None:
+        """New connections get renewed certificates without a restart; open ones keep
+        theirs. A file caught half-written (or a key not matching its certificate) keeps
+        the old context and is tried again at the next change."""
+        stamp = self._tls_stat()
+        if stamp == self._tls_stamp:
+            return
+        self._tls_stamp = stamp
+        try:
+            self.tls = self._tls_context()
+        except StreamBusError as exc:
+            log.error("TLS certificates changed but not reloaded (the old ones stay): %s", exc)
+            return
+        log.info("TLS certificates reloaded from %s", ", ".join(map(str, self._tls_files)))
+
     # -- admission ------------------------------------------------------------------------
     def admit(self, ip: str, peer: str) -> bool:
         """Count a new transport in, or refuse it (the caller closes it at once)."""
@@ -338,6 +375,9 @@ class KafkaServer:
             if self._idle_s > 0:
                 self._close_idle(now)
             self._throttled.flush()
+            if self.tls is not None and now >= self._tls_checked + TLS_RELOAD_CHECK_S:
+                self._tls_checked = now
+                self._reload_tls()
 
     def _close_idle(self, now: float) -> None:
         closed = 0

@@ -449,3 +449,35 @@ def test_librdkafka_reauthenticates_before_its_session_expires(
         assert delivered > 1
         # re-authenticated on its connections: none was closed for an expired session
         assert not [r for r in caplog.records if "expired" in r.getMessage()]
+
+
+def test_renewed_certificates_are_served_without_a_restart(tmp_path: Path) -> None:
+    import shutil
+
+    first = make_certs(tmp_path / "first")
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(first.server_cert, live / "server.pem")
+    shutil.copy(first.server_key, live / "server.key")
+    with BrokerThread(
+        tmp_path / "data",
+        listeners="SSL://127.0.0.1:0",
+        ssl_certfile=live / "server.pem",
+        ssl_keyfile=live / "server.key",
+    ) as b:
+        port = b.broker.listener_port("SSL")
+        assert len(_api_versions_over_tls(port, ssl.create_default_context(cafile=str(first.ca))))
+        renewed = make_certs(tmp_path / "renewed")  # another CA: only its clients trust it
+        shutil.copy(renewed.server_key, live / "server.key.new")
+        shutil.copy(renewed.server_cert, live / "server.pem.new")
+        (live / "server.key.new").replace(live / "server.key")
+        (live / "server.pem.new").replace(live / "server.pem")
+        trusting = ssl.create_default_context(cafile=str(renewed.ca))
+
+        def served() -> bool:
+            try:
+                return len(_api_versions_over_tls(port, trusting)) == 4
+            except (ssl.SSLError, ConnectionError):
+                return False
+
+        assert wait_until(served, timeout=20)
