@@ -27,6 +27,8 @@ from streambus.protocol import (
     metadata,
     produce,
     replication,
+    sasl,
+    scram_admin,
     transactions,
 )
 from streambus.protocol.apis import ApiSpec, build_table
@@ -47,6 +49,8 @@ APIS: dict[int, ApiSpec] = build_table(
     transactions.routes,
     client_quotas.routes,
     acls.routes,
+    sasl.routes,
+    scram_admin.routes,
 )
 
 

@@ -46,6 +46,7 @@ from streambus.schemas.storage import (
 )
 from streambus.security.audit import AuditLog
 from streambus.security.authorizer import Authorizer
+from streambus.security.credentials import CredentialStore
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
@@ -103,7 +104,15 @@ class Broker:
             leadership=QuorumLeadership(lambda: self.cluster.quorum.state, self.broker_id),
         )
         # The quorum and controller, and local storage kept to the replicated state.
-        self.cluster = ClusterMetadata(config, self.partitions, self.logs, port=lambda: self.port)
+        self.cluster = ClusterMetadata(
+            config,
+            self.partitions,
+            self.logs,
+            port=lambda: self.port,
+            listeners=lambda: tuple(
+                (x.name, *self._server.advertised(x.name)) for x in self._server.listeners
+            ),
+        )
         # A single broker's quorum is in memory: its producer_ids file is the durable reservation.
         replicated = self.cluster.cluster_config.replicated
         pid_file = None if replicated else self.data_dir / "producer_ids"
@@ -209,6 +218,7 @@ class Broker:
             allow_everyone_if_no_acl_found=config.allow_everyone_if_no_acl_found,
             audit_allowed=config.audit_log_allowed,
         )
+        self.credentials = CredentialStore(lambda: self.cluster.quorum, self.data_dir)
         self.fetch_sessions = FetchSessionCache(config.max_incremental_fetch_session_cache_slots)
         self._server = build_server(self, config)
         self._started_at = time.monotonic()
@@ -247,6 +257,7 @@ class Broker:
                 await self.cluster.start(self.local_cluster_id)
                 self.quotas.load_local()
                 self.authorizer.load_local()
+                self.credentials.load_local()
                 self.replication.start()
                 self.schemas.tail.start()
                 if self._registry_server is not None:
@@ -478,6 +489,13 @@ class Broker:
     @property
     def advertised_address(self) -> tuple[str, int]:
         return self.config.advertised, self.port
+
+    def listener_address(self, listener: str) -> tuple[str, int]:
+        return self._server.advertised(listener)
+
+    def listener_port(self, listener: str) -> int:
+        """The bound port of listener ``listener`` (tests bind port 0)."""
+        return self._server.listener_port(listener)
 
     @property
     def bootstrap(self) -> str:

@@ -22,6 +22,12 @@ from pathlib import Path
 from streambus.broker import Broker
 from streambus.config import BrokerConfig
 from streambus.errors import StreamBusError
+from streambus.security.cli import (
+    add_security_arguments,
+    add_users_parser,
+    run_users,
+    security_overrides,
+)
 from streambus.storage.datadir import DataDirError
 from streambus.tracefile import add_traces_parser, run_traces
 from telemetry import TelemetryConfig, start_pipeline
@@ -175,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--super-users", help="Kafka's super.users, e.g. 'User:admin;User:ops'")
     serve.add_argument("--audit-log", type=Path, help="path of the rotating JSON audit log")
+    add_security_arguments(serve)
     serve.add_argument("--no-tracing", action="store_true", help="build no tracer provider")
     serve.add_argument(
         "--log-level",
@@ -183,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DEBUG, INFO, WARNING or ERROR (default INFO; also STREAMBUS_LOG_LEVEL)",
     )
     add_traces_parser(sub)
+    add_users_parser(sub)
     return parser
 
 
@@ -212,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "authorizer": args.authorizer,
         "super_users": args.super_users,
         "audit_log": args.audit_log,
+        **security_overrides(args),
     }
     return BrokerConfig.load(overrides, dict(args.topic_config))
 
@@ -256,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "traces":
         return run_traces(args)
+    if args.command == "users":
+        return run_users(args)
     level = args.log_level
     if level is None:
         try:

@@ -85,8 +85,11 @@ class ClusterMetadata:
         logs: LogManager,
         *,
         port: Callable[[], int],
+        listeners: Callable[[], tuple[tuple[str, str, int], ...]] = tuple,
     ) -> None:
-        """``port`` is the broker's bound port, known once its server has started."""
+        """``port`` is the broker's bound port, known once its server has started;
+        ``listeners`` its (name, advertised host, port) per listener, likewise."""
+        self._listeners = listeners
         self.config = config
         self.broker_id = config.broker_id
         self.partitions = partitions
@@ -123,6 +126,7 @@ class ClusterMetadata:
             self._port(),
             cluster_id=local_cluster_id,
             registry_port=self.config.schema_registry_port,
+            listeners=self._listeners(),
         )
         if isinstance(self.quorum, LocalQuorum):
             await self.controller.start()

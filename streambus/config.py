@@ -17,6 +17,14 @@ from typing import Any
 
 from streambus.cluster.config import ClusterConfig, parse_quorum
 from streambus.errors import InvalidConfigError
+from streambus.security.listeners import (
+    MECHANISMS,
+    Listener,
+    SecurityProtocol,
+    find,
+    parse_listeners,
+)
+from streambus.security.tls import server_context
 from streambus.topic_config import KAFKA_NAMES, TopicConfig
 
 ENV_PREFIX = "STREAMBUS_"
@@ -112,6 +120,19 @@ class BrokerConfig:
     audit_log_allowed: bool = False
     audit_log_max_bytes: int = 100 * 1024 * 1024
     audit_log_backup_count: int = 10
+    # Listeners and security (Kafka's names; see streambus.security). ``listeners``
+    # ("PLAINTEXT://0.0.0.0:9092,SASL_SSL://0.0.0.0:9093") replaces host/port when set.
+    listeners: str | None = None
+    advertised_listeners: str | None = None
+    listener_security_protocol_map: str | None = None  # "INTERNAL:PLAINTEXT,EXTERNAL:SASL_SSL"
+    inter_broker_listener_name: str | None = None  # default: the first listener
+    ssl_certfile: Path | None = None  # PEM server certificate (chain)
+    ssl_keyfile: Path | None = None  # PEM private key; None: in the certificate file
+    ssl_cafile: Path | None = None  # PEM CAs that client certificates are checked against
+    ssl_client_auth: str = "none"  # Kafka's ssl.client.auth: required, requested or none
+    sasl_enabled_mechanisms: str = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+    connection_failed_authentication_delay_ms: int = 100
+    connections_max_reauth_ms: int = 0  # 0: a SASL session never expires
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -120,9 +141,36 @@ class BrokerConfig:
 
     @property
     def advertised(self) -> str:
+        if self.listeners:  # the inter-broker listener's: what this broker registers
+            return self.inter_broker_listener().advertised_host
         if self.advertised_host:
             return self.advertised_host
         return "localhost" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def listener_list(self) -> tuple[Listener, ...]:
+        """The listeners to serve, in order (raises InvalidConfigError)."""
+        return parse_listeners(
+            self.listeners,
+            self.advertised_listeners,
+            self.listener_security_protocol_map,
+            self.host,
+            self.port,
+            self.advertised_host,
+        )
+
+    def inter_broker_listener(self) -> Listener:
+        return find(self.listener_list(), self.inter_broker_listener_name)
+
+    def sasl_mechanisms(self) -> tuple[str, ...]:
+        names = tuple(
+            m.strip().upper() for m in self.sasl_enabled_mechanisms.split(",") if m.strip()
+        )
+        for name in names:
+            if name not in MECHANISMS:
+                raise InvalidConfigError(
+                    f"sasl.enabled.mechanisms: {name} is not one of {', '.join(MECHANISMS)}"
+                )
+        return names
 
     def cluster(self) -> ClusterConfig:
         """The cluster core's view of these settings (raises InvalidConfigError)."""
@@ -228,6 +276,24 @@ class BrokerConfig:
         if self.audit_log_max_bytes < 1 or self.audit_log_backup_count < 0:
             raise InvalidConfigError("audit log max bytes must be >= 1 and backup count >= 0")
         self.cluster()  # quorum syntax, secret, timings
+        listeners = self.listener_list()
+        inter = self.inter_broker_listener()
+        if self.controller_quorum and inter.protocol is not SecurityProtocol.PLAINTEXT:
+            # replica fetchers and forwarded requests speak plain Kafka between brokers
+            raise InvalidConfigError(
+                f"inter.broker.listener.name {inter.name}: the listener brokers use between "
+                "themselves must be PLAINTEXT"
+            )
+        self.sasl_mechanisms()
+        if any(x.protocol.tls for x in listeners):
+            server_context(
+                self.ssl_certfile, self.ssl_keyfile, self.ssl_cafile, self.ssl_client_auth
+            )
+        if self.connection_failed_authentication_delay_ms < 0 or self.connections_max_reauth_ms < 0:
+            raise InvalidConfigError(
+                "connection.failed.authentication.delay.ms and connections.max.reauth.ms "
+                "must be >= 0"
+            )
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise InvalidConfigError(
                 f"queued.max.request.bytes ({self.queued_max_request_bytes}) must be at least "

@@ -543,6 +543,42 @@ class SecurityDisabledError(StreamBusError):
     description = "Security features are disabled."
 
 
+class UnsupportedSaslMechanismError(StreamBusError):
+    errno = 33
+    kafka_name = "UNSUPPORTED_SASL_MECHANISM"
+    description = "The broker does not support the requested SASL mechanism."
+
+
+class IllegalSaslStateError(StreamBusError):
+    errno = 34
+    kafka_name = "ILLEGAL_SASL_STATE"
+    description = "Request is not valid given the current SASL state."
+
+
+class SaslAuthenticationFailedError(StreamBusError):
+    errno = 58
+    kafka_name = "SASL_AUTHENTICATION_FAILED"
+    description = "SASL Authentication failed."
+
+
+class ResourceNotFoundError(StreamBusError):
+    errno = 91
+    kafka_name = "RESOURCE_NOT_FOUND"
+    description = "A request illegally referred to a resource that does not exist."
+
+
+class DuplicateResourceError(StreamBusError):
+    errno = 92
+    kafka_name = "DUPLICATE_RESOURCE"
+    description = "A request illegally referred to the same resource twice."
+
+
+class UnacceptableCredentialError(StreamBusError):
+    errno = 93
+    kafka_name = "UNACCEPTABLE_CREDENTIAL"
+    description = "Requested credential would not meet criteria for acceptability."
+
+
 class FrameError(StreamBusError):
     """A request frame that cannot be parsed: the connection that sent it is closed."""
 

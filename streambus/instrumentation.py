@@ -140,6 +140,16 @@ class BrokerTelemetry:
         self._compactions = counter(
             "streambus.compactions", "{compaction}", "Total log compactions run"
         )
+        self._auth_attempts = counter(
+            "streambus.authentication.attempts",
+            "{attempt}",
+            "SASL authentications and TLS client certificates presented, by mechanism and listener",
+        )
+        self._auth_failures = counter(
+            "streambus.authentication.failures",
+            "{attempt}",
+            "Authentications refused, by mechanism, listener and reason",
+        )
         self._rejected = counter(
             "streambus.connections.rejected",
             "{connection}",
@@ -627,6 +637,19 @@ class BrokerTelemetry:
         if attrs is None:
             attrs = self._reason_attrs[reason] = {**self._base, "reason": reason}
         self._rejected.add(1, attrs)
+
+    def authentication(self, mechanism: str, listener: str, failure: str | None) -> None:
+        """One authentication finished; ``failure`` is its reason (None: it succeeded)."""
+        key = f"auth:{mechanism}:{listener}:{failure}"
+        attrs = self._reason_attrs.get(key)
+        if attrs is None:
+            attrs = {**self._base, "mechanism": mechanism, "listener": listener}
+            if failure is not None:
+                attrs["reason"] = failure
+            self._reason_attrs[key] = attrs
+        self._auth_attempts.add(1, {k: v for k, v in attrs.items() if k != "reason"})
+        if failure is not None:
+            self._auth_failures.add(1, attrs)
 
     def throttle_time(self, kind: str, seconds: float) -> None:
         attrs = self._reason_attrs.get("throttle:" + kind)

@@ -28,7 +28,9 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import resource
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -47,6 +49,9 @@ from streambus.protocol.apis import (
     encode_response,
 )
 from streambus.protocol.validation import Refusal, check_request
+from streambus.security.listeners import Listener
+from streambus.security.sasl import PRE_AUTH_APIS, SaslSession
+from streambus.security.tls import ANONYMOUS, principal_from_cert, server_context
 from streambus.storage.datadir import FD_RESERVE, connection_fd_budget
 
 if TYPE_CHECKING:
@@ -66,6 +71,10 @@ LOG_EVERY_S = 5.0
 # How often idle connections are looked for and the loop's lateness is measured.
 TICK_MAX_S = 0.5
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# A TLS client that has not finished its handshake by then is closed.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+# How often the certificate, key and CA files are looked at for a change (one stat each).
+TLS_RELOAD_CHECK_S = 5.0
 
 
 class Phase:
@@ -178,14 +187,24 @@ class KafkaServer:
     def __init__(self, services: BrokerServices, config: BrokerConfig, apis: ApiTable) -> None:
         self._services = services
         self.apis = apis
-        self._host = config.host
-        self._port = config.port
         self._config = config
+        self.listeners = config.listener_list()
+        self.inter_broker = config.inter_broker_listener()
+        self.mechanisms = config.sasl_mechanisms()
+        self.tls: ssl.SSLContext | None = None
+        self._tls_files = [
+            p for p in (config.ssl_certfile, config.ssl_keyfile, config.ssl_cafile) if p
+        ]
+        self._tls_stamp = self._tls_stat()
+        self._tls_checked = 0.0
+        if any(x.protocol.tls for x in self.listeners):
+            self.tls = self._tls_context()
         self._max_request_bytes = config.max_request_bytes
         self.memory = RequestMemory(config.queued_max_request_bytes)
         self._idle_s = config.connections_max_idle_ms / 1000
         self.max_connections, self.max_connections_per_ip = 0, 0
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | None = None  # the inter-broker listener's
+        self._servers: dict[str, asyncio.Server] = {}
         self._accepting = False
         self.connections: set[Connection] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
@@ -202,36 +221,88 @@ class KafkaServer:
 
     @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("server is not listening")
-        return int(self._server.sockets[0].getsockname()[1])
+        """The bound port of the inter-broker listener (the first one by default)."""
+        return self.listener_port(self.inter_broker.name)
+
+    def listener_port(self, name: str) -> int:
+        server = self._servers.get(name)
+        if server is None or not server.sockets:
+            raise RuntimeError(f"listener {name} is not listening")
+        return int(server.sockets[0].getsockname()[1])
+
+    def advertised(self, name: str) -> tuple[str, int]:
+        """Where clients reach listener ``name`` (its advertised host and port)."""
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener.advertised_host, (
+                    listener.advertised_port or self.listener_port(name)
+                )
+        raise KeyError(name)
 
     async def start(self) -> None:
         self.max_connections, self.max_connections_per_ip = connection_limit(self._config)
         loop = self._loop = asyncio.get_running_loop()
         self._accepting = True
-        self._server = await loop.create_server(
-            lambda: _KafkaProtocol(self),
-            self._host,
-            self._port,
-            reuse_address=True,
-            backlog=ACCEPT_BACKLOG,
-        )
+        try:
+            for listener in self.listeners:
+                self._servers[listener.name] = await loop.create_server(
+                    lambda listener=listener: _KafkaProtocol(self, listener),  # type: ignore[misc]
+                    listener.host,
+                    listener.port,
+                    reuse_address=True,
+                    backlog=ACCEPT_BACKLOG,
+                )
+        except BaseException:
+            for server in self._servers.values():
+                server.close()
+            self._servers.clear()
+            raise
+        self._server = self._servers[self.inter_broker.name]
         # asyncio reports a failed accept() (EMFILE) through the loop's exception handler,
         # once per attempt: routed through a throttled line instead of a traceback each.
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._on_loop_error)
         self._ticker = asyncio.create_task(self._tick(), name="streambus-connections")
         log.info(
-            "listening for Kafka clients on %s:%d (max.connections %d, per ip %d, "
+            "listening for Kafka clients on %s (max.connections %d, per ip %d, "
             "connections.max.idle.ms %d, queued.max.request.bytes %d)",
-            self._host,
-            self.port,
+            ", ".join(f"{x.name}://{x.host}:{self.listener_port(x.name)}" for x in self.listeners),
             self.max_connections,
             self.max_connections_per_ip,
             self._config.connections_max_idle_ms,
             self.memory.capacity,
         )
+
+    # -- TLS certificates, reloaded when their files change ---------------------------------
+    def _tls_context(self) -> ssl.SSLContext:
+        c = self._config
+        return server_context(c.ssl_certfile, c.ssl_keyfile, c.ssl_cafile, c.ssl_client_auth)
+
+    def _tls_stat(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in self._tls_files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((-1, -1))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def _reload_tls(self) -> None:
+        """New connections get renewed certificates without a restart; open ones keep
+        theirs. A file caught half-written (or a key not matching its certificate) keeps
+        the old context and is tried again at the next change."""
+        stamp = self._tls_stat()
+        if stamp == self._tls_stamp:
+            return
+        self._tls_stamp = stamp
+        try:
+            self.tls = self._tls_context()
+        except StreamBusError as exc:
+            log.error("TLS certificates changed but not reloaded (the old ones stay): %s", exc)
+            return
+        log.info("TLS certificates reloaded from %s", ", ".join(map(str, self._tls_files)))
 
     # -- admission ------------------------------------------------------------------------
     def admit(self, ip: str, peer: str) -> bool:
@@ -304,6 +375,9 @@ class KafkaServer:
             if self._idle_s > 0:
                 self._close_idle(now)
             self._throttled.flush()
+            if self.tls is not None and now >= self._tls_checked + TLS_RELOAD_CHECK_S:
+                self._tls_checked = now
+                self._reload_tls()
 
     def _close_idle(self, now: float) -> None:
         closed = 0
@@ -348,9 +422,11 @@ class KafkaServer:
         """Stop accepting, let in-flight requests finish (bounded), then close every connection."""
         if self._server is None:
             return
-        server, self._server = self._server, None
+        self._server = None
+        servers, self._servers = list(self._servers.values()), {}
         self._accepting = False
-        server.close()
+        for server in servers:
+            server.close()
         for conn in list(self.connections):
             conn.stop_reading()
         try:
@@ -374,13 +450,23 @@ class KafkaServer:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
-        await server.wait_closed()
+        for server in servers:
+            await server.wait_closed()
         if self._loop is not None and self._loop.get_exception_handler() == self._on_loop_error:
             self._loop.set_exception_handler(self._previous_handler)
 
     @property
     def services(self) -> BrokerServices:
         return self._services
+
+    @property
+    def config(self) -> BrokerConfig:
+        return self._config
+
+    def auth_warning(self, msg: str, *args: object) -> None:
+        """One WARNING per failed authentication, at most one line every few seconds
+        (the rest counted into the next line): a brute-forcer cannot flood the log."""
+        self._throttled.log("authentication", logging.WARNING, "failed authentications", msg, *args)
 
     @property
     def max_request_bytes(self) -> int:
@@ -391,9 +477,10 @@ class _KafkaProtocol(asyncio.StreamReaderProtocol):
     """asyncio's stream protocol, plus admission and a future that completes when the
     client goes (EOF or a lost connection) even while no read is pending."""
 
-    def __init__(self, server: KafkaServer) -> None:
+    def __init__(self, server: KafkaServer, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
         self._kafka = server
+        self._listener = listener
         self._ip: str | None = None
         self.gone: asyncio.Future[None] = loop.create_future()
         super().__init__(asyncio.StreamReader(loop=loop), self._connected, loop=loop)
@@ -407,12 +494,18 @@ class _KafkaProtocol(asyncio.StreamReaderProtocol):
             transport.close()  # nothing written yet: closes the socket now
             return
         self._ip = ip
+        if self._listener.protocol.tls:
+            # Nothing may be read before the TLS layer is in place: the ClientHello would
+            # land in the stream buffer instead (start_tls resumes reading).
+            transport.pause_reading()  # type: ignore[attr-defined]
         super().connection_made(transport)
 
     def _connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> Coroutine[Any, Any, None]:
-        return self._kafka._serve(Connection(self._kafka, reader, writer, self.gone))
+        return self._kafka._serve(
+            Connection(self._kafka, reader, writer, self.gone, self._listener)
+        )
 
     def eof_received(self) -> bool | None:
         self._mark_gone()  # Kafka clients do not half-close: EOF means the client left
@@ -437,8 +530,12 @@ class Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         gone: asyncio.Future[None] | None = None,
+        listener: Listener | None = None,
     ) -> None:
         self._server = server
+        self.listener = listener if listener is not None else server.listeners[0]
+        self.principal = ANONYMOUS
+        self.session: SaslSession | None = None
         self._reader = reader
         self._writer = writer
         peer = writer.get_extra_info("peername")
@@ -479,10 +576,51 @@ class Connection:
         """Close without flushing: for a client that stopped taking what was written."""
         self._writer.transport.abort()
 
+    async def _secure(self) -> None:
+        """TLS handshake (TLS listeners) and the SASL session (SASL listeners)."""
+        listener = self.listener
+        server = self._server
+        if listener.protocol.tls and server.tls is not None:
+            try:
+                await self._writer.start_tls(
+                    server.tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S
+                )
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                reason = getattr(exc, "reason", None) or type(exc).__name__
+                log.warning(
+                    "closing connection from %s on listener %s: TLS handshake failed (%s)",
+                    self.peer,
+                    listener.name,
+                    reason,
+                )
+                raise ConnectionClosedError("TLS handshake failed") from None
+            peercert = self._writer.get_extra_info("peercert")
+            self.principal = principal_from_cert(peercert)
+            if not listener.protocol.sasl and peercert:
+                server.services.telemetry.authentication("SSL", listener.name, None)
+        if listener.protocol.sasl:
+            config = server.config
+            self.session = SaslSession(
+                server.services.credentials,
+                server.mechanisms,
+                listener.name,
+                server.services.telemetry,
+                peer=self.peer,
+                failure_delay_ms=config.connection_failed_authentication_delay_ms,
+                reauth_ms=config.connections_max_reauth_ms,
+                warn=server.auth_warning,
+            )
+
     async def serve(self) -> None:
         try:
+            await self._secure()
             while not self._stopping:
                 frame = await self._read_frame()
+                session = self.session
+                if session is not None and session.raw_tokens:
+                    await self._raw_token(session, frame)
+                    self._release()
+                    continue
                 self.phase = Phase.HANDLING
                 try:
                     await self._handle(frame)
@@ -533,6 +671,16 @@ class Connection:
             self._last_progress = self._clock()
         return frame
 
+    async def _raw_token(self, session: SaslSession, frame: bytes | bytearray) -> None:
+        """A bare SASL token after a SaslHandshake v0: answered with a bare token; a
+        failure cannot be answered in this form, so the connection closes."""
+        try:
+            reply = await session.authenticate(bytes(frame))
+        except StreamBusError as exc:
+            raise ConnectionClosedError(exc.message) from None
+        self._writer.write(FRAME_SIZE.pack(len(reply)) + reply)
+        await self._writer.drain()
+
     def _reject(self, reason: str, api: str = "unknown") -> None:
         log.warning("closing connection from %s: %s", self.peer, reason)
         self._server.services.telemetry.error(api, "INVALID_REQUEST")
@@ -580,14 +728,32 @@ class Connection:
             reply = encode_response(refusal.response, version, correlation_id)
             await self._write([reply], spec.name, len(frame))
             return
+        session = self.session
+        if session is not None and spec.key not in PRE_AUTH_APIS:
+            if not session.authenticated:
+                self._reject(
+                    f"{spec.name} before SASL authentication on listener {self.listener.name}",
+                    spec.name,
+                )
+            if session.expired:
+                log.info(
+                    "closing connection from %s: its SASL session expired without "
+                    "re-authentication (connections.max.reauth.ms %d)",
+                    self.peer,
+                    session.reauth_ms,
+                )
+                raise ConnectionClosedError("session expired")
         ctx = RequestContext(
             spec.key,
             version,
             correlation_id,
             header.client_id,
             self.peer,
+            principal=session.principal if session is not None else self.principal,
+            listener=self.listener.name,
             closed=self.gone,
             apis=apis,
+            session=session,
         )
         server = self._server
         server.request_started()
@@ -618,6 +784,8 @@ class Connection:
         if throttle.ms > 0 and throttle.delay_response:
             await self._mute(throttle.ms)
         await self._write(chunks, spec.name, len(frame))
+        if session is not None and session.failed:
+            raise ConnectionClosedError("authentication failed")
         if throttle.ms > 0 and not throttle.delay_response:
             await self._mute(throttle.ms)
 

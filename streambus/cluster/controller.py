@@ -68,8 +68,10 @@ class Controller:
         registry_port: int = 0,
         registration_timeout_s: float | None = None,
         cluster_id: str = "",
+        listeners: tuple[tuple[str, str, int], ...] = (),
     ) -> None:
         self.quorum = quorum
+        self.listeners = listeners  # (name, advertised host, port) per listener
         self.config = config
         self.broker_id = config.node_id
         self.host = host  # advertised Kafka address, what Metadata tells clients
@@ -139,7 +141,12 @@ class Controller:
 
     async def _register(self) -> None:
         record = RegisterBroker(
-            self.broker_id, self.host, self.port, self.incarnation, self.registry_port
+            self.broker_id,
+            self.host,
+            self.port,
+            self.incarnation,
+            self.registry_port,
+            self.listeners,
         )
         deadline = self._clock() + self._registration_timeout
         refused: str | None = None  # the last refusal, None while no leader answered

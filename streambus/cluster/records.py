@@ -41,6 +41,9 @@ class RegisterBroker:
     incarnation: str  # a UUID the broker draws at each start: tells a restart from a twin
     # Its schema registry REST port on ``host`` (0: none). Absent from older records.
     registry_port: int = 0
+    # (listener name, advertised host, port) of each listener: Metadata answers a client
+    # with the brokers' addresses on the listener it connected on
+    listeners: tuple[tuple[str, str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +180,19 @@ class AlterAcls:
     deletions: tuple[tuple[int, str, int, str, str, int, int], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class AlterScramCredential:
+    """Set or delete one user's SCRAM credential for one mechanism (Kafka's
+    UserScramCredentialRecord); see ``streambus.cluster.scram_credentials``."""
+
+    user: str
+    mechanism: str  # SCRAM-SHA-256 or SCRAM-SHA-512
+    salt: str = ""  # base64; the three byte strings are empty for a deletion
+    stored_key: str = ""  # base64 of H(ClientKey)
+    server_key: str = ""  # base64 of HMAC(SaltedPassword, "Server Key")
+    iterations: int = 0  # 0: delete the credential
+
+
 Record = (
     RegisterBroker
     | BrokerHeartbeat
@@ -193,6 +209,7 @@ Record = (
     | SetClusterId
     | AlterClientQuota
     | AlterAcls
+    | AlterScramCredential
 )
 
 RECORD_TYPES: dict[str, type[Any]] = {
@@ -213,6 +230,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         SetClusterId,
         AlterClientQuota,
         AlterAcls,
+        AlterScramCredential,
     )
 }
 

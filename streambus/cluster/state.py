@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 from streambus.cluster import acls as cluster_acls
-from streambus.cluster import client_quotas
+from streambus.cluster import client_quotas, scram_credentials
 from streambus.cluster.records import (
     OK,
     AllocateProducerIds,
@@ -43,6 +43,7 @@ from streambus.cluster.records import (
     AlterBrokerConfigs,
     AlterClientQuota,
     AlterPartition,
+    AlterScramCredential,
     AlterTopicConfigs,
     BrokerHeartbeat,
     ChangePartitionLeader,
@@ -91,6 +92,17 @@ class BrokerInfo:
     incarnation: str  # the UUID of the broker's current start
     fenced: bool  # True: registered but not heartbeating (or not yet unfenced)
     registry_port: int = 0  # its schema registry REST port on ``host``; 0: none
+    listeners: tuple[tuple[str, str, int], ...] = ()  # (name, advertised host, port)
+
+    def address(self, listener: str) -> tuple[str, int] | None:
+        """Where clients of ``listener`` reach this broker; the registered address for a
+        broker that registered no listeners, None for one without that listener."""
+        if not self.listeners:
+            return self.host, self.port
+        for name, host, port in self.listeners:
+            if name == listener:
+                return host, port
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +149,10 @@ class ClusterState:
     )
     # ACL bindings (see streambus.cluster.acls)
     acls: cluster_acls.AclSet = cluster_acls.EMPTY
+    # SCRAM credentials by user and mechanism (see streambus.cluster.scram_credentials)
+    scram_credentials: scram_credentials.CredentialTable = dataclasses.field(
+        default_factory=lambda: scram_credentials.EMPTY
+    )
 
     def live_brokers(self) -> list[BrokerInfo]:
         """Registered and unfenced, by id: what Metadata lists and placement uses."""
@@ -255,11 +271,18 @@ def _register(state: ClusterState, r: RegisterBroker) -> ClusterState:
         raise InvalidRequestError(f"broker id {r.broker_id!r} is not a non-negative integer")
     old = state.brokers.get(r.broker_id)
     if old is not None and old.incarnation == r.incarnation:
-        if (old.host, old.port, old.registry_port) == (r.host, r.port, r.registry_port):
+        if (old.host, old.port, old.registry_port, old.listeners) == (
+            r.host,
+            r.port,
+            r.registry_port,
+            r.listeners,
+        ):
             return state  # a retried registration
         return _with_broker(
             state,
-            dataclasses.replace(old, host=r.host, port=r.port, registry_port=r.registry_port),
+            dataclasses.replace(
+                old, host=r.host, port=r.port, registry_port=r.registry_port, listeners=r.listeners
+            ),
         )
     if old is not None and not old.fenced:
         raise DuplicateBrokerRegistrationError(
@@ -267,7 +290,8 @@ def _register(state: ClusterState, r: RegisterBroker) -> ClusterState:
             f"({old.host}:{old.port}); a restart is accepted once that one is fenced"
         )
     return _with_broker(
-        state, BrokerInfo(r.broker_id, r.host, r.port, r.incarnation, True, r.registry_port)
+        state,
+        BrokerInfo(r.broker_id, r.host, r.port, r.incarnation, True, r.registry_port, r.listeners),
     )
 
 
@@ -588,6 +612,9 @@ _HANDLERS: dict[type[Any], _Handler] = {
     AlterAcls: lambda state, r: dataclasses.replace(
         state, acls=cluster_acls.altered(state.acls, r)
     ),
+    AlterScramCredential: lambda state, r: dataclasses.replace(
+        state, scram_credentials=scram_credentials.altered(state.scram_credentials, r)
+    ),
 }
 
 
@@ -781,8 +808,17 @@ def state_to_wire(state: ClusterState) -> dict[str, Any]:
         "broker_configs": {e: dict(c) for e, c in sorted(state.broker_configs.items())},
         "client_quotas": client_quotas.table_to_wire(state.client_quotas),
         "acls": cluster_acls.to_wire(state.acls),
+        "scram_credentials": scram_credentials.table_to_wire(state.scram_credentials),
         "brokers": [
-            [b.broker_id, b.host, b.port, b.incarnation, b.fenced, b.registry_port]
+            [
+                b.broker_id,
+                b.host,
+                b.port,
+                b.incarnation,
+                b.fenced,
+                b.registry_port,
+                [list(x) for x in b.listeners],
+            ]
             for _, b in sorted(state.brokers.items())
         ],
         "topics": [
@@ -807,7 +843,14 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         raise ValueError(f"cluster state version {wire.get('v')!r} is not 1")
     brokers = {
         int(b[0]): BrokerInfo(
-            int(b[0]), str(b[1]), int(b[2]), str(b[3]), bool(b[4]), int(b[5]) if b[5:] else 0
+            int(b[0]),
+            str(b[1]),
+            int(b[2]),
+            str(b[3]),
+            bool(b[4]),
+            int(b[5]) if len(b) > 5 else 0,
+            # absent from snapshots written before listeners were registered
+            tuple((str(n), str(h), int(p)) for n, h, p in (b[6] if len(b) > 6 else ())),
         )
         for b in wire["brokers"]
     }
@@ -842,4 +885,5 @@ def state_from_wire(wire: Mapping[str, Any]) -> ClusterState:
         ),
         client_quotas=client_quotas.table_from_wire(wire.get("client_quotas")),
         acls=cluster_acls.from_wire(wire.get("acls")),
+        scram_credentials=scram_credentials.table_from_wire(wire.get("scram_credentials")),
     )

@@ -17,11 +17,14 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kafka.protocol.metadata import ApiVersionsResponse
 
 from streambus.protocol.context import BrokerServices
+
+if TYPE_CHECKING:
+    from streambus.security.sasl import SaslSession
 
 # Request header v0/v1/v2 all start with these fields; they are read before
 # the full header so that an unknown API or version can still be answered.
@@ -63,6 +66,8 @@ class RequestContext:
     apis: Mapping[int, ApiSpec] = field(default_factory=dict)
     # Set by a handler whose client went over its quota (see streambus.quotas).
     throttle: Throttle = field(default_factory=Throttle)
+    # The connection's SASL state, on a SASL listener (SaslHandshake/SaslAuthenticate use it).
+    session: SaslSession | None = None
 
 
 class ConnectionClosedError(Exception):

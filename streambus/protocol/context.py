@@ -23,6 +23,7 @@ from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
 from streambus.schemas.registry import SchemaRegistry
 from streambus.security.authorizer import Authorizer
+from streambus.security.credentials import CredentialStore
 from streambus.transactions import TransactionCoordinator
 
 
@@ -61,6 +62,11 @@ class BrokerServices(Protocol):
 
     @property
     def authorizer(self) -> Authorizer: ...
+    @property
+    def credentials(self) -> CredentialStore: ...
+    def listener_address(self, listener: str) -> tuple[str, int]:
+        """Where clients of listener ``listener`` reach this broker (its advertised address)."""
+        ...
 
     @property
     def quorum(self) -> Quorum:

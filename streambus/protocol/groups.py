@@ -96,7 +96,11 @@ async def handle_find_coordinator(
             except StreamBusError as exc:
                 err = exc
             else:
-                answers.append((key, info.broker_id, info.host, info.port, 0, None))
+                if info.broker_id == services.broker_id:
+                    host, port = services.listener_address(ctx.listener)
+                else:  # its address on the client's listener, as Metadata lists it
+                    host, port = info.address(ctx.listener) or (info.host, info.port)
+                answers.append((key, info.broker_id, host, port, 0, None))
                 continue
         services.telemetry.error("FindCoordinator", err.kafka_name)
         answers.append((key, -1, "", -1, err.errno, err.message))

@@ -172,7 +172,7 @@ async def handle_metadata(services: BrokerServices, ctx: RequestContext, request
         throttle_time_ms=0,
         brokers=[
             R.MetadataResponseBroker(node_id=b.node_id, host=b.host, port=b.port, rack=None)
-            for b in live_brokers(services)
+            for b in live_brokers(services, ctx.listener)
         ],
         cluster_id=services.cluster_id,
         controller_id=services.controller_id(),
@@ -187,14 +187,19 @@ class _Node(NamedTuple):
     port: int
 
 
-def live_brokers(services: BrokerServices) -> list[_Node]:
+def live_brokers(services: BrokerServices, listener: str) -> list[_Node]:
     """The registered, unfenced brokers; this one too while its registration is on the
-    way (a client that reached it can always be told about it)."""
-    nodes = [_Node(b.broker_id, b.host, b.port) for b in services.quorum.state.live_brokers()]
-    if all(n.node_id != services.broker_id for n in nodes):
-        host, port = services.advertised_address
-        nodes.append(_Node(services.broker_id, host, port))
-        nodes.sort()
+    way (a client that reached it can always be told about it). Each at its address on the
+    client's ``listener``, as every broker registers its listeners."""
+    own = services.broker_id
+    nodes = []
+    for b in services.quorum.state.live_brokers():
+        found = b.address(listener) if b.broker_id != own else None
+        if found is not None:  # a broker without this listener is not listed, as in Kafka
+            nodes.append(_Node(b.broker_id, *found))
+    host, port = services.listener_address(listener)
+    nodes.append(_Node(own, host, port))
+    nodes.sort()
     return nodes
 
 
@@ -214,7 +219,7 @@ async def handle_describe_cluster(
         controller_id=services.controller_id(),
         brokers=[
             R.DescribeClusterBroker(broker_id=b.node_id, host=b.host, port=b.port, rack=None)
-            for b in live_brokers(services)
+            for b in live_brokers(services, ctx.listener)
         ],
         authorized_operations=_operations(
             request.include_cluster_authorized_operations, CLUSTER_OPERATIONS, services, ctx

@@ -1,1 +1,2 @@
-"""Who may do what: the ACL authorizer (``authorizer``) and the audit log (``audit``)."""
+"""Security: who a client is (listeners and their security protocols, TLS, SASL, SCRAM
+credentials) and what it may do (the ACL authorizer, ``authorizer``; the audit log, ``audit``)."""
