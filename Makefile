@@ -81,12 +81,14 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.replication $(REPL_ARGS)
 	$(BIN)/python -m bench.transactions $(TXN_ARGS)
 	$(BIN)/python -m bench.schemas
+	$(BIN)/python -m bench.security
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick $(ARGS)
 	$(BIN)/python -m bench.replication --quick $(REPL_ARGS)
 	$(BIN)/python -m bench.transactions --quick $(TXN_ARGS)
 	$(BIN)/python -m bench.schemas --quick
+	$(BIN)/python -m bench.security --rounds 1 --messages 30000
 
 # Replicated produce (replication factor 3, min.insync.replicas 2, acks=all) on three local
 # StreamBus brokers beside three local Kafka brokers (KRaft), and the replication latency of
