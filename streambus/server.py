@@ -587,6 +587,11 @@ class Connection:
                 )
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 reason = getattr(exc, "reason", None) or type(exc).__name__
+                if server.config.ssl_client_auth.lower() == "required":
+                    # a refused client certificate is a failed authentication
+                    server.services.authorizer.audit.authentication(
+                        ANONYMOUS, "SSL", listener.name, self.peer, False, str(reason)[:64]
+                    )
                 log.warning(
                     "closing connection from %s on listener %s: TLS handshake failed (%s)",
                     self.peer,
@@ -598,6 +603,9 @@ class Connection:
             self.principal = principal_from_cert(peercert)
             if not listener.protocol.sasl and peercert:
                 server.services.telemetry.authentication("SSL", listener.name, None)
+                server.services.authorizer.audit.authentication(
+                    self.principal, "SSL", listener.name, self.peer, True
+                )
         if listener.protocol.sasl:
             config = server.config
             self.session = SaslSession(
@@ -609,6 +617,7 @@ class Connection:
                 failure_delay_ms=config.connection_failed_authentication_delay_ms,
                 reauth_ms=config.connections_max_reauth_ms,
                 warn=server.auth_warning,
+                audit=server.services.authorizer.audit,
             )
 
     async def serve(self) -> None:

@@ -1,7 +1,7 @@
 """Exporters chosen from the standard ``OTEL_*`` environment variables.
 
 Only the *choice* is made here; each exporter reads its own endpoint, headers,
-timeout and TLS variables (``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]*``). The
+timeout and TLS variables (``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_|LOGS_]*``). The
 OTLP exporters are imported only when asked for (``PLC0415`` waived): the gRPC
 one alone adds about 0.3 s to start-up and is useless without a collector.
 """
@@ -12,9 +12,16 @@ import logging
 import os
 from typing import Literal
 
-from opentelemetry.environment_variables import OTEL_METRICS_EXPORTER, OTEL_TRACES_EXPORTER
+from opentelemetry.environment_variables import (
+    OTEL_LOGS_EXPORTER,
+    OTEL_METRICS_EXPORTER,
+    OTEL_TRACES_EXPORTER,
+)
+from opentelemetry.sdk._logs.export import LogRecordExporter
 from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_EXPORTER_OTLP_LOGS_ENDPOINT,
+    OTEL_EXPORTER_OTLP_LOGS_PROTOCOL,
     OTEL_EXPORTER_OTLP_METRICS_PROTOCOL,
     OTEL_EXPORTER_OTLP_PROTOCOL,
     OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
@@ -82,6 +89,20 @@ def _otlp_metric_exporter(protocol: Protocol) -> MetricExporter:
     return HttpMetricExporter()
 
 
+def _otlp_log_exporter(protocol: Protocol) -> LogRecordExporter:
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (  # noqa: PLC0415
+            OTLPLogExporter as GrpcLogExporter,
+        )
+
+        return GrpcLogExporter()
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: PLC0415
+        OTLPLogExporter as HttpLogExporter,
+    )
+
+    return HttpLogExporter()
+
+
 def span_exporters_from_env() -> list[SpanExporter]:
     """The span exporters ``OTEL_TRACES_EXPORTER`` asks for.
 
@@ -129,4 +150,27 @@ def metric_exporters_from_env() -> list[MetricExporter]:
                 _logger.warning("%s=%s is not supported; skipped", OTEL_METRICS_EXPORTER, name)
         except Exception:
             _logger.exception("cannot build the %r metric exporter; metrics go without it", name)
+    return exporters
+
+
+def log_exporters_from_env() -> list[LogRecordExporter]:
+    """The log record exporters ``OTEL_LOGS_EXPORTER`` asks for (``otlp`` only).
+
+    Unset means ``otlp`` when ``OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`` is set and none
+    otherwise: the shared ``OTEL_EXPORTER_OTLP_ENDPOINT`` alone does not turn logs
+    on, so a collector set up for traces and metrics is not sent a signal it has no
+    pipeline for. The logs carry the audit events (``streambus/security/audit.py``).
+    """
+    endpoint_set = bool(os.environ.get(OTEL_EXPORTER_OTLP_LOGS_ENDPOINT, "").strip())
+    exporters: list[LogRecordExporter] = []
+    for name in _names(OTEL_LOGS_EXPORTER, "otlp" if endpoint_set else "none"):
+        try:
+            if name in _OTLP_NAMES:
+                protocol = _OTLP_NAMES[name] or _protocol(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL)
+                if protocol is not None:
+                    exporters.append(_otlp_log_exporter(protocol))
+            elif name != "none":
+                _logger.warning("%s=%s is not supported; skipped", OTEL_LOGS_EXPORTER, name)
+        except Exception:
+            _logger.exception("cannot build the %r log exporter; logs go without it", name)
     return exporters

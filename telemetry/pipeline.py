@@ -5,7 +5,9 @@
 ``opentelemetry-instrument``), those are used as they are; otherwise the
 pipeline builds its own: metrics pulled by Prometheus from ``/metrics`` (and
 pushed over OTLP when ``OTEL_METRICS_EXPORTER`` asks), spans batched to the
-exporters ``OTEL_TRACES_EXPORTER`` names. Nothing here may stall or break the
+exporters ``OTEL_TRACES_EXPORTER`` names, and, when ``OTEL_LOGS_EXPORTER`` names
+an OTLP exporter, a global ``LoggerProvider`` batching log records to it (the
+audit log forwards its events there through the OTel logs API). Nothing here may stall or break the
 broker: exporters have bounded timeouts, :meth:`Pipeline.shutdown` has a
 deadline, and failures inside telemetry are logged and dropped.
 """
@@ -20,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from opentelemetry import metrics, trace
+from opentelemetry import _logs, metrics, trace
+from opentelemetry.sdk._logs import LoggerProvider as SdkLoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -31,7 +35,11 @@ from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from prometheus_client import CollectorRegistry
 
-from telemetry.exporters import metric_exporters_from_env, span_exporters_from_env
+from telemetry.exporters import (
+    log_exporters_from_env,
+    metric_exporters_from_env,
+    span_exporters_from_env,
+)
 from telemetry.prometheus import MetricsEndpointError, MetricsServer, exposition_text, new_reader
 from telemetry.resource import build_resource
 from telemetry.views import latency_views
@@ -84,15 +92,22 @@ class Pipeline:
         tracer_provider: trace.TracerProvider,
         owned_meter_provider: SdkMeterProvider | None = None,
         owned_tracer_provider: SdkTracerProvider | None = None,
+        owned_logger_provider: SdkLoggerProvider | None = None,
         registry: CollectorRegistry | None = None,
         server: MetricsServer | None = None,
-        exporters: tuple[SpanExporter | MetricExporter, ...] = (),
+        exporters: tuple[SpanExporter | MetricExporter | LogRecordExporter, ...] = (),
     ) -> None:
         self.meter_provider = meter_provider
         self.tracer_provider = tracer_provider
         self.owns_meter_provider = owned_meter_provider is not None
         self.owns_tracer_provider = owned_tracer_provider is not None
-        self.owns_providers = self.owns_meter_provider or self.owns_tracer_provider
+        #: The SDK LoggerProvider built here (OTEL_LOGS_EXPORTER), or None.
+        self.logger_provider = owned_logger_provider
+        self.owns_providers = (
+            self.owns_meter_provider
+            or self.owns_tracer_provider
+            or owned_logger_provider is not None
+        )
         self.metrics_address: tuple[str, int] | None = server.address if server else None
         self._owned_meter_provider = owned_meter_provider
         self._owned_tracer_provider = owned_tracer_provider
@@ -148,6 +163,8 @@ class Pipeline:
                 meter_provider.shutdown(timeout_millis=timeout_millis)
 
             steps.append(("meter provider", stop_meter_provider))
+        if (logger_provider := self.logger_provider) is not None:
+            steps.append(("logger provider", logger_provider.shutdown))
         threads = [_start_guarded(name, step) for name, step in steps]
         for thread in threads:
             thread.join(remaining_s())
@@ -225,7 +242,7 @@ def start_pipeline(config: TelemetryConfig, *, set_global: bool = True) -> Pipel
     meter_provider: metrics.MeterProvider = existing_meter_provider
     owned_meter_provider: SdkMeterProvider | None = None
     registry: CollectorRegistry | None = None
-    exporters: list[SpanExporter | MetricExporter] = []
+    exporters: list[SpanExporter | MetricExporter | LogRecordExporter] = []
     if resource is not None and not reuse_meter_provider:
         reader, registry = new_reader()
         metric_exporters = metric_exporters_from_env()
@@ -252,12 +269,15 @@ def start_pipeline(config: TelemetryConfig, *, set_global: bool = True) -> Pipel
             owned_tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
         tracer_provider = owned_tracer_provider
 
+    owned_logger_provider = _logger_provider(config, exporters)
+
     def assemble(server: MetricsServer | None) -> Pipeline:
         return Pipeline(
             meter_provider=meter_provider,
             tracer_provider=tracer_provider,
             owned_meter_provider=owned_meter_provider,
             owned_tracer_provider=owned_tracer_provider,
+            owned_logger_provider=owned_logger_provider,
             registry=registry,
             server=server,
             exporters=tuple(exporters),
@@ -273,12 +293,35 @@ def start_pipeline(config: TelemetryConfig, *, set_global: bool = True) -> Pipel
             raise
         _logger.info("serving Prometheus metrics on http://%s:%d/metrics", *server.address)
     if set_global:
-        _install_globals(owned_meter_provider, owned_tracer_provider)
+        _install_globals(owned_meter_provider, owned_tracer_provider, owned_logger_provider)
     return assemble(server)
 
 
+def _logger_provider(
+    config: TelemetryConfig, exporters: list[SpanExporter | MetricExporter | LogRecordExporter]
+) -> SdkLoggerProvider | None:
+    """A LoggerProvider batching to the exporters ``OTEL_LOGS_EXPORTER`` names; None
+    without any, or when the process already runs an SDK one (used as it is)."""
+    if isinstance(_logs.get_logger_provider(), SdkLoggerProvider):
+        _logger.info("using the process's existing OpenTelemetry SDK LoggerProvider")
+        return None
+    log_exporters = log_exporters_from_env()
+    if not log_exporters:
+        return None
+    provider = SdkLoggerProvider(
+        resource=build_resource(config.service_name, config.broker_id), shutdown_on_exit=False
+    )
+    for log_exporter in log_exporters:
+        exporters.append(log_exporter)
+        # bounded queue (the SDK's default 2048): a flood of events drops, never blocks
+        provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
+    return provider
+
+
 def _install_globals(
-    meter_provider: SdkMeterProvider | None, tracer_provider: SdkTracerProvider | None
+    meter_provider: SdkMeterProvider | None,
+    tracer_provider: SdkTracerProvider | None,
+    logger_provider: SdkLoggerProvider | None,
 ) -> None:
     if meter_provider is not None:
         metrics.set_meter_provider(meter_provider)
@@ -288,3 +331,7 @@ def _install_globals(
         trace.set_tracer_provider(tracer_provider)
         if trace.get_tracer_provider() is not tracer_provider:
             _logger.warning("another global TracerProvider was already set; ours is not global")
+    if logger_provider is not None:
+        _logs.set_logger_provider(logger_provider)
+        if _logs.get_logger_provider() is not logger_provider:
+            _logger.warning("another global LoggerProvider was already set; ours is not global")

@@ -37,6 +37,7 @@ from streambus.security.tls import ANONYMOUS
 
 if TYPE_CHECKING:
     from streambus.instrumentation import BrokerTelemetry
+    from streambus.security.audit import AuditLog
     from streambus.security.credentials import CredentialStore
 
 log = logging.getLogger("streambus.security")
@@ -68,10 +69,12 @@ class SaslSession:
         reauth_ms: int,
         principal: str = ANONYMOUS,
         warn: Callable[..., None] = log.warning,
+        audit: AuditLog | None = None,
     ) -> None:
         # warn(msg, *args): the server passes a rate-limited one, so a flood of failed
         # logins costs a few lines.
         self._warn = warn
+        self._audit = audit
         self._store = store
         self.mechanisms = mechanisms
         self.listener = listener
@@ -87,6 +90,7 @@ class SaslSession:
         self.expires_at: float | None = None  # monotonic; None: never
         self._scram: ScramServer | None = None
         self._scram_user = ""  # the user SCRAM's client-first named
+        self._claimed = ""  # the user the client claimed (PLAIN or SCRAM), for the audit
         self._reauthenticating = False
 
     @property
@@ -100,6 +104,7 @@ class SaslSession:
         if mechanism not in self.mechanisms:
             self.failed = True
             self._telemetry.authentication("unsupported", self.listener, "unsupported_mechanism")
+            self._audited(ANONYMOUS, mechanism[:64], False, "unsupported_mechanism")
             self._warn(
                 "authentication from %s on listener %s failed: mechanism %r not enabled",
                 self._peer,
@@ -139,6 +144,7 @@ class SaslSession:
         if self.reauth_ms > 0:
             self.expires_at = time.monotonic() + self.reauth_ms / 1000
         self._telemetry.authentication(mechanism, self.listener, None)
+        self._audited(principal, mechanism, True, None)
         log.debug("%s authenticated as %s with %s", self._peer, principal, mechanism)
         return reply
 
@@ -151,6 +157,7 @@ class SaslSession:
             authzid, user, password = (p.decode("utf-8", "replace") for p in parts)
             if not user or (authzid and authzid != user):
                 raise _FailureError("malformed")
+            self._claimed = user[:256]
             if not await self._store.check_plain(user, password):
                 raise _FailureError("invalid_credentials")
             return b"", "User:" + user
@@ -179,6 +186,7 @@ class SaslSession:
 
     def _auth_info(self, user: str, mechanism: str) -> tuple[bytes, bytes, bytes, int]:
         self._scram_user = user
+        self._claimed = user[:256]
         credential = self._store.lookup(user, mechanism)
         if credential is None:
             raise _FailureError("invalid_credentials")
@@ -187,6 +195,9 @@ class SaslSession:
     async def _fail(self, mechanism: str, reason: str) -> None:
         self.failed = True
         self._telemetry.authentication(mechanism, self.listener, reason)
+        # The principal the client claimed (never what it offered as proof)
+        claimed = "User:" + self._claimed if self._claimed else ANONYMOUS
+        self._audited(claimed, mechanism, False, reason)
         self._warn(
             "authentication from %s on listener %s with %s failed: %s",
             self._peer,
@@ -196,6 +207,12 @@ class SaslSession:
         )
         if self._delay_s > 0:
             await asyncio.sleep(self._delay_s)
+
+    def _audited(self, principal: str, mechanism: str, success: bool, reason: str | None) -> None:
+        if self._audit is not None:
+            self._audit.authentication(
+                principal, mechanism, self.listener, self._peer, success, reason
+            )
 
 
 class _FailureError(Exception):
