@@ -351,6 +351,28 @@ def test_configs_clients_quotas(tools: Tools) -> None:
 # -- kafka-consumer-groups ---------------------------------------------------------------------
 
 
+def test_configs_users_scram_credentials(tools: Tools) -> None:
+    entity = ("--entity-type", "users", "--entity-name", "kt-alice")
+    altered = tools.configs(
+        "--alter", *entity,
+        "--add-config", "SCRAM-SHA-256=[iterations=8192,password=kt-secret],"
+        "SCRAM-SHA-512=[password=kt-secret]",
+    )  # fmt: skip
+    assert "Completed updating config for user kt-alice." in altered.stdout, altered
+    described = tools.configs("--describe", *entity)
+    line = [x for x in described.lines if x.startswith("SCRAM credential configs for user")]
+    assert line == [
+        "SCRAM credential configs for user-principal 'kt-alice' are "
+        "SCRAM-SHA-256=iterations=8192, SCRAM-SHA-512=iterations=4096"
+    ], described
+    assert "kt-secret" not in described.stdout
+
+    tools.configs("--alter", *entity, "--delete-config", "SCRAM-SHA-512")
+    described = tools.configs("--describe", *entity)
+    assert "SCRAM-SHA-512" not in described.stdout, described
+    assert "SCRAM-SHA-256=iterations=8192" in described.stdout, described
+
+
 def test_consumer_groups_list_describe_reset(tools: Tools) -> None:
     create_topic(tools.bootstrap, "kt-groups", 2)
     produce_keyed(tools.bootstrap, "kt-groups", [(0, 1000), (0, 1001), (0, 1002), (1, 1003)])
