@@ -31,9 +31,7 @@ change, and replayed at start). A cluster's Raft log keeps it instead.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -50,10 +48,9 @@ from streambus.cluster.client_quotas import (
     table_from_wire,
     table_to_wire,
 )
+from streambus.cluster.local_file import StateFile
 from streambus.cluster.quorum import LocalQuorum, Quorum
 from streambus.cluster.records import AlterClientQuota, Result
-from streambus.errors import KafkaStorageError
-from streambus.storage.datadir import write_atomically
 
 if TYPE_CHECKING:
     from streambus.instrumentation import BrokerTelemetry
@@ -72,7 +69,6 @@ RESOLVED_MAX = 10_000
 PRUNE_OVER = 1_000
 FILE_NAME = "client_quotas.json"
 # client_quotas.json: {"v": 1, "quotas": [[[[type, name or null], ...], {key: value}], ...]}
-FILE_VERSION = 1
 
 
 def _candidates(user: str, client_id: str) -> tuple[QuotaEntity, ...]:
@@ -124,7 +120,7 @@ class QuotaManager:
     ) -> None:
         self._quorum = quorum
         self._telemetry = telemetry
-        self._path = Path(data_dir) / FILE_NAME
+        self._file = StateFile(Path(data_dir) / FILE_NAME, "quotas", "client quotas")
         self.window_num = window_num
         self.window_s = window_size_s
         self._clock = clock
@@ -200,13 +196,7 @@ class QuotaManager:
         quorum = self._quorum()
         result = await quorum.submit(record)
         if result.ok and isinstance(quorum, LocalQuorum):
-            content = json.dumps(
-                {"v": FILE_VERSION, "quotas": table_to_wire(quorum.state.client_quotas)}
-            ).encode()
-            try:
-                await asyncio.to_thread(write_atomically, self._path, content)
-            except OSError as exc:
-                raise KafkaStorageError(f"cannot write {self._path}: {exc}") from exc
+            await self._file.save(table_to_wire(quorum.state.client_quotas))
         return result
 
     def load_local(self) -> None:
@@ -214,19 +204,8 @@ class QuotaManager:
         quorum = self._quorum()
         if not isinstance(quorum, LocalQuorum):
             return
-        try:
-            raw = self._path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
-            wire = json.loads(raw)
-            if wire.get("v") != FILE_VERSION:
-                raise ValueError(f"version {wire.get('v')!r} is not {FILE_VERSION}")
-            table = table_from_wire(wire["quotas"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error("client quotas in %s not loaded: %s", self._path, exc)
-            return
-        for entity, values in table.items():
+        table = self._file.load(table_from_wire)
+        for entity, values in (table or {}).items():
             result = quorum.apply_now(AlterClientQuota(entity, tuple(sorted(values.items()))))
             if not result.ok:
                 log.warning("client quota %r not loaded: %s", entity, result.message)

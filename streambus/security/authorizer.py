@@ -27,8 +27,6 @@ atomically, after each change; replayed at start); a cluster's Raft log keeps th
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,17 +34,16 @@ from typing import TYPE_CHECKING, Protocol
 
 from streambus.cluster import acls
 from streambus.cluster.acls import ALL, ALLOW, DENY, IMPLIED_BY, AclBinding, AclSet
+from streambus.cluster.local_file import StateFile
 from streambus.cluster.quorum import LocalQuorum, Quorum
 from streambus.cluster.records import AlterAcls, Result
 from streambus.errors import (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
-    KafkaStorageError,
     StreamBusError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailedError,
 )
-from streambus.storage.datadir import write_atomically
 
 if TYPE_CHECKING:
     from streambus.instrumentation import BrokerTelemetry
@@ -58,7 +55,6 @@ ANONYMOUS = "User:ANONYMOUS"
 FILE_NAME = "acls.json"
 # acls.json: {"v": 1, "acls": [[resource type, name, pattern type, principal, host,
 #                               operation, permission], ...]} (Kafka's codes)
-FILE_VERSION = 1
 _ANY_HOST = acls.WILDCARD
 _CLUSTER = acls.CLUSTER_NAME
 # What a denial answers, by resource type
@@ -132,7 +128,7 @@ class Authorizer:
         self._quorum = quorum
         self._telemetry = telemetry
         self.audit = audit
-        self._path = Path(data_dir) / FILE_NAME
+        self._file = StateFile(Path(data_dir) / FILE_NAME, "acls", "ACLs")
         self.enabled = enabled
         self.super_users = parse_super_users(super_users)
         self.allow_if_no_acl = allow_everyone_if_no_acl_found
@@ -298,11 +294,7 @@ class Authorizer:
         quorum = self._quorum()
         result = await quorum.submit(record)
         if result.ok and isinstance(quorum, LocalQuorum):
-            content = json.dumps({"v": FILE_VERSION, "acls": acls.to_wire(quorum.state.acls)})
-            try:
-                await asyncio.to_thread(write_atomically, self._path, content.encode())
-            except OSError as exc:
-                raise KafkaStorageError(f"cannot write {self._path}: {exc}") from exc
+            await self._file.save(acls.to_wire(quorum.state.acls))
         return result
 
     def load_local(self) -> None:
@@ -310,21 +302,12 @@ class Authorizer:
         quorum = self._quorum()
         if not isinstance(quorum, LocalQuorum):
             return
-        try:
-            raw = self._path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
-            wire = json.loads(raw)
-            if wire.get("v") != FILE_VERSION:
-                raise ValueError(f"version {wire.get('v')!r} is not {FILE_VERSION}")
-            loaded = acls.from_wire(wire["acls"])
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-            log.error("ACLs in %s not loaded: %s", self._path, exc)
+        loaded = self._file.load(acls.from_wire)
+        if not loaded:
             return
         result = quorum.apply_now(AlterAcls(creations=tuple(sorted(loaded))))
         if not result.ok:
-            log.error("ACLs in %s not loaded: %s", self._path, result.message)
+            log.error("ACLs in %s not loaded: %s", self._file.path, result.message)
 
 
 _EMPTY_INDEX = _Index()

@@ -153,7 +153,7 @@ def _via_data_dir(args: argparse.Namespace, mechanisms: tuple[str, ...], passwor
             if not result.ok and not (args.action == "delete" and args.mechanism == "all"):
                 print(f"{args.name} {mechanism}: {result.message}", file=sys.stderr)
                 return 1
-        write_atomically(path, encode_file(quorum))
+        write_atomically(path, encode_file(quorum, path))
     finally:
         lock.release()
     return 0

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from scramp import ScramMechanism
 
+from streambus.cluster.local_file import StateFile
 from streambus.cluster.quorum import LocalQuorum, Quorum
 from streambus.cluster.records import AlterScramCredential, Result
 from streambus.cluster.scram_credentials import (
@@ -34,13 +35,10 @@ from streambus.cluster.scram_credentials import (
     table_from_wire,
     table_to_wire,
 )
-from streambus.errors import KafkaStorageError
-from streambus.storage.datadir import write_atomically
 
 log = logging.getLogger("streambus.security")
 
 FILE_NAME = "scram_credentials.json"
-FILE_VERSION = 1
 DEFAULT_ITERATIONS = MIN_ITERATIONS
 _HASH = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}
 
@@ -100,11 +98,7 @@ class CredentialStore:
         quorum = self._quorum()
         result = await quorum.submit(record)
         if result.ok and isinstance(quorum, LocalQuorum):
-            content = encode_file(quorum)
-            try:
-                await asyncio.to_thread(write_atomically, self.path, content)
-            except OSError as exc:
-                raise KafkaStorageError(f"cannot write {self.path}: {exc}") from exc
+            await state_file(self.path).save(table_to_wire(quorum.state.scram_credentials))
         return result
 
     def load_local(self) -> None:
@@ -114,26 +108,20 @@ class CredentialStore:
             load_file(quorum, self.path)
 
 
-def encode_file(quorum: LocalQuorum) -> bytes:
-    wire = {"v": FILE_VERSION, "credentials": table_to_wire(quorum.state.scram_credentials)}
-    return json.dumps(wire).encode()
+def state_file(path: Path) -> StateFile:
+    return StateFile(path, "credentials", "SCRAM credentials")
+
+
+def encode_file(quorum: LocalQuorum, path: Path) -> bytes:
+    return state_file(path).encode(table_to_wire(quorum.state.scram_credentials))
 
 
 def load_file(quorum: LocalQuorum, path: Path) -> None:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return
-    try:
-        wire = json.loads(raw)
-        if wire.get("v") != FILE_VERSION:
-            raise ValueError(f"version {wire.get('v')!r} is not {FILE_VERSION}")
-        rows = wire["credentials"]
-        table_from_wire(rows)  # the whole file is checked before any of it is applied
-    except Exception as exc:
-        log.error("SCRAM credentials in %s not loaded: %s", path, exc)
-        return
-    for row in rows:
+    def rows(wire: Any) -> list[Any]:
+        table_from_wire(wire)  # the whole file is checked before any of it is applied
+        return list(wire)
+
+    for row in state_file(path).load(rows) or ():
         result = quorum.apply_now(AlterScramCredential(*row))
         if not result.ok:
             log.warning("SCRAM credential of %r not loaded: %s", row[0], result.message)
