@@ -18,7 +18,9 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from streambus.cluster import acls
 from streambus.cluster.records import AlterAcls
 from streambus.cluster.scram_credentials import record_for
+from streambus.schemas import forward
 from streambus.schemas.auth import subject_topic
+from streambus.schemas.forward import SchemasLeader
 from streambus.security.credentials import make_credential
 from tests.harness import BrokerThread, free_port, total, wait_until
 
@@ -217,3 +219,41 @@ def _check_acls(b: BrokerThread, alice: SchemaRegistryClient, admin: SchemaRegis
     denials = "streambus_authorization_denials_total"
     assert total(samples, denials, operation="WRITE", resource_type="TOPIC") == 1
     assert total(samples, denials, operation="ALTER_CONFIGS", resource_type="TOPIC") == 1
+
+
+def test_forwarded_write_carries_the_callers_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that does not lead `_schemas` forwards a write with the caller's
+    Authorization header; the leader authenticates the same user again."""
+    monkeypatch.setattr(forward, "_APPLY_WAIT_S", 0.2)  # the follower here shares no log
+    secured = {"schema_registry_authentication": "basic"}
+    with (
+        BrokerThread(tmp_path / "a", schema_registry_port=free_port(), **secured) as leader,
+        BrokerThread(
+            tmp_path / "b", schema_registry_port=free_port(), broker_id=2, **secured
+        ) as follower,
+    ):
+        add_user(leader, "alice", PASSWORD, ("SCRAM-SHA-256",))
+        add_user(follower, "alice", PASSWORD, ("SCRAM-SHA-256",))
+        server = follower.broker._registry_server
+        assert server is not None
+        forwarder = server._forwarder
+        assert forwarder is not None
+        port = leader.broker.schema_registry_port
+        forwarder._leader = lambda: SchemasLeader(True, 1, "127.0.0.1", port)
+
+        before = leader.scrape()
+        with client(follower, "alice", PASSWORD) as sr:
+            schema_id = sr.register_schema("fwd-value", Schema(avro("Fwd"), "AVRO"))
+        after = leader.scrape()
+        # Registered on the leader, which authenticated alice itself
+        assert leader.call(_subjects(leader)) == ["fwd-value"]
+        assert leader.broker.schemas.schema(schema_id).schema_type == "AVRO"
+        grew = total(after, ATTEMPTS, **LABELS) - total(before, ATTEMPTS, **LABELS)
+        assert grew == 1
+        assert total(after, FAILURES, **LABELS) == 0
+
+
+async def _subjects(b: BrokerThread) -> list[str]:
+    return b.broker.schemas.subjects()
