@@ -36,6 +36,7 @@ from streambus.protocol.fetch_sessions import FetchSessionCache
 from streambus.quotas import QuotaManager
 from streambus.replication.fetcher import FetcherSettings
 from streambus.replication.manager import ReplicaManager
+from streambus.schemas.auth import RegistrySecurity
 from streambus.schemas.forward import Forwarder, SchemasLeader
 from streambus.schemas.registry import SchemaRegistry
 from streambus.schemas.rest import RegistryServer
@@ -185,15 +186,6 @@ class Broker:
         # Produced records of topics with schema validation on are checked against its state,
         # which is loaded from _schemas whether or not this broker serves the REST API.
         self.partitions.schema_validation.source = self.schemas
-        self._registry_server = None
-        if config.schema_registry_port:
-            self._registry_server = RegistryServer(
-                self.schemas,
-                self.telemetry,
-                config.host,
-                config.schema_registry_port,
-                Forwarder(self.schemas, self.broker_id, self._schemas_leader),
-            )
         self.local_cluster_id = ""  # meta.properties'; the quorum's wins once it has one
         self.quotas = QuotaManager(
             lambda: self.cluster.quorum,
@@ -219,6 +211,22 @@ class Broker:
             audit_allowed=config.audit_log_allowed,
         )
         self.credentials = CredentialStore(lambda: self.cluster.quorum, self.data_dir)
+        self._registry_server = None
+        if config.schema_registry_port:  # after the authorizer and credentials it checks with
+            self._registry_server = RegistryServer(
+                self.schemas,
+                self.telemetry,
+                config.host,
+                config.schema_registry_port,
+                Forwarder(self.schemas, self.broker_id, self._schemas_leader),
+                security=RegistrySecurity(
+                    config.schema_registry_authentication,
+                    self.credentials,
+                    self.authorizer,
+                    self.telemetry,
+                    self.audit,
+                ),
+            )
         self.fetch_sessions = FetchSessionCache(config.max_incremental_fetch_session_cache_slots)
         self._server = build_server(self, config)
         self._started_at = time.monotonic()

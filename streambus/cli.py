@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="schema registry REST port, on --host (default 8081; 0 = off)",
     )
+    serve.add_argument(
+        "--schema-registry-authentication",
+        choices=("none", "basic"),
+        help="'basic': the registry's REST API takes HTTP Basic auth against the SCRAM users "
+        "(default none)",
+    )
     serve.add_argument("--num-partitions", type=int, help="Kafka's num.partitions (default 1)")
     serve.add_argument(
         "--auto-create-topics-enable",
@@ -204,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "metrics_host": args.metrics_host,
         "metrics_port": args.metrics_port,
         "schema_registry_port": args.schema_registry_port,
+        "schema_registry_authentication": args.schema_registry_authentication,
         "num_partitions": args.num_partitions,
         "auto_create_topics_enable": args.auto_create_topics_enable,
         "tracing": False if args.no_tracing else None,

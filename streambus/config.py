@@ -46,6 +46,9 @@ class BrokerConfig:
     metrics_port: int = 9090  # 0 turns the /metrics endpoint off
     # Confluent-compatible schema registry REST API, bound to ``host``; 0 turns it off.
     schema_registry_port: int = 8081
+    # "basic": every REST request needs HTTP Basic auth against the SCRAM users (none:
+    # Confluent's default, every caller is User:ANONYMOUS); ACLs apply when the authorizer is on.
+    schema_registry_authentication: str = "none"
     tracing: bool = True
     num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
     auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
@@ -273,6 +276,11 @@ class BrokerConfig:
             raise InvalidConfigError("max.incremental.fetch.session.cache.slots must be >= 0")
         if self.authorizer.lower() not in AUTHORIZER_ON + AUTHORIZER_OFF:
             raise InvalidConfigError(f"authorizer is 'acl' or 'none', not {self.authorizer!r}")
+        if self.schema_registry_authentication not in ("none", "basic"):
+            raise InvalidConfigError(
+                "schema registry authentication is 'none' or 'basic', not "
+                f"{self.schema_registry_authentication!r}"
+            )
         if self.audit_log_max_bytes < 1 or self.audit_log_backup_count < 0:
             raise InvalidConfigError("audit log max bytes must be >= 1 and backup count >= 0")
         self.cluster()  # quorum syntax, secret, timings

@@ -132,3 +132,15 @@ class UnknownLeaderError(SchemaRegistryError):
     http_status = 500
     error_code = 50004
     description = "Unknown primary: no broker leads _schemas"
+
+
+class UnauthorizedError(SchemaRegistryError):
+    http_status = 401
+    error_code = 40101
+    description = "Unauthorized: missing or invalid credentials"
+
+
+class ForbiddenError(SchemaRegistryError):
+    http_status = 403
+    error_code = 40301
+    description = "User is denied operation on the resource"

@@ -105,6 +105,10 @@ class Forwarder:
         body = await request.read()
         url = f"http://{target.host}:{target.registry_port}{request.rel_url}"
         headers = {FORWARDED_HEADER: str(self._broker_id)}
+        # The leader authenticates and authorizes the caller again, as the same principal.
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            headers["Authorization"] = authorization
         if request.content_type:
             headers["Content-Type"] = request.headers.get("Content-Type", request.content_type)
         if self._session is None:

@@ -20,9 +20,11 @@ from typing import Any
 from aiohttp import web
 
 from streambus.instrumentation import BrokerTelemetry
+from streambus.schemas.auth import REALM, RegistrySecurity, RestRequester
 from streambus.schemas.errors import (
     SchemaNotFoundError,
     SchemaRegistryError,
+    UnauthorizedError,
     UnprocessableEntityError,
 )
 from streambus.schemas.formats import (
@@ -41,6 +43,8 @@ log = logging.getLogger("streambus.schemas")
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 MAX_BODY_BYTES = 16 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The request's caller, set by the middleware
+REQUESTER = web.RequestKey("streambus_requester", RestRequester)
 
 
 def _answer(body: Any, status: int = 200) -> web.Response:
@@ -101,6 +105,10 @@ async def _formatted(schema: RegisteredSchema, request: web.Request) -> str:
     return await asyncio.to_thread(serialized, schema.schema)
 
 
+def _requester(request: web.Request) -> RestRequester:
+    return request[REQUESTER]
+
+
 def _id(request: web.Request) -> int:
     try:
         return int(request.match_info["id"])
@@ -109,8 +117,17 @@ def _id(request: web.Request) -> int:
 
 
 class RegistryApi:
-    def __init__(self, registry: SchemaRegistry) -> None:
+    def __init__(self, registry: SchemaRegistry, security: RegistrySecurity) -> None:
         self.r = registry
+        self.security = security
+
+    def _schema_readable(self, request: web.Request) -> RegisteredSchema:
+        """The schema of the path's id, if the caller may read a subject holding it."""
+        schema_id = _id(request)
+        schema = self.r.schema(schema_id)
+        uses = self.r.schema_versions(schema_id, True)
+        self.security.require_any_subject(_requester(request), sorted({v.subject for v in uses}))
+        return schema
 
     async def _version_body(self, v: Version, request: web.Request) -> dict[str, Any]:
         schema = self.r.schema(v.schema_id)
@@ -126,7 +143,8 @@ class RegistryApi:
         return _answer({})
 
     async def subjects(self, request: web.Request) -> web.Response:
-        return _answer(self.r.subjects(_flag(request, "deleted")))
+        subjects = self.r.subjects(_flag(request, "deleted"))
+        return _answer(self.security.readable(_requester(request), subjects))
 
     async def list_versions(self, request: web.Request) -> web.Response:
         subject = request.match_info["subject"]
@@ -190,20 +208,26 @@ class RegistryApi:
         return _answer(versions)
 
     async def schema_by_id(self, request: web.Request) -> web.Response:
-        schema = self.r.schema(_id(request))
+        schema = self._schema_readable(request)
         text = await _formatted(schema, request)
         return _answer({"schema": text, **_schema_fields(schema)})
 
     async def schema_text(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.r.schema(_id(request)).schema, content_type=CONTENT_TYPE)
+        schema = self._schema_readable(request)
+        return web.Response(text=schema.schema, content_type=CONTENT_TYPE)
 
     async def schema_versions(self, request: web.Request) -> web.Response:
         uses = self.r.schema_versions(_id(request), _flag(request, "deleted"))
-        return _answer([{"subject": v.subject, "version": v.version} for v in uses])
+        mine = set(self.security.readable(_requester(request), {v.subject for v in uses}))
+        return _answer(
+            [{"subject": v.subject, "version": v.version} for v in uses if v.subject in mine]
+        )
 
     async def schema_subjects(self, request: web.Request) -> web.Response:
         uses = self.r.schema_versions(_id(request), _flag(request, "deleted"))
-        return _answer(sorted({v.subject for v in uses}))
+        return _answer(
+            sorted(self.security.readable(_requester(request), {v.subject for v in uses}))
+        )
 
     async def types(self, _: web.Request) -> web.Response:
         return _answer(list(SCHEMA_TYPES))
@@ -247,9 +271,14 @@ class RegistryApi:
 
 
 def build_app(
-    registry: SchemaRegistry, telemetry: BrokerTelemetry, forwarder: Forwarder | None = None
+    registry: SchemaRegistry,
+    telemetry: BrokerTelemetry,
+    forwarder: Forwarder | None = None,
+    security: RegistrySecurity | None = None,
 ) -> web.Application:
-    api = RegistryApi(registry)
+    if security is None:
+        security = RegistrySecurity("none", None, None, telemetry, None)
+    api = RegistryApi(registry, security)
 
     @web.middleware
     async def confluent(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -259,6 +288,14 @@ def build_app(
         span = telemetry.registry_span(request.method, route)
         write = is_write(request.method, route)
         try:
+            # Who asks, and may they: before forwarding, and again on the leader, which
+            # receives the caller's Authorization header.
+            requester = await security.authenticate(
+                request.headers.get("Authorization"), _peer(request)
+            )
+            request[REQUESTER] = requester
+            if route_info is not None:
+                security.check_route(requester, request.method, route, request.match_info)
             forwarded = None
             if write and forwarder is not None:
                 forwarded = await forwarder.forward(request)
@@ -270,6 +307,8 @@ def build_app(
                     response.headers[OFFSET_HEADER] = str(registry.tail.applied)
         except SchemaRegistryError as exc:
             response = _error(exc.http_status, exc.error_code, str(exc))
+            if isinstance(exc, UnauthorizedError):
+                response.headers["WWW-Authenticate"] = REALM
         except web.HTTPException as exc:  # unknown route, wrong method, body too large
             response = _error(exc.status, exc.status, exc.reason)
         except Exception:
@@ -308,6 +347,16 @@ def build_app(
     return app
 
 
+def _peer(request: web.Request) -> str:
+    """``host:port`` of the client, as the authorizer and the audit log name it."""
+    transport = request.transport
+    address = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return request.remote or "unknown"
+
+
 class RegistryServer:
     """The REST listener, started and stopped with the broker."""
 
@@ -318,8 +367,10 @@ class RegistryServer:
         host: str,
         port: int,
         forwarder: Forwarder | None = None,
+        *,
+        security: RegistrySecurity | None = None,
     ) -> None:
-        self._app = build_app(registry, telemetry, forwarder)
+        self._app = build_app(registry, telemetry, forwarder, security)
         self._forwarder = forwarder
         self._host, self._requested = host, port
         self._runner: web.AppRunner | None = None
