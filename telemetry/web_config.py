@@ -158,7 +158,9 @@ def _ssl_context(base: Path, tls: Mapping[str, Any]) -> ssl.SSLContext:
         context.load_cert_chain(cert, key)
         if tls.get("client_ca_file"):
             context.load_verify_locations(_path(base, tls["client_ca_file"], "client_ca_file"))
-        elif auth_type.startswith(("Verify", "RequireAndVerify")):
+        elif auth_type != "NoClientCert":
+            # Python's ssl verifies any client certificate it asks for, so every type
+            # that asks for one needs the CAs to verify it against.
             raise WebConfigError(f"client_auth_type {auth_type} needs client_ca_file")
     except (OSError, ssl.SSLError) as exc:
         raise WebConfigError(f"tls_server_config: {exc}") from exc
@@ -174,6 +176,8 @@ def load_web_config(path: Path) -> WebConfig:
         raise WebConfigError(f"cannot read the metrics web config {path}: {exc}") from exc
     if not isinstance(document, dict):
         raise WebConfigError(f"{path}: a mapping expected at the top")
+    # http_server_config (HTTP/2, headers) has nothing to configure here; accepted so
+    # Prometheus' own file can be shared.
     unknown = set(document) - {"tls_server_config", "basic_auth_users", "http_server_config"}
     if unknown:
         raise WebConfigError(f"{path}: unknown keys {sorted(unknown)}")

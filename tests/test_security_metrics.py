@@ -19,13 +19,21 @@ from typing import Any
 
 import pytest
 
-from telemetry import WebConfigError, load_web_config
+from telemetry import (
+    ANY_FREE_PORT,
+    TelemetryConfig,
+    WebConfigError,
+    load_web_config,
+    start_pipeline,
+)
 from tests.harness import BrokerProcess, BrokerThread, RawClient, wait_until
 from tests.security_certs import make_certs
 from tests.test_alerts import ALERTMANAGER, AlertmanagerServer, Webhook, fast_rules
 from tests.test_prometheus_server import PROMETHEUS, PrometheusServer
 from tests.test_security_auth import WRONG, add_user, plain_login
 
+# What a client sees of a refused TLS handshake: an alert, a reset, or urllib wrapping either.
+REFUSED = (ssl.SSLError, ConnectionError, urllib.error.URLError)
 SCRAPER, SCRAPER_PASSWORD = "prometheus", "scrape-me-please"
 
 
@@ -82,6 +90,15 @@ def test_web_config_errors_are_clear(tmp_path: Path) -> None:
         load_web_config(bad)
     bad.write_text("tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n")
     with pytest.raises(WebConfigError, match="tls_server_config"):
+        load_web_config(bad)
+    certs = make_certs(tmp_path / "certs")
+    bad.write_text(
+        "tls_server_config:\n"
+        f"  cert_file: {certs.server_cert}\n"
+        f"  key_file: {certs.server_key}\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n"
+    )
+    with pytest.raises(WebConfigError, match="needs client_ca_file"):
         load_web_config(bad)
     bad.write_text("tls_sever_config: {}\n")
     with pytest.raises(WebConfigError, match="unknown keys"):
@@ -201,3 +218,41 @@ def test_high_authentication_failures_reaches_alertmanager_webhook(tmp_path: Pat
         assert alert["labels"]["mechanism"] == "PLAIN"
         assert alert["labels"]["listener"] == "SASL_PLAINTEXT"
         assert alert["labels"]["reason"] == "invalid_credentials"
+
+
+def test_metrics_require_a_client_certificate_when_configured(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    config = tmp_path / "web.yml"
+    config.write_text(
+        "tls_server_config:\n"
+        f"  cert_file: {certs.server_cert}\n"
+        f"  key_file: {certs.server_key}\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n"
+        f"  client_ca_file: {certs.ca}\n"
+        "  min_version: TLS13\n"
+    )
+    pipeline = start_pipeline(
+        TelemetryConfig(
+            metrics_host="127.0.0.1",
+            metrics_port=ANY_FREE_PORT,
+            tracing=False,
+            web_config=load_web_config(config),
+        ),
+        set_global=False,
+    )
+    try:
+        assert pipeline.metrics_address is not None
+        url = f"https://127.0.0.1:{pipeline.metrics_address[1]}/metrics"
+        anonymous = ssl.create_default_context(cafile=str(certs.ca))
+        with pytest.raises(REFUSED):  # refused in the handshake: no certificate
+            _get(url, anonymous, None)
+        with_cert = ssl.create_default_context(cafile=str(certs.ca))
+        with_cert.load_cert_chain(certs.client_cert, certs.client_key)
+        assert _get(url, with_cert, None) == 200
+        old = ssl.create_default_context(cafile=str(certs.ca))
+        old.load_cert_chain(certs.client_cert, certs.client_key)
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(REFUSED):  # below min_version
+            _get(url, old, None)
+    finally:
+        pipeline.shutdown()
