@@ -30,7 +30,7 @@ from streambus.security.cli import (
 )
 from streambus.storage.datadir import DataDirError
 from streambus.tracefile import add_traces_parser, run_traces
-from telemetry import TelemetryConfig, start_pipeline
+from telemetry import TelemetryConfig, WebConfigError, load_web_config, start_pipeline
 
 log = logging.getLogger("streambus")
 
@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-host", help="address of the /metrics endpoint (default 0.0.0.0)")
     serve.add_argument("--metrics-port", type=int, help="/metrics port (default 9090; 0 = off)")
     serve.add_argument(
+        "--metrics-web-config",
+        type=Path,
+        metavar="PATH",
+        help="Prometheus' web config YAML (tls_server_config, basic_auth_users) for /metrics",
+    )
+    serve.add_argument(
         "--schema-registry-port",
         type=int,
         metavar="PORT",
@@ -209,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         "broker_id": args.broker_id,
         "metrics_host": args.metrics_host,
         "metrics_port": args.metrics_port,
+        "metrics_web_config": args.metrics_web_config,
         "schema_registry_port": args.schema_registry_port,
         "schema_registry_authentication": args.schema_registry_authentication,
         "num_partitions": args.num_partitions,
@@ -237,6 +244,9 @@ async def serve(config: BrokerConfig) -> int:
         TelemetryConfig(
             metrics_host=config.metrics_host,
             metrics_port=config.metrics_port,
+            web_config=(
+                load_web_config(config.metrics_web_config) if config.metrics_web_config else None
+            ),
             broker_id=str(config.broker_id),
             tracing=config.tracing,
         )
@@ -293,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except StreamBusError as exc:
         log.error("%s", exc)
+        return 2
+    except WebConfigError as exc:  # --metrics-web-config unreadable or unservable
+        log.error("cannot start: %s", exc)
         return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)

@@ -44,6 +44,8 @@ class BrokerConfig:
     broker_id: int = 1
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090  # 0 turns the /metrics endpoint off
+    # Prometheus' web config file (--web.config.file): TLS and basic auth for /metrics
+    metrics_web_config: Path | None = None
     # Confluent-compatible schema registry REST API, bound to ``host``; 0 turns it off.
     schema_registry_port: int = 8081
     # "basic": every REST request needs HTTP Basic auth against the SCRAM users (none:

@@ -307,6 +307,10 @@ BROKER_FIELDS: dict[str, tuple[str, str]] = {
     "broker_id": ("node.id", "This broker's id in the cluster (also its Raft node id)."),
     "metrics_host": ("metrics.host", "The address the Prometheus /metrics endpoint binds."),
     "metrics_port": ("metrics.port", "The /metrics endpoint's port; 0 turns it off."),
+    "metrics_web_config": (
+        "web.config.file",
+        "Prometheus' web config YAML: TLS and bcrypt basic auth for /metrics.",
+    ),
     "tracing": ("tracing", "Whether request spans are recorded and exported."),
     "num_partitions": (
         "num.partitions",

@@ -43,6 +43,7 @@ from telemetry.exporters import (
 from telemetry.prometheus import MetricsEndpointError, MetricsServer, exposition_text, new_reader
 from telemetry.resource import build_resource
 from telemetry.views import latency_views
+from telemetry.web_config import WebConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class TelemetryConfig:
     broker_id: str = "1"
     #: False: no TracerProvider is built and the broker's spans are API no-ops.
     tracing: bool = True
+    #: TLS and basic auth for ``/metrics`` (Prometheus' web config); None: plain HTTP, open.
+    web_config: WebConfig | None = None
 
     def __post_init__(self) -> None:
         if not ANY_FREE_PORT <= self.metrics_port <= _MAX_PORT:
@@ -287,11 +290,13 @@ def start_pipeline(config: TelemetryConfig, *, set_global: bool = True) -> Pipel
     if registry is not None and config.metrics_port != 0:
         port = 0 if config.metrics_port == ANY_FREE_PORT else config.metrics_port
         try:
-            server = MetricsServer(registry, config.metrics_host, port)
+            server = MetricsServer(registry, config.metrics_host, port, config.web_config)
         except MetricsEndpointError:
             assemble(None).shutdown(timeout_s=1.0)  # undo what was built, then report
             raise
-        _logger.info("serving Prometheus metrics on http://%s:%d/metrics", *server.address)
+        _logger.info(
+            "serving Prometheus metrics on %s://%s:%d/metrics", server.scheme, *server.address
+        )
     if set_global:
         _install_globals(owned_meter_provider, owned_tracer_provider, owned_logger_provider)
     return assemble(server)

@@ -9,17 +9,26 @@ prometheus_client's global ``REGISTRY``, which would add ``python_*``,
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
-from collections.abc import Iterable
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics_core import Metric
+
+from telemetry.web_config import WebConfig
 
 _logger = logging.getLogger(__name__)
 
 _SERVER_STOP_TIMEOUT_S = 2.0
+#: How long a scraper has to finish its TLS handshake; the handshake runs on the
+#: connection's own thread, so a silent or plaintext client holds only that thread.
+_TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class MetricsEndpointError(OSError):
@@ -76,9 +85,19 @@ class MetricsServer:
     OpenMetrics and gzip from the request headers.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        web_config: WebConfig | None = None,
+    ) -> None:
+        self.scheme = "https" if web_config and web_config.ssl_context else "http"
         try:
-            server, thread = start_http_server(port, addr=host, registry=registry)
+            if web_config is None:
+                server, thread = start_http_server(port, addr=host, registry=registry)
+            else:
+                server, thread = _start_guarded_server(registry, host, port, web_config)
         except OSError as exc:
             message = f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}"
             if exc.errno is None:
@@ -103,3 +122,62 @@ class MetricsServer:
             _logger.warning("/metrics server on %s:%d did not stop in time", *self.address)
         self._server.server_close()
         self._thread.join(max(0.0, timeout_s))
+
+
+class _TLSWSGIServer(ThreadingWSGIServer):
+    """Threading WSGI server that does each TLS handshake on the connection's thread."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(_TLS_HANDSHAKE_TIMEOUT_S)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            # plaintext or a refused certificate: that connection only, no traceback
+            _logger.debug("/metrics TLS handshake from %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+
+def _basic_auth_app(
+    app: Callable[..., Iterable[bytes]], web_config: WebConfig
+) -> Callable[..., Iterable[bytes]]:
+    auth = web_config.basic_auth
+    if auth is None:
+        return app
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if not auth.allows(environ.get("HTTP_AUTHORIZATION")):
+            start_response(
+                "401 Unauthorized",
+                [
+                    ("WWW-Authenticate", 'Basic realm="streambus"'),
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                ],
+            )
+            return [b"Unauthorized\n"]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def _start_guarded_server(
+    registry: CollectorRegistry, host: str, port: int, web_config: WebConfig
+) -> tuple[WSGIServer, threading.Thread]:
+    class Server(_TLSWSGIServer):
+        ssl_context = web_config.ssl_context
+
+    if ":" in host:
+        Server.address_family = socket.AF_INET6
+    app = _basic_auth_app(make_wsgi_app(registry), web_config)
+    httpd = make_server(host, port, app, Server, handler_class=_SilentHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="streambus-metrics", daemon=True)
+    thread.start()
+    return httpd, thread

@@ -28,15 +28,17 @@ from tests.test_replication import REPL_ENV, create_replicated, wait_in_sync
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "streambus.json"
 DATASOURCE_UID = "streambus-prometheus"
-PANEL_QUERIES = 74  # every target of every panel; a new panel must raise this
+PANEL_QUERIES = 80  # every target of every panel; a new panel must raise this
 REPLICATION_ROW = "Replication"
 REPLICATION_QUERIES = 9  # of them, in the Replication row
 TRANSACTIONS_ROW = "Transactions"
 TRANSACTIONS_QUERIES = 7  # of them, in the Transactions row
 SCHEMAS_ROW = "Schemas"
 SCHEMAS_QUERIES = 3  # of them, in the Schemas row
+SECURITY_ROW = "Security"
+SECURITY_QUERIES = 6  # of them, in the Security row
 # Rows whose queries need more than one broker's plain traffic: each has its own live test.
-OWN_TEST_ROWS = {REPLICATION_ROW, TRANSACTIONS_ROW, SCHEMAS_ROW}
+OWN_TEST_ROWS = {REPLICATION_ROW, TRANSACTIONS_ROW, SCHEMAS_ROW, SECURITY_ROW}
 TXN_TOPIC = "txn-orders"
 REPLICATED_TOPIC = "replicated"
 TOPIC = "orders"
@@ -310,7 +312,11 @@ def test_every_panel_query_returns_data(tmp_path: Path) -> None:
     d = dashboard()
     panel_queries = [(title, substitute(expr)) for title, expr in plain_queries(d)]
     assert len(panel_queries) == (
-        PANEL_QUERIES - REPLICATION_QUERIES - TRANSACTIONS_QUERIES - SCHEMAS_QUERIES
+        PANEL_QUERIES
+        - REPLICATION_QUERIES
+        - TRANSACTIONS_QUERIES
+        - SCHEMAS_QUERIES
+        - SECURITY_QUERIES
     )
     (variable,) = d["templating"]["list"]
     variable_query, label = label_values_query(variable["definition"])
@@ -640,6 +646,91 @@ def test_every_schemas_panel_query_returns_data(tmp_path: Path) -> None:
             assert (
                 value('streambus_schema_validation_errors_total{reason="missing_magic_byte"}')
                 == refused
+            )
+        finally:
+            prom.stop()
+
+
+def test_dashboard_has_a_security_row() -> None:
+    d = dashboard()
+    security = dict(row_queries(d, SECURITY_ROW))
+    assert len(security) == SECURITY_QUERIES
+    exprs = " ".join(security.values())
+    for metric in (
+        "streambus_authentication_attempts_total",
+        "streambus_authentication_failures_total",
+        "streambus_authorization_checks_total",
+        "streambus_authorization_denials_total",
+        "streambus_audit_events_logged_total",
+    ):
+        assert metric in exprs, metric
+    assert "by (mechanism, listener, reason)" in exprs
+    assert "by (operation, resource_type)" in exprs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
+def test_every_security_panel_query_returns_data(tmp_path: Path) -> None:
+    """A broker with a PLAINTEXT and a SASL_PLAINTEXT listener, the ACL authorizer on and an
+    audit log, scraped every second by a real Prometheus: SASL logins (some with a wrong
+    password) and anonymous produce requests denied WRITE on a topic without ACLs (each denial
+    audited). Every Security panel query returns data, and the figures are exactly the work
+    done."""
+    from tests.test_schema_validation_checks import batch, produce
+    from tests.test_security_auth import PASSWORD, WRONG, add_user, plain_login
+
+    d = dashboard()
+    panel_queries = [(title, substitute(expr)) for title, expr in row_queries(d, SECURITY_ROW)]
+    assert len(panel_queries) == SECURITY_QUERIES
+    with BrokerThread(
+        tmp_path / "data",
+        listeners="PLAINTEXT://127.0.0.1:0,SASL_PLAINTEXT://127.0.0.1:0",
+        authorizer="acl",
+        audit_log=tmp_path / "audit" / "audit.log",
+        connection_failed_authentication_delay_ms=1,
+    ) as b:
+        add_user(b, "alice", PASSWORD)
+        b.run(b.broker.create_topic, "secret", 1, {})
+        plain = f"127.0.0.1:{b.broker.listener_port('PLAINTEXT')}"
+        sasl = f"127.0.0.1:{b.broker.listener_port('SASL_PLAINTEXT')}"
+        target = b.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        prom = PrometheusServer(tmp_path / "prom", target)
+        logins = failures = denials = 0
+        try:
+            pending = list(panel_queries)
+            deadline = time.monotonic() + 45
+            while pending and time.monotonic() < deadline:
+                for password in (PASSWORD, WRONG):
+                    with RawClient(sasl) as raw:
+                        code = plain_login(raw, password).error_code
+                        assert code == (0 if password == PASSWORD else 58)
+                logins, failures = logins + 2, failures + 1
+                with RawClient(plain) as client:
+                    answer = produce(client, {("secret", 0): batch(b"x")})
+                    assert answer[("secret", 0)].error_code == 29  # TOPIC_AUTHORIZATION_FAILED
+                denials += 1
+                pending = [(title, q) for title, q in pending if not prom.query(q)]
+                time.sleep(0.5)
+            assert not pending, "panel queries without data:\n" + "\n".join(
+                f"  {title}: {q}" for title, q in pending
+            )
+
+            def value(expr: str) -> float:
+                return sum(float(sample["value"][1]) for sample in prom.query(expr))
+
+            assert wait_until(
+                lambda: value("sum(streambus_authentication_attempts_total)") == logins, 10
+            )
+            assert value("sum(streambus_authentication_failures_total)") == failures
+            denied = (
+                'streambus_authorization_denials_total{operation="WRITE",resource_type="TOPIC"}'
+            )
+            assert wait_until(lambda: value(denied) == denials, 10)
+            assert wait_until(
+                lambda: (
+                    value('streambus_audit_events_logged_total{type="authorization"}') == denials
+                ),
+                10,
             )
         finally:
             prom.stop()

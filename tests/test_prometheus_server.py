@@ -39,7 +39,8 @@ class PrometheusServer:
 
     Optional: ``rule_files`` (rules files to load, evaluated every ``scrape_interval``),
     ``alertmanagers`` (``host:port`` of Alertmanagers to send alerts to) and ``extra_args``
-    (more command-line flags, e.g. ``--rules.alert.resend-delay=1s``).
+    (more command-line flags, e.g. ``--rules.alert.resend-delay=1s``) and ``scrape_options``
+    (YAML lines added to the job, indented four spaces: ``scheme``, ``tls_config``, ...).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class PrometheusServer:
         rule_files: Sequence[Path] = (),
         alertmanagers: Sequence[str] = (),
         extra_args: Sequence[str] = (),
+        scrape_options: str = "",
     ) -> None:
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,7 @@ class PrometheusServer:
             f"  evaluation_interval: {scrape_interval}\n"
             "scrape_configs:\n"
             "  - job_name: streambus\n"
+            f"{scrape_options}"
             "    static_configs:\n"
             f"      - targets: [{', '.join(repr(t) for t in targets)}]\n"
             "        labels: {env: 'test', service: 'streambus'}\n"

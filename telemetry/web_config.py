@@ -1,0 +1,194 @@
+"""TLS and basic auth for ``/metrics``, read from Prometheus' web config file.
+
+The file is the one Prometheus and its exporters take with
+``--web.config.file`` (exporter-toolkit's format), so one file serves both::
+
+    tls_server_config:
+      cert_file: server.crt
+      key_file: server.key
+      client_auth_type: RequireAndVerifyClientCert   # optional
+      client_ca_file: ca.crt                         # optional
+    basic_auth_users:
+      prometheus: $2b$12$...                         # bcrypt, as htpasswd -B makes
+
+Relative paths are resolved against the file's directory, as the toolkit does.
+TLS is 1.2 or newer whatever ``min_version`` asks. Passwords are checked with
+bcrypt: the ``bcrypt`` package when installed, otherwise the system's libcrypt
+(libxcrypt does ``$2b$``) through the standard ``crypt`` module; a file naming
+users where neither can check bcrypt is refused at start, never served open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import hmac
+import importlib
+import ssl
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: exporter-toolkit's client_auth_type values and what each asks of the client.
+_CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_OPTIONAL,
+    "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+_TLS_VERSIONS = {
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+#: Verified (user, password digest) pairs kept so a scrape every few seconds does not
+#: pay bcrypt's deliberate cost each time; bounded, as any client can send credentials.
+_VERIFIED_CACHE_MAX = 64
+
+
+class WebConfigError(ValueError):
+    """The web config file is unreadable or asks for something that cannot be served."""
+
+
+def _bcrypt_checker() -> Callable[[bytes, bytes], bool] | None:
+    """``check(password, hash)`` through bcrypt or libcrypt, or None when neither does bcrypt."""
+    try:
+        bcrypt: Any = importlib.import_module("bcrypt")
+    except ImportError:
+        pass
+    else:
+        return lambda password, hashed: bool(bcrypt.checkpw(password, hashed))
+    with warnings.catch_warnings():  # deprecated in 3.11, still the stdlib's door to libcrypt
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            crypt: Any = importlib.import_module("crypt")
+        except ImportError:
+            return None
+    probe = crypt.crypt("probe", "$2b$04$" + "a" * 22)
+    if not probe or not probe.startswith("$2b$"):
+        return None
+
+    def check(password: bytes, hashed: bytes) -> bool:
+        try:
+            computed = crypt.crypt(password.decode("utf-8"), hashed.decode("ascii"))
+        except (UnicodeDecodeError, OSError, ValueError):
+            return False
+        return bool(computed) and hmac.compare_digest(computed.encode("ascii"), hashed)
+
+    return check
+
+
+class BasicAuth:
+    """Checks an ``Authorization: Basic`` header against bcrypt-hashed users."""
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        checker = _bcrypt_checker()
+        if checker is None:
+            raise WebConfigError(
+                "basic_auth_users needs bcrypt: install the 'bcrypt' package "
+                "(or a libcrypt that does $2b$)"
+            )
+        for name, hashed in users.items():
+            if not str(hashed).startswith(("$2a$", "$2b$", "$2y$")):
+                raise WebConfigError(f"basic_auth_users: {name!r} needs a bcrypt hash")
+        self._check = checker
+        self._users = {str(k): str(v).encode("ascii") for k, v in users.items()}
+        self._verified: dict[tuple[str, bytes], None] = {}
+        self._lock = threading.Lock()
+
+    def allows(self, header: str | None) -> bool:
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).partition(b":")
+            name = user.decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        hashed = self._users.get(name)
+        if hashed is None:
+            return False
+        key = (name, hashlib.sha256(hashed + b"\0" + password).digest())
+        with self._lock:
+            if key in self._verified:
+                return True
+        if not self._check(password, hashed):
+            return False
+        with self._lock:
+            if len(self._verified) >= _VERIFIED_CACHE_MAX:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[key] = None
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class WebConfig:
+    """What ``/metrics`` serves behind: a TLS context and/or basic auth (either may be None)."""
+
+    ssl_context: ssl.SSLContext | None = None
+    basic_auth: BasicAuth | None = None
+
+
+def _path(base: Path, value: object, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise WebConfigError(f"tls_server_config.{key} must be a file path")
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def _ssl_context(base: Path, tls: Mapping[str, Any]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    minimum = _TLS_VERSIONS.get(str(tls.get("min_version", "TLS12")))
+    if minimum is None:
+        raise WebConfigError("tls_server_config.min_version must be TLS12 or TLS13")
+    context.minimum_version = minimum
+    cert, key = (
+        _path(base, tls.get("cert_file"), "cert_file"),
+        _path(base, tls.get("key_file"), "key_file"),
+    )
+    auth_type = str(tls.get("client_auth_type", "NoClientCert"))
+    if auth_type not in _CLIENT_AUTH:
+        raise WebConfigError(f"tls_server_config.client_auth_type {auth_type!r} is unknown")
+    try:
+        context.load_cert_chain(cert, key)
+        if tls.get("client_ca_file"):
+            context.load_verify_locations(_path(base, tls["client_ca_file"], "client_ca_file"))
+        elif auth_type != "NoClientCert":
+            # Python's ssl verifies any client certificate it asks for, so every type
+            # that asks for one needs the CAs to verify it against.
+            raise WebConfigError(f"client_auth_type {auth_type} needs client_ca_file")
+    except (OSError, ssl.SSLError) as exc:
+        raise WebConfigError(f"tls_server_config: {exc}") from exc
+    context.verify_mode = _CLIENT_AUTH[auth_type]
+    return context
+
+
+def load_web_config(path: Path) -> WebConfig:
+    """Parse Prometheus' web config YAML at ``path``; :class:`WebConfigError` if unusable."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise WebConfigError(f"cannot read the metrics web config {path}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise WebConfigError(f"{path}: a mapping expected at the top")
+    # http_server_config (HTTP/2, headers) has nothing to configure here; accepted so
+    # Prometheus' own file can be shared.
+    unknown = set(document) - {"tls_server_config", "basic_auth_users", "http_server_config"}
+    if unknown:
+        raise WebConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    tls = document.get("tls_server_config")
+    users = document.get("basic_auth_users")
+    if tls is not None and not isinstance(tls, dict):
+        raise WebConfigError(f"{path}: tls_server_config must be a mapping")
+    if users is not None and not isinstance(users, dict):
+        raise WebConfigError(f"{path}: basic_auth_users must be a mapping")
+    base = path.parent
+    return WebConfig(
+        ssl_context=_ssl_context(base, tls) if tls else None,
+        basic_auth=BasicAuth(users) if users else None,
+    )
