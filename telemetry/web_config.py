@@ -13,9 +13,7 @@ The file is the one Prometheus and its exporters take with
 
 Relative paths are resolved against the file's directory, as the toolkit does.
 TLS is 1.2 or newer whatever ``min_version`` asks. Passwords are checked with
-bcrypt: the ``bcrypt`` package when installed, otherwise the system's libcrypt
-(libxcrypt does ``$2b$``) through the standard ``crypt`` module; a file naming
-users where neither can check bcrypt is refused at start, never served open.
+the maintained ``bcrypt`` package, as Prometheus checks them.
 """
 
 from __future__ import annotations
@@ -24,15 +22,13 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import hmac
-import importlib
 import ssl
 import threading
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import yaml
 
 #: exporter-toolkit's client_auth_type values and what each asks of the client.
@@ -56,48 +52,21 @@ class WebConfigError(ValueError):
     """The web config file is unreadable or asks for something that cannot be served."""
 
 
-def _bcrypt_checker() -> Callable[[bytes, bytes], bool] | None:
-    """``check(password, hash)`` through bcrypt or libcrypt, or None when neither does bcrypt."""
+def _checkpw(password: bytes, hashed: bytes) -> bool:
     try:
-        bcrypt: Any = importlib.import_module("bcrypt")
-    except ImportError:
-        pass
-    else:
-        return lambda password, hashed: bool(bcrypt.checkpw(password, hashed))
-    with warnings.catch_warnings():  # deprecated in 3.11, still the stdlib's door to libcrypt
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            crypt: Any = importlib.import_module("crypt")
-        except ImportError:
-            return None
-    probe = crypt.crypt("probe", "$2b$04$" + "a" * 22)
-    if not probe or not probe.startswith("$2b$"):
-        return None
-
-    def check(password: bytes, hashed: bytes) -> bool:
-        try:
-            computed = crypt.crypt(password.decode("utf-8"), hashed.decode("ascii"))
-        except (UnicodeDecodeError, OSError, ValueError):
-            return False
-        return bool(computed) and hmac.compare_digest(computed.encode("ascii"), hashed)
-
-    return check
+        return bool(bcrypt.checkpw(password, hashed))
+    except ValueError:  # a malformed hash: refused, never a crash of the scrape
+        return False
 
 
 class BasicAuth:
     """Checks an ``Authorization: Basic`` header against bcrypt-hashed users."""
 
     def __init__(self, users: Mapping[str, str]) -> None:
-        checker = _bcrypt_checker()
-        if checker is None:
-            raise WebConfigError(
-                "basic_auth_users needs bcrypt: install the 'bcrypt' package "
-                "(or a libcrypt that does $2b$)"
-            )
         for name, hashed in users.items():
             if not str(hashed).startswith(("$2a$", "$2b$", "$2y$")):
                 raise WebConfigError(f"basic_auth_users: {name!r} needs a bcrypt hash")
-        self._check = checker
+        self._check = _checkpw
         self._users = {str(k): str(v).encode("ascii") for k, v in users.items()}
         self._verified: dict[tuple[str, bytes], None] = {}
         self._lock = threading.Lock()
