@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kafka.protocol.admin import (
@@ -459,36 +459,11 @@ def _duplicate_resources(request: Any) -> set[tuple[int, str]]:
 @routes.api(AlterConfigsRequest, AlterConfigsResponse, versions=(0, 2))
 async def handle_alter_configs(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     """The legacy API: each resource's configs are replaced by the request's whole set."""
-    results: list[tuple[int, str, StreamBusError | None]] = []
-    twice = _duplicate_resources(request)
-    for resource in request.resources:
-        kind, name = int(resource.resource_type), str(resource.resource_name)
-        error: StreamBusError | None = None
-        try:
-            _authorize(services, ctx, acls.ALTER_CONFIGS, kind, name)
-            if (kind, name) in twice:
-                raise InvalidRequestError(f"resource {name!r} appears more than once")
-            _no_duplicates([c.name for c in resource.configs])
-            changes: dict[str, str | None] = {c.name: c.value for c in resource.configs}
-            await _alter(
-                services,
-                kind,
-                name,
-                changes,
-                replace=True,
-                validate_only=bool(request.validate_only),
-            )
-        except StreamBusError as exc:
-            error = exc
-        _logged(
-            services,
-            ctx,
-            "AlterConfigs",
-            (kind, name),
-            error=error,
-            validate_only=bool(request.validate_only),
-        )
-        results.append((kind, name, error))
+
+    def changes(kind: int, name: str, configs: Any) -> dict[str, str | None]:
+        return {c.name: c.value for c in configs}
+
+    results = await _alter_each(services, ctx, request, "AlterConfigs", changes, replace=True)
     return _response(results, AlterConfigsResponse)
 
 
@@ -496,8 +471,29 @@ async def handle_alter_configs(services: BrokerServices, ctx: RequestContext, re
 async def handle_incremental_alter_configs(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
+    def changes(kind: int, name: str, configs: Any) -> dict[str, str | None]:
+        return _incremental(services, kind, name, configs)
+
+    results = await _alter_each(
+        services, ctx, request, "IncrementalAlterConfigs", changes, replace=False
+    )
+    return _response(results, IncrementalAlterConfigsResponse)
+
+
+async def _alter_each(
+    services: BrokerServices,
+    ctx: RequestContext,
+    request: Any,
+    api: str,
+    changes_of: Callable[[int, str, Any], dict[str, str | None]],
+    *,
+    replace: bool,
+) -> list[tuple[int, str, StreamBusError | None]]:
+    """Each resource of an alter request checked, altered (or validated) and logged on its
+    own: one resource's error leaves the others' changes standing, as in Kafka."""
     results: list[tuple[int, str, StreamBusError | None]] = []
     twice = _duplicate_resources(request)
+    validate_only = bool(request.validate_only)
     for resource in request.resources:
         kind, name = int(resource.resource_type), str(resource.resource_name)
         error: StreamBusError | None = None
@@ -506,27 +502,15 @@ async def handle_incremental_alter_configs(
             if (kind, name) in twice:
                 raise InvalidRequestError(f"resource {name!r} appears more than once")
             _no_duplicates([c.name for c in resource.configs])
-            changes = _incremental(services, kind, name, resource.configs)
+            changes = changes_of(kind, name, resource.configs)
             await _alter(
-                services,
-                kind,
-                name,
-                changes,
-                replace=False,
-                validate_only=bool(request.validate_only),
+                services, kind, name, changes, replace=replace, validate_only=validate_only
             )
         except StreamBusError as exc:
             error = exc
-        _logged(
-            services,
-            ctx,
-            "IncrementalAlterConfigs",
-            (kind, name),
-            error=error,
-            validate_only=bool(request.validate_only),
-        )
+        _logged(services, ctx, api, (kind, name), error=error, validate_only=validate_only)
         results.append((kind, name, error))
-    return _response(results, IncrementalAlterConfigsResponse)
+    return results
 
 
 def _incremental(
