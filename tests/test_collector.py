@@ -217,6 +217,54 @@ def linked(span: dict[str, Any]) -> set[tuple[str, str]]:
     return {(link["traceId"], link["spanId"]) for link in span.get("links", [])}
 
 
+def traced_round_trip(
+    stack: contextlib.ExitStack,
+    bootstrap: str,
+    otlp_url: str,
+    topic: str,
+    *,
+    value: bytes,
+    name: str,
+) -> Any:
+    """One message produced and consumed by OpenTelemetry-instrumented confluent-kafka clients
+    whose spans go by OTLP to ``otlp_url`` (services ``<name>-producer``, ``<name>-consumer``);
+    the consumed message, once both clients' spans are exported."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    def provider(service_name: str) -> TracerProvider:
+        tp = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        exporter = OTLPSpanExporter(endpoint=otlp_url, insecure=True)
+        tp.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+        stack.callback(tp.shutdown)
+        return tp
+
+    producer_tp, consumer_tp = provider(f"{name}-producer"), provider(f"{name}-consumer")
+    # One message in its own flush: one Produce request, so the broker's span is a child.
+    producer = ConfluentKafkaInstrumentor.instrument_producer(
+        Producer({"bootstrap.servers": bootstrap, "linger.ms": 0}), tracer_provider=producer_tp
+    )
+    producer.produce(topic=topic, value=value, key=b"k")
+    assert producer.flush(15) == 0
+    consumer = ConfluentKafkaInstrumentor.instrument_consumer(
+        Consumer({"bootstrap.servers": bootstrap, "group.id": name, "enable.auto.commit": False}),
+        tracer_provider=consumer_tp,
+    )
+    # The proxy forwards poll/consume/subscribe, not assign: assign on the wrapped consumer.
+    consumer.original_consumer().assign([TopicPartition(topic, 0, 0)])
+    message: Any = wait_until(lambda: consumer.poll(0.5), timeout=20)
+    assert message.error() is None, message.error()
+    consumer.poll(0.2)  # the instrumentation ends the consumer span on the next poll
+    consumer.close()
+    assert producer_tp.force_flush(10_000)
+    assert consumer_tp.force_flush(10_000)
+    return message
+
+
 BACKEND_CONFIG = """\
 # The trace backend stand-in: OTLP in, every request appended to a JSON-lines file.
 receivers:
@@ -248,12 +296,6 @@ service:
 def test_broker_telemetry_through_collector_to_prometheus_and_trace_backend(
     otelcol: Path, tmp_path: Path
 ) -> None:
-    from confluent_kafka import Consumer, Producer, TopicPartition
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     if PROMETHEUS is None:
         pytest.fail("`prometheus` is not on PATH; `make install` installs it (Debian package)")
@@ -298,43 +340,15 @@ def test_broker_telemetry_through_collector_to_prometheus_and_trace_backend(
         stack.callback(broker.__exit__)
         broker.start()
 
-        def provider(service_name: str) -> TracerProvider:
-            tp = TracerProvider(resource=Resource.create({"service.name": service_name}))
-            exporter = OTLPSpanExporter(endpoint=otlp_url, insecure=True)
-            tp.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
-            stack.callback(tp.shutdown)
-            return tp
-
-        producer_tp = provider("collector-e2e-producer")
-        consumer_tp = provider("collector-e2e-consumer")
-
-        # One message in its own flush: one Produce request, so the broker's span is a child.
-        producer = ConfluentKafkaInstrumentor.instrument_producer(
-            Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0}),
-            tracer_provider=producer_tp,
+        message = traced_round_trip(
+            stack,
+            broker.bootstrap,
+            otlp_url,
+            topic,
+            value=b"through the collector",
+            name="collector-e2e",
         )
-        producer.produce(topic=topic, value=b"through the collector", key=b"k")
-        assert producer.flush(15) == 0
-
-        consumer = ConfluentKafkaInstrumentor.instrument_consumer(
-            Consumer(
-                {
-                    "bootstrap.servers": broker.bootstrap,
-                    "group.id": "collector-e2e",
-                    "enable.auto.commit": False,
-                }
-            ),
-            tracer_provider=consumer_tp,
-        )
-        # The proxy forwards poll/consume/subscribe, not assign: assign on the wrapped consumer.
-        consumer.original_consumer().assign([TopicPartition(topic, 0, 0)])
-        message: Any = wait_until(lambda: consumer.poll(0.5), timeout=20)
-        assert message.error() is None, message.error()
         assert message.value() == b"through the collector"
-        consumer.poll(0.2)  # the instrumentation ends the consumer span on the next poll
-        consumer.close()
-        assert producer_tp.force_flush(10_000)
-        assert consumer_tp.force_flush(10_000)
 
         # Traces: producer -> collector -> backend, broker -> collector -> backend.
         def message_trace() -> tuple[dict[str, Any], ...] | None:

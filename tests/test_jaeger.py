@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.harness import ROOT, BrokerProcess, free_port, wait_until
-from tests.test_collector import CONFIG, Collector, collector_env, otelcol
+from tests.test_collector import CONFIG, Collector, collector_env, otelcol, traced_round_trip
 
 __all__ = ["otelcol"]  # the Collector fixture, used here too
 
@@ -67,12 +67,6 @@ def service_of(trace: dict[str, Any], span: dict[str, Any]) -> str:
 def test_one_message_trace_through_the_collector_to_jaeger(
     otelcol: Path, jaeger: Path, tmp_path: Path
 ) -> None:
-    from confluent_kafka import Consumer, Producer, TopicPartition
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.instrumentation.confluent_kafka import ConfluentKafkaInstrumentor
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     topic = "jaeger-e2e"
     env = collector_env(DEPLOYMENT_ENVIRONMENT="jaeger-e2e")
@@ -120,38 +114,9 @@ def test_one_message_trace_through_the_collector_to_jaeger(
         stack.callback(broker.__exit__)
         broker.start()
 
-        def provider(service_name: str) -> TracerProvider:
-            tp = TracerProvider(resource=Resource.create({"service.name": service_name}))
-            exporter = OTLPSpanExporter(endpoint=otlp_url, insecure=True)
-            tp.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
-            stack.callback(tp.shutdown)
-            return tp
-
-        producer_tp = provider("jaeger-e2e-producer")
-        consumer_tp = provider("jaeger-e2e-consumer")
-        producer = ConfluentKafkaInstrumentor.instrument_producer(
-            Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0}),
-            tracer_provider=producer_tp,
+        message = traced_round_trip(
+            stack, broker.bootstrap, otlp_url, topic, value=b"into jaeger", name="jaeger-e2e"
         )
-        producer.produce(topic=topic, value=b"into jaeger", key=b"k")
-        assert producer.flush(15) == 0
-        consumer = ConfluentKafkaInstrumentor.instrument_consumer(
-            Consumer(
-                {
-                    "bootstrap.servers": broker.bootstrap,
-                    "group.id": "jaeger-e2e",
-                    "enable.auto.commit": False,
-                }
-            ),
-            tracer_provider=consumer_tp,
-        )
-        consumer.original_consumer().assign([TopicPartition(topic, 0, 0)])
-        message: Any = wait_until(lambda: consumer.poll(0.5), timeout=20)
-        assert message.error() is None, message.error()
-        consumer.poll(0.2)  # the instrumentation ends the consumer span on the next poll
-        consumer.close()
-        assert producer_tp.force_flush(10_000)
-        assert consumer_tp.force_flush(10_000)
 
         # The producer's trace, looked up as a user would: by service, then by trace id.
         def producer_trace() -> dict[str, Any] | None:
