@@ -5,7 +5,6 @@ them; a failed SASL login arrives with its attributes and without the password."
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from kafka.protocol.sasl import SaslAuthenticateRequest, SaslHandshakeRequest
 
 from tests.harness import BrokerProcess, RawClient, free_port, wait_until
-from tests.test_collector import Collector, attributes, otelcol  # noqa: F401 - fixture
+from tests.test_collector import Collector, attributes, otelcol, read_otlp_file  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(120, func_only=True)
 
@@ -51,21 +50,10 @@ service:
 
 def read_logs(path: Path) -> list[dict[str, Any]]:
     """Every log record in a file exporter's OTLP JSON lines, attributes flattened."""
-    records: list[dict[str, Any]] = []
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            request = json.loads(line)
-        except json.JSONDecodeError:  # a line still being written
-            continue
-        for resource_logs in request.get("resourceLogs", []):
-            resource = attributes(resource_logs.get("resource", {}).get("attributes", []))
-            for scope_logs in resource_logs.get("scopeLogs", []):
-                for record in scope_logs.get("logRecords", []):
-                    attrs = attributes(record.get("attributes", []))
-                    records.append({**record, "attrs": attrs, "resource": resource})
-    return records
+    return [
+        {**record, "attrs": attributes(record.get("attributes", []))}
+        for record in read_otlp_file(path, "logs")
+    ]
 
 
 def test_failed_login_audit_record_reaches_the_collector(

@@ -191,22 +191,30 @@ def attributes(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def read_spans(path: Path) -> list[dict[str, Any]]:
-    """Every span in a file exporter's OTLP JSON lines, with its resource attributes."""
-    spans: list[dict[str, Any]] = []
+def read_otlp_file(path: Path, signal: str = "spans") -> list[dict[str, Any]]:
+    """Every span (or, with ``signal="logs"``, log record) in a file exporter's OTLP JSON
+    lines, each with its resource's attributes."""
+    outer, scope, items = {
+        "spans": ("resourceSpans", "scopeSpans", "spans"),
+        "logs": ("resourceLogs", "scopeLogs", "logRecords"),
+    }[signal]
+    found: list[dict[str, Any]] = []
     if not path.exists():
-        return spans
+        return found
     for line in path.read_text().splitlines():
         try:
             request = json.loads(line)
         except json.JSONDecodeError:  # a line still being written
             continue
-        for resource_spans in request.get("resourceSpans", []):
-            resource = attributes(resource_spans.get("resource", {}).get("attributes", []))
-            for scope_spans in resource_spans.get("scopeSpans", []):
-                for span in scope_spans.get("spans", []):
-                    spans.append({**span, "resource": resource})
-    return spans
+        for resource_items in request.get(outer, []):
+            resource = attributes(resource_items.get("resource", {}).get("attributes", []))
+            for scope_items in resource_items.get(scope, []):
+                found.extend({**item, "resource": resource} for item in scope_items.get(items, []))
+    return found
+
+
+def read_spans(path: Path) -> list[dict[str, Any]]:
+    return read_otlp_file(path, "spans")
 
 
 def find(spans: list[dict[str, Any]], name: str, kind: int) -> list[dict[str, Any]]:
