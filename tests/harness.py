@@ -29,8 +29,36 @@ from telemetry import ANY_FREE_PORT, Pipeline, TelemetryConfig, start_pipeline
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_EPHEMERAL = _ephemeral_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range. A port the kernel hands out for
+    bind(0) is one it also hands to outgoing connections: while a test has a broker down,
+    a client's or a Raft peer's reconnect could take it as its own local port (or connect to
+    itself through it), and the restarted broker could not bind it."""
+    low = max(1024, _EPHEMERAL[0] - 20000)
+    for _ in range(200):
+        port = secrets.randbelow(_EPHEMERAL[0] - low) + low
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -308,6 +336,16 @@ class ClusterProcesses:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if exc and exc[0] is not None:
+            self.print_log_tails()
+
+    def print_log_tails(self, lines: int = 40) -> None:
+        """Each broker's last log lines on stderr, which pytest shows beside a failure."""
+        for node, broker in self.brokers.items():
+            if broker.log_path.exists():
+                tail = broker.log_text().splitlines()[-lines:]
+                head = f"--- node {node} ({broker.log_path.name}), last {len(tail)} lines ---"
+                print(head, *tail, sep="\n", file=sys.stderr)
 
     @property
     def bootstrap(self) -> str:

@@ -642,7 +642,18 @@ def restart_broker(cluster: ClusterProcesses, node: int) -> None:
     broker = cluster.brokers[node]
     before = len(broker.log_text())
     broker.start()
-    wait_until(lambda: f"broker {node} registered" in broker.log_text()[before:], 60, 0.1)
+
+    def registered() -> bool:
+        assert broker.proc is not None
+        if broker.proc.poll() is not None:
+            raise RuntimeError(f"broker {node} exited with {broker.proc.returncode}")
+        return f"broker {node} registered" in broker.log_text()[before:]
+
+    try:
+        wait_until(registered, 60, 0.1)
+    except (TimeoutError, RuntimeError):
+        cluster.print_log_tails()
+        raise
 
 
 # -- a divergent follower --------------------------------------------------------------------
