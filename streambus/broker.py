@@ -47,6 +47,7 @@ from streambus.schemas.storage import (
 )
 from streambus.security.audit import AuditLog
 from streambus.security.authorizer import Authorizer
+from streambus.security.broker_client import BrokerDialer, InterBrokerSecurity
 from streambus.security.credentials import CredentialStore
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
@@ -131,12 +132,21 @@ class Broker:
             ),
             create_offsets_topic=self.cluster.create_offsets_topic_now,
         )
+        # How this broker dials the others (fetchers, markers): the inter-broker listener's
+        # TLS and SASL. A single broker dials no one.
+        dialer = BrokerDialer(InterBrokerSecurity.from_config(config) if replicated else None)
         # Transactions: a transactional id is coordinated by the leader of its
         # __transaction_state partition; markers go to each partition's leader.
         self.transactions = TransactionCoordinator(
             self.partitions,
             self.producer_ids.allocate,
-            MarkerWriter(self.partitions, config.broker_id, self._partition_leader, self.telemetry),
+            MarkerWriter(
+                self.partitions,
+                config.broker_id,
+                self._partition_leader,
+                self.telemetry,
+                dialer=dialer,
+            ),
             TxnSettings(
                 state_partitions=config.transaction_state_log_num_partitions,
                 max_timeout_ms=config.transaction_max_timeout_ms,
@@ -158,6 +168,7 @@ class Broker:
                 wait_max_ms=config.replica_fetch_wait_max_ms,
                 max_bytes_per_partition=config.replica_fetch_max_bytes,
                 response_max_bytes=config.replica_fetch_response_max_bytes,
+                dialer=dialer,
             ),
             lag_time_max_ms=config.replica_lag_time_max_ms,
         )

@@ -17,10 +17,10 @@ from typing import Any
 
 from streambus.cluster.config import ClusterConfig, parse_quorum
 from streambus.errors import InvalidConfigError
+from streambus.security.broker_client import InterBrokerSecurity
 from streambus.security.listeners import (
     MECHANISMS,
     Listener,
-    SecurityProtocol,
     find,
     parse_listeners,
 )
@@ -136,6 +136,17 @@ class BrokerConfig:
     ssl_cafile: Path | None = None  # PEM CAs that client certificates are checked against
     ssl_client_auth: str = "none"  # Kafka's ssl.client.auth: required, requested or none
     sasl_enabled_mechanisms: str = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+    # This broker's own connections to other brokers (replica fetches, transaction markers)
+    # speak the inter-broker listener's protocol: on SASL with this mechanism (Kafka's
+    # sasl.mechanism.inter.broker.protocol) as this user, whose password is given either
+    # way (the file's first line, read at each login, keeps it out of the environment).
+    sasl_mechanism_inter_broker_protocol: str = "PLAIN"
+    inter_broker_sasl_username: str | None = None
+    inter_broker_sasl_password: str | None = None
+    inter_broker_sasl_password_file: Path | None = None
+    # Kafka's ssl.endpoint.identification.algorithm: "https" checks that a broker's
+    # certificate names the host it was dialed at; "" only checks that the CA signed it.
+    ssl_endpoint_identification_algorithm: str = "https"
     connection_failed_authentication_delay_ms: int = 100
     connections_max_reauth_ms: int = 0  # 0: a SASL session never expires
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
@@ -287,18 +298,15 @@ class BrokerConfig:
             raise InvalidConfigError("audit log max bytes must be >= 1 and backup count >= 0")
         self.cluster()  # quorum syntax, secret, timings
         listeners = self.listener_list()
-        inter = self.inter_broker_listener()
-        if self.controller_quorum and inter.protocol is not SecurityProtocol.PLAINTEXT:
-            # replica fetchers and forwarded requests speak plain Kafka between brokers
-            raise InvalidConfigError(
-                f"inter.broker.listener.name {inter.name}: the listener brokers use between "
-                "themselves must be PLAINTEXT"
-            )
         self.sasl_mechanisms()
         if any(x.protocol.tls for x in listeners):
             server_context(
                 self.ssl_certfile, self.ssl_keyfile, self.ssl_cafile, self.ssl_client_auth
             )
+        if self.controller_quorum:
+            # this broker dials the others on the inter-broker listener: its credentials
+            # and TLS files must be usable now, not at the first replica fetch
+            InterBrokerSecurity.from_config(self)
         if self.connection_failed_authentication_delay_ms < 0 or self.connections_max_reauth_ms < 0:
             raise InvalidConfigError(
                 "connection.failed.authentication.delay.ms and connections.max.reauth.ms "

@@ -1,7 +1,8 @@
 """A follower's copy loop for the partitions one leader leads (Kafka's ReplicaFetcherThread,
 as one task on the event loop).
 
-Broker to broker is the Kafka protocol on the ordinary listener: a Fetch with this
+Broker to broker is the Kafka protocol on the inter-broker listener, dialed (TLS, SASL)
+by ``streambus.security.broker_client`` as every broker connection is: a Fetch with this
 broker's id as ``replica_id`` (the leader then reads to its log end and notes our
 progress), and, before the first fetch under a new leader epoch, OffsetForLeaderEpoch
 for our latest epoch, whose answer we truncate to, so this copy never keeps records the
@@ -10,7 +11,8 @@ classes, as the server does; large responses are decoded in a worker thread.
 
 A partition whose fetch fails (the leader moved, its epoch is newer or older than ours)
 rests for a second and waits for the metadata to say where to go; a lost connection is
-retried with a growing pause. Nothing here decides roles: the replica manager adds and
+retried with a growing pause, and so is a refused login (logged once by the dialer).
+Nothing here decides roles: the replica manager adds and
 removes partitions as the metadata changes.
 """
 
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kafka.protocol.consumer import (
@@ -32,13 +34,13 @@ from kafka.protocol.consumer import (
 
 from streambus.errors import OffsetOutOfRangeError, StreamBusError, error_name
 from streambus.partitions import PartitionService
+from streambus.security.broker_client import AUTHENTICATION_FAILURES, BrokerConnection, BrokerDialer
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.replication")
 
 FETCH_VERSION = 12  # the last Fetch naming topics by name
 EPOCH_VERSION = 3  # OffsetForLeaderEpoch with replica_id, not yet flexible
-DECODE_IN_THREAD_OVER = 256 * 1024
 PARTITION_BACKOFF_S = 1.0
 MAX_RECONNECT_BACKOFF_S = 5.0
 
@@ -50,6 +52,8 @@ class FetcherSettings:
     max_bytes_per_partition: int = 1024 * 1024  # replica.fetch.max.bytes
     response_max_bytes: int = 10 * 1024 * 1024  # replica.fetch.response.max.bytes
     request_timeout_s: float = 30.0
+    # How this broker dials the leader (the inter-broker listener's TLS and SASL)
+    dialer: BrokerDialer = field(default_factory=BrokerDialer)
 
 
 @dataclass(slots=True)
@@ -57,34 +61,6 @@ class _Fetching:
     leader_epoch: int
     truncated: bool = False  # OffsetForLeaderEpoch answered and applied under this epoch
     resting_until: float = 0.0
-
-
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader, self._writer = reader, writer
-        self._correlation = 0
-
-    @classmethod
-    async def open(cls, host: str, port: int, timeout_s: float) -> _Connection:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer)
-
-    async def request(self, request: Any, response_cls: Any, version: int, client_id: str) -> Any:
-        self._correlation += 1
-        request.with_header(correlation_id=self._correlation, client_id=client_id)
-        self._writer.write(bytes(request.encode(version=version, header=True, framed=True)))
-        await self._writer.drain()
-        size = int.from_bytes(await self._reader.readexactly(4), "big", signed=True)
-        frame = await self._reader.readexactly(size)
-        if size > DECODE_IN_THREAD_OVER:
-            return await asyncio.to_thread(response_cls.decode, frame, version=version, header=True)
-        return response_cls.decode(frame, version=version, header=True)
-
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self._writer.wait_closed()
 
 
 class ReplicaFetcher:
@@ -141,12 +117,24 @@ class ReplicaFetcher:
             if address is None:
                 await asyncio.sleep(PARTITION_BACKOFF_S)
                 continue
-            conn: _Connection | None = None
+            conn: BrokerConnection | None = None
             try:
-                conn = await _Connection.open(*address, self._settings.request_timeout_s)
+                conn = await self._settings.dialer.connect(
+                    self.leader_id,
+                    *address,
+                    client_id=self._client_id,
+                    timeout_s=self._settings.request_timeout_s,
+                )
                 backoff = 0.1
-                while self._parts:
+                while self._parts and not conn.expiring:
                     await self._round(conn)
+            except AUTHENTICATION_FAILURES as exc:
+                # A refused login was logged by the dialer; a TLS error later is a lost
+                # connection. Either is retried no faster than a lost connection.
+                if conn is not None:
+                    log.info("replica fetcher for leader %d: %s", self.leader_id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_RECONNECT_BACKOFF_S)
             except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 log.info(
                     "replica fetcher for leader %d (%s): %s; retrying in %.1f s",
@@ -161,7 +149,7 @@ class ReplicaFetcher:
                 if conn is not None:
                     await conn.close()
 
-    async def _round(self, conn: _Connection) -> None:
+    async def _round(self, conn: BrokerConnection) -> None:
         now = asyncio.get_running_loop().time()
         ready = {tp: f for tp, f in self._parts.items() if f.resting_until <= now}
         if not ready:
@@ -183,7 +171,9 @@ class ReplicaFetcher:
         return self._parts.get(tp) is fetching
 
     # -- truncation -------------------------------------------------------------------------
-    async def _truncate(self, conn: _Connection, parts: dict[TopicPartition, _Fetching]) -> None:
+    async def _truncate(
+        self, conn: BrokerConnection, parts: dict[TopicPartition, _Fetching]
+    ) -> None:
         service = self._service
         asked: dict[TopicPartition, int] = {}
         for tp, fetching in list(parts.items()):
@@ -270,7 +260,7 @@ class ReplicaFetcher:
         )
 
     # -- fetching ---------------------------------------------------------------------------
-    async def _fetch(self, conn: _Connection, parts: dict[TopicPartition, _Fetching]) -> None:
+    async def _fetch(self, conn: BrokerConnection, parts: dict[TopicPartition, _Fetching]) -> None:
         service = self._service
         F = FetchRequest
         by_topic: dict[str, list[Any]] = {}

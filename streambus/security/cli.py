@@ -57,6 +57,13 @@ _SECURITY_FLAGS = {
     "ssl_client_auth": "Kafka's ssl.client.auth: required, requested or none (default none)",
     "sasl_enabled_mechanisms": "Kafka's sasl.enabled.mechanisms "
     "(default PLAIN,SCRAM-SHA-256,SCRAM-SHA-512)",
+    "sasl_mechanism_inter_broker_protocol": "Kafka's sasl.mechanism.inter.broker.protocol: "
+    "how this broker logs in to the others on a SASL inter-broker listener (default PLAIN)",
+    "inter_broker_sasl_username": "the user this broker logs in to the others as",
+    "inter_broker_sasl_password_file": "a file whose first line is that user's password "
+    "(or STREAMBUS_INTER_BROKER_SASL_PASSWORD)",
+    "ssl_endpoint_identification_algorithm": "Kafka's ssl.endpoint.identification.algorithm: "
+    "https (default) checks a broker certificate's name, empty does not",
 }
 _INT_FLAGS = {
     "connection_failed_authentication_delay_ms": "Kafka's "

@@ -3,7 +3,9 @@
 A commit or abort marker (a control batch) goes into each partition of the
 transaction: appended here through the partition service when this broker leads
 the partition (then waited for on the ISR, as Kafka's coordinator writes with
-acks=all), or sent as WriteTxnMarkers to the broker that leads it. A partition
+acks=all), or sent as WriteTxnMarkers to the broker that leads it, over a connection dialed
+(TLS, SASL) by ``streambus.security.broker_client`` as every broker connection is.
+A partition
 whose write fails is retried (leadership moves, a broker restarts) until it is
 written or its topic is gone: a transaction in PrepareCommit must end committed
 everywhere, or the coordinator could never finish it.
@@ -12,7 +14,6 @@ everywhere, or the coordinator could never finish it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
@@ -27,6 +28,11 @@ from streambus.errors import (
 )
 from streambus.instrumentation import BrokerTelemetry
 from streambus.partitions import OFFSETS_TOPIC, PartitionService
+from streambus.security.broker_client import (
+    AUTHENTICATION_FAILURES,
+    BrokerConnection,
+    BrokerDialer,
+)
 from streambus.structs import TopicPartition
 
 log = logging.getLogger("streambus.transactions")
@@ -68,12 +74,14 @@ class MarkerWriter:
         telemetry: BrokerTelemetry,
         *,
         timeout_s: float = 5.0,
+        dialer: BrokerDialer | None = None,
     ) -> None:
         self._partitions = partitions
         self._broker_id = broker_id
         self._leader_of = leader_of
         self._telemetry = telemetry
         self._timeout_s = timeout_s
+        self._dialer = dialer or BrokerDialer()
         self.on_offsets_marker: OffsetsHook | None = None
 
     async def write(self, marker: Marker, tps: Iterable[TopicPartition], parent: Any) -> None:
@@ -169,17 +177,19 @@ class MarkerWriter:
             {"streambus.broker.target": leader.broker_id, "streambus.txn.partitions": len(tps)},
         )
         done: set[TopicPartition] = set()
-        writer: asyncio.StreamWriter | None = None
+        conn: BrokerConnection | None = None
+        client_id = f"streambus-txn-{self._broker_id}"
         try:
             async with asyncio.timeout(self._timeout_s * 2):
-                reader, writer = await asyncio.open_connection(leader.host, leader.port)
-                request.with_header(correlation_id=1, client_id=f"streambus-txn-{self._broker_id}")
-                frame = request.encode(version=WRITE_TXN_MARKERS_VERSION, header=True, framed=True)
-                writer.write(bytes(frame))
-                await writer.drain()
-                size = int.from_bytes(await reader.readexactly(4), "big", signed=True)
-                response = WriteTxnMarkersResponse.decode(
-                    await reader.readexactly(size), version=WRITE_TXN_MARKERS_VERSION, header=True
+                conn = await self._dialer.connect(
+                    leader.broker_id,
+                    leader.host,
+                    leader.port,
+                    client_id=client_id,
+                    timeout_s=self._timeout_s * 2,
+                )
+                response = await conn.request(
+                    request, WriteTxnMarkersResponse, WRITE_TXN_MARKERS_VERSION, client_id
                 )
             for result in response.markers:
                 for topic in result.topics:
@@ -197,12 +207,13 @@ class MarkerWriter:
                             log.info(
                                 "marker for %s refused by broker %d: %s", tp, leader.broker_id, name
                             )
+        except AUTHENTICATION_FAILURES as exc:
+            if conn is not None:  # a refused login was logged by the dialer
+                log.info("WriteTxnMarkers to broker %d failed: %s; retrying", leader.broker_id, exc)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             log.info("WriteTxnMarkers to broker %d failed: %s; retrying", leader.broker_id, exc)
         finally:
             span.end()
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(OSError, ConnectionError):
-                    await writer.wait_closed()
+            if conn is not None:
+                await conn.close()
         return done
