@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from kafka.admin import (
@@ -27,6 +28,9 @@ from kafka.admin import (
 )
 from kafka.admin import NewTopic as KafkaNewTopic
 
+from streambus.config import BrokerConfig
+from streambus.errors import InvalidConfigError
+from streambus.security.broker_client import InterBrokerSecurity
 from tests.harness import ClusterProcesses, free_port, wait_until
 from tests.security_certs import Certs, make_certs
 from tests.test_replication import assert_replicas_identical, stop_all
@@ -262,3 +266,50 @@ def test_wrong_inter_broker_password_keeps_a_broker_out_of_the_isr(tmp_path: Pat
         assert "SASL_AUTHENTICATION_FAILED (58)" in lines[0]
         assert "not-the-broker-password" not in log.log_text()
         assert "Traceback" not in log.log_text()
+
+
+def _config(tmp_path: Path, **values: Any) -> BrokerConfig:
+    return BrokerConfig.load(
+        {
+            "data_dir": tmp_path,
+            "controller_quorum": "1@127.0.0.1:9193,2@127.0.0.1:9194",
+            "cluster_secret": "s",
+            "listeners": "SASL_PLAINTEXT://127.0.0.1:0",
+            **values,
+        },
+        env={},
+    )
+
+
+def test_a_sasl_inter_broker_listener_needs_the_brokers_credentials(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("from-the-file\n")
+    ok = _config(
+        tmp_path,
+        inter_broker_sasl_username="broker",
+        inter_broker_sasl_password_file=password,
+        sasl_mechanism_inter_broker_protocol="scram-sha-256",
+    )
+    security = InterBrokerSecurity.from_config(ok)
+    assert (security.mechanism, security.username, security.secret()) == (
+        "SCRAM-SHA-256",
+        "broker",
+        "from-the-file",
+    )
+    refused = {
+        "STREAMBUS_INTER_BROKER_SASL_USERNAME": {},
+        "one way": {"inter_broker_sasl_username": "broker"},
+        "not in sasl.enabled.mechanisms": {
+            "inter_broker_sasl_username": "broker",
+            "inter_broker_sasl_password": "p",
+            "sasl_enabled_mechanisms": "PLAIN",
+            "sasl_mechanism_inter_broker_protocol": "SCRAM-SHA-512",
+        },
+        "password file": {
+            "inter_broker_sasl_username": "broker",
+            "inter_broker_sasl_password_file": tmp_path / "missing",
+        },
+    }
+    for message, values in refused.items():
+        with pytest.raises(InvalidConfigError, match=message):
+            _config(tmp_path, **values)

@@ -31,7 +31,7 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from kafka.protocol.sasl import (
     SaslAuthenticateRequest,
@@ -42,11 +42,8 @@ from kafka.protocol.sasl import (
 from scramp import ScramClient, ScramException
 
 from streambus.errors import InvalidConfigError, SaslAuthenticationFailedError, error_name
-from streambus.security.listeners import MECHANISMS, PLAIN, SecurityProtocol
+from streambus.security.listeners import MECHANISMS, PLAIN, Listener, SecurityProtocol
 from streambus.security.tls import ClientAuth
-
-if TYPE_CHECKING:
-    from streambus.config import BrokerConfig
 
 log = logging.getLogger("streambus.security")
 
@@ -57,6 +54,31 @@ AUTHENTICATE_VERSION = 1  # the first with session_lifetime_ms
 REAUTH_MARGIN_S = 1.0
 DECODE_IN_THREAD_OVER = 256 * 1024  # bytes of a response frame decoded in a worker thread
 AUTHENTICATION_FAILURES = (SaslAuthenticationFailedError, ssl.SSLError)
+
+
+class SecurityConfig(Protocol):
+    """What the dialer reads of the broker's configuration (``BrokerConfig`` is one)."""
+
+    @property
+    def sasl_mechanism_inter_broker_protocol(self) -> str: ...
+    @property
+    def inter_broker_sasl_username(self) -> str | None: ...
+    @property
+    def inter_broker_sasl_password(self) -> str | None: ...
+    @property
+    def inter_broker_sasl_password_file(self) -> Path | None: ...
+    @property
+    def ssl_endpoint_identification_algorithm(self) -> str: ...
+    @property
+    def ssl_cafile(self) -> Path | None: ...
+    @property
+    def ssl_certfile(self) -> Path | None: ...
+    @property
+    def ssl_keyfile(self) -> Path | None: ...
+    @property
+    def ssl_client_auth(self) -> str: ...
+    def inter_broker_listener(self) -> Listener: ...
+    def sasl_mechanisms(self) -> tuple[str, ...]: ...
 
 
 def client_tls_context(
@@ -93,7 +115,7 @@ class InterBrokerSecurity:
     tls: ssl.SSLContext | None = None
 
     @classmethod
-    def from_config(cls, config: BrokerConfig) -> InterBrokerSecurity:
+    def from_config(cls, config: SecurityConfig) -> InterBrokerSecurity:
         """The inter-broker listener's protocol, with this broker's credentials and TLS
         context (raises InvalidConfigError for what is missing or unreadable)."""
         protocol = config.inter_broker_listener().protocol
