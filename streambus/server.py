@@ -642,6 +642,11 @@ class Connection:
             pass
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away, mid-frame or between frames
+        except ssl.SSLError as exc:
+            # A TLS record that breaks the protocol after the handshake (data after
+            # close_notify, a bad MAC): the client's fault or a close racing a shutdown.
+            if not self._stopping:
+                log.warning("closing TLS connection from %s: %s", self.peer, exc.reason or exc)
         finally:
             self._release()
             self.close()
