@@ -24,7 +24,7 @@ from pathlib import Path
 from opentelemetry import metrics, trace
 
 from streambus.app import build_server
-from streambus.cluster import BrokerInfo, Quorum, TopicState
+from streambus.cluster import Applied, BrokerInfo, Quorum, TopicState
 from streambus.cluster_metadata import ClusterMetadata
 from streambus.config import BrokerConfig
 from streambus.errors import KafkaStorageError, StreamBusError
@@ -49,6 +49,7 @@ from streambus.security.audit import AuditLog
 from streambus.security.authorizer import Authorizer
 from streambus.security.broker_client import BrokerDialer, InterBrokerSecurity
 from streambus.security.credentials import CredentialStore
+from streambus.security.readiness import SecurityState
 from streambus.storage import LogManager
 from streambus.storage.datadir import (
     DataDirLock,
@@ -205,6 +206,12 @@ class Broker:
             window_num=config.quota_window_num,
             window_size_s=config.quota_window_size_seconds,
         )
+        # ACLs and credentials loaded (a single broker's files) or caught up (a cluster's
+        # Raft log): until then authentications and authorizations wait (server.py).
+        self.security = SecurityState()
+        self._awaited_incarnation: str | None = None
+        if replicated:
+            self.cluster.quorum.on_change(self._caught_up)
         self.audit = AuditLog(
             config.audit_log,
             self.telemetry,
@@ -220,8 +227,11 @@ class Broker:
             super_users=config.super_users,
             allow_everyone_if_no_acl_found=config.allow_everyone_if_no_acl_found,
             audit_allowed=config.audit_log_allowed,
+            state=self.security,
         )
-        self.credentials = CredentialStore(lambda: self.cluster.quorum, self.data_dir)
+        self.credentials = CredentialStore(
+            lambda: self.cluster.quorum, self.data_dir, state=self.security
+        )
         self._registry_server = None
         if config.schema_registry_port:  # after the authorizer and credentials it checks with
             self._registry_server = RegistryServer(
@@ -271,12 +281,19 @@ class Broker:
             except StreamBusError as exc:  # _schemas offline: the broker serves Kafka anyway
                 log.error("schema registry: _schemas could not be read: %s", exc)
             self.audit.open()
-            await self._server.start()
-            try:
-                await self.cluster.start(self.local_cluster_id)
+            if not self.cluster.cluster_config.replicated:
+                # Before any listener opens, so no client meets an empty ACL set or credential
+                # table: the in-memory quorum takes records before it starts.
                 self.quotas.load_local()
                 self.authorizer.load_local()
                 self.credentials.load_local()
+                self.security.mark_loaded()
+            await self._server.start()
+            try:
+                await self.cluster.start(self.local_cluster_id)
+                if self.cluster.controller is not None and not self.security.loaded:
+                    self._awaited_incarnation = self.cluster.controller.incarnation
+                    self._caught_up()
                 self.replication.start()
                 self.schemas.tail.start()
                 if self._registry_server is not None:
@@ -290,6 +307,8 @@ class Broker:
                 await self._server.stop(0)
                 raise
         except BaseException:
+            self.security.unload()
+            self._awaited_incarnation = None
             self.logs.close()
             self._lock.release()
             self.status = BrokerStatus.STOPPED
@@ -308,6 +327,20 @@ class Broker:
             self.data_dir,
         )
 
+    def _caught_up(self, applied: Applied | None = None) -> None:
+        """A cluster member's metadata has caught up once its own registration of this start
+        (its incarnation) is applied here: every record committed before it is applied too,
+        ACLs and credentials included, whatever the journal replay left stale."""
+        awaited = self._awaited_incarnation
+        if awaited is None or self.security.loaded:
+            return
+        state = applied.state if applied is not None else self.cluster.quorum.state
+        me = state.brokers.get(self.broker_id)
+        if me is not None and me.incarnation == awaited:
+            self._awaited_incarnation = None
+            self.security.mark_loaded()
+            log.info("broker %d: ACLs and credentials caught up with the cluster", self.broker_id)
+
     async def stop(self) -> None:
         if self.status is not BrokerStatus.RUNNING:
             return
@@ -325,6 +358,8 @@ class Broker:
         await self._server.stop(self.config.shutdown_timeout_s)
         await self.replication.stop()
         await self.cluster.stop()
+        self.security.unload()
+        self._awaited_incarnation = None
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):

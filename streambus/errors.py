@@ -587,6 +587,17 @@ class FrameError(StreamBusError):
     description = "Malformed request frame."
 
 
+class SecurityNotReadyError(StreamBusError):
+    """ACLs or SCRAM credentials asked for before this broker has loaded them (Kafka's
+    ``AuthorizerNotReadyException``): never decided against an empty set; the
+    connection is closed and the client, which retries a lost connection, comes back."""
+
+    errno = -1
+    kafka_name = "UNKNOWN_SERVER_ERROR"
+    retriable = True
+    description = "The broker has not loaded its ACLs and credentials yet."
+
+
 def _all_subclasses(cls: type[StreamBusError]) -> list[type[StreamBusError]]:
     out: list[type[StreamBusError]] = []
     for sub in cls.__subclasses__():
@@ -596,7 +607,9 @@ def _all_subclasses(cls: type[StreamBusError]) -> list[type[StreamBusError]]:
 
 
 ERROR_BY_CODE: dict[int, type[StreamBusError]] = {
-    sub.errno: sub for sub in _all_subclasses(StreamBusError) if sub is not FrameError
+    sub.errno: sub
+    for sub in _all_subclasses(StreamBusError)
+    if sub not in (FrameError, SecurityNotReadyError)
 }
 
 

@@ -50,7 +50,8 @@ from streambus.protocol.apis import (
 )
 from streambus.protocol.validation import Refusal, check_request
 from streambus.security.listeners import Listener
-from streambus.security.sasl import PRE_AUTH_APIS, SaslSession
+from streambus.security.readiness import WAIT_S as SECURITY_WAIT_S
+from streambus.security.sasl import PRE_AUTH_APIS, SASL_AUTHENTICATE, SaslSession
 from streambus.security.tls import ANONYMOUS, principal_from_cert, server_context
 from streambus.storage.datadir import FD_RESERVE, connection_fd_budget
 
@@ -468,6 +469,12 @@ class KafkaServer:
         (the rest counted into the next line): a brute-forcer cannot flood the log."""
         self._throttled.log("authentication", logging.WARNING, "failed authentications", msg, *args)
 
+    def not_ready_warning(self, msg: str, *args: object) -> None:
+        """Connections closed while the ACLs and credentials load: a few lines, not one each."""
+        self._throttled.log(
+            "security_not_ready", logging.WARNING, "connections closed before loading", msg, *args
+        )
+
     @property
     def max_request_bytes(self) -> int:
         return self._max_request_bytes
@@ -685,9 +692,35 @@ class Connection:
             self._last_progress = self._clock()
         return frame
 
+    def _needs_security_state(self, api_key: int) -> bool:
+        """A SASL token is checked against the credentials, and with the authorizer on every
+        request but the pre-authentication ones is authorized."""
+        services = self._server.services
+        if services.authorizer.state.loaded:
+            return False
+        if api_key == SASL_AUTHENTICATE:
+            return self.session is not None
+        return api_key not in PRE_AUTH_APIS and services.authorizer.enabled
+
+    async def _await_security_state(self, api: str) -> None:
+        """Hold the request until the ACLs and credentials are loaded (security/readiness.py);
+        still not at the bound: close the connection, which the client retries."""
+        if await self._server.services.authorizer.state.wait(SECURITY_WAIT_S):
+            return
+        self._server.not_ready_warning(
+            "closing connection from %s: %s waited %.0f s for this broker's ACLs and "
+            "credentials to load (the client reconnects)",
+            self.peer,
+            api,
+            SECURITY_WAIT_S,
+        )
+        raise ConnectionClosedError("ACLs and credentials not loaded")
+
     async def _raw_token(self, session: SaslSession, frame: bytes | bytearray) -> None:
         """A bare SASL token after a SaslHandshake v0: answered with a bare token; a
         failure cannot be answered in this form, so the connection closes."""
+        if self._needs_security_state(SASL_AUTHENTICATE):
+            await self._await_security_state("SaslAuthenticate")
         try:
             reply = await session.authenticate(bytes(frame))
         except StreamBusError as exc:
@@ -757,6 +790,8 @@ class Connection:
                     session.reauth_ms,
                 )
                 raise ConnectionClosedError("session expired")
+        if self._needs_security_state(spec.key):
+            await self._await_security_state(spec.name)
         ctx = RequestContext(
             spec.key,
             version,

@@ -125,17 +125,19 @@ class MetricsServer:
 
 
 class _TLSWSGIServer(ThreadingWSGIServer):
-    """Threading WSGI server that does each TLS handshake on the connection's thread."""
+    """Threading WSGI server that does each TLS handshake on the connection's thread, with
+    the context of that moment (renewed certificates are picked up without a restart)."""
 
-    ssl_context: ssl.SSLContext | None = None
+    web_config: WebConfig | None = None
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is None:
+        context = self.web_config.ssl_context if self.web_config is not None else None
+        if context is None:
             super().finish_request(request, client_address)
             return
         request.settimeout(_TLS_HANDSHAKE_TIMEOUT_S)
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
+            tls = context.wrap_socket(request, server_side=True)
         except (OSError, ssl.SSLError) as exc:
             # plaintext or a refused certificate: that connection only, no traceback
             _logger.debug("/metrics TLS handshake from %s failed: %s", client_address, exc)
@@ -150,8 +152,9 @@ def _basic_auth_app(
     app: Callable[..., Iterable[bytes]], web_config: WebConfig
 ) -> Callable[..., Iterable[bytes]]:
     auth = web_config.basic_auth
+    headers = list(web_config.headers)
     if auth is None:
-        return app
+        return _with_headers(app, headers) if headers else app
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if not auth.allows(environ.get("HTTP_AUTHORIZATION")):
@@ -165,14 +168,30 @@ def _basic_auth_app(
             return [b"Unauthorized\n"]
         return app(environ, start_response)
 
-    return guarded
+    return _with_headers(guarded, headers) if headers else guarded
+
+
+def _with_headers(
+    app: Callable[..., Iterable[bytes]], headers: list[tuple[str, str]]
+) -> Callable[..., Iterable[bytes]]:
+    """``app`` with the web config's headers added to every answer (401s included)."""
+
+    def answer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def start(status: str, response_headers: list[tuple[str, str]], *exc: Any) -> Any:
+            return start_response(status, [*response_headers, *headers], *exc)
+
+        return app(environ, start)
+
+    return answer
 
 
 def _start_guarded_server(
     registry: CollectorRegistry, host: str, port: int, web_config: WebConfig
 ) -> tuple[WSGIServer, threading.Thread]:
     class Server(_TLSWSGIServer):
-        ssl_context = web_config.ssl_context
+        pass
+
+    Server.web_config = web_config
 
     if ":" in host:
         Server.address_family = socket.AF_INET6

@@ -10,10 +10,18 @@ The file is the one Prometheus and its exporters take with
       client_ca_file: ca.crt                         # optional
     basic_auth_users:
       prometheus: $2b$12$...                         # bcrypt, as htpasswd -B makes
+    http_server_config:
+      headers:                                       # added to every answer
+        X-Content-Type-Options: nosniff
 
 Relative paths are resolved against the file's directory, as the toolkit does.
 TLS is 1.2 or newer whatever ``min_version`` asks. Passwords are checked with
-the maintained ``bcrypt`` package, as Prometheus checks them.
+the maintained ``bcrypt`` package, as Prometheus checks them. The certificate,
+key and client CA files are checked for changes (mtime and size) before each
+handshake, at most once a second, and a changed set is loaded into a new
+context, as exporter-toolkit re-reads its TLS config per handshake: a renewed
+certificate is served without a restart (a half-written one keeps the old).
+The headers are exporter-toolkit's: only those it lets a user set, with its values.
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import logging
+import os
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +54,18 @@ _TLS_VERSIONS = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
+#: exporter-toolkit's settable response headers, with the values it allows (None: any);
+#: any other header is refused, as it refuses them.
+_SETTABLE_HEADERS: dict[str, tuple[str, ...] | None] = {
+    "Strict-Transport-Security": None,
+    "X-Content-Type-Options": ("nosniff",),
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-XSS-Protection": None,
+    "Content-Security-Policy": None,
+}
+#: How often, at most, the TLS files are stat'ed for a change (per handshake otherwise).
+_TLS_CHECK_INTERVAL_S = 1.0
+_logger = logging.getLogger("streambus.telemetry")
 #: Verified (user, password digest) pairs kept so a scrape every few seconds does not
 #: pay bcrypt's deliberate cost each time; bounded, as any client can send credentials.
 _VERIFIED_CACHE_MAX = 64
@@ -95,12 +118,93 @@ class BasicAuth:
         return True
 
 
+class ReloadingTLS:
+    """The TLS context of ``/metrics``, rebuilt when its files change on disk."""
+
+    def __init__(self, base: Path, tls: Mapping[str, Any]) -> None:
+        self._base = base
+        self._tls = dict(tls)
+        self.files = [
+            _path(base, tls.get(key), key)
+            for key in ("cert_file", "key_file", "client_ca_file")
+            if key != "client_ca_file" or tls.get(key)
+        ]
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._checked = time.monotonic()
+        self._context = _ssl_context(base, self._tls)  # WebConfigError at start: refused
+
+    def _stat(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in self.files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((-1, -1))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def context(self) -> ssl.SSLContext:
+        """The context for the next handshake: a new one if the files changed since."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked < _TLS_CHECK_INTERVAL_S:
+                return self._context
+            self._checked = now
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return self._context
+            self._stamp = stamp
+            try:
+                self._context = _ssl_context(self._base, self._tls)
+            except WebConfigError as exc:
+                _logger.error(
+                    "/metrics TLS files changed but not reloaded (old ones kept): %s", exc
+                )
+            else:
+                _logger.info("/metrics TLS certificates reloaded from %s", self.files[0])
+            return self._context
+
+
 @dataclasses.dataclass(frozen=True)
 class WebConfig:
-    """What ``/metrics`` serves behind: a TLS context and/or basic auth (either may be None)."""
+    """What ``/metrics`` serves behind: TLS and/or basic auth (either may be None), and the
+    headers added to every answer."""
 
-    ssl_context: ssl.SSLContext | None = None
+    tls: ReloadingTLS | None = None
     basic_auth: BasicAuth | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the next handshake (reloaded if its files changed)."""
+        return self.tls.context() if self.tls is not None else None
+
+
+def _headers(http: object) -> tuple[tuple[str, str], ...]:
+    if http is None:
+        return ()
+    if not isinstance(http, dict):
+        raise WebConfigError("http_server_config must be a mapping")
+    unknown = set(http) - {"headers", "http2"}
+    if unknown:
+        raise WebConfigError(f"http_server_config: unknown keys {sorted(unknown)}")
+    headers = http.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise WebConfigError("http_server_config.headers must be a mapping")
+    out = []
+    for name, value in headers.items():
+        if name not in _SETTABLE_HEADERS:
+            raise WebConfigError(f"HTTP header {name!r} can not be configured")
+        allowed = _SETTABLE_HEADERS[name]
+        text = str(value)
+        if allowed is not None and text not in allowed:
+            raise WebConfigError(f"invalid value for {name}: expected one of {list(allowed)}")
+        if "\r" in text or "\n" in text:
+            raise WebConfigError(f"HTTP header {name}: a value on one line expected")
+        out.append((str(name), text))
+    return tuple(out)
 
 
 def _path(base: Path, value: object, key: str) -> Path:
@@ -145,8 +249,8 @@ def load_web_config(path: Path) -> WebConfig:
         raise WebConfigError(f"cannot read the metrics web config {path}: {exc}") from exc
     if not isinstance(document, dict):
         raise WebConfigError(f"{path}: a mapping expected at the top")
-    # http_server_config (HTTP/2, headers) has nothing to configure here; accepted so
-    # Prometheus' own file can be shared.
+    # http_server_config.http2 is accepted (and has no effect: HTTP/1.1 here) so
+    # Prometheus' own file can be shared; its headers are served.
     unknown = set(document) - {"tls_server_config", "basic_auth_users", "http_server_config"}
     if unknown:
         raise WebConfigError(f"{path}: unknown keys {sorted(unknown)}")
@@ -158,6 +262,7 @@ def load_web_config(path: Path) -> WebConfig:
         raise WebConfigError(f"{path}: basic_auth_users must be a mapping")
     base = path.parent
     return WebConfig(
-        ssl_context=_ssl_context(base, tls) if tls else None,
+        tls=ReloadingTLS(base, tls) if tls else None,
         basic_auth=BasicAuth(users) if users else None,
+        headers=_headers(document.get("http_server_config")),
     )

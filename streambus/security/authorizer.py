@@ -22,7 +22,10 @@ should not show (Metadata for every topic) counts as a check, and is neither a d
 nor audited, as in Kafka, whose ``logIfDenied`` is false there.
 
 A single broker keeps its ACLs durable in ``acls.json`` in the data dir (written whole,
-atomically, after each change; replayed at start); a cluster's Raft log keeps them.
+atomically, after each change; replayed at start, before its listeners open); a
+cluster's Raft log keeps them. Until they are loaded (``state``, see
+``streambus.security.readiness``) no decision is made at all: a missing ACL set is not
+an empty one, which would deny everyone, or allow everyone a DENY should stop.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ from streambus.cluster.records import AlterAcls, Result
 from streambus.errors import (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
+    SecurityNotReadyError,
     StreamBusError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailedError,
 )
+from streambus.security.readiness import SecurityState
 
 if TYPE_CHECKING:
     from streambus.instrumentation import BrokerTelemetry
@@ -124,8 +129,10 @@ class Authorizer:
         super_users: str = "",
         allow_everyone_if_no_acl_found: bool = False,
         audit_allowed: bool = False,
+        state: SecurityState | None = None,
     ) -> None:
         self._quorum = quorum
+        self.state = state if state is not None else SecurityState()
         self._telemetry = telemetry
         self.audit = audit
         self._file = StateFile(Path(data_dir) / FILE_NAME, "acls", "ACLs")
@@ -277,6 +284,10 @@ class Authorizer:
         return False
 
     def _index_for(self, resource_type: int) -> _Index:
+        if not self.state.loaded:
+            # Every decision but a super user's reads the index: none is made before the
+            # ACLs are loaded (the server holds requests until they are; this is the floor).
+            raise SecurityNotReadyError()
         current = self.acls
         if current is not self._indexed:
             index: dict[int, _Index] = {}
@@ -298,7 +309,8 @@ class Authorizer:
         return result
 
     def load_local(self) -> None:
-        """A single broker: replay ``acls.json`` into its in-memory quorum."""
+        """A single broker: replay ``acls.json`` into its in-memory quorum (before its
+        listeners open; the broker then marks ``state`` loaded)."""
         quorum = self._quorum()
         if not isinstance(quorum, LocalQuorum):
             return

@@ -11,6 +11,9 @@ quorum lives in memory, so, as client quotas do, it also writes the table to
 credential set through AlterUserScramCredentials arrives already salted (the
 client sends SaltedPassword), and only its two keys are derived here, with the
 standard library's HMAC and hash (RFC 5802, section 3).
+
+No credential is looked up before the table is loaded (``state``, shared with the
+authorizer): an empty table would refuse a right password as a wrong one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from streambus.cluster.scram_credentials import (
     table_from_wire,
     table_to_wire,
 )
+from streambus.errors import SecurityNotReadyError
+from streambus.security.readiness import SecurityState
 
 log = logging.getLogger("streambus.security")
 
@@ -72,11 +77,16 @@ def password_matches(mechanism: str, credential: ScramCredential, password: str)
 
 
 class CredentialStore:
-    def __init__(self, quorum: Callable[[], Quorum], data_dir: Path) -> None:
+    def __init__(
+        self, quorum: Callable[[], Quorum], data_dir: Path, state: SecurityState | None = None
+    ) -> None:
         self._quorum = quorum
         self.path = Path(data_dir) / FILE_NAME
+        self.state = state if state is not None else SecurityState()
 
     def lookup(self, user: str, mechanism: str) -> ScramCredential | None:
+        if not self.state.loaded:  # the server holds authentications until loaded: the floor
+            raise SecurityNotReadyError()
         return self._quorum().state.scram_credentials.get(user, {}).get(mechanism)
 
     def users(self) -> dict[str, dict[str, int]]:

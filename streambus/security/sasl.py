@@ -44,7 +44,8 @@ log = logging.getLogger("streambus.security")
 
 # The API keys a SASL listener answers before authentication: ApiVersions,
 # SaslHandshake, SaslAuthenticate.
-PRE_AUTH_APIS = frozenset({18, 17, 36})
+SASL_AUTHENTICATE = 36
+PRE_AUTH_APIS = frozenset({18, 17, SASL_AUTHENTICATE})
 
 
 def _failed(mechanism: str) -> SaslAuthenticationFailedError:
