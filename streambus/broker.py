@@ -45,6 +45,7 @@ from streambus.schemas.storage import (
     SCHEMAS_TOPIC,
     SCHEMAS_TOPIC_CONFIG,
 )
+from streambus.schemas.tls import RegistryTls
 from streambus.security.audit import AuditLog
 from streambus.security.authorizer import Authorizer
 from streambus.security.credentials import CredentialStore
@@ -213,12 +214,19 @@ class Broker:
         self.credentials = CredentialStore(lambda: self.cluster.quorum, self.data_dir)
         self._registry_server = None
         if config.schema_registry_port:  # after the authorizer and credentials it checks with
+            registry_tls = RegistryTls.of(config)
             self._registry_server = RegistryServer(
                 self.schemas,
                 self.telemetry,
                 config.host,
                 config.schema_registry_port,
-                Forwarder(self.schemas, self.broker_id, self._schemas_leader),
+                Forwarder(
+                    self.schemas,
+                    self.broker_id,
+                    self._schemas_leader,
+                    registry_tls.client() if registry_tls else None,
+                ),
+                ssl_context=registry_tls.server() if registry_tls else None,
                 security=RegistrySecurity(
                     config.schema_registry_authentication,
                     self.credentials,

@@ -17,6 +17,7 @@ from typing import Any
 
 from streambus.cluster.config import ClusterConfig, parse_quorum
 from streambus.errors import InvalidConfigError
+from streambus.schemas.tls import RegistryTls
 from streambus.security.listeners import (
     MECHANISMS,
     Listener,
@@ -51,6 +52,14 @@ class BrokerConfig:
     # "basic": every REST request needs HTTP Basic auth against the SCRAM users (none:
     # Confluent's default, every caller is User:ANONYMOUS); ACLs apply when the authorizer is on.
     schema_registry_authentication: str = "none"
+    # "https" serves the REST API over TLS (Confluent's listeners=https://...), forwarded
+    # writes between brokers too; each file defaults to the Kafka listener's ssl_* one.
+    schema_registry_protocol: str = "http"
+    schema_registry_ssl_certfile: Path | None = None
+    schema_registry_ssl_keyfile: Path | None = None
+    schema_registry_ssl_cafile: Path | None = None  # also what forwarding checks leaders by
+    # Confluent's ssl.client.authentication: REQUIRED, REQUESTED or NONE
+    schema_registry_ssl_client_auth: str = "none"
     tracing: bool = True
     num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
     auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
@@ -283,6 +292,9 @@ class BrokerConfig:
                 "schema registry authentication is 'none' or 'basic', not "
                 f"{self.schema_registry_authentication!r}"
             )
+        registry_tls = RegistryTls.of(self)
+        if registry_tls is not None and self.schema_registry_port:
+            registry_tls.server()  # the files load and the client auth is known
         if self.audit_log_max_bytes < 1 or self.audit_log_backup_count < 0:
             raise InvalidConfigError("audit log max bytes must be >= 1 and backup count >= 0")
         self.cluster()  # quorum syntax, secret, timings
