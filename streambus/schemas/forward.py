@@ -20,14 +20,16 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from streambus.schemas.errors import ForwardingError, UnknownLeaderError
 from streambus.schemas.registry import SchemaRegistry
+from streambus.schemas.remote import SchemasLeader
 from streambus.schemas.storage import SCHEMAS_PARTITION
+
+__all__ = ["FORWARDED_HEADER", "OFFSET_HEADER", "Forwarder", "SchemasLeader", "is_write"]
 
 log = logging.getLogger("streambus.schemas")
 
@@ -36,17 +38,6 @@ FORWARDED_HEADER = "X-StreamBus-Forwarded"
 _LEADER_WAIT_S = 10.0
 _FORWARD_TIMEOUT_S = 30.0
 _APPLY_WAIT_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class SchemasLeader:
-    """Who leads ``_schemas`` partition 0: ``broker_id`` -1 when nobody does; ``exists``
-    False while the topic is not in the metadata."""
-
-    exists: bool
-    broker_id: int = -1
-    host: str = ""
-    registry_port: int = 0
 
 
 def is_write(method: str, route: str) -> bool:
