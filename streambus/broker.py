@@ -46,7 +46,6 @@ from streambus.schemas.storage import (
     SCHEMAS_TOPIC,
     SCHEMAS_TOPIC_CONFIG,
 )
-from streambus.schemas.tls import RegistryTls
 from streambus.security.audit import AuditLog
 from streambus.security.authorizer import Authorizer
 from streambus.security.credentials import CredentialStore
@@ -216,7 +215,7 @@ class Broker:
         self.credentials = CredentialStore(lambda: self.cluster.quorum, self.data_dir)
         self._registry_server = None
         if config.schema_registry_port:  # after the authorizer and credentials it checks with
-            registry_tls = RegistryTls.of(config)
+            registry_tls = config.schema_registry_tls()
             self._registry_server = RegistryServer(
                 self.schemas,
                 self.telemetry,

@@ -17,7 +17,7 @@ from typing import Any
 
 from streambus.cluster.config import ClusterConfig, parse_quorum
 from streambus.errors import InvalidConfigError
-from streambus.schemas.tls import RegistryTls
+from streambus.schemas.tls import RegistryTls, registry_tls
 from streambus.security.listeners import (
     MECHANISMS,
     Listener,
@@ -172,6 +172,17 @@ class BrokerConfig:
             self.advertised_host,
         )
 
+    def schema_registry_tls(self) -> RegistryTls | None:
+        """The registry's HTTPS settings, each file defaulting to the Kafka listener's;
+        None: plain HTTP (raises InvalidConfigError)."""
+        return registry_tls(
+            self.schema_registry_protocol,
+            self.schema_registry_ssl_certfile or self.ssl_certfile,
+            self.schema_registry_ssl_keyfile or self.ssl_keyfile,
+            self.schema_registry_ssl_cafile or self.ssl_cafile,
+            self.schema_registry_ssl_client_auth,
+        )
+
     def inter_broker_listener(self) -> Listener:
         return find(self.listener_list(), self.inter_broker_listener_name)
 
@@ -292,9 +303,9 @@ class BrokerConfig:
                 "schema registry authentication is 'none' or 'basic', not "
                 f"{self.schema_registry_authentication!r}"
             )
-        registry_tls = RegistryTls.of(self)
-        if registry_tls is not None and self.schema_registry_port:
-            registry_tls.server()  # the files load and the client auth is known
+        tls = self.schema_registry_tls()
+        if tls is not None and self.schema_registry_port:
+            tls.server()  # the files load and the client auth is known
         if self.audit_log_max_bytes < 1 or self.audit_log_backup_count < 0:
             raise InvalidConfigError("audit log max bytes must be >= 1 and backup count >= 0")
         self.cluster()  # quorum syntax, secret, timings

@@ -20,13 +20,9 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from streambus.errors import InvalidConfigError
 from streambus.security.tls import ClientAuth, server_context
-
-if TYPE_CHECKING:
-    from streambus.config import BrokerConfig
 
 HTTP, HTTPS = "http", "https"
 PROTOCOLS = (HTTP, HTTPS)
@@ -34,29 +30,12 @@ PROTOCOLS = (HTTP, HTTPS)
 
 @dataclass(frozen=True, slots=True)
 class RegistryTls:
-    """The registry's certificate files, each already defaulted to the broker's."""
+    """The registry's certificate files (the config defaults each to the broker's)."""
 
     certfile: Path | None
     keyfile: Path | None
     cafile: Path | None
     client_auth: str = ClientAuth.NONE.value
-
-    @classmethod
-    def of(cls, config: BrokerConfig) -> RegistryTls | None:
-        """The registry's TLS settings; None when it serves plain HTTP."""
-        protocol = config.schema_registry_protocol.lower()
-        if protocol not in PROTOCOLS:
-            raise InvalidConfigError(
-                f"schema registry protocol is 'http' or 'https', not {protocol!r}"
-            )
-        if protocol == HTTP:
-            return None
-        return cls(
-            config.schema_registry_ssl_certfile or config.ssl_certfile,
-            config.schema_registry_ssl_keyfile or config.ssl_keyfile,
-            config.schema_registry_ssl_cafile or config.ssl_cafile,
-            config.schema_registry_ssl_client_auth,
-        )
 
     def server(self) -> ssl.SSLContext:
         """The listener's context (raises InvalidConfigError)."""
@@ -80,3 +59,19 @@ class RegistryTls:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise InvalidConfigError(f"schema registry HTTPS client: {exc}") from exc
         return context
+
+
+def registry_tls(
+    protocol: str,
+    certfile: Path | None,
+    keyfile: Path | None,
+    cafile: Path | None,
+    client_auth: str,
+) -> RegistryTls | None:
+    """The registry's TLS settings; None when it serves plain HTTP (InvalidConfigError)."""
+    protocol = protocol.lower()
+    if protocol not in PROTOCOLS:
+        raise InvalidConfigError(f"schema registry protocol is 'http' or 'https', not {protocol!r}")
+    if protocol == HTTP:
+        return None
+    return RegistryTls(certfile, keyfile, cafile, client_auth)
