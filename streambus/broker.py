@@ -37,8 +37,9 @@ from streambus.quotas import QuotaManager
 from streambus.replication.fetcher import FetcherSettings
 from streambus.replication.manager import ReplicaManager
 from streambus.schemas.auth import RegistrySecurity
-from streambus.schemas.forward import Forwarder, SchemasLeader
+from streambus.schemas.forward import Forwarder
 from streambus.schemas.registry import SchemaRegistry
+from streambus.schemas.remote import RemoteSchemas, SchemasLeader
 from streambus.schemas.rest import RegistryServer
 from streambus.schemas.storage import (
     SCHEMAS_REPLICATION_FACTOR,
@@ -194,6 +195,7 @@ class Broker:
                 internal=True,
             ),
             stopping=lambda: self.stopping,
+            remote=RemoteSchemas(self._schemas_leader, config.broker_id, dialer),
         )
         # Produced records of topics with schema validation on are checked against its state,
         # which is loaded from _schemas whether or not this broker serves the REST API.
@@ -234,12 +236,19 @@ class Broker:
         )
         self._registry_server = None
         if config.schema_registry_port:  # after the authorizer and credentials it checks with
+            registry_tls = config.schema_registry_tls()
             self._registry_server = RegistryServer(
                 self.schemas,
                 self.telemetry,
                 config.host,
                 config.schema_registry_port,
-                Forwarder(self.schemas, self.broker_id, self._schemas_leader),
+                Forwarder(
+                    self.schemas,
+                    self.broker_id,
+                    self._schemas_leader,
+                    registry_tls.client() if registry_tls else None,
+                ),
+                ssl_context=registry_tls.server() if registry_tls else None,
                 security=RegistrySecurity(
                     config.schema_registry_authentication,
                     self.credentials,
@@ -604,7 +613,7 @@ class Broker:
         info = state.brokers.get(leader)
         if info is None:
             return SchemasLeader(True)
-        return SchemasLeader(True, leader, info.host, info.registry_port)
+        return SchemasLeader(True, leader, info.host, info.registry_port, info.port)
 
     def _transactions_leadership(self, tp: TopicPartition, leads: bool) -> None:
         if tp.topic != TRANSACTION_TOPIC:

@@ -17,6 +17,7 @@ from typing import Any
 
 from streambus.cluster.config import ClusterConfig, parse_quorum
 from streambus.errors import InvalidConfigError
+from streambus.schemas.tls import RegistryTls, registry_tls
 from streambus.security.broker_client import InterBrokerSecurity
 from streambus.security.listeners import (
     MECHANISMS,
@@ -51,6 +52,14 @@ class BrokerConfig:
     # "basic": every REST request needs HTTP Basic auth against the SCRAM users (none:
     # Confluent's default, every caller is User:ANONYMOUS); ACLs apply when the authorizer is on.
     schema_registry_authentication: str = "none"
+    # "https" serves the REST API over TLS (Confluent's listeners=https://...), forwarded
+    # writes between brokers too; each file defaults to the Kafka listener's ssl_* one.
+    schema_registry_protocol: str = "http"
+    schema_registry_ssl_certfile: Path | None = None
+    schema_registry_ssl_keyfile: Path | None = None
+    schema_registry_ssl_cafile: Path | None = None  # also what forwarding checks leaders by
+    # Confluent's ssl.client.authentication: REQUIRED, REQUESTED or NONE
+    schema_registry_ssl_client_auth: str = "none"
     tracing: bool = True
     num_partitions: int = 1  # Kafka's num.partitions: for auto-created and -1 requests
     auto_create_topics_enable: bool = True  # Kafka's auto.create.topics.enable
@@ -174,6 +183,17 @@ class BrokerConfig:
             self.advertised_host,
         )
 
+    def schema_registry_tls(self) -> RegistryTls | None:
+        """The registry's HTTPS settings, each file defaulting to the Kafka listener's;
+        None: plain HTTP (raises InvalidConfigError)."""
+        return registry_tls(
+            self.schema_registry_protocol,
+            self.schema_registry_ssl_certfile or self.ssl_certfile,
+            self.schema_registry_ssl_keyfile or self.ssl_keyfile,
+            self.schema_registry_ssl_cafile or self.ssl_cafile,
+            self.schema_registry_ssl_client_auth,
+        )
+
     def inter_broker_listener(self) -> Listener:
         return find(self.listener_list(), self.inter_broker_listener_name)
 
@@ -294,6 +314,9 @@ class BrokerConfig:
                 "schema registry authentication is 'none' or 'basic', not "
                 f"{self.schema_registry_authentication!r}"
             )
+        tls = self.schema_registry_tls()
+        if tls is not None and self.schema_registry_port:
+            tls.server()  # the files load and the client auth is known
         if self.audit_log_max_bytes < 1 or self.audit_log_backup_count < 0:
             raise InvalidConfigError("audit log max bytes must be >= 1 and backup count >= 0")
         self.cluster()  # quorum syntax, secret, timings

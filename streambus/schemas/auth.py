@@ -3,7 +3,8 @@
 Authentication (``schema_registry_authentication``): ``none`` (Confluent's default)
 makes every caller ``User:ANONYMOUS``; ``basic`` requires ``Authorization: Basic`` on
 every request, checked against the broker's SCRAM credentials (the same users as SASL),
-and answers 401 with Confluent's 40101 and a ``WWW-Authenticate`` challenge otherwise.
+and answers 401 with Confluent's 40101 and a ``WWW-Authenticate`` challenge otherwise
+(wrong or malformed credentials after a fixed delay, as Kafka's SASL does).
 A password is PBKDF2-derived off the event loop; a password that matched is remembered
 by its keyed digest (never the text) for as long as the user's credential stays the
 same, so a client's every request does not pay the derivation again.
@@ -19,6 +20,7 @@ as Kafka's Metadata does not audit the topics it leaves out).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -49,6 +51,7 @@ MECHANISM = "BASIC"
 LISTENER = "schema-registry"
 REALM = 'Basic realm="StreamBus Schema Registry"'
 API_KEY = -1  # a REST request has no Kafka API key; audit lines say -1
+FAILED_LOGIN_DELAY_S = 0.3  # before a wrong or malformed login is answered 401
 _REMEMBERED_MAX = 1024  # (user, password digest) pairs that matched, at most
 
 # What a route needs of its subject (the routes without a subject are handled apart).
@@ -141,6 +144,9 @@ class RegistrySecurity:
                     peer,
                     reason.replace("_", " "),
                 )
+                # Fixed, and awaited: slows a password guesser down without holding the
+                # loop or any other request (Kafka's connection.failed.authentication.delay.ms).
+                await asyncio.sleep(FAILED_LOGIN_DELAY_S)
             raise UnauthorizedError(
                 "Unauthorized: "
                 + ("no credentials" if reason == "missing" else "invalid credentials")

@@ -144,3 +144,7 @@ class ForbiddenError(SchemaRegistryError):
     http_status = 403
     error_code = 40301
     description = "User is denied operation on the resource"
+
+
+class RemoteFetchError(StreamBusError):
+    """The ``_schemas`` leader answered a non-replica's fetch with an error (retried)."""

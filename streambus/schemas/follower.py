@@ -11,6 +11,10 @@ The tail runs as one task woken by the partition's appends and high-watermark mo
 (``PartitionService.wait_for_append``), with a short timeout as a fallback: a poll that
 finds nothing new costs one dictionary lookup. Reading and applying happen together on
 the loop without suspending, so nothing else sees a half-applied batch.
+
+A broker hosting no copy (``_schemas`` has three replicas; a larger cluster has brokers
+without one) fetches the leader's instead, over the Kafka protocol (``remote.py``), and
+applies it the same way at the same offsets.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import logging
 from collections.abc import Callable
 
 from streambus.errors import StreamBusError
-from streambus.schemas.storage import SCHEMAS_PARTITION, Record, SchemasLog
+from streambus.records import iter_records, walk_batches
+from streambus.schemas.remote import RemoteSchemas
+from streambus.schemas.storage import SCHEMAS_PARTITION, Record, SchemasLog, decode_stored
 
 log = logging.getLogger("streambus.schemas")
 
 _POLL_S = 0.5  # the fallback when no wake comes (a copy that is not hosted here yet)
+_REMOTE_BACKOFF_MAX_S = 5.0  # between failed fetches from the leader, growing to this
 
 
 class SchemasTail:
@@ -34,10 +41,13 @@ class SchemasTail:
         schemas_log: SchemasLog,
         apply: Callable[[Record], None],
         stopping: Callable[[], bool] = lambda: False,
+        remote: RemoteSchemas | None = None,
     ) -> None:
         self._log = schemas_log
         self._apply = apply
         self._stopping = stopping
+        self._remote = remote  # fetches from the leader while no copy is hosted here
+        self._remote_backoff = 0.1
         self.applied = 0  # the offset after the last record applied
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -111,11 +121,73 @@ class SchemasTail:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._remote is not None:
+            await self._remote.close()
 
     async def _run(self) -> None:
         service = self._log.service
         while True:
             self._safe_catch_up()
+            if self._remote is not None and not self._log.exists() and not self._stopping():
+                await self._follow_remote(self._remote)
+                continue
+            if self._remote is not None:
+                await self._remote.close()  # a copy is hosted here now: it is read instead
             await service.wait_for_append([SCHEMAS_PARTITION], _POLL_S)
             if self._stopping():
                 await asyncio.sleep(_POLL_S)  # wait_for_append returns at once from here on
+
+    # -- no copy here: the leader's, over the Kafka protocol (remote.py) ------------------
+    async def _follow_remote(self, remote: RemoteSchemas) -> None:
+        """One long-polling fetch from the leader, applied; a pause when there is none."""
+        try:
+            fetched = await remote.fetch(self.applied)
+        except (OSError, EOFError, TimeoutError, StreamBusError) as exc:
+            log.info(
+                "schema registry: fetching _schemas from its leader %s failed: %s; "
+                "retrying in %.1f s",
+                remote.address(),
+                exc or type(exc).__name__,
+                self._remote_backoff,
+            )
+            await asyncio.sleep(self._remote_backoff)
+            self._remote_backoff = min(self._remote_backoff * 2, _REMOTE_BACKOFF_MAX_S)
+            return
+        if fetched is None:  # no leader known yet, or this broker is being made one
+            await asyncio.sleep(_POLL_S)
+            return
+        self._remote_backoff = 0.1
+        if not fetched.records and fetched.log_start_offset > self.applied:
+            # Compaction removed what this state has not seen: go on from the log's start.
+            log.warning(
+                "schema registry: _schemas starts at %d on its leader, past %d applied here",
+                fetched.log_start_offset,
+                self.applied,
+            )
+            self.applied = fetched.log_start_offset
+            return
+        try:
+            self.apply_fetched(fetched.records)
+        except StreamBusError as exc:  # a batch that does not decode: fetched again later
+            log.warning("schema registry: a fetched _schemas batch is unreadable: %s", exc)
+            await asyncio.sleep(_POLL_S)
+
+    def apply_fetched(self, data: bytes) -> int:
+        """Apply the records of the whole batches in ``data`` from ``applied`` on (the
+        first batch may start before it); returns how many."""
+        count = 0
+        for pos, header in walk_batches(data):
+            end = header.last_offset + 1
+            if end <= self.applied:
+                continue
+            if not header.is_control:
+                for record in iter_records(data, pos, header):
+                    if record.offset < self.applied:
+                        continue
+                    decoded = decode_stored(record.key, record.value)
+                    if decoded is not None:
+                        self._apply(decoded)
+                        count += 1
+            self.applied = end
+        self._release()
+        return count

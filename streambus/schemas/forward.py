@@ -1,11 +1,12 @@
 """Writes go to the broker leading ``_schemas`` partition 0; the others forward them.
 
 A write (register, delete, config or mode change) arriving at a broker that does not
-lead the partition is sent over HTTP to the leader's registry (its advertised host and
-the registry port it registered in the cluster metadata) and the leader's status and
-body are answered unchanged. The leader tells, in a header, the ``_schemas`` offset its
-state had reached; the forwarding broker waits (bounded) until its own state reached it
-too, so a read on the same broker right after sees the write.
+lead the partition is sent to the leader's registry (its advertised host and the
+registry port it registered in the cluster metadata), over HTTPS when the registries
+serve it (the leader's certificate checked against the CA, ``tls.py``), and the
+leader's status and body are answered unchanged. The leader tells, in a header, the
+``_schemas`` offset its state had reached; the forwarding broker waits (bounded) until
+its own state reached it too, so a read on the same broker right after sees the write.
 
 No leader (yet, or the topic is still being created) is waited for a few seconds, then
 answered with Confluent's 50004; a leader that cannot be reached with 50003. A request
@@ -16,16 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from streambus.schemas.errors import ForwardingError, UnknownLeaderError
 from streambus.schemas.registry import SchemaRegistry
+from streambus.schemas.remote import SchemasLeader
 from streambus.schemas.storage import SCHEMAS_PARTITION
+
+__all__ = ["FORWARDED_HEADER", "OFFSET_HEADER", "Forwarder", "SchemasLeader", "is_write"]
 
 log = logging.getLogger("streambus.schemas")
 
@@ -34,17 +38,6 @@ FORWARDED_HEADER = "X-StreamBus-Forwarded"
 _LEADER_WAIT_S = 10.0
 _FORWARD_TIMEOUT_S = 30.0
 _APPLY_WAIT_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class SchemasLeader:
-    """Who leads ``_schemas`` partition 0: ``broker_id`` -1 when nobody does; ``exists``
-    False while the topic is not in the metadata."""
-
-    exists: bool
-    broker_id: int = -1
-    host: str = ""
-    registry_port: int = 0
 
 
 def is_write(method: str, route: str) -> bool:
@@ -56,11 +49,17 @@ def is_write(method: str, route: str) -> bool:
 
 class Forwarder:
     def __init__(
-        self, registry: SchemaRegistry, broker_id: int, leader: Callable[[], SchemasLeader]
+        self,
+        registry: SchemaRegistry,
+        broker_id: int,
+        leader: Callable[[], SchemasLeader],
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._registry = registry
         self._broker_id = broker_id
         self._leader = leader
+        self._ssl = ssl_context  # None: the registries speak plain HTTP
+        self._scheme = "http" if ssl_context is None else "https"
         self._session: aiohttp.ClientSession | None = None
 
     def leads_locally(self) -> bool:
@@ -103,7 +102,7 @@ class Forwarder:
         if target is None:
             return None
         body = await request.read()
-        url = f"http://{target.host}:{target.registry_port}{request.rel_url}"
+        url = f"{self._scheme}://{target.host}:{target.registry_port}{request.rel_url}"
         headers = {FORWARDED_HEADER: str(self._broker_id)}
         # The leader authenticates and authorizes the caller again, as the same principal.
         authorization = request.headers.get("Authorization")
@@ -113,7 +112,9 @@ class Forwarder:
             headers["Content-Type"] = request.headers.get("Content-Type", request.content_type)
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=_FORWARD_TIMEOUT_S)
+                timeout=aiohttp.ClientTimeout(total=_FORWARD_TIMEOUT_S),
+                # The leader's certificate is checked against the CA, host name included.
+                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
             )
         try:
             async with self._session.request(

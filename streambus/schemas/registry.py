@@ -51,6 +51,7 @@ from streambus.schemas.formats import (
     SchemaReference,
     parse,
 )
+from streambus.schemas.remote import RemoteSchemas
 from streambus.schemas.storage import (
     SCHEMAS_PARTITION,
     ConfigRecord,
@@ -103,10 +104,12 @@ class SchemaRegistry:
         telemetry: BrokerTelemetry,
         create_topic: Callable[[], Awaitable[object]],
         stopping: Callable[[], bool] = lambda: False,
+        remote: RemoteSchemas | None = None,
     ) -> None:
         self.store = SchemaStore()
         self.log = SchemasLog(service)
-        self.tail = SchemasTail(self.log, self.store.apply, stopping)
+        # ``remote``: how a broker hosting no copy of _schemas follows the leader's
+        self.tail = SchemasTail(self.log, self.store.apply, stopping, remote)
         self._writing = asyncio.Lock()  # one write decided and stored at a time
         self._telemetry = telemetry
         self._create_topic = create_topic

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -369,17 +370,19 @@ class RegistryServer:
         forwarder: Forwarder | None = None,
         *,
         security: RegistrySecurity | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._app = build_app(registry, telemetry, forwarder, security)
         self._forwarder = forwarder
         self._host, self._requested = host, port
+        self._ssl = ssl_context  # None: plain HTTP
         self._runner: web.AppRunner | None = None
         self.port = port
 
     async def start(self) -> None:
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._requested)
+        site = web.TCPSite(runner, self._host, self._requested, ssl_context=self._ssl)
         try:
             await site.start()
         except BaseException:
@@ -389,7 +392,12 @@ class RegistryServer:
         for address in runner.addresses:
             self.port = int(address[1])
             break
-        log.info("schema registry listening on %s:%d", self._host, self.port)
+        log.info(
+            "schema registry listening on %s://%s:%d",
+            "http" if self._ssl is None else "https",
+            self._host,
+            self.port,
+        )
 
     async def stop(self) -> None:
         if self._runner is not None:

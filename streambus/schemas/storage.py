@@ -146,6 +146,20 @@ def decode(key: bytes, value: bytes | None) -> Record | None:
     return None
 
 
+def decode_stored(
+    key: bytes | memoryview | None, value: bytes | memoryview | None
+) -> Record | None:
+    """A stored record of ``_schemas``; None (an unreadable one logged) for what the
+    registry does not use."""
+    if key is None:
+        return None
+    try:
+        return decode(bytes(key), _bytes(value))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("skipping unreadable record in %s: %s", SCHEMAS_TOPIC, exc)
+        return None
+
+
 class SchemasLog:
     """Appends records to ``_schemas`` partition 0 and reads them back."""
 
@@ -178,13 +192,9 @@ class SchemasLog:
                 if header.base_offset >= end:
                     return
                 for record in iter_records(data, pos, header):
-                    if header.is_control or record.key is None:
+                    if header.is_control:
                         continue
-                    try:
-                        decoded = decode(bytes(record.key), _bytes(record.value))
-                    except (ValueError, KeyError, TypeError) as exc:
-                        log.warning("skipping unreadable record in %s: %s", SCHEMAS_TOPIC, exc)
-                        continue
+                    decoded = decode_stored(record.key, record.value)
                     if decoded is not None:
                         yield header.last_offset + 1, decoded
                 offset = header.last_offset + 1
