@@ -264,6 +264,7 @@ def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
 # -- the pipeline ----------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(90 + 30 * ROUNDS)  # make soak runs many more rounds than make test
 def test_exactly_once_pipeline_survives_sigkill(broker: BrokerProcess, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     create_topic(broker.bootstrap, "eos-in", INPUT_PARTITIONS)

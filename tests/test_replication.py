@@ -419,6 +419,7 @@ def resume_point(bootstrap: str, topic: str, group: str, partitions: int) -> dic
         consumer.close()
 
 
+@pytest.mark.timeout(90 + 30 * KILL_ROUNDS)  # a failover takes up to ~15 s on a loaded machine
 def test_kill_the_leader_repeatedly_loses_nothing_acknowledged(cluster3: ClusterProcesses) -> None:
     cluster = cluster3
     topic, group, partitions = "kill-loop", "kill-loop-group", 3
