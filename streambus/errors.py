@@ -328,6 +328,18 @@ class StaleMemberEpochError(StreamBusError):
     description = "The member epoch is stale; the member must retry after its next heartbeat."
 
 
+class MismatchedEndpointTypeError(StreamBusError):
+    errno = 114
+    kafka_name = "MISMATCHED_ENDPOINT_TYPE"
+    description = "The request was sent to an endpoint of the wrong type."
+
+
+class UnsupportedEndpointTypeError(StreamBusError):
+    errno = 115
+    kafka_name = "UNSUPPORTED_ENDPOINT_TYPE"
+    description = "This endpoint type is not supported yet."
+
+
 class GroupSubscribedToTopicError(StreamBusError):
     errno = 86
     kafka_name = "GROUP_SUBSCRIBED_TO_TOPIC"

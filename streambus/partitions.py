@@ -88,6 +88,10 @@ EARLIEST = -2
 MAX_TIMESTAMP = -3  # the record with the largest timestamp (KIP-734, v7+)
 EARLIEST_LOCAL = -4  # the first offset on local disk (KIP-405, v8+): the log start here
 LATEST_TIERED = -5  # the last offset in tiered storage (KIP-1005, v9+): none here
+# The first offset not yet uploaded to tiered storage (KIP-1023, v11+): none here, as
+# Kafka answers for a topic without remote storage (UnifiedLog's
+# fetchEarliestPendingUploadOffset), since nothing is ever pending upload.
+EARLIEST_PENDING_UPLOAD = -6
 
 # A compressed batch at least this large is decompressed and checked in a worker
 # thread before it is appended; smaller ones cost less than the hand-over.
@@ -663,7 +667,7 @@ class PartitionService:
             return -1, fetchable
         if timestamp in (EARLIEST, EARLIEST_LOCAL):  # no tiered storage: all of it is local
             return -1, plog.log_start_offset
-        if timestamp == LATEST_TIERED:
+        if timestamp in (LATEST_TIERED, EARLIEST_PENDING_UPLOAD):
             return -1, -1  # what Kafka answers for a topic without remote storage
         if timestamp == MAX_TIMESTAMP:
             found = plog.max_timestamp_offset()

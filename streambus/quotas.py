@@ -20,6 +20,14 @@ default client-id), (default user), (client-id), (default client-id). The
 matched entry also says who shares a rate: a quota on client-id ``x`` is one
 rate for every connection named ``x``; a default one is a rate per client id.
 
+Connection creation rates per ip (KIP-612): an ``ip`` entity's
+``connection_creation_rate`` (the address's own entry, else the default ip's) is a
+rate of accepted connections per address, measured the same way. A connection that
+takes its address over the quota is not counted (Kafka unrecords it) and is refused
+Kafka's way: the server holds the accepted socket unread for the throttle time
+(``(rate - quota) / quota * window``, at most one quota window) and then closes it,
+so a client reconnecting in a loop is slowed to the quota instead of spinning.
+
 Until the broker authenticates clients every connection is the user
 ``ANONYMOUS``, so user quotas apply through the default user entity (or an
 entry naming ``ANONYMOUS``).
@@ -40,7 +48,9 @@ from typing import TYPE_CHECKING
 
 from streambus.cluster.client_quotas import (
     CLIENT_ID,
+    CONNECTION_CREATION_RATE,
     CONSUMER_BYTE_RATE,
+    IP,
     PRODUCER_BYTE_RATE,
     USER,
     QuotaEntity,
@@ -60,6 +70,7 @@ log = logging.getLogger("streambus.quotas")
 ANONYMOUS = "ANONYMOUS"  # Kafka's principal for unauthenticated connections
 PRODUCE = "produce"
 FETCH = "fetch"
+CONNECTION = "connection"  # the throttle of a connection over its ip's creation rate
 _KEYS = {PRODUCE: PRODUCER_BYTE_RATE, FETCH: CONSUMER_BYTE_RATE}
 # Resolved quotas cached per client id; the cache is dropped whole when metadata changes
 # or when it grows past this (client ids are the client's to choose).
@@ -190,6 +201,48 @@ class QuotaManager:
         for sensor, rate in list(self._rates.items()):
             if now - rate.last_used() >= horizon:
                 del self._rates[sensor]
+
+    def connection_throttle(self, ip: str) -> float:
+        """Count a new connection from ``ip``; the seconds to hold it unread before closing
+        it when that takes ``ip`` over its ``connection_creation_rate`` (0: accept it)."""
+        found = self._resolve_ip(ip)
+        if found is None:
+            return 0.0
+        quota, sensor = found
+        now = self._clock()
+        rate = self._rates.get(sensor)
+        if rate is None:
+            self._prune(now)
+            rate = self._rates[sensor] = Rate()
+        rate.record(1, now, self.window_s, self.window_num)
+        observed, span = rate.measure(now, self.window_s, self.window_num)
+        throttle_s = 0.0
+        if observed > quota:
+            rate.record(-1, now, self.window_s, self.window_num)  # refused: not counted
+            # Kafka bounds a connection's throttle by one quota window (ConnectionQuotas)
+            throttle_s = min((observed - quota) / quota * span, self.window_s)
+        self._telemetry.throttle_time(CONNECTION, throttle_s)
+        return throttle_s
+
+    def _resolve_ip(self, ip: str) -> tuple[float, tuple[object, ...]] | None:
+        state = self._quorum().state
+        if not state.client_quotas:
+            return None  # the common case: no quotas at all, nothing cached
+        if state.metadata_version != self._resolved_version or len(self._resolved) > RESOLVED_MAX:
+            self._resolved.clear()
+            self._resolved_version = state.metadata_version
+        cache_key = (CONNECTION, ip, "")
+        if cache_key in self._resolved:
+            return self._resolved[cache_key]
+        table = state.client_quotas
+        found: tuple[float, tuple[object, ...]] | None = None
+        for entity in (((IP, ip),), ((IP, None),)):  # the address's own, else the default
+            value = table.get(entity, {}).get(CONNECTION_CREATION_RATE)
+            if value is not None:
+                found = (value, (CONNECTION, ip))  # a rate per address, default or not
+                break
+        self._resolved[cache_key] = found
+        return found
 
     # -- changes, and their durability on a single broker ------------------------------------
     async def submit(self, record: AlterClientQuota) -> Result:

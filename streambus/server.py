@@ -209,6 +209,8 @@ class KafkaServer:
         self._accepting = False
         self.connections: set[Connection] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
+        # Connections over their ip's creation rate, held unread until their close is due.
+        self._held: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
         self._open = 0  # admitted transports, counted as they are made (before their task runs)
         self.active_requests = 0
         self._idle = asyncio.Event()
@@ -332,6 +334,33 @@ class KafkaServer:
         )
         return False
 
+    def hold_if_throttled(self, ip: str, peer: str, transport: asyncio.BaseTransport) -> bool:
+        """KIP-612: a connection taking ``ip`` over its ``connection_creation_rate`` is held
+        unread for its throttle time, then closed unanswered, as Kafka's acceptor does (a
+        delayed close, so a reconnecting client backs off). It stays counted against
+        max.connections meanwhile, which bounds the sockets held; nothing waits on the loop."""
+        delay = self._services.quotas.connection_throttle(ip)
+        if not delay:
+            return False
+        self._services.telemetry.connection_rejected("connection_creation_rate")
+        self._throttled.log(
+            "connection_creation_rate",
+            logging.WARNING,
+            "connections closed for connection_creation_rate",
+            "closing connection from %s unanswered in %d ms: its ip is over its "
+            "connection_creation_rate quota",
+            peer,
+            round(delay * 1000),
+        )
+        transport.pause_reading()  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        self._held[transport] = loop.call_later(delay, self._close_held, transport)
+        return True
+
+    def _close_held(self, transport: asyncio.BaseTransport) -> None:
+        self._held.pop(transport, None)
+        transport.close()
+
     def release(self, ip: str) -> None:
         self._open -= 1
         self._per_ip[ip] -= 1
@@ -428,6 +457,9 @@ class KafkaServer:
         self._accepting = False
         for server in servers:
             server.close()
+        for transport, due in list(self._held.items()):
+            due.cancel()
+            self._close_held(transport)
         for conn in list(self.connections):
             conn.stop_reading()
         try:
@@ -501,6 +533,8 @@ class _KafkaProtocol(asyncio.StreamReaderProtocol):
             transport.close()  # nothing written yet: closes the socket now
             return
         self._ip = ip
+        if self._kafka.hold_if_throttled(ip, label, transport):
+            return  # counted until closed (connection_lost releases it)
         if self._listener.protocol.tls:
             # Nothing may be read before the TLS layer is in place: the ClientHello would
             # land in the stream buffer instead (start_tls resumes reading).

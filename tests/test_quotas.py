@@ -71,9 +71,13 @@ def test_quotas_are_altered_described_validated_and_survive_a_restart(tmp_path: 
         assert [e.error_code for e in ok.entries] == [0]
         alter(b.bootstrap, [("client-id", None)], {"consumer_byte_rate": 5e6})
         alter(b.bootstrap, [("user", None), ("client-id", "slow")], {"request_percentage": 50})
+        # an ip's only quota is its connection creation rate (tests/test_ip_quotas.py)
         bad = alter(b.bootstrap, [("ip", "1.2.3.4")], {"producer_byte_rate": 1})
         assert bad.entries[0].error_code == 42  # INVALID_REQUEST, with a reason
-        assert "user and/or a client-id" in bad.entries[0].error_message
+        assert "connection_creation_rate" in bad.entries[0].error_message
+        odd = alter(b.bootstrap, [("host", "h")], {"producer_byte_rate": 1})
+        assert odd.entries[0].error_code == 42
+        assert "user and/or a client-id" in odd.entries[0].error_message
         unknown = alter(b.bootstrap, [("client-id", "x")], {"bytes_per_fortnight": 1})
         assert unknown.entries[0].error_code == 42
         negative = alter(b.bootstrap, [("client-id", "x")], {"producer_byte_rate": -5})

@@ -5,14 +5,19 @@ Pure, as the rest of ``streambus.cluster``: the quota table lives in the
 this module only validates a record and builds the table after it.
 
 An entity is Kafka's: one or two ``(type, name)`` pairs, types ``user`` and
-``client-id``, sorted by type; a name of None is Kafka's default entity
-(``<default>``), which matches every user or client id without a more specific
-entry. Keys are Kafka's quota names; values are floats (bytes per second, or a
-percentage for ``request_percentage``).
+``client-id``, sorted by type, or one ``ip`` alone (KIP-612); a name of None is
+Kafka's default entity (``<default>``), which matches every user, client id or
+address without a more specific entry. An ip entity names a literal address (Kafka
+would resolve a host name; a lookup has no place in applying a record). Keys are
+Kafka's quota names, each for its entity kind: byte rates, ``request_percentage``
+and ``controller_mutation_rate`` for users and client ids, ``connection_creation_rate``
+(connections per second, a whole number as Kafka's INT config) for ips only; values
+are floats.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -22,12 +27,15 @@ from streambus.errors import InvalidRequestError
 
 USER = "user"
 CLIENT_ID = "client-id"
-ENTITY_TYPES = (USER, CLIENT_ID)
+IP = "ip"
+ENTITY_TYPES = (USER, CLIENT_ID, IP)
 PRODUCER_BYTE_RATE = "producer_byte_rate"
 CONSUMER_BYTE_RATE = "consumer_byte_rate"
 REQUEST_PERCENTAGE = "request_percentage"
 CONTROLLER_MUTATION_RATE = "controller_mutation_rate"
 QUOTA_KEYS = (PRODUCER_BYTE_RATE, CONSUMER_BYTE_RATE, REQUEST_PERCENTAGE, CONTROLLER_MUTATION_RATE)
+CONNECTION_CREATION_RATE = "connection_creation_rate"
+IP_QUOTA_KEYS = (CONNECTION_CREATION_RATE,)
 
 # ((type, name or None for the default entity), ...) sorted by type
 QuotaEntity = tuple[tuple[str, str | None], ...]
@@ -37,12 +45,23 @@ EMPTY: QuotaTable = MappingProxyType({})
 
 
 def check_entity(entity: QuotaEntity) -> None:
-    """InvalidRequestError unless ``entity`` is one user and/or one client id, sorted."""
+    """InvalidRequestError unless ``entity`` is one user and/or one client id, sorted, or
+    one ip (a literal address, or the default)."""
     types = [t for t, _ in entity]
     if not types or len(set(types)) != len(types) or any(t not in ENTITY_TYPES for t in types):
         raise InvalidRequestError(
-            f"a quota entity is a user and/or a client-id, each at most once, not {entity!r}"
+            f"a quota entity is a user and/or a client-id, each at most once, or an ip, "
+            f"not {entity!r}"
         )
+    if IP in types:
+        if len(types) > 1:  # Kafka's message for the same refusal
+            raise InvalidRequestError(
+                "Invalid quota entity combination, IP entity should not be combined with "
+                "User or ClientId entities."
+            )
+        name = entity[0][1]
+        if name is not None and canonical_ip(name) is None:
+            raise InvalidRequestError(f"{name!r} is not a valid IP address")
     if types != sorted(types):
         raise InvalidRequestError(f"quota entity {entity!r} is not sorted by type")
     for _, name in entity:
@@ -50,11 +69,27 @@ def check_entity(entity: QuotaEntity) -> None:
             raise InvalidRequestError(f"a quota entity's name is a non-empty string: {entity!r}")
 
 
-def check_op(key: str, value: float | None) -> None:
-    if key not in QUOTA_KEYS:
-        raise InvalidRequestError(f"unknown quota key {key!r} (known: {', '.join(QUOTA_KEYS)})")
+def canonical_ip(name: str) -> str | None:
+    """The address as the server sees a peer's (``::1``, not ``0:0:0:0:0:0:0:1``);
+    None for a name that is no literal address."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return None
+
+
+def check_op(entity: QuotaEntity, key: str, value: float | None) -> None:
+    """InvalidRequestError unless ``key`` is a quota of ``entity``'s kind and ``value``
+    (None: removed) a number above 0 (whole, for a connection rate)."""
+    keys = IP_QUOTA_KEYS if any(t == IP for t, _ in entity) else QUOTA_KEYS
+    if key not in keys:
+        raise InvalidRequestError(
+            f"unknown quota key {key!r} for this entity (known: {', '.join(keys)})"
+        )
     if value is not None and (not isinstance(value, int | float) or not value > 0):
         raise InvalidRequestError(f"quota {key}={value!r}: a quota is a number above 0")
+    if value is not None and key == CONNECTION_CREATION_RATE and value != int(value):
+        raise InvalidRequestError(f"quota {key}={value!r}: a connection rate is a whole number")
 
 
 def altered(table: QuotaTable, record: AlterClientQuota) -> QuotaTable:
@@ -63,7 +98,7 @@ def altered(table: QuotaTable, record: AlterClientQuota) -> QuotaTable:
     check_entity(entity)
     values = dict(table.get(entity, {}))
     for key, value in record.ops:
-        check_op(key, value)
+        check_op(entity, key, value)
         if value is None:
             values.pop(key, None)
         else:

@@ -3,10 +3,12 @@
 
 Quotas are replicated metadata (``AlterClientQuota`` records, one per entity
 altered, through the quorum from whichever broker is asked) and enforced by
-``streambus.quotas``. Entity types are ``user`` and ``client-id``; a null name
-is Kafka's default entity (``<default>``). Keys: ``producer_byte_rate`` and
-``consumer_byte_rate`` are enforced; ``request_percentage`` and
-``controller_mutation_rate`` are accepted, stored and described, not enforced.
+``streambus.quotas``. Entity types are ``user`` and ``client-id``, or ``ip``
+alone (``kafka-configs --entity-type ips``); a null name is Kafka's default entity
+(``<default>``). Keys: ``producer_byte_rate`` and ``consumer_byte_rate`` are
+enforced, and an ip's ``connection_creation_rate`` (on accept, by the server);
+``request_percentage`` and ``controller_mutation_rate`` are accepted, stored and
+described, not enforced.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from kafka.protocol.admin import (
 from streambus.cluster import acls
 from streambus.cluster.client_quotas import (
     ENTITY_TYPES,
+    IP,
     QuotaEntity,
     QuotaTable,
+    canonical_ip,
     check_entity,
     check_op,
 )
@@ -79,9 +83,12 @@ def describe(
             raise InvalidRequestError(f"entity type {c.entity_type!r} named twice")
         if c.match_type == MATCH_EXACT and c.match is None:
             raise InvalidRequestError("an EXACT match needs a name")
+        match = c.match
+        if c.entity_type == IP and c.match_type == MATCH_EXACT:
+            match = canonical_ip(match) or match  # as the table keeps it
         if c.match_type not in (MATCH_EXACT, MATCH_DEFAULT, MATCH_ANY):
             raise InvalidRequestError(f"unknown match type {c.match_type}")
-        wanted[c.entity_type] = (c.match_type, c.match)
+        wanted[c.entity_type] = (c.match_type, match)
     out = []
     for entity, values in sorted(table.items(), key=lambda e: [(t, n or "") for t, n in e[0]]):
         names = dict(entity)
@@ -135,11 +142,13 @@ async def handle_alter_client_quotas(
 def _record(pairs: list[tuple[str, str | None]], ops: Any) -> AlterClientQuota:
     entity: QuotaEntity = tuple(sorted(pairs, key=lambda p: p[0]))
     check_entity(entity)
+    if entity[0][0] == IP and entity[0][1] is not None:  # one form per address
+        entity = ((IP, canonical_ip(entity[0][1])),)
     changes: dict[str, float | None] = {}
     for op in ops:
         if op.key in changes:
             raise InvalidRequestError(f"quota key {op.key!r} altered twice in one entry")
         value = None if op.remove else float(op.value)
-        check_op(op.key, value)
+        check_op(entity, op.key, value)
         changes[op.key] = value
     return AlterClientQuota(entity, tuple(sorted(changes.items())))

@@ -43,9 +43,18 @@ from streambus.errors import (
     OffsetOutOfRangeError,
     StreamBusError,
     TopicAuthorizationFailedError,
+    UnsupportedVersionError,
     error_name,
 )
 from streambus.instrumentation import MAX_LINKS, TRACE_SCAN_BYTES
+from streambus.partitions import (
+    EARLIEST,
+    EARLIEST_LOCAL,
+    EARLIEST_PENDING_UPLOAD,
+    LATEST,
+    LATEST_TIERED,
+    MAX_TIMESTAMP,
+)
 from streambus.protocol.apis import ApiRoutes, ConnectionClosedError, RequestContext
 from streambus.protocol.fetch_encoding import (
     Records,
@@ -411,10 +420,27 @@ async def _response(
 
 
 # v7 asks for the record with the largest timestamp (-3), v8 for the earliest local
-# offset (-4), v9 for the latest tiered offset (-5), v10 adds a timeout for tiered reads;
-# all answered (no tiered storage: -4 is the log start, -5 has no offset). v11's -6
-# (earliest pending upload) is not served.
-@routes.api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 10))
+# offset (-4), v9 for the latest tiered offset (-5), v10 adds a timeout for tiered reads,
+# v11 asks for the earliest offset pending upload to tiered storage (-6); all answered
+# (no tiered storage: -4 is the log start, -5 and -6 have no offset). A special timestamp
+# in a version older than the one that introduced it, or a negative one no version
+# defines, is UNSUPPORTED_VERSION for that partition, as Kafka's ReplicaManager answers
+# (a client must not learn an answer its version cannot express).
+SPECIAL_TIMESTAMP_SINCE = {
+    LATEST: 1,
+    EARLIEST: 1,
+    MAX_TIMESTAMP: 7,
+    EARLIEST_LOCAL: 8,
+    LATEST_TIERED: 9,
+    EARLIEST_PENDING_UPLOAD: 11,
+}
+
+
+def _timestamp_unsupported(timestamp: int, version: int) -> bool:
+    return timestamp < 0 and version < SPECIAL_TIMESTAMP_SINCE.get(timestamp, 1 << 15)
+
+
+@routes.api(ListOffsetsRequest, ListOffsetsResponse, versions=(1, 11))
 async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = ListOffsetsResponse
     topics = []
@@ -432,6 +458,10 @@ async def handle_list_offsets(services: BrokerServices, ctx: RequestContext, req
                 tp = TopicPartition(topic.name, p.partition_index)
                 if asked[tp] > 1:  # Kafka answers each copy of a repeated one so
                     raise InvalidRequestError(f"{tp.topic}-{tp.partition} asked twice")
+                if _timestamp_unsupported(p.timestamp, ctx.api_version):
+                    raise UnsupportedVersionError(
+                        f"ListOffsets v{ctx.api_version} cannot ask for timestamp {p.timestamp}"
+                    )
                 services.partitions.check_epoch(tp, _epoch(p))
                 timestamp, offset = services.partitions.list_offset(
                     tp, p.timestamp, committed=request.isolation_level == READ_COMMITTED

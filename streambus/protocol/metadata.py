@@ -15,11 +15,14 @@ from kafka.protocol.metadata import (
 
 from streambus.cluster import acls
 from streambus.errors import (
+    InvalidRequestError,
     KafkaStorageError,
     LeaderNotAvailableError,
+    MismatchedEndpointTypeError,
     StreamBusError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
+    UnsupportedEndpointTypeError,
     error_name,
 )
 from streambus.protocol.apis import ApiRoutes, RequestContext, api_versions_response
@@ -203,29 +206,81 @@ def live_brokers(services: BrokerServices, listener: str) -> list[_Node]:
     return nodes
 
 
-@routes.api(DescribeClusterRequest, DescribeClusterResponse, versions=(0, 1))
+# DescribeCluster's endpoint types (KIP-919, v1+). StreamBus brokers serve clients; the
+# Raft quorum between them is no Kafka controller listener, so a client asking this
+# endpoint for controllers (`--bootstrap-controller`) is told it reached a broker, as a
+# Kafka broker tells it.
+BROKER_ENDPOINT, CONTROLLER_ENDPOINT = 1, 2
+ENDPOINT_NAMES = {BROKER_ENDPOINT: "BROKER", CONTROLLER_ENDPOINT: "CONTROLLER"}
+
+
+# v1 adds the endpoint type; v2 lists fenced brokers too, flagged, when asked (KIP-1073:
+# `kafka-cluster list-endpoints --include-fenced-brokers`).
+@routes.api(DescribeClusterRequest, DescribeClusterResponse, versions=(0, 2))
 async def handle_describe_cluster(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
     R = DescribeClusterResponse
-    fields: dict[str, Any] = {}
-    if ctx.api_version >= 1:
-        fields["endpoint_type"] = getattr(request, "endpoint_type", 1)
+    version = ctx.api_version
+    wanted = getattr(request, "endpoint_type", BROKER_ENDPOINT) if version >= 1 else 1
+    error: StreamBusError | None = None
+    if wanted not in ENDPOINT_NAMES:  # Kafka's AuthHelper.computeDescribeClusterResponse
+        error = (UnsupportedEndpointTypeError if version else InvalidRequestError)(
+            f"Unsupported endpoint type {wanted}"
+        )
+    elif wanted != BROKER_ENDPOINT:
+        error = (MismatchedEndpointTypeError if version else InvalidRequestError)(
+            "The request was sent to an endpoint of type BROKER, but we wanted an endpoint "
+            f"of type {ENDPOINT_NAMES[wanted]}"
+        )
+    if error is not None:
+        services.telemetry.error("DescribeCluster", error.kafka_name)
+        return R(
+            throttle_time_ms=0,
+            error_code=error.errno,
+            error_message=error.message,
+            endpoint_type=BROKER_ENDPOINT,
+            cluster_id="",
+            controller_id=-1,
+            brokers=[],
+            authorized_operations=None,
+        )
+    fenced = version >= 2 and request.include_fenced_brokers
+    nodes = [(b, False) for b in live_brokers(services, ctx.listener)]
+    if fenced:
+        nodes += [(b, True) for b in fenced_brokers(services, ctx.listener)]
+        nodes.sort()
+    controller = services.controller_id()
     return R(
         throttle_time_ms=0,
         error_code=0,
         error_message=None,
+        endpoint_type=BROKER_ENDPOINT,
         cluster_id=services.cluster_id,
-        controller_id=services.controller_id(),
+        # Kafka answers -1 for a controller the client could not find among the brokers
+        controller_id=controller if any(b.node_id == controller for b, _ in nodes) else -1,
         brokers=[
-            R.DescribeClusterBroker(broker_id=b.node_id, host=b.host, port=b.port, rack=None)
-            for b in live_brokers(services, ctx.listener)
+            R.DescribeClusterBroker(
+                broker_id=b.node_id, host=b.host, port=b.port, rack=None, is_fenced=is_fenced
+            )
+            for b, is_fenced in nodes
         ],
         authorized_operations=_operations(
             request.include_cluster_authorized_operations, CLUSTER_OPERATIONS, services, ctx
         ),
-        **fields,
     )
+
+
+def fenced_brokers(services: BrokerServices, listener: str) -> list[_Node]:
+    """The registered brokers that are fenced (not heartbeating), at their address on
+    ``listener``; never this one, which answers and so is not fenced to its clients."""
+    own = services.broker_id
+    nodes = []
+    for b in services.quorum.state.brokers.values():
+        found = b.address(listener) if b.fenced and b.broker_id != own else None
+        if found is not None:
+            nodes.append(_Node(b.broker_id, *found))
+    return sorted(nodes)
 
 
 def _offline_topic(services: BrokerServices, offline: OfflineTopic) -> Any:
