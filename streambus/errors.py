@@ -328,6 +328,12 @@ class StaleMemberEpochError(StreamBusError):
     description = "The member epoch is stale; the member must retry after its next heartbeat."
 
 
+class InvalidRegularExpressionError(StreamBusError):
+    errno = 130
+    kafka_name = "INVALID_REGULAR_EXPRESSION"
+    description = "The regular expression is not valid."
+
+
 class GroupSubscribedToTopicError(StreamBusError):
     errno = 86
     kafka_name = "GROUP_SUBSCRIBED_TO_TOPIC"
