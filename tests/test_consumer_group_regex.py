@@ -2,7 +2,8 @@
 
 A librdkafka consumer (``group.protocol=consumer``) subscribing to ``^orders-.*`` gets the
 partitions of the topics that match and none of the others; a matching topic created
-afterwards is assigned to it without the consumer resubscribing. ConsumerGroupDescribe
+afterwards is assigned to it without the consumer resubscribing, and one deleted leaves
+its assignment. ConsumerGroupDescribe
 reports the member's regex; a regex Python cannot compile is INVALID_REGULAR_EXPRESSION.
 """
 
@@ -129,6 +130,12 @@ def test_regex_subscription_follows_matching_topics(broker: BrokerThread) -> Non
         assert producer.flush(15) == 0
         wait_until(lambda: ("orders-apac", b"orders-apac") in consumer.read, timeout=30)
         assert {t for t, _ in consumer.read} == {"orders-apac"}
+
+        # A matching topic deleted leaves the member's assignment.
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        admin.delete_topics(["orders-us"])["orders-us"].result(15)
+        expected -= {("orders-us", 0)}
+        wait_until(lambda: consumer.snapshot() == expected, timeout=60)
         assert consumer.error is None
     finally:
         consumer.stop()
