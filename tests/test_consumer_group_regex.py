@@ -3,8 +3,8 @@
 A librdkafka consumer (``group.protocol=consumer``) subscribing to ``^orders-.*`` gets the
 partitions of the topics that match and none of the others; a matching topic created
 afterwards is assigned to it without the consumer resubscribing, and one deleted leaves
-its assignment. ConsumerGroupDescribe
-reports the member's regex; a regex Python cannot compile is INVALID_REGULAR_EXPRESSION.
+its assignment. ConsumerGroupDescribe reports the member's regex; a regex Python cannot
+compile is INVALID_REGULAR_EXPRESSION.
 """
 
 from __future__ import annotations
