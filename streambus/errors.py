@@ -340,6 +340,12 @@ class UnsupportedEndpointTypeError(StreamBusError):
     description = "This endpoint type is not supported yet."
 
 
+class InvalidRegularExpressionError(StreamBusError):
+    errno = 130
+    kafka_name = "INVALID_REGULAR_EXPRESSION"
+    description = "The regular expression is not valid."
+
+
 class GroupSubscribedToTopicError(StreamBusError):
     errno = 86
     kafka_name = "GROUP_SUBSCRIBED_TO_TOPIC"

@@ -19,6 +19,12 @@ member (with an instance id) leaving with epoch -2 keeps its place and assignmen
 the session timeout: rejoining with the same instance id, it gets them back with no
 change for anyone else.
 
+A member may subscribe by a **regular expression** besides (or instead of) topic names.
+The coordinator resolves it against the topics that exist, matching whole names (as
+Kafka's RE2 ``matches()``; Python's ``re`` is the dialect here), and resolves it again
+whenever the set of topics changes, so a topic created later that matches joins the
+member's subscription on its next heartbeat without the member resubscribing.
+
 This module is the pure state and its transitions, driven with an explicit clock; the
 coordinator (:mod:`streambus.groups.coordinator`) owns the groups and the ticker.
 """
@@ -26,13 +32,16 @@ coordinator (:mod:`streambus.groups.coordinator`) owns the groups and the ticker
 from __future__ import annotations
 
 import enum
+import functools
 import logging
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from streambus.errors import (
     FencedMemberEpochError,
+    InvalidRegularExpressionError,
     InvalidRequestError,
     UnknownMemberIdError,
     UnreleasedInstanceIdError,
@@ -76,6 +85,7 @@ class Heartbeat:
     rack_id: str | None
     rebalance_timeout_ms: int
     subscribed_topic_names: tuple[str, ...] | None
+    subscribed_topic_regex: str | None  # "" clears the member's regex
     server_assignor: str | None
     owned: Partitions | None
     client_id: str
@@ -99,6 +109,7 @@ class ConsumerMember:
     client_host: str
     rebalance_timeout_ms: int
     subscribed: tuple[str, ...] = ()
+    regex: str | None = None
     server_assignor: str | None = None
     member_epoch: int = 0
     previous_epoch: int = -1
@@ -129,6 +140,9 @@ class ConsumerGroup:
     rebalances: int = 0  # target assignments computed (each one a rebalance)
     dead: bool = False
     state_since_ms: int = 0  # wall clock it last became empty (offsets retention counts from it)
+    # The members' regexes resolved to topic names, valid for the topic set ``resolved_over``.
+    resolved: dict[str, frozenset[str]] = field(default_factory=dict)
+    resolved_over: frozenset[str] = frozenset()
 
     @property
     def protocol_type(self) -> str:
@@ -161,6 +175,8 @@ class ConsumerGroup:
             return self._leave(hb)
         if hb.member_epoch == STATIC_LEAVE_EPOCH:
             return self._static_leave(hb, now)
+        if hb.subscribed_topic_regex:
+            compile_regex(hb.subscribed_topic_regex)  # refused before it changes anything
         member = self._join(hb, now) if hb.member_epoch == JOIN_EPOCH else self._known(hb)
         member.last_heartbeat = now
         if hb.rebalance_timeout_ms > 0:
@@ -172,6 +188,10 @@ class ConsumerGroup:
             names = tuple(sorted(set(hb.subscribed_topic_names)))
             changed |= names != member.subscribed
             member.subscribed = names
+        if hb.subscribed_topic_regex is not None:
+            regex = hb.subscribed_topic_regex or None
+            changed |= regex != member.regex
+            member.regex = regex
         if hb.server_assignor is not None:
             if hb.server_assignor not in ASSIGNORS:
                 raise UnsupportedAssignorError(
@@ -180,7 +200,8 @@ class ConsumerGroup:
             changed |= hb.server_assignor != member.server_assignor
             member.server_assignor = hb.server_assignor
         if changed:
-            self._bump(f"member {member.member_id} subscribes to {list(member.subscribed)}")
+            what = list(member.subscribed) + ([f"/{member.regex}/"] if member.regex else [])
+            self._bump(f"member {member.member_id} subscribes to {what}")
         self.refresh_topics(topics)
         if self.group_epoch > self.assignment_epoch:
             self._assign(topics)
@@ -244,6 +265,7 @@ class ConsumerGroup:
             client_host=hb.client_host,
             rebalance_timeout_ms=max(hb.rebalance_timeout_ms, 0) or old.rebalance_timeout_ms,
             subscribed=old.subscribed,
+            regex=old.regex,
             server_assignor=old.server_assignor,
             member_epoch=old.previous_epoch,
             previous_epoch=old.previous_epoch,
@@ -338,13 +360,36 @@ class ConsumerGroup:
         self.group_epoch += 1
         log.info("consumer group %r epoch %d: %s", self.group_id, self.group_epoch, reason)
 
-    def refresh_topics(self, topics: Mapping[str, int]) -> None:
-        """A subscribed topic created, deleted or grown changes the assignment's input."""
-        wanted = {t for m in self.members.values() for t in m.subscribed}
+    def topics_of(self, member: ConsumerMember) -> frozenset[str]:
+        """The member's subscription: its topic names and what its regex matches."""
+        matched = self.resolved.get(member.regex, frozenset()) if member.regex else frozenset()
+        return frozenset(member.subscribed) | matched
+
+    def resolve_regexes(self, topics: Mapping[str, int]) -> None:
+        """Resolve the members' regexes against the existing topics, again only when the
+        set of topics changed (a topic created or deleted) or a regex is new."""
+        names = frozenset(topics)
+        if names != self.resolved_over:
+            self.resolved = {}
+            self.resolved_over = names
+        wanted = {m.regex for m in self.members.values() if m.regex}
+        for regex in wanted - self.resolved.keys():
+            pattern = compile_regex(regex)
+            self.resolved[regex] = frozenset(t for t in names if pattern.fullmatch(t))
+        for regex in self.resolved.keys() - wanted:
+            del self.resolved[regex]
+
+    def refresh_topics(self, topics: Mapping[str, int], *, bump: bool = True) -> None:
+        """A subscribed topic created, deleted or grown, or one a regex now matches or no
+        longer matches, changes the assignment's input. ``bump=False``: take the shape as
+        it is (a group loaded from the log; its assignment already reflects it)."""
+        self.resolve_regexes(topics)
+        wanted = {t for m in self.members.values() for t in self.topics_of(m)}
         shape = {t: topics[t] for t in sorted(wanted) if t in topics}
         if shape != self.topic_shape:
             self.topic_shape = shape
-            self._bump("subscribed topics changed")
+            if bump:
+                self._bump("subscribed topics changed")
 
     def select_assignor(self) -> str:
         """The assignor most members ask for (ties: by name), else the default."""
@@ -361,7 +406,7 @@ class ConsumerGroup:
         members = [
             AssignorMember(
                 m.member_id,
-                frozenset(t for t in m.subscribed if t in topics),
+                frozenset(t for t in self.topics_of(m) if t in topics),
                 self.target.get(m.member_id, {}),
             )
             for m in self.members.values()
@@ -433,3 +478,12 @@ class ConsumerGroup:
             elif m.revoking and m.rebalance_timeout_ms > 0 and now > m.revoke_deadline:
                 out.append((m, f"did not revoke in {m.rebalance_timeout_ms} ms"))
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def compile_regex(regex: str) -> re.Pattern[str]:
+    """A member's subscription regex; one Python cannot compile is INVALID_REGULAR_EXPRESSION."""
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise InvalidRegularExpressionError(f"regex {regex!r} does not compile: {exc}") from None

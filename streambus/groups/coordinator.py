@@ -9,6 +9,12 @@ background.
 
 Every request is checked against the member id, the generation and (for static
 members) the instance id, answering Kafka's error codes so clients rejoin.
+
+Groups of the consumer protocol (KIP-848) are persisted: whatever a heartbeat, an
+expiry or a deletion changes of a group's epochs, members and assignments is appended
+to its ``__consumer_offsets`` partition (:mod:`streambus.groups.consumer_records`)
+before the answer goes out, and replayed when the partition is loaded, so a restarted
+or failed-over coordinator carries on with the same members at the same epochs.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,7 +46,8 @@ from streambus.errors import (
     StreamBusError,
     UnknownMemberIdError,
 )
-from streambus.groups.consumer import ConsumerGroup, Heartbeat, HeartbeatAnswer
+from streambus.groups import consumer_records
+from streambus.groups.consumer import ConsumerGroup, ConsumerMember, Heartbeat, HeartbeatAnswer
 from streambus.groups.membership import Group, GroupState, JoinResult, Member
 from streambus.groups.offsets import OffsetAndMetadata, OffsetStore
 from streambus.partitions import OFFSETS_TOPIC, PartitionService
@@ -94,6 +102,9 @@ class GroupCoordinator:
         self._groups: dict[str, Group] = {}  # classic protocol
         # The consumer protocol (KIP-848); a group id is in one of the two at most.
         self._consumer_groups: dict[str, ConsumerGroup] = {}
+        # What the log holds of each consumer group: key -> value last written (or loaded).
+        self._persisted: dict[str, dict[bytes, bytes]] = {}
+        self._persisted_members: dict[str, frozenset[str]] = {}
         self._read_committed: set[str] = set()  # groups whose consumers read_committed
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
@@ -101,17 +112,94 @@ class GroupCoordinator:
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
         loaded = self.offsets.load()
+        self._load_consumer_groups()
         for group_id in self.offsets.groups():
-            self._groups.setdefault(group_id, Group(group_id, state_since_ms=_now_ms()))
+            if group_id not in self._consumer_groups:
+                self._groups.setdefault(group_id, Group(group_id, state_since_ms=_now_ms()))
         if loaded:
             log.info("loaded %d committed offsets of %d groups", loaded, len(self._groups))
+
+    def _load_consumer_groups(self) -> None:
+        """Replay the consumer groups' records the offsets load just read."""
+        records = self.offsets.take_group_records()
+        if not records:
+            return
+        counts, ids = self._topic_ids()
+        names = {tid: name for name, tid in ids.items()}
+        try:
+            groups = consumer_records.rebuild(records, names, _loop_time(), _now_ms())
+        except (struct.error, ValueError, UnicodeDecodeError, IndexError) as exc:
+            log.warning("skipping unreadable consumer group records in %s: %s", OFFSETS_TOPIC, exc)
+            return
+        for group_id, group in groups.items():
+            # The loaded assignment already reflects the topics as they were: take their
+            # shape as it is, so loading alone moves no epoch.
+            group.refresh_topics(counts, bump=False)
+            self._groups.pop(group_id, None)
+            self._consumer_groups[group_id] = group
+            self._persisted[group_id] = consumer_records.all_records(group, ids)
+            self._persisted_members[group_id] = frozenset(group.members)
+            log.info(
+                "loaded consumer group %r: epoch %d, %d members",
+                group_id,
+                group.group_epoch,
+                len(group.members),
+            )
+
+    def _topic_ids(self) -> tuple[dict[str, int], dict[str, uuid.UUID]]:
+        """Partition counts and ids of the topics a consumer group can read (not internal)."""
+        counts: dict[str, int] = {}
+        ids: dict[str, uuid.UUID] = {}
+        for name, meta in self._partitions.topics().items():
+            if meta.internal:
+                continue
+            counts[name] = meta.partitions
+            if meta.topic_id is not None:
+                ids[name] = meta.topic_id
+        return counts, ids
+
+    def _persist(self, group: ConsumerGroup, member: ConsumerMember | None = None) -> None:
+        """Append what changed of ``group`` since it was last written, tombstoning records
+        of members gone. With ``member`` and no change of epochs or membership, only that
+        member's records are compared (a heartbeat touches its own member alone)."""
+        before = self._persisted.get(group.group_id, {})
+        _, ids = self._topic_ids()
+        group_part = consumer_records.group_records(group)
+        same_group = all(before.get(k) == v for k, v in group_part.items()) and (
+            group.members.keys() == self._persisted_members.get(group.group_id, frozenset())
+        )
+        if member is not None and same_group:
+            now = consumer_records.member_records(group, member, ids)
+            changed = {k: v for k, v in now.items() if before.get(k) != v}
+            after = {**before, **changed}
+            entries: list[tuple[bytes, bytes | None]] = list(changed.items())
+        else:
+            after = consumer_records.all_records(group, ids)
+            entries = [(k, v) for k, v in after.items() if before.get(k) != v]
+            entries += [(k, None) for k in before if k not in after]
+        if not entries:
+            return
+        self.offsets.write_records(group.group_id, entries)
+        self._persisted[group.group_id] = after
+        self._persisted_members[group.group_id] = frozenset(group.members)
+
+    def _forget(self, group_id: str) -> None:
+        """Tombstone every record of a consumer group that is deleted or becomes classic."""
+        before = self._persisted.pop(group_id, {})
+        self._persisted_members.pop(group_id, None)
+        if before:
+            self.offsets.write_records(group_id, [(k, None) for k in before])
 
     def load_partition(self, partition: int) -> None:
         """This broker now leads ``__consumer_offsets`` partition ``partition``: coordinate
         its groups from what the log holds."""
         loaded = self.offsets.load(only=partition)
+        self._load_consumer_groups()
         for group_id in self.offsets.groups():
-            if self.offsets.partition_for(group_id).partition == partition:
+            if (
+                self.offsets.partition_for(group_id).partition == partition
+                and group_id not in self._consumer_groups
+            ):
                 self._groups.setdefault(group_id, Group(group_id, state_since_ms=_now_ms()))
         log.info(
             "coordinating the groups of %s partition %d: %d committed offsets",
@@ -132,8 +220,11 @@ class GroupCoordinator:
                 _fail_waiters(member, NotCoordinatorError.errno)
         for group_id in list(self._consumer_groups):
             if self.offsets.partition_for(group_id).partition == partition:
-                # Its members are answered NOT_COORDINATOR and rejoin the new coordinator.
+                # Its members are answered NOT_COORDINATOR and carry on with the new
+                # coordinator, which loads the group from the log.
                 del self._consumer_groups[group_id]
+                self._persisted.pop(group_id, None)
+                self._persisted_members.pop(group_id, None)
 
     def start(self) -> None:
         self._stopping = False
@@ -223,6 +314,7 @@ class GroupCoordinator:
                     f"group {req.group_id!r} uses the consumer protocol"
                 )
             del self._consumer_groups[req.group_id]  # empty: it becomes a classic group
+            self._forget(req.group_id)
         group = self._groups.get(req.group_id)
         if group is None:
             if req.member_id:
@@ -565,7 +657,8 @@ class GroupCoordinator:
             self._maybe_complete_join(group, now)
         timeout_ms = self.settings.consumer_session_timeout_ms
         for cgroup in self._consumer_groups.values():
-            for cmember, reason in cgroup.expired(now, timeout_ms):
+            gone = cgroup.expired(now, timeout_ms)
+            for cmember, reason in gone:
                 log.info(
                     "member %s of consumer group %r %s; removed",
                     cmember.member_id,
@@ -575,6 +668,11 @@ class GroupCoordinator:
                 cgroup.remove(cmember, reason)
                 if not cgroup.members:
                     cgroup.state_since_ms = _now_ms()
+            if gone:
+                try:
+                    self._persist(cgroup)
+                except StreamBusError as exc:  # written on a later tick or heartbeat
+                    log.warning("consumer group %r not persisted: %s", cgroup.group_id, exc)
 
     def expire_offsets(self, now_ms: int) -> int:
         """Drop the offsets of groups that have been empty for offsets.retention.minutes."""
@@ -591,6 +689,7 @@ class GroupCoordinator:
             if not cgroup.members and now_ms - cgroup.state_since_ms >= horizon:
                 removed += self.offsets.delete(cgroup.group_id)
                 del self._consumer_groups[cgroup.group_id]
+                self._forget(cgroup.group_id)
         return removed
 
     # -- offsets ----------------------------------------------------------------------------------
@@ -672,6 +771,8 @@ class GroupCoordinator:
         answer = group.heartbeat(hb, topics, _loop_time())
         if not group.members:
             group.state_since_ms = _now_ms()
+        # Written before the answer goes out: what a member is told survives a restart.
+        self._persist(group, group.members.get(answer.member_id))
         return answer
 
     def _check_consumer_commit(self, group: ConsumerGroup, epoch: int, member_id: str) -> None:
@@ -705,6 +806,7 @@ class GroupCoordinator:
             cgroup.dead = True
             self.offsets.delete(group_id)
             del self._consumer_groups[group_id]
+            self._forget(group_id)
             log.info("deleted consumer group %r", group_id)
             return
         group = self._groups.get(group_id)

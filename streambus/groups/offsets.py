@@ -8,7 +8,9 @@ committed offset; a tombstone (null value) deletes it. On start the topic is
 read back in full to rebuild the in-memory table.
 
 Keys and values use Kafka's own formats, so tools that understand Kafka's
-``__consumer_offsets`` can read them.
+``__consumer_offsets`` can read them. The consumer protocol's group state is kept in the
+same partitions (:mod:`streambus.groups.consumer_records`): the load hands those records
+to the coordinator, and :meth:`OffsetStore.write_records` appends them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import NamedTuple
 
 from streambus.cluster.state import coordinator_partition
 from streambus.errors import KafkaStorageError
+from streambus.groups import consumer_records
 from streambus.partitions import OFFSETS_TOPIC, AppendOrigin, PartitionService
 from streambus.records import build_batch, iter_records, walk_batches
 from streambus.records.batch import TRANSACTIONAL_MASK, with_attributes
@@ -121,6 +124,8 @@ class OffsetStore:
         # Transactional offsets written but not yet committed or aborted by their marker
         # (Kafka's pendingTransactionalOffsetCommits): producer id -> group -> offsets.
         self._pending: dict[int, dict[str, dict[TopicPartition, OffsetAndMetadata]]] = {}
+        # Consumer-protocol group records read by the last load, for the coordinator to take.
+        self._group_records: dict[bytes, bytes | None] = {}
 
     def partition_for(self, group: str) -> TopicPartition:
         # Kafka's hash of the group id, over the partitions the topic has (it may predate a
@@ -201,6 +206,7 @@ class OffsetStore:
                             home_of=home_of,
                             own=own,
                             earlier=earlier,
+                            group_records=self._group_records,
                         )
         if only is not None:
             self.unload(only)
@@ -222,6 +228,24 @@ class OffsetStore:
             if only is not None
             else sum(len(v) for v in self._offsets.values())
         )
+
+    def take_group_records(self) -> list[tuple[bytes, bytes]]:
+        """The consumer-protocol group records the loads read (latest per key, deleted
+        keys left out); handed over once, as the coordinator replays them."""
+        records = [(k, v) for k, v in self._group_records.items() if v is not None]
+        self._group_records = {}
+        return records
+
+    def write_records(
+        self, group: str, entries: list[tuple[bytes, bytes | None]]
+    ) -> tuple[TopicPartition, int]:
+        """Append already-encoded records (None: a tombstone) to the group's partition."""
+        self.ensure_topic()
+        now = int(time.time() * 1000)
+        batch = build_batch([(key, value, (), now) for key, value in entries])
+        home = self.partition_for(group)
+        result = self.service.append_now(home, batch, origin=AppendOrigin.COORDINATOR)
+        return home, result.last_offset + 1
 
     def unload(self, partition: int) -> list[str]:
         """Forget the groups whose home is ``partition`` (another broker leads it now)."""
@@ -342,13 +366,19 @@ def _apply_record(
     home_of: Callable[[str], int],
     own: _Loaded,
     earlier: _Loaded,
+    group_records: dict[bytes, bytes | None],
 ) -> None:
-    """File one loaded record under its group's own partition or an earlier placement's."""
+    """File one loaded record under its group's own partition or an earlier placement's;
+    a consumer-protocol group record found in its group's own partition goes to
+    ``group_records``."""
     if key is None:
         return
     try:
         decoded = decode_key(key)
         if decoded is None:
+            parsed = consumer_records.parse_key(key)
+            if parsed is not None and home_of(parsed[1]) == partition:
+                group_records[key] = value
             return
         group, tp = decoded
         # A tombstone is kept as None so that it also hides an earlier placement's record.

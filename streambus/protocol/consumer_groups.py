@@ -3,6 +3,8 @@
 The heartbeat names topics by id; the coordinator works with names, so ids are
 resolved here against the topics this broker knows (an id it does not know is a
 partition the member owns of a deleted topic: dropped, as nobody else can get it).
+Internal topics are left out of what the coordinator sees, so a subscription regex
+never matches ``__consumer_offsets`` or ``__transaction_state``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ async def handle_consumer_group_heartbeat(
             if request.subscribed_topic_names is not None
             else None
         ),
+        subscribed_topic_regex=request.subscribed_topic_regex if ctx.api_version >= 1 else None,
         server_assignor=request.server_assignor,
         owned=owned,
         client_id=ctx.client_id or "",
@@ -77,18 +80,6 @@ async def handle_consumer_group_heartbeat(
         generate_member_id=ctx.api_version == 0,
     )
     interval = services.groups.settings.consumer_heartbeat_interval_ms
-    if ctx.api_version >= 1 and request.subscribed_topic_regex:
-        # Regex subscriptions are not served: the member is told so rather than ignored.
-        services.telemetry.error("ConsumerGroupHeartbeat", "INVALID_REQUEST")
-        return R(
-            throttle_time_ms=0,
-            error_code=42,
-            error_message="regex subscriptions are not supported; subscribe by topic names",
-            member_id=None,
-            member_epoch=-1,
-            heartbeat_interval_ms=interval,
-            assignment=None,
-        )
     try:
         services.authorizer.require(ctx, acls.READ, acls.GROUP, hb.group_id)
         services.check_coordinator(hb.group_id)
@@ -186,7 +177,7 @@ async def handle_consumer_group_describe(
                         client_id=m.client_id,
                         client_host=m.client_host,
                         subscribed_topic_names=list(m.subscribed),
-                        subscribed_topic_regex=None,
+                        subscribed_topic_regex=m.regex,
                         assignment=assignment(m.assigned),
                         target_assignment=assignment(group.target.get(m.member_id, {})),
                         member_type=CONSUMER_MEMBER,

@@ -1,0 +1,177 @@
+"""Regex subscriptions of the consumer group protocol (KIP-848), resolved by the coordinator.
+
+A librdkafka consumer (``group.protocol=consumer``) subscribing to ``^orders-.*`` gets the
+partitions of the topics that match and none of the others; a matching topic created
+afterwards is assigned to it without the consumer resubscribing, and one deleted leaves
+its assignment. ConsumerGroupDescribe reports the member's regex; a regex Python cannot
+compile is INVALID_REGULAR_EXPRESSION.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streambus.protocol.consumer_group_messages import (
+    ConsumerGroupDescribeRequest,
+    ConsumerGroupHeartbeatRequest,
+)
+from tests.harness import BrokerThread, RawClient, wait_until
+
+GROUP = "regex-group"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerThread]:
+    with BrokerThread(
+        tmp_path,
+        group_consumer_heartbeat_interval_ms=300,
+        group_consumer_session_timeout_ms=10_000,
+    ) as b:
+        yield b
+
+
+def _create(bootstrap: str, topics: dict[str, int]) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(t, n, 1) for t, n in topics.items()]).values():
+        future.result(15)
+
+
+class RegexConsumer(threading.Thread):
+    """Subscribes once by regex; records its assignment and every message it reads."""
+
+    def __init__(self, bootstrap: str, pattern: str) -> None:
+        super().__init__(daemon=True, name="regex-consumer")
+        self.config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": GROUP,
+            "group.protocol": "consumer",
+            "auto.offset.reset": "earliest",
+            "topic.metadata.refresh.interval.ms": 500,
+            "log.connection.close": False,
+        }
+        self.pattern = pattern
+        self.assigned: set[tuple[str, int]] = set()
+        self.read: list[tuple[str, bytes]] = []
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def snapshot(self) -> set[tuple[str, int]]:
+        with self.lock:
+            return set(self.assigned)
+
+    def run(self) -> None:
+        try:
+            consumer = Consumer(self.config)
+
+            def on_assign(_c: Any, partitions: list[TopicPartition]) -> None:
+                with self.lock:
+                    self.assigned |= {(p.topic, p.partition) for p in partitions}
+
+            def on_revoke(_c: Any, partitions: list[TopicPartition]) -> None:
+                with self.lock:
+                    self.assigned -= {(p.topic, p.partition) for p in partitions}
+
+            consumer.subscribe([self.pattern], on_assign=on_assign, on_revoke=on_revoke)
+            while not self._halt.is_set():
+                for m in consumer.consume(100, 0.2):
+                    if m.error() is None:
+                        self.read.append((m.topic(), m.value()))
+            consumer.close()
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+
+def _describe(bootstrap: str) -> Any:
+    with RawClient(bootstrap) as c:
+        response = c.request(
+            ConsumerGroupDescribeRequest(group_ids=[GROUP], include_authorized_operations=False),
+            1,
+        )
+    return response.groups[0]
+
+
+def test_regex_subscription_follows_matching_topics(broker: BrokerThread) -> None:
+    _create(broker.bootstrap, {"orders-eu": 2, "orders-us": 1, "payments": 2})
+    consumer = RegexConsumer(broker.bootstrap, "^orders-.*")
+    consumer.start()
+    try:
+        expected = {("orders-eu", 0), ("orders-eu", 1), ("orders-us", 0)}
+        wait_until(lambda: consumer.snapshot() == expected, timeout=60)
+
+        described = _describe(broker.bootstrap)
+        assert described.error_code == 0
+        (member,) = described.members
+        # librdkafka sends its subscribed patterns joined as one regex: "(^orders-.*)".
+        assert member.subscribed_topic_regex in ("^orders-.*", "(^orders-.*)")
+        assigned = {
+            (tp.topic_name, p) for tp in member.assignment.topic_partitions for p in tp.partitions
+        }
+        assert assigned == expected
+
+        # A matching topic created later is assigned without resubscribing; another is not.
+        _create(broker.bootstrap, {"orders-apac": 3, "refunds": 1})
+        expected |= {("orders-apac", p) for p in range(3)}
+        wait_until(lambda: consumer.snapshot() == expected, timeout=60)
+
+        producer = Producer({"bootstrap.servers": broker.bootstrap})
+        for topic in ("orders-apac", "payments", "refunds"):
+            producer.produce(topic, topic.encode(), partition=0)
+        assert producer.flush(15) == 0
+        wait_until(lambda: ("orders-apac", b"orders-apac") in consumer.read, timeout=30)
+        assert {t for t, _ in consumer.read} == {"orders-apac"}
+
+        # A matching topic deleted leaves the member's assignment.
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        admin.delete_topics(["orders-us"])["orders-us"].result(15)
+        expected -= {("orders-us", 0)}
+        wait_until(lambda: consumer.snapshot() == expected, timeout=60)
+        assert consumer.error is None
+    finally:
+        consumer.stop()
+        consumer.join(30)
+    assert consumer.error is None
+
+
+def _heartbeat(client: RawClient, **fields: Any) -> Any:
+    base: dict[str, Any] = {
+        "group_id": "raw-regex",
+        "member_id": "member-r",
+        "member_epoch": 0,
+        "rebalance_timeout_ms": 30_000,
+        "subscribed_topic_names": [],
+    }
+    base.update(fields)
+    return client.request(ConsumerGroupHeartbeatRequest(**base), 1)
+
+
+def test_regex_errors_and_internal_topics(broker: BrokerThread) -> None:
+    _create(broker.bootstrap, {"logs-a": 1})
+    # Commit an offset so that __consumer_offsets exists: a catch-all regex must skip it.
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "committer"})
+    consumer.commit(offsets=[TopicPartition("logs-a", 0, 0)], asynchronous=False)
+    consumer.close()
+    with RawClient(broker.bootstrap) as c:
+        bad = _heartbeat(c, subscribed_topic_regex="orders-[")
+        assert bad.error_code == 130  # INVALID_REGULAR_EXPRESSION
+        assert "orders-[" in bad.error_message
+        joined = _heartbeat(c, subscribed_topic_regex=".*")
+        assert joined.error_code == 0
+        got = [tp.partitions for tp in joined.assignment.topic_partitions]
+        assert got == [[0]], "only logs-a: internal topics never match"
+        # The member keeps its epoch; an invalid new regex is refused and changes nothing.
+        again = _heartbeat(c, member_epoch=joined.member_epoch, subscribed_topic_regex="(")
+        assert again.error_code == 130
+        kept = _heartbeat(c, member_epoch=joined.member_epoch)
+        assert kept.error_code == 0
+        assert kept.member_epoch == joined.member_epoch
