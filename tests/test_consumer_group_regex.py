@@ -165,6 +165,10 @@ def test_regex_errors_and_internal_topics(broker: BrokerThread) -> None:
         bad = _heartbeat(c, subscribed_topic_regex="orders-[")
         assert bad.error_code == 130  # INVALID_REGULAR_EXPRESSION
         assert "orders-[" in bad.error_message
+        # RE2 is Kafka's dialect: no lookarounds or backreferences (what keeps it linear).
+        for pattern in ("(?=orders).*", r"(a)\1"):
+            refused = _heartbeat(c, subscribed_topic_regex=pattern)
+            assert refused.error_code == 130, pattern
         joined = _heartbeat(c, subscribed_topic_regex=".*")
         assert joined.error_code == 0
         got = [tp.partitions for tp in joined.assignment.topic_partitions]
