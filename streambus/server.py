@@ -28,7 +28,6 @@ import collections
 import contextlib
 import errno
 import logging
-import os
 import resource
 import ssl
 import time
@@ -52,7 +51,7 @@ from streambus.protocol.validation import Refusal, check_request
 from streambus.security.listeners import Listener
 from streambus.security.readiness import WAIT_S as SECURITY_WAIT_S
 from streambus.security.sasl import PRE_AUTH_APIS, SASL_AUTHENTICATE, SaslSession
-from streambus.security.tls import ANONYMOUS, principal_from_cert, server_context
+from streambus.security.tls import ANONYMOUS, file_stamps, principal_from_cert, server_context
 from streambus.storage.datadir import FD_RESERVE, connection_fd_budget
 
 if TYPE_CHECKING:
@@ -196,7 +195,7 @@ class KafkaServer:
         self._tls_files = [
             p for p in (config.ssl_certfile, config.ssl_keyfile, config.ssl_cafile) if p
         ]
-        self._tls_stamp = self._tls_stat()
+        self._tls_stamp = file_stamps(self._tls_files)
         self._tls_checked = 0.0
         if any(x.protocol.tls for x in self.listeners):
             self.tls = self._tls_context()
@@ -281,22 +280,11 @@ class KafkaServer:
         c = self._config
         return server_context(c.ssl_certfile, c.ssl_keyfile, c.ssl_cafile, c.ssl_client_auth)
 
-    def _tls_stat(self) -> tuple[tuple[int, int], ...]:
-        stamps = []
-        for path in self._tls_files:
-            try:
-                st = os.stat(path)
-            except OSError:
-                stamps.append((-1, -1))
-            else:
-                stamps.append((st.st_mtime_ns, st.st_size))
-        return tuple(stamps)
-
     def _reload_tls(self) -> None:
         """New connections get renewed certificates without a restart; open ones keep
         theirs. A file caught half-written (or a key not matching its certificate) keeps
         the old context and is tried again at the next change."""
-        stamp = self._tls_stat()
+        stamp = file_stamps(self._tls_files)
         if stamp == self._tls_stamp:
             return
         self._tls_stamp = stamp

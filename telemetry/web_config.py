@@ -31,7 +31,6 @@ import binascii
 import dataclasses
 import hashlib
 import logging
-import os
 import ssl
 import threading
 import time
@@ -41,6 +40,8 @@ from typing import Any
 
 import bcrypt
 import yaml
+
+from streambus.security.tls import file_stamps
 
 #: exporter-toolkit's client_auth_type values and what each asks of the client.
 _CLIENT_AUTH = {
@@ -130,20 +131,9 @@ class ReloadingTLS:
             if key != "client_ca_file" or tls.get(key)
         ]
         self._lock = threading.Lock()
-        self._stamp = self._stat()
+        self._stamp = file_stamps(self.files)
         self._checked = time.monotonic()
         self._context = _ssl_context(base, self._tls)  # WebConfigError at start: refused
-
-    def _stat(self) -> tuple[tuple[int, int], ...]:
-        stamps = []
-        for path in self.files:
-            try:
-                st = os.stat(path)
-            except OSError:
-                stamps.append((-1, -1))
-            else:
-                stamps.append((st.st_mtime_ns, st.st_size))
-        return tuple(stamps)
 
     def context(self) -> ssl.SSLContext:
         """The context for the next handshake: a new one if the files changed since."""
@@ -152,7 +142,7 @@ class ReloadingTLS:
             if now - self._checked < _TLS_CHECK_INTERVAL_S:
                 return self._context
             self._checked = now
-            stamp = self._stat()
+            stamp = file_stamps(self.files)
             if stamp == self._stamp:
                 return self._context
             self._stamp = stamp

@@ -14,7 +14,9 @@ so a restart picks up renewed certificates.
 from __future__ import annotations
 
 import enum
+import os
 import ssl
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,20 @@ _SHORT = {
     "domainComponent": "DC",
     "userId": "UID",
 }
+
+
+def file_stamps(paths: Iterable[str | os.PathLike[str]]) -> tuple[tuple[int, int], ...]:
+    """(mtime ns, size) of each file, (-1, -1) for one that cannot be read: what a reload
+    compares to tell that certificates were renewed."""
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append((-1, -1))
+        else:
+            stamps.append((st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
 
 
 def _escape(value: str) -> str:
