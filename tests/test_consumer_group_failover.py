@@ -233,7 +233,9 @@ def test_group_fails_over_to_the_new_coordinator(cluster3: ClusterProcesses) -> 
         # The group's records are in all three replicas of its offsets partition.
         wait_in_sync(cluster, "__consumer_offsets", OFFSETS_PARTITIONS)
 
-        old = wait_until(lambda: coordinator_of([cluster.bootstrap]), 30)
+        old = wait_until(
+            lambda: coordinator_of([b.bootstrap for b in cluster.brokers.values()]), 30
+        )
         before = raw_state(cluster.brokers[old].bootstrap)
         assert before is not None
         admin_before = admin_view(cluster.brokers[old].bootstrap)
