@@ -9,6 +9,11 @@ kill, the consumers read new messages with no partition revoked or given anew, a
 offsets committed before the kill are kept. This holds because a heartbeat is answered only
 once the partition's ISR has the group's records, as an offset commit is.
 
+And when the ISR cannot take them (both followers SIGSTOPped, so the quorum cannot shrink
+the ISR either), a heartbeat that changes the group is answered COORDINATOR_NOT_AVAILABLE
+once the offset commit timeout passes, as Kafka's coordinator answers a write that timed
+out; the member retries when the followers are back and is let in.
+
 The failover time (SIGKILL -> the group described again by a survivor) is printed with
 ``pytest -s``, not asserted.
 """
@@ -34,16 +39,20 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from kafka.protocol.metadata.find_coordinator import FindCoordinatorRequest
 
-from streambus.protocol.consumer_group_messages import ConsumerGroupDescribeRequest
+from streambus.protocol.consumer_group_messages import (
+    ConsumerGroupDescribeRequest,
+    ConsumerGroupHeartbeatRequest,
+)
 from tests.harness import ClusterProcesses, RawClient, wait_until
 from tests.test_cluster import wait_cluster_size
-from tests.test_replication import REPL_ENV, create_replicated, wait_in_sync
+from tests.test_replication import REPL_ENV, create_replicated, stopped, wait_in_sync
 
 pytestmark = pytest.mark.slow
 
 TOPIC = "failover"
 PARTITIONS = 4
 GROUP = "failover-group"
+COORDINATOR_NOT_AVAILABLE = 15
 OFFSETS_PARTITIONS = 3
 ENV = {
     **REPL_ENV,
@@ -145,23 +154,27 @@ def produce(bootstrap: str, start: int, count: int) -> None:
     assert producer.flush(30) == 0
 
 
-def coordinator_of(bootstraps: list[str]) -> int | None:
+def coordinator_of(bootstraps: list[str], group: str = GROUP) -> int | None:
     """The node a broker names as the group's coordinator (FindCoordinator), if any does."""
     for bootstrap in bootstraps:
         with contextlib.suppress(OSError), RawClient(bootstrap) as client:
-            found = client.request(FindCoordinatorRequest(key=GROUP, key_type=0), 2)
+            found = client.request(FindCoordinatorRequest(key=group, key_type=0), 2)
             if found.error_code == 0:
                 return int(found.node_id)
     return None
 
 
 def raw_state(bootstrap: str) -> RawState | None:
+    return raw_state_of(bootstrap, GROUP)
+
+
+def raw_state_of(bootstrap: str, group_id: str) -> RawState | None:
     """The group as ``bootstrap`` describes it; None if it does not coordinate it (yet)."""
     try:
         with RawClient(bootstrap) as c:
             response = c.request(
                 ConsumerGroupDescribeRequest(
-                    group_ids=[GROUP], include_authorized_operations=False
+                    group_ids=[group_id], include_authorized_operations=False
                 ),
                 1,
             )
@@ -292,3 +305,55 @@ def test_group_fails_over_to_the_new_coordinator(cluster3: ClusterProcesses) -> 
             m.stop()
         for m in members:
             m.join(30)
+
+
+def join(bootstrap: str, group: str, member: str) -> Any:
+    """One ConsumerGroupHeartbeat of a member joining ``group``; its response."""
+    request = ConsumerGroupHeartbeatRequest(
+        group_id=group,
+        member_id=member,
+        member_epoch=0,
+        rebalance_timeout_ms=30_000,
+        subscribed_topic_names=[TOPIC],
+    )
+    with RawClient(bootstrap, timeout=30) as client:
+        return client.request(request, 1)
+
+
+@pytest.mark.timeout(240)
+def test_heartbeat_waits_for_the_isr_and_times_out_retriably(cluster3: ClusterProcesses) -> None:
+    cluster = cluster3
+    group = "stalled-group"
+    create_replicated(cluster.bootstrap, TOPIC, PARTITIONS)
+    node = wait_until(
+        lambda: coordinator_of([b.bootstrap for b in cluster.brokers.values()], group), 60
+    )
+    coordinator = cluster.brokers[node]
+    first = wait_until(lambda: join(coordinator.bootstrap, group, "member-a"), 30)
+    assert first.error_code == 0, first.error_message
+    wait_in_sync(cluster, "__consumer_offsets", OFFSETS_PARTITIONS)
+    followers = [b for n, b in cluster.brokers.items() if n != node]
+
+    with stopped(followers[0]), stopped(followers[1]):
+        began = time.monotonic()
+        refused = join(coordinator.bootstrap, group, "member-b")
+        waited = time.monotonic() - began
+    print(
+        f"\nheartbeat answered {refused.error_code} after {waited * 1000:.0f} ms "
+        "with both followers stopped",
+        flush=True,
+    )
+    assert refused.error_code == COORDINATOR_NOT_AVAILABLE, refused.error_message
+    assert "not replicated" in (refused.error_message or "")
+
+    # Back in the ISR, the member's retry is let in and told its assignment.
+    def admitted() -> Any:
+        response = join(coordinator.bootstrap, group, "member-b")
+        return response if response.error_code == 0 else None
+
+    again = wait_until(admitted, 60, 0.5)
+    assert again.member_epoch > 0
+    assert again.assignment is not None
+    state = raw_state_of(coordinator.bootstrap, group)
+    assert state is not None
+    assert set(state[2]) == {"member-a", "member-b"}
