@@ -13,8 +13,11 @@ members) the instance id, answering Kafka's error codes so clients rejoin.
 Groups of the consumer protocol (KIP-848) are persisted: whatever a heartbeat, an
 expiry or a deletion changes of a group's epochs, members and assignments is appended
 to its ``__consumer_offsets`` partition (:mod:`streambus.groups.consumer_records`)
-before the answer goes out, and replayed when the partition is loaded, so a restarted
-or failed-over coordinator carries on with the same members at the same epochs.
+and, in a cluster, a heartbeat is answered only once the partition's ISR holds every
+record of its group written so far (acks=all, bounded by the offset commit timeout), so
+what a member is told survives a failover. The records are replayed when the partition
+is loaded, so a restarted or failed-over coordinator carries on with the same members at
+the same epochs.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from streambus.errors import (
     InvalidGroupIdError,
     InvalidRequestError,
     InvalidSessionTimeoutError,
+    KafkaStorageError,
     MemberIdRequiredError,
     NonEmptyGroupError,
     NotCoordinatorError,
+    NotLeaderOrFollowerError,
     RebalanceInProgressError,
     StaleMemberEpochError,
     StreamBusError,
@@ -105,6 +110,8 @@ class GroupCoordinator:
         # What the log holds of each consumer group: key -> value last written (or loaded).
         self._persisted: dict[str, dict[bytes, bytes]] = {}
         self._persisted_members: dict[str, frozenset[str]] = {}
+        # Where each consumer group's last write ends, until its ISR is known to hold it.
+        self._unreplicated: dict[str, tuple[TopicPartition, int]] = {}
         self._read_committed: set[str] = set()  # groups whose consumers read_committed
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
@@ -179,7 +186,7 @@ class GroupCoordinator:
             entries += [(k, None) for k in before if k not in after]
         if not entries:
             return
-        self.offsets.write_records(group.group_id, entries)
+        self._unreplicated[group.group_id] = self.offsets.write_records(group.group_id, entries)
         self._persisted[group.group_id] = after
         self._persisted_members[group.group_id] = frozenset(group.members)
 
@@ -187,6 +194,7 @@ class GroupCoordinator:
         """Tombstone every record of a consumer group that is deleted or becomes classic."""
         before = self._persisted.pop(group_id, {})
         self._persisted_members.pop(group_id, None)
+        self._unreplicated.pop(group_id, None)
         if before:
             self.offsets.write_records(group_id, [(k, None) for k in before])
 
@@ -225,6 +233,7 @@ class GroupCoordinator:
                 del self._consumer_groups[group_id]
                 self._persisted.pop(group_id, None)
                 self._persisted_members.pop(group_id, None)
+                self._unreplicated.pop(group_id, None)
 
     def start(self) -> None:
         self._stopping = False
@@ -772,8 +781,39 @@ class GroupCoordinator:
         if not group.members:
             group.state_since_ms = _now_ms()
         # Written before the answer goes out: what a member is told survives a restart.
-        self._persist(group, group.members.get(answer.member_id))
+        member = group.members.get(answer.member_id)
+        try:
+            self._persist(group, member)
+        except KafkaStorageError as exc:
+            # Kafka's answer to a coordinator that cannot write: find the coordinator again.
+            # What changed stays in memory; the next heartbeat or tick writes it.
+            _unsent(member)
+            raise NotCoordinatorError(f"consumer group {hb.group_id!r} not written: {exc}") from exc
         return answer
+
+    async def wait_replicated(self, group_id: str, member_id: str, timeout_s: float) -> None:
+        """Return once the ISR of the group's ``__consumer_offsets`` partition holds every
+        record of the group written so far (a heartbeat that wrote nothing itself still waits
+        for what another did: Kafka's coordinator answers no read ahead of its last write).
+        As Kafka's GroupCoordinatorService answers: a timeout or too small an ISR is
+        COORDINATOR_NOT_AVAILABLE, leadership moved away NOT_COORDINATOR; the member, not
+        told its answer, is sent its whole assignment on its next heartbeat."""
+        written = self._unreplicated.get(group_id)
+        if written is None:
+            return
+        try:
+            await self._partitions.wait_replicated(*written, timeout_s)
+        except StreamBusError as exc:
+            group = self._consumer_groups.get(group_id)
+            if group is not None:
+                _unsent(group.members.get(member_id))
+            if isinstance(exc, NotLeaderOrFollowerError):
+                raise NotCoordinatorError(str(exc)) from exc
+            raise CoordinatorNotAvailableError(
+                f"consumer group {group_id!r} not replicated: {exc}"
+            ) from exc
+        if self._unreplicated.get(group_id) == written:
+            del self._unreplicated[group_id]
 
     def _check_consumer_commit(self, group: ConsumerGroup, epoch: int, member_id: str) -> None:
         """An OffsetCommit's member epoch (sent as its generation) against the member's.
@@ -839,6 +879,12 @@ def _fail_waiters(member: Member, error: int) -> None:
         member.join_waiter.set_result(JoinResult(error, -1, None, None, "", member.member_id, []))
     if member.sync_waiter is not None and not member.sync_waiter.done():
         member.sync_waiter.set_result((error, b""))
+
+
+def _unsent(member: ConsumerMember | None) -> None:
+    """The member was not answered: its next answer carries its whole assignment."""
+    if member is not None:
+        member.sent = None
 
 
 def _error_for(code: int) -> StreamBusError:

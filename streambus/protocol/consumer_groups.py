@@ -5,6 +5,9 @@ resolved here against the topics this broker knows (an id it does not know is a
 partition the member owns of a deleted topic: dropped, as nobody else can get it).
 Internal topics are left out of what the coordinator sees, so a subscription regex
 never matches ``__consumer_offsets`` or ``__transaction_state``.
+
+A heartbeat is answered once the group's records are in the ISR of its
+``__consumer_offsets`` partition, within the offset commit timeout, as an OffsetCommit is.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from streambus.protocol.consumer_group_messages import (
     ConsumerGroupHeartbeatRequest,
     ConsumerGroupHeartbeatResponse,
 )
+from streambus.protocol.groups import OFFSETS_COMMIT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from streambus.protocol.context import BrokerServices
@@ -84,6 +88,9 @@ async def handle_consumer_group_heartbeat(
         services.authorizer.require(ctx, acls.READ, acls.GROUP, hb.group_id)
         services.check_coordinator(hb.group_id)
         answer = services.groups.consumer_heartbeat(hb, counts)
+        await services.groups.wait_replicated(
+            hb.group_id, answer.member_id, OFFSETS_COMMIT_TIMEOUT_S
+        )
     except StreamBusError as exc:
         if exc.errno not in (25, 110):  # a member rejoining is routine
             log.info(

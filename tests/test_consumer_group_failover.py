@@ -1,0 +1,359 @@
+"""A consumer group (KIP-848) survives the loss of its coordinator in a cluster.
+
+Three ``streambus serve`` brokers; a topic with replication factor 3; two librdkafka
+consumers in a ``group.protocol=consumer`` group, committing what they read. The broker
+that coordinates the group (the leader of the group's ``__consumer_offsets`` partition) is
+SIGKILLed. The new leader of that partition loads the group from its replica of the log:
+its members, epochs and assignments are described by the surviving brokers as before the
+kill, the consumers read new messages with no partition revoked or given anew, and the
+offsets committed before the kill are kept. This holds because a heartbeat is answered only
+once the partition's ISR has the group's records, as an offset commit is.
+
+And when the ISR cannot take them (both followers SIGSTOPped, so the quorum cannot shrink
+the ISR either), a heartbeat that changes the group is answered COORDINATOR_NOT_AVAILABLE
+once the offset commit timeout passes, as Kafka's coordinator answers a write that timed
+out; the member retries when the followers are back and is let in.
+
+The failover time (SIGKILL -> the group described again by a survivor) is printed with
+``pytest -s``, not asserted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    ConsumerGroupType,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+from kafka.protocol.metadata.find_coordinator import FindCoordinatorRequest
+
+from streambus.protocol.consumer_group_messages import (
+    ConsumerGroupDescribeRequest,
+    ConsumerGroupHeartbeatRequest,
+)
+from tests.harness import ClusterProcesses, RawClient, wait_until
+from tests.test_cluster import wait_cluster_size
+from tests.test_replication import REPL_ENV, create_replicated, stopped, wait_in_sync
+
+pytestmark = pytest.mark.slow
+
+TOPIC = "failover"
+PARTITIONS = 4
+GROUP = "failover-group"
+COORDINATOR_NOT_AVAILABLE = 15
+OFFSETS_PARTITIONS = 3
+ENV = {
+    **REPL_ENV,
+    "STREAMBUS_OFFSETS_TOPIC_NUM_PARTITIONS": str(OFFSETS_PARTITIONS),
+    "STREAMBUS_GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
+    # Long enough that no member is expired while the group changes coordinator.
+    "STREAMBUS_GROUP_CONSUMER_SESSION_TIMEOUT_MS": "45000",
+}
+
+# (group epoch, assignment epoch, member id -> (member epoch, partitions))
+RawState = tuple[int, int, dict[str, tuple[int, tuple[int, ...]]]]
+# state, member id -> (client id, partitions)
+AdminView = tuple[str, dict[str, tuple[str, tuple[int, ...]]]]
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[ClusterProcesses]:
+    with ClusterProcesses(tmp_path, 3, env=ENV) as c:
+        wait_cluster_size(c, 3)
+        yield c
+
+
+class Member(threading.Thread):
+    """A consumer that commits synchronously what each poll read; records its assignment
+    callbacks."""
+
+    def __init__(self, bootstrap: str, name: str) -> None:
+        super().__init__(daemon=True, name=name)
+        self.config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": GROUP,
+            "group.protocol": "consumer",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "client.id": name,
+            "log.connection.close": False,
+            "reconnect.backoff.max.ms": 500,
+        }
+        self.lock = threading.Lock()
+        self.assigned: set[int] = set()
+        self.assigns: list[set[int]] = []
+        self.revokes: list[set[int]] = []
+        self.read: list[bytes] = []
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def snapshot(self) -> set[int]:
+        with self.lock:
+            return set(self.assigned)
+
+    def history(self) -> tuple[list[set[int]], list[set[int]]]:
+        with self.lock:
+            return list(self.assigns), list(self.revokes)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.read)
+
+    def run(self) -> None:
+        try:
+            consumer = Consumer(self.config)
+
+            def on_assign(_c: Any, partitions: list[TopicPartition]) -> None:
+                with self.lock:
+                    got = {p.partition for p in partitions}
+                    self.assigned |= got
+                    if got:
+                        self.assigns.append(got)
+
+            def on_revoke(_c: Any, partitions: list[TopicPartition]) -> None:
+                with self.lock:
+                    gone = {p.partition for p in partitions}
+                    self.assigned -= gone
+                    if gone:
+                        self.revokes.append(gone)
+
+            consumer.subscribe([TOPIC], on_assign=on_assign, on_revoke=on_revoke)
+            while not self._halt.is_set():
+                good = [m for m in consumer.consume(100, 0.2) if m.error() is None]
+                if not good:
+                    continue
+                with self.lock:
+                    self.read.extend(m.value() for m in good)
+                # A commit that fails while the coordinator moves is retried with the next.
+                with contextlib.suppress(KafkaException):
+                    consumer.commit(asynchronous=False)
+            consumer.close()
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+
+def produce(bootstrap: str, start: int, count: int) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for i in range(start, start + count):
+        producer.produce(TOPIC, str(i).encode(), partition=i % PARTITIONS)
+    assert producer.flush(30) == 0
+
+
+def coordinator_of(bootstraps: list[str], group: str = GROUP) -> int | None:
+    """The node a broker names as the group's coordinator (FindCoordinator), if any does."""
+    for bootstrap in bootstraps:
+        with contextlib.suppress(OSError), RawClient(bootstrap) as client:
+            found = client.request(FindCoordinatorRequest(key=group, key_type=0), 2)
+            if found.error_code == 0:
+                return int(found.node_id)
+    return None
+
+
+def raw_state(bootstrap: str) -> RawState | None:
+    return raw_state_of(bootstrap, GROUP)
+
+
+def raw_state_of(bootstrap: str, group_id: str) -> RawState | None:
+    """The group as ``bootstrap`` describes it; None if it does not coordinate it (yet)."""
+    try:
+        with RawClient(bootstrap) as c:
+            response = c.request(
+                ConsumerGroupDescribeRequest(
+                    group_ids=[group_id], include_authorized_operations=False
+                ),
+                1,
+            )
+    except OSError:
+        return None
+    (group,) = response.groups
+    if group.error_code != 0:
+        return None
+    members = {
+        m.member_id: (
+            m.member_epoch,
+            tuple(sorted(p for tp in m.assignment.topic_partitions for p in tp.partitions)),
+        )
+        for m in group.members
+    }
+    return group.group_epoch, group.assignment_epoch, members
+
+
+def admin_view(bootstrap: str) -> AdminView:
+    """What ``describe_consumer_groups`` shows through ``bootstrap``."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    description = admin.describe_consumer_groups([GROUP], request_timeout=10)[GROUP].result(15)
+    assert description.type == ConsumerGroupType.CONSUMER
+    return str(description.state), {
+        m.member_id: (
+            m.client_id,
+            tuple(sorted(tp.partition for tp in m.assignment.topic_partitions)),
+        )
+        for m in description.members
+    }
+
+
+def committed(bootstrap: str) -> dict[int, int]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    request = ConsumerGroupTopicPartitions(
+        GROUP, [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
+    )
+    result = admin.list_consumer_group_offsets([request], request_timeout=10)[GROUP].result(15)
+    return {tp.partition: tp.offset for tp in result.topic_partitions}
+
+
+def stable(cluster: ClusterProcesses, members: list[Member]) -> bool:
+    node = coordinator_of([b.bootstrap for b in cluster.live().values()])
+    state = None if node is None else raw_state(cluster.brokers[node].bootstrap)
+    if state is None:
+        return False
+    held = sorted(p for m in members for p in m.snapshot())
+    return (
+        len(state[2]) == len(members)
+        and held == list(range(PARTITIONS))
+        and all(len(m.snapshot()) == PARTITIONS // len(members) for m in members)
+    )
+
+
+@pytest.mark.timeout(300)
+def test_group_fails_over_to_the_new_coordinator(cluster3: ClusterProcesses) -> None:
+    cluster = cluster3
+    create_replicated(cluster.bootstrap, TOPIC, PARTITIONS)
+    wait_in_sync(cluster, TOPIC, PARTITIONS)
+    produce(cluster.bootstrap, 0, 40)
+    members = [Member(cluster.bootstrap, f"failover-{i}") for i in range(2)]
+    for m in members:
+        m.start()
+    try:
+        wait_until(lambda: stable(cluster, members), timeout=90)
+        wait_until(lambda: sum(m.count() for m in members) >= 40, timeout=60)
+        # Every message read is committed: 10 per partition.
+        wait_until(lambda: committed(cluster.bootstrap) == dict.fromkeys(range(PARTITIONS), 10), 60)
+        # The group's records are in all three replicas of its offsets partition.
+        wait_in_sync(cluster, "__consumer_offsets", OFFSETS_PARTITIONS)
+
+        old = wait_until(
+            lambda: coordinator_of([b.bootstrap for b in cluster.brokers.values()]), 30
+        )
+        before = raw_state(cluster.brokers[old].bootstrap)
+        assert before is not None
+        admin_before = admin_view(cluster.brokers[old].bootstrap)
+        assert set(admin_before[1]) == set(before[2])
+        history_before = [m.history() for m in members]
+
+        survivors = {n: b for n, b in cluster.brokers.items() if n != old}
+        logs_before = {n: len(b.log_text()) for n, b in survivors.items()}
+        cluster.brokers[old].kill()
+        killed_at = time.monotonic()
+        survivor_bootstrap = ",".join(b.bootstrap for b in survivors.values())
+
+        def described() -> tuple[int, RawState] | None:
+            node = coordinator_of([b.bootstrap for b in survivors.values()])
+            if node is None or node == old:
+                return None
+            state = raw_state(survivors[node].bootstrap)
+            return None if state is None else (node, state)
+
+        new, after = wait_until(described, 90, 0.05)
+        failover = time.monotonic() - killed_at
+        print(
+            f"\ncoordinator {old} SIGKILLed; broker {new} describes consumer group {GROUP!r} "
+            f"again after {failover * 1000:.0f} ms",
+            flush=True,
+        )
+
+        assert after == before, "members, epochs and assignments as before the kill"
+        assert admin_view(survivor_bootstrap) == admin_before
+        assert committed(survivor_bootstrap) == dict.fromkeys(range(PARTITIONS), 10), (
+            "offsets committed before the kill are kept"
+        )
+        log = survivors[new].log_text()[logs_before[new] :]
+        assert f"loaded consumer group '{GROUP}'" in log
+
+        # The consumers carry on with the new coordinator: new messages are read, and
+        # nobody's partitions were revoked or reassigned.
+        produce(survivor_bootstrap, 40, 40)
+        wait_until(lambda: sum(m.count() for m in members) >= 80, timeout=90)
+        wait_until(
+            lambda: committed(survivor_bootstrap) == dict.fromkeys(range(PARTITIONS), 20), 60
+        )
+        assert raw_state(survivors[new].bootstrap) == before
+        for m, history in zip(members, history_before, strict=True):
+            assert m.history() == history, "no partition revoked or given anew"
+            assert m.error is None
+        assert sorted(int(v) for m in members for v in m.read) == list(range(80)), (
+            "every message read once"
+        )
+        log = survivors[new].log_text()[logs_before[new] :]
+        assert "joins consumer group" not in log, "nobody had to rejoin"
+    finally:
+        for m in members:
+            m.stop()
+        for m in members:
+            m.join(30)
+
+
+def join(bootstrap: str, group: str, member: str) -> Any:
+    """One ConsumerGroupHeartbeat of a member joining ``group``; its response."""
+    request = ConsumerGroupHeartbeatRequest(
+        group_id=group,
+        member_id=member,
+        member_epoch=0,
+        rebalance_timeout_ms=30_000,
+        subscribed_topic_names=[TOPIC],
+    )
+    with RawClient(bootstrap, timeout=30) as client:
+        return client.request(request, 1)
+
+
+@pytest.mark.timeout(240)
+def test_heartbeat_waits_for_the_isr_and_times_out_retriably(cluster3: ClusterProcesses) -> None:
+    cluster = cluster3
+    group = "stalled-group"
+    create_replicated(cluster.bootstrap, TOPIC, PARTITIONS)
+    node = wait_until(
+        lambda: coordinator_of([b.bootstrap for b in cluster.brokers.values()], group), 60
+    )
+    coordinator = cluster.brokers[node]
+    first = wait_until(lambda: join(coordinator.bootstrap, group, "member-a"), 30)
+    assert first.error_code == 0, first.error_message
+    wait_in_sync(cluster, "__consumer_offsets", OFFSETS_PARTITIONS)
+    followers = [b for n, b in cluster.brokers.items() if n != node]
+
+    with stopped(followers[0]), stopped(followers[1]):
+        began = time.monotonic()
+        refused = join(coordinator.bootstrap, group, "member-b")
+        waited = time.monotonic() - began
+    print(
+        f"\nheartbeat answered {refused.error_code} after {waited * 1000:.0f} ms "
+        "with both followers stopped",
+        flush=True,
+    )
+    assert refused.error_code == COORDINATOR_NOT_AVAILABLE, refused.error_message
+    assert "not replicated" in (refused.error_message or "")
+
+    # Back in the ISR, the member's retry is let in and told its assignment.
+    def admitted() -> Any:
+        response = join(coordinator.bootstrap, group, "member-b")
+        return response if response.error_code == 0 else None
+
+    again = wait_until(admitted, 60, 0.5)
+    assert again.member_epoch > 0
+    assert again.assignment is not None
+    state = raw_state_of(coordinator.bootstrap, group)
+    assert state is not None
+    assert set(state[2]) == {"member-a", "member-b"}
