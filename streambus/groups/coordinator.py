@@ -154,16 +154,7 @@ class GroupCoordinator:
             )
 
     def _topic_ids(self) -> tuple[dict[str, int], dict[str, uuid.UUID]]:
-        """Partition counts and ids of the topics a consumer group can read (not internal)."""
-        counts: dict[str, int] = {}
-        ids: dict[str, uuid.UUID] = {}
-        for name, meta in self._partitions.topics().items():
-            if meta.internal:
-                continue
-            counts[name] = meta.partitions
-            if meta.topic_id is not None:
-                ids[name] = meta.topic_id
-        return counts, ids
+        return readable_topics(self._partitions)
 
     def _persist(self, group: ConsumerGroup, member: ConsumerMember | None = None) -> None:
         """Append what changed of ``group`` since it was last written, tombstoning records
@@ -902,3 +893,16 @@ def _loop_time() -> float:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def readable_topics(partitions: PartitionService) -> tuple[dict[str, int], dict[str, uuid.UUID]]:
+    """Partition counts and ids of the topics a consumer group can read (not internal)."""
+    counts: dict[str, int] = {}
+    ids: dict[str, uuid.UUID] = {}
+    for name, meta in partitions.topics().items():
+        if meta.internal:
+            continue
+        counts[name] = meta.partitions
+        if meta.topic_id is not None:
+            ids[name] = meta.topic_id
+    return counts, ids

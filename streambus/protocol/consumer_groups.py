@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from streambus.cluster import acls
 from streambus.errors import StreamBusError, error_name
 from streambus.groups.consumer import Heartbeat, Partitions
+from streambus.groups.coordinator import readable_topics
 from streambus.protocol.apis import ApiRoutes, RequestContext
 from streambus.protocol.consumer_group_messages import (
     ConsumerGroupDescribeRequest,
@@ -38,24 +39,12 @@ GROUP_ID_NOT_FOUND = 69
 CONSUMER_MEMBER = 1  # ConsumerGroupDescribe v1 MemberType
 
 
-def _topics(services: BrokerServices) -> tuple[dict[str, int], dict[str, uuid.UUID]]:
-    counts: dict[str, int] = {}
-    ids: dict[str, uuid.UUID] = {}
-    for name, meta in services.partitions.topics().items():
-        if meta.internal:
-            continue
-        counts[name] = meta.partitions
-        if meta.topic_id is not None:
-            ids[name] = meta.topic_id
-    return counts, ids
-
-
 @routes.api(ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, versions=(0, 1))
 async def handle_consumer_group_heartbeat(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
     R = ConsumerGroupHeartbeatResponse
-    counts, ids = _topics(services)
+    counts, ids = readable_topics(services.partitions)
     names = {tid: name for name, tid in ids.items()}
     owned: Partitions | None = None
     if request.topic_partitions is not None:
@@ -133,7 +122,7 @@ async def handle_consumer_group_describe(
     R = ConsumerGroupDescribeResponse
     G = R.DescribedGroup
     M = G.Member
-    _, ids = _topics(services)
+    _, ids = readable_topics(services.partitions)
     zero = uuid.UUID(int=0)
 
     def assignment(parts: Partitions) -> Any:
