@@ -597,6 +597,13 @@ class UnacceptableCredentialError(StreamBusError):
     description = "Requested credential would not meet criteria for acceptability."
 
 
+class ThrottlingQuotaExceededError(StreamBusError):
+    errno = 89
+    kafka_name = "THROTTLING_QUOTA_EXCEEDED"
+    retriable = True
+    description = "The throttling quota has been exceeded."
+
+
 class FrameError(StreamBusError):
     """A request frame that cannot be parsed: the connection that sent it is closed."""
 

@@ -28,6 +28,17 @@ Kafka's way: the server holds the accepted socket unread for the throttle time
 (``(rate - quota) / quota * window``, at most one quota window) and then closes it,
 so a client reconnecting in a loop is slowed to the quota instead of spinning.
 
+Controller mutation rates (KIP-599): CreateTopics, CreatePartitions and DeleteTopics
+count the partitions they create or delete against the (user, client id)'s
+``controller_mutation_rate``, resolved by the same precedence as the byte rates.
+Kafka measures them with a token bucket: credits refill at the quota per second up to
+a burst of ``quota * num * size``; a mutation takes its partitions' worth even past
+zero, and while the balance is below zero the next one is refused. Request versions
+that know THROTTLING_QUOTA_EXCEEDED (CreateTopics v6+, DeleteTopics v5+,
+CreatePartitions v3+) are strict: a topic met with a negative balance gets that error
+and ``throttle_time_ms = -balance / quota``. Older versions are permissive: everything
+is done, and the time the balance needs to climb back to zero is the throttle.
+
 Until the broker authenticates clients every connection is the user
 ``ANONYMOUS``, so user quotas apply through the default user entity (or an
 entry naming ``ANONYMOUS``).
@@ -50,6 +61,7 @@ from streambus.cluster.client_quotas import (
     CLIENT_ID,
     CONNECTION_CREATION_RATE,
     CONSUMER_BYTE_RATE,
+    CONTROLLER_MUTATION_RATE,
     IP,
     PRODUCER_BYTE_RATE,
     USER,
@@ -61,6 +73,7 @@ from streambus.cluster.client_quotas import (
 from streambus.cluster.local_file import StateFile
 from streambus.cluster.quorum import LocalQuorum, Quorum
 from streambus.cluster.records import AlterClientQuota, Result
+from streambus.errors import ThrottlingQuotaExceededError
 
 if TYPE_CHECKING:
     from streambus.instrumentation import BrokerTelemetry
@@ -71,7 +84,12 @@ ANONYMOUS = "ANONYMOUS"  # Kafka's principal for unauthenticated connections
 PRODUCE = "produce"
 FETCH = "fetch"
 CONNECTION = "connection"  # the throttle of a connection over its ip's creation rate
-_KEYS = {PRODUCE: PRODUCER_BYTE_RATE, FETCH: CONSUMER_BYTE_RATE}
+MUTATION = "controller_mutation"  # partitions created or deleted (KIP-599)
+_KEYS = {
+    PRODUCE: PRODUCER_BYTE_RATE,
+    FETCH: CONSUMER_BYTE_RATE,
+    MUTATION: CONTROLLER_MUTATION_RATE,
+}
 # Resolved quotas cached per client id; the cache is dropped whole when metadata changes
 # or when it grows past this (client ids are the client's to choose).
 RESOLVED_MAX = 10_000
@@ -118,6 +136,76 @@ class Rate:
         return self.samples[-1][0] if self.samples else float("-inf")
 
 
+class TokenBucket:
+    """Kafka's ``TokenBucket`` stat (KIP-599): a balance of credits and when it was last
+    brought up to date."""
+
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens = tokens
+        self.at = at
+
+    def refill(self, quota: float, burst: float, now: float) -> float:
+        self.tokens = min(burst, self.tokens + max(now - self.at, 0.0) * quota)
+        self.at = now
+        return self.tokens
+
+    def last_used(self) -> float:
+        return self.at
+
+
+class MutationQuota:
+    """One request's controller mutation quota (Kafka's ``ControllerMutationQuota``):
+    ``check`` before a topic is changed (raises THROTTLING_QUOTA_EXCEEDED when strict and
+    the balance is below zero), ``record`` the partitions it changed, ``finish`` once
+    for the request's throttle time. Without a quota every step is free."""
+
+    __slots__ = ("_found", "_manager", "strict", "throttle_s")
+
+    def __init__(
+        self,
+        manager: QuotaManager,
+        found: tuple[float, tuple[object, ...]] | None,
+        strict: bool,
+    ) -> None:
+        self._manager = manager
+        self._found = found
+        self.strict = strict
+        self.throttle_s = 0.0
+
+    def check(self) -> None:
+        if self._found is None or not self.strict:
+            return
+        if self.throttle_s > 0:  # refused once: the rest of the request is too (Kafka)
+            raise ThrottlingQuotaExceededError(self._message())
+        balance = self._manager.mutation_balance(*self._found)
+        if balance < 0:
+            self.throttle_s = self._manager.throttle_for(balance, self._found[0])
+            raise ThrottlingQuotaExceededError(self._message())
+
+    def record(self, partitions: int) -> None:
+        if self._found is None or partitions <= 0:
+            return
+        balance = self._manager.take_mutations(*self._found, partitions)
+        if not self.strict and balance < 0:
+            self.throttle_s = self._manager.throttle_for(balance, self._found[0])
+
+    def finish(self) -> int:
+        """The throttle time (ms) for the response; observed once per request under a quota."""
+        if self._found is None:
+            return 0
+        self._manager.telemetry.throttle_time(MUTATION, self.throttle_s)
+        return round(self.throttle_s * 1000)
+
+    def _message(self) -> str:
+        return (
+            f"The throttling quota has been exceeded: controller_mutation_rate "
+            f"{self._found[0] if self._found else 0:g} partitions/s; retry after "
+            f"{self.throttle_s * 1000:.0f} ms"
+        )
+
+
 class QuotaManager:
     def __init__(
         self,
@@ -137,8 +225,12 @@ class QuotaManager:
         self._clock = clock
         self._resolved: dict[tuple[str, str, str], tuple[float, tuple[object, ...]] | None] = {}
         self._resolved_version = -1
-        self._rates: dict[tuple[object, ...], Rate] = {}
+        self._rates: dict[tuple[object, ...], Rate | TokenBucket] = {}
         self._pruned_at = 0.0
+
+    @property
+    def telemetry(self) -> BrokerTelemetry:
+        return self._telemetry
 
     # -- the table ------------------------------------------------------------------------
     @property
@@ -182,7 +274,7 @@ class QuotaManager:
         quota, sensor = found
         now = self._clock()
         rate = self._rates.get(sensor)
-        if rate is None:
+        if not isinstance(rate, Rate):
             self._prune(now)
             rate = self._rates[sensor] = Rate()
         rate.record(nbytes, now, self.window_s, self.window_num)
@@ -193,13 +285,47 @@ class QuotaManager:
         self._telemetry.throttle_time(kind, throttle_s)
         return round(throttle_s * 1000)
 
+    def mutation_quota(self, principal: str, client_id: str | None, strict: bool) -> MutationQuota:
+        """The controller mutation quota of a request from ``principal`` ("User:name")."""
+        user = principal.partition(":")[2] or ANONYMOUS
+        return MutationQuota(self, self._resolve(MUTATION, user, client_id or ""), strict)
+
+    def _bucket(self, quota: float, sensor: tuple[object, ...], now: float) -> TokenBucket:
+        bucket = self._rates.get(sensor)
+        if not isinstance(bucket, TokenBucket):
+            self._prune(now)
+            bucket = self._rates[sensor] = TokenBucket(self._burst(quota), now)
+        return bucket
+
+    def _burst(self, quota: float) -> float:
+        return quota * self.window_s * self.window_num
+
+    def mutation_balance(self, quota: float, sensor: tuple[object, ...]) -> float:
+        now = self._clock()
+        return self._bucket(quota, sensor, now).refill(quota, self._burst(quota), now)
+
+    def take_mutations(self, quota: float, sensor: tuple[object, ...], partitions: int) -> float:
+        """Take ``partitions`` credits (the balance may go below zero); the new balance."""
+        now = self._clock()
+        bucket = self._bucket(quota, sensor, now)
+        bucket.refill(quota, self._burst(quota), now)
+        bucket.tokens -= partitions
+        return bucket.tokens
+
+    def throttle_for(self, balance: float, quota: float) -> float:
+        """Seconds until a negative balance is back at zero, at most the whole window."""
+        horizon = self.window_s * self.window_num
+        return horizon if quota <= 0 else min(-balance / quota, horizon)
+
     def _prune(self, now: float) -> None:
         horizon = self.window_s * self.window_num
         if len(self._rates) < PRUNE_OVER or now - self._pruned_at < self.window_s:
             return
         self._pruned_at = now
         for sensor, rate in list(self._rates.items()):
-            if now - rate.last_used() >= horizon:
+            # A bucket idle that long is full again, unless it was left in debt.
+            in_debt = isinstance(rate, TokenBucket) and rate.tokens < 0
+            if now - rate.last_used() >= horizon and not in_debt:
                 del self._rates[sensor]
 
     def connection_throttle(self, ip: str) -> float:
@@ -211,7 +337,7 @@ class QuotaManager:
         quota, sensor = found
         now = self._clock()
         rate = self._rates.get(sensor)
-        if rate is None:
+        if not isinstance(rate, Rate):
             self._prune(now)
             rate = self._rates[sensor] = Rate()
         rate.record(1, now, self.window_s, self.window_num)

@@ -1,5 +1,10 @@
 """CreateTopics, DeleteTopics, CreatePartitions and ElectLeaders: metadata writes, each
-submitted to the cluster's quorum through ``BrokerServices``."""
+submitted to the cluster's quorum through ``BrokerServices``.
+
+The first three count the partitions they create or delete against the caller's
+``controller_mutation_rate`` (KIP-599, ``streambus.quotas``): from the versions that
+know THROTTLING_QUOTA_EXCEEDED a topic met over the quota gets it; older versions are
+done and throttled."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from streambus.errors import (
     TopicAuthorizationFailedError,
 )
 from streambus.protocol.apis import ApiRoutes, RequestContext
+from streambus.quotas import MutationQuota
 
 if TYPE_CHECKING:
     from streambus.protocol.context import BrokerServices
@@ -37,11 +43,33 @@ routes = ApiRoutes()
 SOURCE_TOPIC = 1
 SOURCE_DEFAULT = 5
 
+# Per API: (first version answering THROTTLING_QUOTA_EXCEEDED, first version whose
+# client waits out throttle_time_ms itself (KIP-219); below it the response is held).
+CREATE_TOPICS_VERSIONS = (6, 3)
+DELETE_TOPICS_VERSIONS = (5, 2)
+CREATE_PARTITIONS_VERSIONS = (3, 1)
+
+
+def _mutation_quota(
+    services: BrokerServices, ctx: RequestContext, versions: tuple[int, int]
+) -> MutationQuota:
+    return services.quotas.mutation_quota(
+        ctx.principal, ctx.client_id, strict=ctx.api_version >= versions[0]
+    )
+
+
+def _throttle(ctx: RequestContext, quota: MutationQuota, versions: tuple[int, int]) -> int:
+    """The request's throttle time: in the response, and the connection muted that long."""
+    ms = quota.finish()
+    ctx.throttle.ms, ctx.throttle.delay_response = ms, ctx.api_version < versions[1]
+    return ms
+
 
 @routes.api(CreateTopicsRequest, CreateTopicsResponse, versions=(0, 7))
 async def handle_create_topics(services: BrokerServices, ctx: RequestContext, request: Any) -> Any:
     R = CreateTopicsResponse
     validate_only = bool(getattr(request, "validate_only", False))
+    quota = _mutation_quota(services, ctx, CREATE_TOPICS_VERSIONS)
     results = []
     for topic in request.topics:
         result = R.CreatableTopicResult(name=topic.name, error_code=0, error_message=None)
@@ -52,6 +80,8 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
                 raise InvalidRequestError(f"creation of internal topic {topic.name} is prohibited")
             partitions, assignments = _placement(services, topic)
             overrides = {c.name: c.value for c in topic.configs}
+            if not validate_only:  # Kafka counts no validation against the quota
+                quota.check()
             meta = await services.create_cluster_topic(
                 topic.name,
                 partitions,
@@ -68,6 +98,7 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
             results.append(result)
             continue
         if not validate_only:
+            quota.record(len(meta.partitions))
             log.info(
                 "created topic %r with %d partitions for %s",
                 meta.name,
@@ -89,7 +120,7 @@ async def handle_create_topics(services: BrokerServices, ctx: RequestContext, re
             for key, value in effective.items()
         ]
         results.append(result)
-    return R(throttle_time_ms=0, topics=results)
+    return R(throttle_time_ms=_throttle(ctx, quota, CREATE_TOPICS_VERSIONS), topics=results)
 
 
 def _placement(services: BrokerServices, topic: Any) -> tuple[int, list[list[int]] | None]:
@@ -117,6 +148,7 @@ async def handle_delete_topics(services: BrokerServices, ctx: RequestContext, re
     R = DeleteTopicsResponse
     # v6 moved names into a list of (name, topic id) entries
     names = [t.name for t in request.topics] if ctx.api_version >= 6 else list(request.topic_names)
+    quota = _mutation_quota(services, ctx, DELETE_TOPICS_VERSIONS)
     results = []
     for name in names:
         result = R.DeletableTopicResult(name=name, error_code=0, error_message=None)
@@ -124,7 +156,12 @@ async def handle_delete_topics(services: BrokerServices, ctx: RequestContext, re
             services.authorizer.require(ctx, acls.DELETE, acls.TOPIC, name)
             if services.partitions.is_internal(name):
                 raise InvalidRequestError(f"internal topic {name} cannot be deleted")
+            known = services.quorum.state.topics.get(name)
+            if known is not None:
+                quota.check()
             result.topic_id = await services.delete_cluster_topic(name)
+            if known is not None:
+                quota.record(len(known.partitions))
             log.info("deleted topic %r for %s", name, ctx.client_id)
         except StreamBusError as exc:
             services.telemetry.error("DeleteTopics", exc.kafka_name)
@@ -132,7 +169,7 @@ async def handle_delete_topics(services: BrokerServices, ctx: RequestContext, re
             result.error_code = exc.errno
             result.error_message = str(exc)
         results.append(result)
-    return R(throttle_time_ms=0, responses=results)
+    return R(throttle_time_ms=_throttle(ctx, quota, DELETE_TOPICS_VERSIONS), responses=results)
 
 
 @routes.api(CreatePartitionsRequest, CreatePartitionsResponse, versions=(0, 3))
@@ -141,6 +178,8 @@ async def handle_create_partitions(
 ) -> Any:
     R = CreatePartitionsResponse
     names = [t.name for t in request.topics]
+    validate_only = bool(request.validate_only)
+    quota = _mutation_quota(services, ctx, CREATE_PARTITIONS_VERSIONS)
     results = []
     for topic in request.topics:
         result = R.CreatePartitionsTopicResult(name=topic.name, error_code=0, error_message=None)
@@ -156,11 +195,12 @@ async def handle_create_partitions(
                 if topic.assignments is None
                 else [[int(b) for b in a.broker_ids] for a in topic.assignments]
             )
+            known = services.quorum.state.topics.get(topic.name)
+            before = len(known.partitions) if known is not None else 0
+            if not validate_only and known is not None and int(topic.count) > before:
+                quota.check()
             meta = await services.create_partitions(
-                topic.name,
-                int(topic.count),
-                assignments=assignments,
-                validate_only=bool(request.validate_only),
+                topic.name, int(topic.count), assignments=assignments, validate_only=validate_only
             )
         except StreamBusError as exc:
             services.telemetry.error("CreatePartitions", exc.kafka_name)
@@ -168,7 +208,8 @@ async def handle_create_partitions(
             result.error_code = exc.errno
             result.error_message = str(exc)
         else:
-            if not request.validate_only:
+            if not validate_only:
+                quota.record(len(meta.partitions) - before)
                 log.info(
                     "topic %r now has %d partitions (for %s)",
                     topic.name,
@@ -176,7 +217,7 @@ async def handle_create_partitions(
                     ctx.client_id,
                 )
         results.append(result)
-    return R(throttle_time_ms=0, results=results)
+    return R(throttle_time_ms=_throttle(ctx, quota, CREATE_PARTITIONS_VERSIONS), results=results)
 
 
 @routes.api(ElectLeadersRequest, ElectLeadersResponse, versions=(0, 2))

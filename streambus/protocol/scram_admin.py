@@ -6,11 +6,17 @@ deleted credential) that does not exist, DUPLICATE_RESOURCE for a user named
 twice, UNSUPPORTED_SASL_MECHANISM, UNACCEPTABLE_CREDENTIAL for an empty name or
 iterations outside [4096, 16384]. A user's changes apply only when all of them
 are acceptable. Keys and salts are never described, only mechanism and iterations.
+
+Both read the credential table, which a cluster member loads from the Raft log after
+its listeners open. With the authorizer on the server holds every request until it is
+loaded; without it these two wait here, bounded, and a table still not loaded is
+answered REQUEST_TIMED_OUT, which clients retry, rather than an empty or wrong table.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 from typing import TYPE_CHECKING, Any
 
 from kafka.protocol.admin import (
@@ -29,22 +35,42 @@ from streambus.cluster.scram_credentials import (
 )
 from streambus.errors import (
     DuplicateResourceError,
+    RequestTimedOutError,
     ResourceNotFoundError,
+    SecurityNotReadyError,
     StreamBusError,
     UnacceptableCredentialError,
     UnsupportedSaslMechanismError,
 )
 from streambus.protocol.apis import ApiRoutes, RequestContext
 from streambus.security.credentials import from_salted_password
+from streambus.security.readiness import WAIT_S
 
 if TYPE_CHECKING:
     from streambus.protocol.context import BrokerServices
 
+log = logging.getLogger("streambus.protocol")
 routes = ApiRoutes()
 
 # Kafka's ScramMechanism type bytes on the wire
 MECHANISM_TYPES = {1: "SCRAM-SHA-256", 2: "SCRAM-SHA-512"}
 TYPE_OF = {name: code for code, name in MECHANISM_TYPES.items()}
+
+
+def _not_loaded() -> RequestTimedOutError:
+    return RequestTimedOutError(
+        f"this broker has not loaded its SCRAM credentials after {WAIT_S:.0f} s; retry"
+    )
+
+
+async def _loaded(services: BrokerServices, api: str) -> StreamBusError | None:
+    """None once the credential table is loaded; the retriable error past the bound."""
+    if await services.credentials.state.wait(WAIT_S):
+        return None
+    error = _not_loaded()
+    services.telemetry.error(api, error.kafka_name)
+    log.warning("answering %s to %s: %s", error.kafka_name, api, error.message)
+    return error
 
 
 @routes.api(
@@ -54,6 +80,14 @@ async def handle_describe_user_scram_credentials(
     services: BrokerServices, ctx: RequestContext, request: Any
 ) -> Any:
     R = DescribeUserScramCredentialsResponse
+    unready = await _loaded(services, "DescribeUserScramCredentials")
+    if unready is not None:
+        return R(
+            throttle_time_ms=0,
+            error_code=unready.errno,
+            error_message=unready.message,
+            results=[],
+        )
     table = services.credentials.users()
     names = [u.name for u in request.users or ()]
     counts = collections.Counter(names)
@@ -98,10 +132,13 @@ async def handle_alter_user_scram_credentials(
         changes.setdefault(d.name, []).append((d.mechanism, None))
     for u in request.upsertions or ():
         changes.setdefault(u.name, []).append((u.mechanism, u))
+    unready = await _loaded(services, "AlterUserScramCredentials")
     results = []
     for user, ops in changes.items():
-        error: StreamBusError | None = None
+        error: StreamBusError | None = unready
         try:
+            if error is not None:
+                raise error
             records = _records(user, ops)
             for record in records:
                 if not record.iterations and not services.credentials.lookup(
@@ -115,9 +152,11 @@ async def handle_alter_user_scram_credentials(
                 error = result.error()
                 if error is not None:
                     break
+        except SecurityNotReadyError:  # unloaded again: a broker stopping
+            error = _not_loaded()
         except StreamBusError as exc:
             error = exc
-        if error is not None:
+        if error is not None and error is not unready:
             services.telemetry.error("AlterUserScramCredentials", error.kafka_name)
         results.append(
             R.AlterUserScramCredentialsResult(

@@ -16,6 +16,12 @@ subject needs READ, changing it WRITE; the global ``/config`` and ``/mode`` need
 DESCRIBE_CONFIGS / ALTER_CONFIGS on the CLUSTER, a subject's those on its topic.
 Listings show only the subjects the caller may read (hidden entries are not audited,
 as Kafka's Metadata does not audit the topics it leaves out).
+
+Both read the broker's ACLs and credentials, which a cluster member loads from the
+Raft log after its listeners open (``streambus.security.readiness``). A request that
+needs them waits for them, bounded, as the Kafka port does; still not loaded, it is
+answered 503 with Confluent's 50002 (operation timed out) and ``Retry-After``, a
+status Confluent's clients retry, never decided against an empty set.
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streambus.cluster import acls
-from streambus.schemas.errors import ForbiddenError, UnauthorizedError
+from streambus.schemas.errors import ForbiddenError, SchemaRegistryError, UnauthorizedError
 from streambus.security.authorizer import ANONYMOUS
 
 if TYPE_CHECKING:
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
     from streambus.security.audit import AuditLog
     from streambus.security.authorizer import Authorizer
     from streambus.security.credentials import CredentialStore
+    from streambus.security.readiness import SecurityState
 
 log = logging.getLogger("streambus.schemas")
 
@@ -53,6 +61,20 @@ REALM = 'Basic realm="StreamBus Schema Registry"'
 API_KEY = -1  # a REST request has no Kafka API key; audit lines say -1
 FAILED_LOGIN_DELAY_S = 0.3  # before a wrong or malformed login is answered 401
 _REMEMBERED_MAX = 1024  # (user, password digest) pairs that matched, at most
+# How long a request waits for the ACLs and credentials: below the timeouts of
+# Confluent's clients, which then retry the 503.
+NOT_READY_WAIT_S = 5.0
+RETRY_AFTER_S = 1  # the Retry-After of that 503
+_NOT_READY_LOG_EVERY_S = 10.0  # one warning line per this, not one per request
+
+
+class RegistryNotReadyError(SchemaRegistryError):
+    """The broker's ACLs or credentials are not loaded yet: retry (Retry-After)."""
+
+    http_status = 503
+    error_code = 50002  # Confluent's OPERATION_TIMEOUT_ERROR_CODE
+    description = "The broker has not loaded its ACLs and credentials yet"
+
 
 # What a route needs of its subject (the routes without a subject are handled apart).
 _SUBJECT_ROUTES: dict[tuple[str, str], int] = {
@@ -115,6 +137,45 @@ class RegistrySecurity:
         self._audit = audit
         self._key = os.urandom(32)  # keys the digests of remembered passwords
         self._remembered: OrderedDict[tuple[str, bytes], ScramCredential] = OrderedDict()
+        self._not_ready_logged = float("-inf")
+        self._not_ready_count = 0
+
+    @property
+    def _state(self) -> SecurityState | None:
+        """What this security reads, when it reads anything (None: nothing to wait for)."""
+        if self.authorizing:
+            assert self._authorizer is not None
+            return self._authorizer.state
+        if self.mode == BASIC:
+            assert self._credentials is not None
+            return self._credentials.state
+        return None
+
+    async def ready(self, method: str, path: str, peer: str) -> None:
+        """Hold a request until the ACLs and credentials are loaded; raise 503 at the bound."""
+        state = self._state
+        if state is None or state.loaded or await state.wait(NOT_READY_WAIT_S):
+            return
+        raise self.not_ready(method, path, peer)
+
+    def not_ready(self, method: str, path: str, peer: str) -> RegistryNotReadyError:
+        """The 503 for a request that met the ACLs or credentials unloaded; logged a few
+        lines at a time, as the Kafka port logs the connections it closes for it."""
+        self._not_ready_count += 1
+        now = time.monotonic()
+        if now - self._not_ready_logged >= _NOT_READY_LOG_EVERY_S:
+            self._not_ready_logged = now
+            log.warning(
+                "schema registry: answering 503 to %s %s from %s: this broker has not "
+                "loaded its ACLs and credentials yet (%d such answers so far)",
+                method,
+                path,
+                peer,
+                self._not_ready_count,
+            )
+        return RegistryNotReadyError(
+            "The broker has not loaded its ACLs and credentials yet; retry shortly"
+        )
 
     @property
     def authorizing(self) -> bool:

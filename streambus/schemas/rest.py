@@ -20,8 +20,15 @@ from typing import Any
 
 from aiohttp import web
 
+from streambus.errors import SecurityNotReadyError
 from streambus.instrumentation import BrokerTelemetry
-from streambus.schemas.auth import REALM, RegistrySecurity, RestRequester
+from streambus.schemas.auth import (
+    REALM,
+    RETRY_AFTER_S,
+    RegistryNotReadyError,
+    RegistrySecurity,
+    RestRequester,
+)
 from streambus.schemas.errors import (
     SchemaNotFoundError,
     SchemaRegistryError,
@@ -288,12 +295,13 @@ def build_app(
         route = route_info.canonical if route_info is not None else "unmatched"
         span = telemetry.registry_span(request.method, route)
         write = is_write(request.method, route)
+        peer = _peer(request)
         try:
             # Who asks, and may they: before forwarding, and again on the leader, which
-            # receives the caller's Authorization header.
-            requester = await security.authenticate(
-                request.headers.get("Authorization"), _peer(request)
-            )
+            # receives the caller's Authorization header. Both read the ACLs and
+            # credentials: held until they are loaded.
+            await security.ready(request.method, route, peer)
+            requester = await security.authenticate(request.headers.get("Authorization"), peer)
             request[REQUESTER] = requester
             if route_info is not None:
                 security.check_route(requester, request.method, route, request.match_info)
@@ -306,10 +314,14 @@ def build_app(
                 response = await handler(request)
                 if write:  # what a forwarding broker waits for before it answers
                     response.headers[OFFSET_HEADER] = str(registry.tail.applied)
-        except SchemaRegistryError as exc:
+        except (SchemaRegistryError, SecurityNotReadyError) as exc:
+            if isinstance(exc, SecurityNotReadyError):  # unloaded again (a broker stopping)
+                exc = security.not_ready(request.method, route, peer)
             response = _error(exc.http_status, exc.error_code, str(exc))
             if isinstance(exc, UnauthorizedError):
                 response.headers["WWW-Authenticate"] = REALM
+            if isinstance(exc, RegistryNotReadyError):
+                response.headers["Retry-After"] = str(RETRY_AFTER_S)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large
             response = _error(exc.status, exc.status, exc.reason)
         except Exception:
