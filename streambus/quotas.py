@@ -39,9 +39,9 @@ CreatePartitions v3+) are strict: a topic met with a negative balance gets that 
 and ``throttle_time_ms = -balance / quota``. Older versions are permissive: everything
 is done, and the time the balance needs to climb back to zero is the throttle.
 
-Until the broker authenticates clients every connection is the user
-``ANONYMOUS``, so user quotas apply through the default user entity (or an
-entry naming ``ANONYMOUS``).
+The user of a quota entity is the connection's authenticated principal (its SASL
+user, or its certificate's subject); an unauthenticated connection is the user
+``ANONYMOUS``, reached through the default user entity or an entry naming it.
 
 A single broker's quorum lives in memory; its quota table is kept durable in
 ``client_quotas.json`` in the data dir (written whole, atomically, on each
@@ -266,9 +266,10 @@ class QuotaManager:
         return found
 
     # -- enforcement ------------------------------------------------------------------------
-    def record(self, kind: str, client_id: str | None, nbytes: int) -> int:
-        """Count ``nbytes`` served to this client; the throttle time (ms) it has earned."""
-        found = self._resolve(kind, ANONYMOUS, client_id or "")
+    def record(self, kind: str, principal: str, client_id: str | None, nbytes: int) -> int:
+        """Count ``nbytes`` served to this client of ``principal`` ("User:name"); the
+        throttle time (ms) it has earned."""
+        found = self._resolve(kind, _user(principal), client_id or "")
         if found is None:
             return 0
         quota, sensor = found
@@ -287,8 +288,9 @@ class QuotaManager:
 
     def mutation_quota(self, principal: str, client_id: str | None, strict: bool) -> MutationQuota:
         """The controller mutation quota of a request from ``principal`` ("User:name")."""
-        user = principal.partition(":")[2] or ANONYMOUS
-        return MutationQuota(self, self._resolve(MUTATION, user, client_id or ""), strict)
+        return MutationQuota(
+            self, self._resolve(MUTATION, _user(principal), client_id or ""), strict
+        )
 
     def _bucket(self, quota: float, sensor: tuple[object, ...], now: float) -> TokenBucket:
         bucket = self._rates.get(sensor)
@@ -388,3 +390,8 @@ class QuotaManager:
             result = quorum.apply_now(AlterClientQuota(entity, tuple(sorted(values.items()))))
             if not result.ok:
                 log.warning("client quota %r not loaded: %s", entity, result.message)
+
+
+def _user(principal: str) -> str:
+    """The user a quota entity names: "User:alice" -> "alice"."""
+    return principal.partition(":")[2] or ANONYMOUS

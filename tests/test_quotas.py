@@ -13,6 +13,8 @@ from confluent_kafka import Producer
 from kafka.protocol.admin import AlterClientQuotasRequest as A
 from kafka.protocol.admin import DescribeClientQuotasRequest as D
 
+from streambus.cluster.scram_credentials import record_for
+from streambus.security.credentials import make_credential
 from tests.harness import (
     BrokerThread,
     ClusterProcesses,
@@ -98,8 +100,11 @@ def test_quotas_are_altered_described_validated_and_survive_a_restart(tmp_path: 
         assert describe(b.bootstrap, [("client-id", 1, None)]) == {}
 
 
-def _produce_for(bootstrap: str, client_id: str, seconds: float) -> tuple[float, list[int]]:
-    """Produce 1 KiB records as fast as the broker takes them; (delivered B/s, throttles)."""
+def _produce_for(
+    bootstrap: str, client_id: str, seconds: float, **extra: str
+) -> tuple[float, list[int]]:
+    """Produce 1 KiB records as fast as the broker takes them; (delivered B/s, throttles).
+    ``extra``: more producer settings (dots as underscores), e.g. its SASL login."""
     throttles: list[int] = []
     delivered = [0]
 
@@ -115,6 +120,7 @@ def _produce_for(bootstrap: str, client_id: str, seconds: float) -> tuple[float,
             "batch.size": 16384,
             "queue.buffering.max.kbytes": 256,
             "throttle_cb": lambda event: throttles.append(int(event.throttle_time * 1000)),
+            **{k.replace("_", "."): v for k, v in extra.items()},
         }
     )
     value = b"q" * 1024
@@ -148,6 +154,32 @@ def test_a_producer_over_its_quota_is_held_near_the_rate_another_is_not(tmp_path
     assert count > 0
     assert seconds > 0
     assert total(samples, "streambus_throttle_time_seconds_count", type="fetch") == 0
+
+
+def test_a_user_quota_applies_to_that_authenticated_user_only(tmp_path: Path) -> None:
+    listeners = "PLAINTEXT://127.0.0.1:0,SASL_PLAINTEXT://127.0.0.1:0"
+    with BrokerThread(tmp_path / "data", listeners=listeners, **WINDOW) as b:
+        for user in ("alice", "bob"):
+            record = record_for(user, "SCRAM-SHA-256", make_credential("SCRAM-SHA-256", "pw"))
+            assert b.call(b.broker.credentials.submit(record)).ok
+        alter(b.bootstrap, [("user", "alice")], {"producer_byte_rate": QUOTA})
+        sasl = f"127.0.0.1:{b.broker.listener_port('SASL_PLAINTEXT')}"
+
+        def login(user: str) -> dict[str, str]:
+            return {
+                "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "SCRAM-SHA-256",
+                "sasl_username": user,
+                "sasl_password": "pw",
+            }
+
+        # One client id for both: only the principal tells them apart.
+        alice_rate, alice_throttles = _produce_for(sasl, "app", 4.0, **login("alice"))
+        bob_rate, bob_throttles = _produce_for(sasl, "app", 2.0, **login("bob"))
+    assert alice_throttles, "the user quota did not throttle its user"
+    assert alice_rate < QUOTA * 2, alice_rate
+    assert not bob_throttles, "another user was throttled by alice's quota"
+    assert bob_rate > QUOTA
 
 
 def test_a_consumer_over_its_fetch_quota_is_throttled_and_muted(tmp_path: Path) -> None:

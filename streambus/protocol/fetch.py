@@ -169,7 +169,9 @@ async def handle_fetch(services: BrokerServices, ctx: RequestContext, request: A
         services.telemetry.consume_latency(topic, elapsed)
     # Kafka's fetch quota: the bytes handed out count; over the quota, the connection
     # is muted for the throttle time after this answer (before it, for v7 and older).
-    throttle = services.quotas.record(FETCH, ctx.client_id, sum(len(r.records) for r in reads))
+    throttle = services.quotas.record(
+        FETCH, ctx.principal, ctx.client_id, sum(len(r.records) for r in reads)
+    )
     ctx.throttle.ms, ctx.throttle.delay_response = throttle, ctx.api_version < 8
     return await _response(request, reads, session.session_id, throttle)
 

@@ -133,7 +133,7 @@ async def handle_produce(services: BrokerServices, ctx: RequestContext, request:
     # Kafka's produce quota: the record bytes of the request count; over the quota, the
     # connection is muted for the throttle time after the answer (before it, below v6).
     produced = sum(len(pd.records or b"") for td in request.topic_data for pd in td.partition_data)
-    throttle = services.quotas.record(PRODUCE, ctx.client_id, produced)
+    throttle = services.quotas.record(PRODUCE, ctx.principal, ctx.client_id, produced)
     ctx.throttle.ms, ctx.throttle.delay_response = throttle, ctx.api_version < 6
     if acks == 0:
         return None
