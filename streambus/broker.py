@@ -148,6 +148,8 @@ class Broker:
                 self._partition_leader,
                 self.telemetry,
                 dialer=dialer,
+                # the state is replaced as records apply: look it up at each call
+                is_live=lambda broker_id: self.cluster.quorum.state.is_live(broker_id),  # noqa: PLW0108
             ),
             TxnSettings(
                 state_partitions=config.transaction_state_log_num_partitions,

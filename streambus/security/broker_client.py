@@ -193,6 +193,11 @@ class BrokerConnection:
         """The server's session ends soon: dial again rather than send on this one."""
         return self.expires_at is not None and time.monotonic() >= self.expires_at
 
+    @property
+    def closed(self) -> bool:
+        """The peer hung up (or this side closed): a kept connection not to send on."""
+        return self._reader.at_eof() or self._writer.is_closing()
+
     async def request(self, request: Any, response_cls: Any, version: int, client_id: str) -> Any:
         self._correlation += 1
         request.with_header(correlation_id=self._correlation, client_id=client_id)

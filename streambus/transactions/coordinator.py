@@ -172,6 +172,7 @@ class TransactionCoordinator:
                 await task
         self._ticker = None
         self._completing.clear()
+        await self.markers.close()  # the kept connections to other brokers
 
     # -- reads for metrics and the admin APIs ------------------------------------------------
     def transactions(self) -> Iterator[TransactionMetadata]:
