@@ -158,8 +158,6 @@ def _inter_broker_rows(rounds: int, messages: int, value_bytes: int) -> dict[str
         for protocol in INTER_BROKER:
             (root / protocol.lower()).mkdir()
             cluster = StreamBusCluster(root / protocol.lower())
-            for server in cluster.nodes.values():  # not three registries on one port
-                server.cmd += ["--schema-registry-port", "0"]
             if protocol == "SASL_SSL":
                 _secure_inter_broker(cluster, certs)
             stack.callback(cluster.kill)

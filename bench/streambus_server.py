@@ -81,6 +81,10 @@ class StreamBusServer(ServerProcess):
             str(self.metrics_port),
             "--num-partitions",
             "3",
+            # No schema registry: several brokers run side by side here, and its default
+            # port (8081) would be taken by the first.
+            "--schema-registry-port",
+            "0",
         ]
         child_env = {
             k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "STREAMBUS_"))
