@@ -273,18 +273,26 @@ class QuotaManager:
         if found is None:
             return 0
         quota, sensor = found
+        rate, now = self._rate(sensor)
+        rate.record(nbytes, now, self.window_s, self.window_num)
+        throttle_s = min(self._over(rate, quota, now), self.window_s * self.window_num)
+        self._telemetry.throttle_time(kind, throttle_s)
+        return round(throttle_s * 1000)
+
+    def _rate(self, sensor: tuple[object, ...]) -> tuple[Rate, float]:
+        """The sensor's rate (new if none) and the clock's now."""
         now = self._clock()
         rate = self._rates.get(sensor)
         if not isinstance(rate, Rate):
             self._prune(now)
             rate = self._rates[sensor] = Rate()
-        rate.record(nbytes, now, self.window_s, self.window_num)
+        return rate, now
+
+    def _over(self, rate: Rate, quota: float, now: float) -> float:
+        """Kafka's throttle time: how long until the measured rate is back at ``quota``
+        (0 while it is within)."""
         observed, span = rate.measure(now, self.window_s, self.window_num)
-        throttle_s = 0.0
-        if observed > quota:
-            throttle_s = min((observed - quota) / quota * span, self.window_s * self.window_num)
-        self._telemetry.throttle_time(kind, throttle_s)
-        return round(throttle_s * 1000)
+        return (observed - quota) / quota * span if observed > quota else 0.0
 
     def mutation_quota(self, principal: str, client_id: str | None, strict: bool) -> MutationQuota:
         """The controller mutation quota of a request from ``principal`` ("User:name")."""
@@ -337,18 +345,12 @@ class QuotaManager:
         if found is None:
             return 0.0
         quota, sensor = found
-        now = self._clock()
-        rate = self._rates.get(sensor)
-        if not isinstance(rate, Rate):
-            self._prune(now)
-            rate = self._rates[sensor] = Rate()
+        rate, now = self._rate(sensor)
         rate.record(1, now, self.window_s, self.window_num)
-        observed, span = rate.measure(now, self.window_s, self.window_num)
-        throttle_s = 0.0
-        if observed > quota:
+        # Kafka bounds a connection's throttle by one quota window (ConnectionQuotas)
+        throttle_s = min(self._over(rate, quota, now), self.window_s)
+        if throttle_s > 0:
             rate.record(-1, now, self.window_s, self.window_num)  # refused: not counted
-            # Kafka bounds a connection's throttle by one quota window (ConnectionQuotas)
-            throttle_s = min((observed - quota) / quota * span, self.window_s)
         self._telemetry.throttle_time(CONNECTION, throttle_s)
         return throttle_s
 
