@@ -21,27 +21,26 @@ The failover time (SIGKILL -> the group described again by a survivor) is printe
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import (
-    Consumer,
-    ConsumerGroupTopicPartitions,
-    ConsumerGroupType,
-    KafkaException,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 from kafka.protocol.metadata.find_coordinator import FindCoordinatorRequest
 
-from streambus.protocol.consumer_group_messages import (
-    ConsumerGroupDescribeRequest,
-    ConsumerGroupHeartbeatRequest,
+from tests import consumer_groups
+from tests.consumer_groups import (
+    PROCESS_ENV,
+    AdminView,
+    GroupConsumer,
+    RawState,
+    describe_group,
+    evenly_assigned,
+    group_state,
+    heartbeat,
 )
 from tests.harness import ClusterProcesses, RawClient, wait_until
 from tests.test_cluster import wait_cluster_size
@@ -57,15 +56,8 @@ OFFSETS_PARTITIONS = 3
 ENV = {
     **REPL_ENV,
     "STREAMBUS_OFFSETS_TOPIC_NUM_PARTITIONS": str(OFFSETS_PARTITIONS),
-    "STREAMBUS_GROUP_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
-    # Long enough that no member is expired while the group changes coordinator.
-    "STREAMBUS_GROUP_CONSUMER_SESSION_TIMEOUT_MS": "45000",
+    **PROCESS_ENV,
 }
-
-# (group epoch, assignment epoch, member id -> (member epoch, partitions))
-RawState = tuple[int, int, dict[str, tuple[int, tuple[int, ...]]]]
-# state, member id -> (client id, partitions)
-AdminView = tuple[str, dict[str, tuple[str, tuple[int, ...]]]]
 
 
 @pytest.fixture
@@ -75,83 +67,25 @@ def cluster3(tmp_path: Path) -> Iterator[ClusterProcesses]:
         yield c
 
 
-class Member(threading.Thread):
+class Member(GroupConsumer):
     """A consumer that commits synchronously what each poll read; records its assignment
     callbacks."""
 
     def __init__(self, bootstrap: str, name: str) -> None:
-        super().__init__(daemon=True, name=name)
-        self.config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": GROUP,
-            "group.protocol": "consumer",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "client.id": name,
-            "log.connection.close": False,
-            "reconnect.backoff.max.ms": 500,
-        }
-        self.lock = threading.Lock()
-        self.assigned: set[int] = set()
-        self.assigns: list[set[int]] = []
-        self.revokes: list[set[int]] = []
-        self.read: list[bytes] = []
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def snapshot(self) -> set[int]:
-        with self.lock:
-            return set(self.assigned)
-
-    def history(self) -> tuple[list[set[int]], list[set[int]]]:
-        with self.lock:
-            return list(self.assigns), list(self.revokes)
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.read)
-
-    def run(self) -> None:
-        try:
-            consumer = Consumer(self.config)
-
-            def on_assign(_c: Any, partitions: list[TopicPartition]) -> None:
-                with self.lock:
-                    got = {p.partition for p in partitions}
-                    self.assigned |= got
-                    if got:
-                        self.assigns.append(got)
-
-            def on_revoke(_c: Any, partitions: list[TopicPartition]) -> None:
-                with self.lock:
-                    gone = {p.partition for p in partitions}
-                    self.assigned -= gone
-                    if gone:
-                        self.revokes.append(gone)
-
-            consumer.subscribe([TOPIC], on_assign=on_assign, on_revoke=on_revoke)
-            while not self._halt.is_set():
-                good = [m for m in consumer.consume(100, 0.2) if m.error() is None]
-                if not good:
-                    continue
-                with self.lock:
-                    self.read.extend(m.value() for m in good)
-                # A commit that fails while the coordinator moves is retried with the next.
-                with contextlib.suppress(KafkaException):
-                    consumer.commit(asynchronous=False)
-            consumer.close()
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
+        super().__init__(
+            bootstrap,
+            name,
+            group=GROUP,
+            topics=[TOPIC],
+            commit="after_read",
+            config={"client.id": name, "reconnect.backoff.max.ms": 500},
+        )
 
 
 def produce(bootstrap: str, start: int, count: int) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
-    for i in range(start, start + count):
-        producer.produce(TOPIC, str(i).encode(), partition=i % PARTITIONS)
-    assert producer.flush(30) == 0
+    consumer_groups.produce(
+        bootstrap, TOPIC, PARTITIONS, start, count, acks="all", flush_timeout=30
+    )
 
 
 def coordinator_of(bootstraps: list[str], group: str = GROUP) -> int | None:
@@ -171,40 +105,15 @@ def raw_state(bootstrap: str) -> RawState | None:
 def raw_state_of(bootstrap: str, group_id: str) -> RawState | None:
     """The group as ``bootstrap`` describes it; None if it does not coordinate it (yet)."""
     try:
-        with RawClient(bootstrap) as c:
-            response = c.request(
-                ConsumerGroupDescribeRequest(
-                    group_ids=[group_id], include_authorized_operations=False
-                ),
-                1,
-            )
+        group = describe_group(bootstrap, group_id)
     except OSError:
         return None
-    (group,) = response.groups
-    if group.error_code != 0:
-        return None
-    members = {
-        m.member_id: (
-            m.member_epoch,
-            tuple(sorted(p for tp in m.assignment.topic_partitions for p in tp.partitions)),
-        )
-        for m in group.members
-    }
-    return group.group_epoch, group.assignment_epoch, members
+    return group_state(group) if group.error_code == 0 else None
 
 
 def admin_view(bootstrap: str) -> AdminView:
     """What ``describe_consumer_groups`` shows through ``bootstrap``."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    description = admin.describe_consumer_groups([GROUP], request_timeout=10)[GROUP].result(15)
-    assert description.type == ConsumerGroupType.CONSUMER
-    return str(description.state), {
-        m.member_id: (
-            m.client_id,
-            tuple(sorted(tp.partition for tp in m.assignment.topic_partitions)),
-        )
-        for m in description.members
-    }
+    return consumer_groups.admin_view(bootstrap, GROUP, request_timeout=10)
 
 
 def committed(bootstrap: str) -> dict[int, int]:
@@ -221,12 +130,7 @@ def stable(cluster: ClusterProcesses, members: list[Member]) -> bool:
     state = None if node is None else raw_state(cluster.brokers[node].bootstrap)
     if state is None:
         return False
-    held = sorted(p for m in members for p in m.snapshot())
-    return (
-        len(state[2]) == len(members)
-        and held == list(range(PARTITIONS))
-        and all(len(m.snapshot()) == PARTITIONS // len(members) for m in members)
-    )
+    return evenly_assigned(members, PARTITIONS, len(state[2]))
 
 
 @pytest.mark.timeout(300)
@@ -309,15 +213,8 @@ def test_group_fails_over_to_the_new_coordinator(cluster3: ClusterProcesses) -> 
 
 def join(bootstrap: str, group: str, member: str) -> Any:
     """One ConsumerGroupHeartbeat of a member joining ``group``; its response."""
-    request = ConsumerGroupHeartbeatRequest(
-        group_id=group,
-        member_id=member,
-        member_epoch=0,
-        rebalance_timeout_ms=30_000,
-        subscribed_topic_names=[TOPIC],
-    )
     with RawClient(bootstrap, timeout=30) as client:
-        return client.request(request, 1)
+        return heartbeat(client, group_id=group, member_id=member, subscribed_topic_names=[TOPIC])
 
 
 @pytest.mark.timeout(240)

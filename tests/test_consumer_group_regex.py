@@ -9,18 +9,20 @@ compile is INVALID_REGULAR_EXPRESSION.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
-from streambus.protocol.consumer_group_messages import (
-    ConsumerGroupDescribeRequest,
-    ConsumerGroupHeartbeatRequest,
+from tests.consumer_groups import (
+    GroupConsumer,
+    create_topics,
+    describe_group,
+    group_broker,
+    heartbeat,
 )
 from tests.harness import BrokerThread, RawClient, wait_until
 
@@ -29,80 +31,31 @@ GROUP = "regex-group"
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerThread]:
-    with BrokerThread(
-        tmp_path,
-        group_consumer_heartbeat_interval_ms=300,
-        group_consumer_session_timeout_ms=10_000,
-    ) as b:
+    with group_broker(tmp_path) as b:
         yield b
 
 
-def _create(bootstrap: str, topics: dict[str, int]) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(t, n, 1) for t, n in topics.items()]).values():
-        future.result(15)
-
-
-class RegexConsumer(threading.Thread):
+class RegexConsumer(GroupConsumer):
     """Subscribes once by regex; records its assignment and every message it reads."""
 
     def __init__(self, bootstrap: str, pattern: str) -> None:
-        super().__init__(daemon=True, name="regex-consumer")
-        self.config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": GROUP,
-            "group.protocol": "consumer",
-            "auto.offset.reset": "earliest",
-            "topic.metadata.refresh.interval.ms": 500,
-            "log.connection.close": False,
-        }
-        self.pattern = pattern
-        self.assigned: set[tuple[str, int]] = set()
-        self.read: list[tuple[str, bytes]] = []
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-        self.lock = threading.Lock()
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def snapshot(self) -> set[tuple[str, int]]:
-        with self.lock:
-            return set(self.assigned)
-
-    def run(self) -> None:
-        try:
-            consumer = Consumer(self.config)
-
-            def on_assign(_c: Any, partitions: list[TopicPartition]) -> None:
-                with self.lock:
-                    self.assigned |= {(p.topic, p.partition) for p in partitions}
-
-            def on_revoke(_c: Any, partitions: list[TopicPartition]) -> None:
-                with self.lock:
-                    self.assigned -= {(p.topic, p.partition) for p in partitions}
-
-            consumer.subscribe([self.pattern], on_assign=on_assign, on_revoke=on_revoke)
-            while not self._halt.is_set():
-                for m in consumer.consume(100, 0.2):
-                    if m.error() is None:
-                        self.read.append((m.topic(), m.value()))
-            consumer.close()
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
+        super().__init__(
+            bootstrap,
+            "regex-consumer",
+            group=GROUP,
+            topics=[pattern],
+            config={"topic.metadata.refresh.interval.ms": 500},
+            key=lambda p: (p.topic, p.partition),
+            keep=lambda m: (m.topic(), m.value()),
+        )
 
 
 def _describe(bootstrap: str) -> Any:
-    with RawClient(bootstrap) as c:
-        response = c.request(
-            ConsumerGroupDescribeRequest(group_ids=[GROUP], include_authorized_operations=False),
-            1,
-        )
-    return response.groups[0]
+    return describe_group(bootstrap, GROUP)
 
 
 def test_regex_subscription_follows_matching_topics(broker: BrokerThread) -> None:
-    _create(broker.bootstrap, {"orders-eu": 2, "orders-us": 1, "payments": 2})
+    create_topics(broker.bootstrap, {"orders-eu": 2, "orders-us": 1, "payments": 2})
     consumer = RegexConsumer(broker.bootstrap, "^orders-.*")
     consumer.start()
     try:
@@ -120,7 +73,7 @@ def test_regex_subscription_follows_matching_topics(broker: BrokerThread) -> Non
         assert assigned == expected
 
         # A matching topic created later is assigned without resubscribing; another is not.
-        _create(broker.bootstrap, {"orders-apac": 3, "refunds": 1})
+        create_topics(broker.bootstrap, {"orders-apac": 3, "refunds": 1})
         expected |= {("orders-apac", p) for p in range(3)}
         wait_until(lambda: consumer.snapshot() == expected, timeout=60)
 
@@ -147,16 +100,14 @@ def _heartbeat(client: RawClient, **fields: Any) -> Any:
     base: dict[str, Any] = {
         "group_id": "raw-regex",
         "member_id": "member-r",
-        "member_epoch": 0,
-        "rebalance_timeout_ms": 30_000,
         "subscribed_topic_names": [],
     }
     base.update(fields)
-    return client.request(ConsumerGroupHeartbeatRequest(**base), 1)
+    return heartbeat(client, **base)
 
 
 def test_regex_errors_and_internal_topics(broker: BrokerThread) -> None:
-    _create(broker.bootstrap, {"logs-a": 1})
+    create_topics(broker.bootstrap, {"logs-a": 1})
     # Commit an offset so that __consumer_offsets exists: a catch-all regex must skip it.
     consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "committer"})
     consumer.commit(offsets=[TopicPartition("logs-a", 0, 0)], asynchronous=False)

@@ -8,19 +8,15 @@ timeout gets its partitions back while the other members see no revocation.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from streambus.protocol.consumer_group_messages import (
-    ConsumerGroupDescribeRequest,
-    ConsumerGroupHeartbeatRequest,
-)
+from streambus.protocol.consumer_group_messages import ConsumerGroupDescribeRequest
+from tests import consumer_groups
+from tests.consumer_groups import GroupConsumer, group_broker, heartbeat
 from tests.harness import BrokerThread, RawClient, total, wait_until
 
 TOPIC = "kip848"
@@ -30,82 +26,36 @@ GROUP = "g848"
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerThread]:
-    with BrokerThread(
-        tmp_path,
-        group_consumer_heartbeat_interval_ms=300,
-        group_consumer_session_timeout_ms=10_000,
-    ) as b:
-        admin = AdminClient({"bootstrap.servers": b.bootstrap})
-        admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1)])[TOPIC].result(15)
+    with group_broker(tmp_path, {TOPIC: PARTITIONS}) as b:
         yield b
 
 
 def produce(bootstrap: str, start: int, count: int) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap})
-    for i in range(start, start + count):
-        producer.produce(TOPIC, str(i).encode(), partition=i % PARTITIONS)
-    assert producer.flush(15) == 0
+    consumer_groups.produce(bootstrap, TOPIC, PARTITIONS, start, count)
 
 
-class Member(threading.Thread):
+class Member(GroupConsumer):
     """A consumer-protocol member: records a message once its commit succeeded, and every
     partition it is given or has taken away."""
 
     def __init__(
         self, bootstrap: str, name: str, instance: str | None = None, protocol: str = "consumer"
     ) -> None:
-        super().__init__(daemon=True, name=name)
-        config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": GROUP,
-            "group.protocol": protocol,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "log.connection.close": False,
-        }
+        config: dict[str, Any] = {}
         if instance is not None:
             config["group.instance.id"] = instance
         if protocol == "classic":
             config.update({"session.timeout.ms": 10_000, "heartbeat.interval.ms": 300})
-        self.config = config
-        self.read: list[tuple[int, int, bytes]] = []
-        self.assigned: set[int] = set()
-        self.revoked: list[set[int]] = []
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self.closed = threading.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self) -> None:
-        try:
-            consumer = Consumer(self.config)
-
-            def on_assign(_c: Any, partitions: list[Any]) -> None:
-                self.assigned |= {p.partition for p in partitions}
-
-            def on_revoke(_c: Any, partitions: list[Any]) -> None:
-                gone = {p.partition for p in partitions}
-                if gone:
-                    self.revoked.append(gone)
-                self.assigned -= gone
-
-            consumer.subscribe([TOPIC], on_assign=on_assign, on_revoke=on_revoke)
-            while not self._stop.is_set():
-                messages = [m for m in consumer.consume(100, 0.2) if m.error() is None]
-                if not messages:
-                    continue
-                try:
-                    consumer.commit(asynchronous=False)
-                except KafkaException:
-                    continue  # the partitions moved: their next owner reads these
-                self.read.extend((m.partition(), m.offset(), m.value()) for m in messages)
-            consumer.close()
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-        finally:
-            self.closed.set()
+        super().__init__(
+            bootstrap,
+            name,
+            group=GROUP,
+            topics=[TOPIC],
+            commit="before_read",
+            protocol=protocol,
+            config=config,
+            keep=lambda m: (m.partition(), m.offset(), m.value()),
+        )
 
 
 def _values(members: list[Member]) -> list[int]:
@@ -170,7 +120,7 @@ def test_static_member_restart_revokes_nothing_from_the_others(
         m.start()
     wait_until(lambda: all(len(m.assigned) == 2 for m in members), timeout=60)
     before = [set(m.assigned) for m in members]
-    revoked_before = [list(m.revoked) for m in members]
+    revoked_before = [list(m.revokes) for m in members]
     rebalances_before = total(broker.scrape(), "streambus_consumer_group_rebalances_total")
 
     restarting = members[0]
@@ -182,7 +132,7 @@ def test_static_member_restart_revokes_nothing_from_the_others(
     assert again.assigned == before[0], "the static member gets its partitions back"
     for m, had, revoked in zip(members[1:], before[1:], revoked_before[1:], strict=True):
         assert m.assigned == had
-        assert m.revoked == revoked, "the other members saw no revocation"
+        assert m.revokes == revoked, "the other members saw no revocation"
     assert total(broker.scrape(), "streambus_consumer_group_rebalances_total") == (
         rebalances_before
     ), "no rebalance"
@@ -196,12 +146,10 @@ def _heartbeat(client: RawClient, version: int = 1, **fields: Any) -> Any:
     base: dict[str, Any] = {
         "group_id": "raw",
         "member_id": "member-a",
-        "member_epoch": 0,
-        "rebalance_timeout_ms": 30_000,
         "subscribed_topic_names": [TOPIC],
     }
     base.update(fields)
-    return client.request(ConsumerGroupHeartbeatRequest(**base), version)
+    return heartbeat(client, version, **base)
 
 
 def test_heartbeat_errors_and_describe(broker: BrokerThread) -> None:
