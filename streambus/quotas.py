@@ -39,6 +39,22 @@ CreatePartitions v3+) are strict: a topic met with a negative balance gets that 
 and ``throttle_time_ms = -balance / quota``. Older versions are permissive: everything
 is done, and the time the balance needs to climb back to zero is the throttle.
 
+Request quotas (KIP-124): ``request_percentage`` bounds the time a (user, client id)'s
+requests keep the broker busy, as a percentage of one thread over the quota window,
+resolved by the same precedence. Kafka counts request handler and network thread time,
+so its 100% is one of ``num.io.threads + num.network.threads``; StreamBus handles every
+request on one event loop (with worker threads for large frames), so here 100% is the
+whole event loop: ``request_percentage=50`` lets a client's requests take half a second
+of every second. A request's time is the server's own: from its frame being read to its
+handler's answer, less the time the handler spent suspended (a long poll, a rebalance,
+replication acks or a worker thread: waiting, not work, as Kafka's purgatory is not
+handler time); encoding the response is counted afterwards without throttling it (Kafka's
+network thread time). The throttle is ``(rate - quota) / quota * span``, at most one
+quota window (Kafka's bound for request quotas); the response carries it (the larger of
+it and any byte-rate throttle) and the connection is muted that long. Exempt as in Kafka:
+ApiVersions, SaslHandshake, SaslAuthenticate, the ClusterAction APIs, and Fetch and
+OffsetForLeaderEpoch from a replica (``replica_id >= 0``).
+
 The user of a quota entity is the connection's authenticated principal (its SASL
 user, or its certificate's subject); an unauthenticated connection is the user
 ``ANONYMOUS``, reached through the default user entity or an entry naming it.
@@ -53,9 +69,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streambus.cluster.client_quotas import (
     CLIENT_ID,
@@ -64,6 +80,7 @@ from streambus.cluster.client_quotas import (
     CONTROLLER_MUTATION_RATE,
     IP,
     PRODUCER_BYTE_RATE,
+    REQUEST_PERCENTAGE,
     USER,
     QuotaEntity,
     QuotaTable,
@@ -85,11 +102,24 @@ PRODUCE = "produce"
 FETCH = "fetch"
 CONNECTION = "connection"  # the throttle of a connection over its ip's creation rate
 MUTATION = "controller_mutation"  # partitions created or deleted (KIP-599)
+REQUEST = "request"  # time spent handling requests (KIP-124)
 _KEYS = {
     PRODUCE: PRODUCER_BYTE_RATE,
     FETCH: CONSUMER_BYTE_RATE,
     MUTATION: CONTROLLER_MUTATION_RATE,
+    REQUEST: REQUEST_PERCENTAGE,
 }
+# Never counted against request_percentage (Kafka's exemptions): ApiVersions (18),
+# SaslHandshake (17), SaslAuthenticate (36), and the ClusterAction APIs: LeaderAndIsr (4),
+# StopReplica (5), UpdateMetadata (6), ControlledShutdown (7), WriteTxnMarkers (27),
+# Vote (52), BeginQuorumEpoch (53), EndQuorumEpoch (54), AlterPartition (56),
+# Envelope (58), FetchSnapshot (59), BrokerRegistration (62), BrokerHeartbeat (63),
+# AllocateProducerIds (67).
+REQUEST_EXEMPT_APIS = frozenset({4, 5, 6, 7, 17, 18, 27, 36, 52, 53, 54, 56, 58, 59, 62, 63, 67})
+# Exempt when a replica sends them (replica_id >= 0): Fetch (1), OffsetForLeaderEpoch (23).
+REPLICA_APIS = frozenset({1, 23})
+# request_percentage counts percent-seconds: one second of handling is 100.
+PERCENT_PER_SECOND = 100.0
 # Resolved quotas cached per client id; the cache is dropped whole when metadata changes
 # or when it grows past this (client ids are the client's to choose).
 RESOLVED_MAX = 10_000
@@ -203,6 +233,75 @@ class MutationQuota:
             f"The throttling quota has been exceeded: controller_mutation_rate "
             f"{self._found[0] if self._found else 0:g} partitions/s; retry after "
             f"{self.throttle_s * 1000:.0f} ms"
+        )
+
+
+class SuspendedTime:
+    """Awaits a handler's coroutine and adds up the seconds it spent suspended (waiting
+    on a future, a sleep, a worker thread): the rest of its time was work on the loop."""
+
+    __slots__ = ("_clock", "_coro", "seconds")
+
+    def __init__(self, handling: Awaitable[Any], clock: Callable[[], float]) -> None:
+        self._coro = handling.__await__()
+        self._clock = clock
+        self.seconds = 0.0
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, clock = self._coro, self._clock
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                yielded = coro.send(value) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            value, error = None, None
+            suspended = clock()
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation included: handed to the handler
+                error = exc
+            self.seconds += clock() - suspended
+
+
+class RequestQuota:
+    """The request quota of one request (a client with ``request_percentage``): ``timed``
+    wraps its handler, ``throttle`` counts its handling time and gives the throttle (ms),
+    ``record`` adds the encoding time afterwards without throttling."""
+
+    __slots__ = ("_found", "_manager", "_timer")
+
+    def __init__(self, manager: QuotaManager, found: tuple[float, tuple[object, ...]]) -> None:
+        self._manager = manager
+        self._found = found
+        self._timer: SuspendedTime | None = None
+
+    def timed(self, handling: Awaitable[Any], clock: Callable[[], float]) -> SuspendedTime:
+        self._timer = SuspendedTime(handling, clock)
+        return self._timer
+
+    def throttle(self, elapsed_s: float) -> int:
+        """``elapsed_s``: from the frame read to the handler's answer; the time the handler
+        was suspended is not work and is taken off."""
+        busy = elapsed_s - (self._timer.seconds if self._timer is not None else 0.0)
+        manager = self._manager
+        quota, sensor = self._found
+        rate, now = manager._rate(sensor)
+        rate.record(max(busy, 0.0) * PERCENT_PER_SECOND, now, manager.window_s, manager.window_num)
+        # Kafka bounds a request quota's throttle by one quota window (ClientRequestQuotaManager)
+        throttle_s = min(manager._over(rate, quota, now), manager.window_s)
+        manager.telemetry.throttle_time(REQUEST, throttle_s)
+        return round(throttle_s * 1000)
+
+    def record(self, busy_s: float) -> None:
+        manager = self._manager
+        rate, now = manager._rate(self._found[1])
+        rate.record(
+            max(busy_s, 0.0) * PERCENT_PER_SECOND, now, manager.window_s, manager.window_num
         )
 
 
@@ -353,6 +452,20 @@ class QuotaManager:
             rate.record(-1, now, self.window_s, self.window_num)  # refused: not counted
         self._telemetry.throttle_time(CONNECTION, throttle_s)
         return throttle_s
+
+    def request_quota(
+        self, principal: str, client_id: str | None, api_key: int, request: Any
+    ) -> RequestQuota | None:
+        """The request quota that applies to this request, None when none does (the
+        common case, no quotas at all, costs one check)."""
+        if not self._quorum().state.client_quotas:
+            return None
+        if api_key in REQUEST_EXEMPT_APIS:
+            return None
+        if api_key in REPLICA_APIS and getattr(request, "replica_id", -1) >= 0:
+            return None
+        found = self._resolve(REQUEST, _user(principal), client_id or "")
+        return None if found is None else RequestQuota(self, found)
 
     def _resolve_ip(self, ip: str) -> tuple[float, tuple[object, ...]] | None:
         state = self._quorum().state

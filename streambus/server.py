@@ -827,9 +827,20 @@ class Connection:
             session=session,
         )
         server = self._server
+        # The frame was read (dispatched) when the read loop last stamped its progress.
+        dispatched = self._last_progress
+        quota = server.services.quotas.request_quota(
+            ctx.principal, ctx.client_id, spec.key, request
+        )
         server.request_started()
         try:
-            response = await spec.handler(server.services, ctx, request)
+            handling = spec.handler(server.services, ctx, request)
+            if quota is None:
+                response = await handling
+            else:
+                response = await quota.timed(handling, self._clock)
+                answered = self._clock()
+                _throttle_request(ctx, response, quota.throttle(answered - dispatched))
             chunks: Sequence[Chunk] = ()
             if response is not None and large:
                 chunks = await asyncio.to_thread(
@@ -837,6 +848,8 @@ class Connection:
                 )
             elif response is not None:
                 chunks = encode_frame(spec, response, version, correlation_id)
+            if quota is not None:
+                quota.record(self._clock() - answered)  # encoding: Kafka's network thread time
         except ConnectionClosedError:
             raise  # the client left during a long poll: nobody to answer
         except StreamBusError as exc:
@@ -902,6 +915,18 @@ class Connection:
         if size:
             await writer.drain()
         self._server.services.telemetry.request_done(api, bytes_in + 4, size)
+
+
+def _throttle_request(ctx: RequestContext, response: Any, ms: int) -> None:
+    """A request quota's throttle: in the response (the larger of it and a byte-rate
+    throttle the handler set) and on the connection. A response already encoded (a very
+    large Produce answer) keeps its own figure; the mute applies all the same."""
+    if ms <= ctx.throttle.ms:
+        return
+    ctx.throttle.ms = ms
+    body = getattr(response, "response", response)  # a spliced Fetch wraps its response
+    if hasattr(body, "throttle_time_ms"):
+        body.throttle_time_ms = ms
 
 
 def _parse(

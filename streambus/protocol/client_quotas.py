@@ -6,9 +6,9 @@ altered, through the quorum from whichever broker is asked) and enforced by
 ``streambus.quotas``. Entity types are ``user`` and ``client-id``, or ``ip``
 alone (``kafka-configs --entity-type ips``); a null name is Kafka's default entity
 (``<default>``). Keys: ``producer_byte_rate`` and ``consumer_byte_rate`` are
-enforced, and an ip's ``connection_creation_rate`` (on accept, by the server);
-``request_percentage`` and ``controller_mutation_rate`` are accepted, stored and
-described, not enforced.
+enforced, and an ip's ``connection_creation_rate`` (on accept, by the server),
+``controller_mutation_rate`` (by the admin handlers) and ``request_percentage`` (by
+the server, around every handler).
 """
 
 from __future__ import annotations
