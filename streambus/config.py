@@ -20,11 +20,13 @@ from streambus.errors import InvalidConfigError
 from streambus.schemas.tls import RegistryTls, registry_tls
 from streambus.security.broker_client import InterBrokerSecurity
 from streambus.security.listeners import (
+    INTER_BROKER_MECHANISMS,
     MECHANISMS,
     Listener,
     find,
     parse_listeners,
 )
+from streambus.security.oauthbearer import OAUTHBEARER, OAuthBearerValidator, validator_from
 from streambus.security.tls import server_context
 from streambus.topic_config import KAFKA_NAMES, TopicConfig
 
@@ -158,6 +160,16 @@ class BrokerConfig:
     ssl_endpoint_identification_algorithm: str = "https"
     connection_failed_authentication_delay_ms: int = 100
     connections_max_reauth_ms: int = 0  # 0: a SASL session never expires
+    # SASL/OAUTHBEARER (KIP-768's names): JWTs checked against the issuer's JWKS
+    # (file://, http://, https://), refetched every refresh.ms and on an unknown kid (at
+    # most once per retry.backoff.ms); expected_audience is a comma-separated list.
+    sasl_oauthbearer_jwks_endpoint_url: str | None = None
+    sasl_oauthbearer_jwks_endpoint_refresh_ms: int = 3_600_000
+    sasl_oauthbearer_jwks_endpoint_retry_backoff_ms: int = 100
+    sasl_oauthbearer_clock_skew_seconds: int = 30
+    sasl_oauthbearer_expected_audience: str | None = None
+    sasl_oauthbearer_expected_issuer: str | None = None
+    sasl_oauthbearer_sub_claim_name: str = "sub"
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -207,6 +219,20 @@ class BrokerConfig:
                     f"sasl.enabled.mechanisms: {name} is not one of {', '.join(MECHANISMS)}"
                 )
         return names
+
+    def oauthbearer_validator(self) -> OAuthBearerValidator | None:
+        """The token validator when OAUTHBEARER is enabled (raises InvalidConfigError)."""
+        if OAUTHBEARER not in self.sasl_mechanisms():
+            return None
+        return validator_from(
+            self.sasl_oauthbearer_jwks_endpoint_url,
+            self.sasl_oauthbearer_jwks_endpoint_refresh_ms,
+            self.sasl_oauthbearer_jwks_endpoint_retry_backoff_ms,
+            self.sasl_oauthbearer_clock_skew_seconds,
+            self.sasl_oauthbearer_expected_audience,
+            self.sasl_oauthbearer_expected_issuer,
+            self.sasl_oauthbearer_sub_claim_name,
+        )
 
     def cluster(self) -> ClusterConfig:
         """The cluster core's view of these settings (raises InvalidConfigError)."""
@@ -322,6 +348,13 @@ class BrokerConfig:
         self.cluster()  # quorum syntax, secret, timings
         listeners = self.listener_list()
         self.sasl_mechanisms()
+        self.oauthbearer_validator()
+        inter_broker = self.sasl_mechanism_inter_broker_protocol.strip().upper()
+        if inter_broker not in INTER_BROKER_MECHANISMS:
+            raise InvalidConfigError(
+                f"sasl.mechanism.inter.broker.protocol: {inter_broker} is not one of "
+                f"{', '.join(INTER_BROKER_MECHANISMS)}"
+            )
         if any(x.protocol.tls for x in listeners):
             server_context(
                 self.ssl_certfile, self.ssl_keyfile, self.ssl_cafile, self.ssl_client_auth

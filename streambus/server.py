@@ -191,6 +191,7 @@ class KafkaServer:
         self.listeners = config.listener_list()
         self.inter_broker = config.inter_broker_listener()
         self.mechanisms = config.sasl_mechanisms()
+        self.oauth = config.oauthbearer_validator()  # one JWKS cache for every connection
         self.tls: ssl.SSLContext | None = None
         self._tls_files = [
             p for p in (config.ssl_certfile, config.ssl_keyfile, config.ssl_cafile) if p
@@ -647,6 +648,7 @@ class Connection:
                 reauth_ms=config.connections_max_reauth_ms,
                 warn=server.auth_warning,
                 audit=server.services.authorizer.audit,
+                oauth=server.oauth,
             )
 
     async def serve(self) -> None:

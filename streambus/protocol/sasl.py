@@ -58,7 +58,9 @@ async def handle_sasl_authenticate(
             error = exc
         else:
             if ctx.api_version >= 1:
-                fields["session_lifetime_ms"] = session.reauth_ms if session.authenticated else 0
+                fields["session_lifetime_ms"] = (
+                    session.session_lifetime_ms if session.authenticated else 0
+                )
             return SaslAuthenticateResponse(
                 error_code=0, error_message=None, auth_bytes=reply, **fields
             )

@@ -64,12 +64,26 @@ _SECURITY_FLAGS = {
     "(or STREAMBUS_INTER_BROKER_SASL_PASSWORD)",
     "ssl_endpoint_identification_algorithm": "Kafka's ssl.endpoint.identification.algorithm: "
     "https (default) checks a broker certificate's name, empty does not",
+    "sasl_oauthbearer_jwks_endpoint_url": "Kafka's sasl.oauthbearer.jwks.endpoint.url: the "
+    "JWKS (file://, http://, https://) OAUTHBEARER tokens are checked against",
+    "sasl_oauthbearer_expected_audience": "Kafka's sasl.oauthbearer.expected.audience: "
+    "audiences a token's aud must name one of (comma-separated; default: not checked)",
+    "sasl_oauthbearer_expected_issuer": "Kafka's sasl.oauthbearer.expected.issuer "
+    "(default: not checked)",
+    "sasl_oauthbearer_sub_claim_name": "Kafka's sasl.oauthbearer.sub.claim.name: the claim "
+    "that names the principal (default sub)",
 }
 _INT_FLAGS = {
     "connection_failed_authentication_delay_ms": "Kafka's "
     "connection.failed.authentication.delay.ms: answer a failed login this late (default 100)",
     "connections_max_reauth_ms": "Kafka's connections.max.reauth.ms: a SASL session lasts "
     "this long (default 0: forever)",
+    "sasl_oauthbearer_jwks_endpoint_refresh_ms": "Kafka's "
+    "sasl.oauthbearer.jwks.endpoint.refresh.ms: refetch the JWKS this often (default 3600000)",
+    "sasl_oauthbearer_jwks_endpoint_retry_backoff_ms": "at most one JWKS refetch this often "
+    "for tokens naming an unknown kid (default 100)",
+    "sasl_oauthbearer_clock_skew_seconds": "Kafka's sasl.oauthbearer.clock.skew.seconds: "
+    "leeway for exp, nbf and iat (default 30)",
 }
 
 
@@ -78,7 +92,8 @@ def add_security_arguments(serve: argparse.ArgumentParser) -> None:
         kind: Any = Path if name.endswith("file") else str
         serve.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
     for name, text in _INT_FLAGS.items():
-        serve.add_argument("--" + name.replace("_", "-"), type=int, metavar="MS", help=text)
+        unit = "SECONDS" if name.endswith("seconds") else "MS"
+        serve.add_argument("--" + name.replace("_", "-"), type=int, metavar=unit, help=text)
 
 
 def security_overrides(args: argparse.Namespace) -> dict[str, Any]:

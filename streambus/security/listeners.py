@@ -19,7 +19,9 @@ from streambus.errors import InvalidConfigError
 
 PLAIN = "PLAIN"
 # The SASL mechanisms a SASL listener can offer (sasl.enabled.mechanisms picks among them).
-MECHANISMS = (PLAIN, "SCRAM-SHA-256", "SCRAM-SHA-512")
+MECHANISMS = (PLAIN, "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+# What this broker's own client can log in with to other brokers (it holds no token).
+INTER_BROKER_MECHANISMS = MECHANISMS[:3]
 
 
 class SecurityProtocol(enum.StrEnum):

@@ -1,4 +1,4 @@
-"""One connection's SASL authentication: PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512.
+"""One connection's SASL authentication: PLAIN, SCRAM-SHA-256/512 and OAUTHBEARER.
 
 A SASL listener serves ApiVersions, SaslHandshake and SaslAuthenticate only
 until the client has authenticated (the server closes a connection that tries
@@ -6,6 +6,10 @@ anything else). SaslHandshake picks the mechanism; the tokens then come in
 SaslAuthenticate requests (handshake v1), or as bare size-prefixed frames after
 a handshake v0 (Kafka 0.10's form). SCRAM is the ``scramp`` library's server;
 PLAIN checks the password against the user's stored SCRAM credential.
+OAUTHBEARER checks a JWT (``streambus.security.oauthbearer``); a rejected token is
+answered as Kafka answers it (RFC 7628 3.2.2): the error JSON as a challenge, then
+SASL_AUTHENTICATION_FAILED to the client's ``\x01``; the token's ``exp`` bounds the
+session as ``connections.max.reauth.ms`` does, whichever ends first.
 
 A failed authentication is counted, logged on one WARNING line naming the
 client, mechanism and reason (never a password or a token), answered after
@@ -33,12 +37,19 @@ from streambus.errors import (
     UnsupportedSaslMechanismError,
 )
 from streambus.security.listeners import PLAIN
+from streambus.security.oauthbearer import (
+    OAUTHBEARER,
+    TokenRejectedError,
+    error_challenge,
+    parse_initial_response,
+)
 from streambus.security.tls import ANONYMOUS
 
 if TYPE_CHECKING:
     from streambus.instrumentation import BrokerTelemetry
     from streambus.security.audit import AuditLog
     from streambus.security.credentials import CredentialStore
+    from streambus.security.oauthbearer import OAuthBearerValidator
 
 log = logging.getLogger("streambus.security")
 
@@ -71,6 +82,7 @@ class SaslSession:
         principal: str = ANONYMOUS,
         warn: Callable[..., None] = log.warning,
         audit: AuditLog | None = None,
+        oauth: OAuthBearerValidator | None = None,
     ) -> None:
         # warn(msg, *args): the server passes a rate-limited one, so a flood of failed
         # logins costs a few lines.
@@ -93,6 +105,10 @@ class SaslSession:
         self._scram_user = ""  # the user SCRAM's client-first named
         self._claimed = ""  # the user the client claimed (PLAIN or SCRAM), for the audit
         self._reauthenticating = False
+        self._oauth = oauth
+        self._token_expires: float | None = None  # the OAuth token's exp (epoch seconds)
+        self._rejected: str | None = None  # the error JSON sent; the client's ^A ends it
+        self.session_lifetime_ms = 0  # what SaslAuthenticate v1+ tells the client
 
     @property
     def expired(self) -> bool:
@@ -120,14 +136,24 @@ class SaslSession:
         self.mechanism = mechanism
         self.raw_tokens = version == 0
         self._scram = None
+        self._rejected = None
 
     async def authenticate(self, token: bytes) -> bytes:
         """The server's next token; raises SaslAuthenticationFailedError (after the delay)."""
         mechanism = self.mechanism
         if mechanism is None:
             raise IllegalSaslStateError("SaslAuthenticate before SaslHandshake")
+        if self._rejected is not None:
+            # whatever the client sends after the error challenge (its ^A): the failure
+            # was counted and delayed when the token was rejected
+            self.failed = True
+            raise SaslAuthenticationFailedError(f"Authentication failed: {self._rejected}")
         try:
             reply, principal = await self._step(mechanism, token)
+        except TokenRejectedError as rejected:
+            await self._fail(mechanism, rejected.reason, close=False)
+            self._rejected = error_challenge().decode()
+            return error_challenge()
         except _FailureError as failure:
             await self._fail(mechanism, failure.reason)
             raise _failed(mechanism) from None
@@ -142,8 +168,14 @@ class SaslSession:
         self.raw_tokens = False
         self._scram = None
         self._reauthenticating = False
-        if self.reauth_ms > 0:
-            self.expires_at = time.monotonic() + self.reauth_ms / 1000
+        lifetimes = [self.reauth_ms] if self.reauth_ms > 0 else []
+        if self._token_expires is not None:
+            # at least 1 ms: 0 would tell the client the session never ends
+            lifetimes.append(max(1, int((self._token_expires - time.time()) * 1000)))
+            self._token_expires = None
+        if lifetimes:
+            self.session_lifetime_ms = min(lifetimes)
+            self.expires_at = time.monotonic() + self.session_lifetime_ms / 1000
         self._telemetry.authentication(mechanism, self.listener, None)
         self._audited(principal, mechanism, True, None)
         log.debug("%s authenticated as %s with %s", self._peer, principal, mechanism)
@@ -162,6 +194,16 @@ class SaslSession:
             if not await self._store.check_plain(user, password):
                 raise _FailureError("invalid_credentials")
             return b"", "User:" + user
+        if mechanism == OAUTHBEARER:
+            if self._oauth is None:
+                raise _FailureError("unsupported_mechanism")
+            try:
+                response = parse_initial_response(token)
+            except TokenRejectedError:  # not a bearer token at all: Kafka fails at once
+                raise _FailureError("malformed") from None
+            validated = await self._oauth.validate(response)
+            self._token_expires = validated.expires_at
+            return b"", validated.principal
         try:
             text = token.decode("utf-8")
             if self._scram is None:
@@ -193,8 +235,8 @@ class SaslSession:
             raise _FailureError("invalid_credentials")
         return credential.salt, credential.stored_key, credential.server_key, credential.iterations
 
-    async def _fail(self, mechanism: str, reason: str) -> None:
-        self.failed = True
+    async def _fail(self, mechanism: str, reason: str, *, close: bool = True) -> None:
+        self.failed = close
         self._telemetry.authentication(mechanism, self.listener, reason)
         # The principal the client claimed (never what it offered as proof)
         claimed = "User:" + self._claimed if self._claimed else ANONYMOUS
