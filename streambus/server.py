@@ -809,8 +809,10 @@ class Connection:
             if session.expired:
                 log.info(
                     "closing connection from %s: its SASL session expired without "
-                    "re-authentication (connections.max.reauth.ms %d)",
+                    "re-authentication (lifetime %d ms: connections.max.reauth.ms %d, or "
+                    "the token's expiry if sooner)",
                     self.peer,
+                    session.session_lifetime_ms,
                     session.reauth_ms,
                 )
                 raise ConnectionClosedError("session expired")
