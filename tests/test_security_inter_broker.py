@@ -150,6 +150,32 @@ class SecureCluster:
             **extra,
         }
 
+    def read_committed(self, topic: str, partitions: int, count: int) -> list[bytes]:
+        """The values of ``topic`` a read_committed consumer reads, once it has ``count``."""
+        consumer = Consumer(
+            self.client_config(
+                **{
+                    "group.id": "unused",
+                    "isolation.level": "read_committed",
+                    "enable.auto.commit": False,
+                }
+            )
+        )
+        try:
+            consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+            seen: list[bytes] = []
+
+            def all_committed() -> bool:
+                msg = consumer.poll(0.5)
+                if msg is not None and msg.error() is None:
+                    seen.append(msg.value())
+                return len(seen) == count
+
+            wait_until(all_committed, timeout=30, interval=0)
+        finally:
+            consumer.close()
+        return seen
+
     def create_topic(self, topic: str, assignment: list[list[int]]) -> None:
         admin = self.ssl_admin()
         try:
@@ -205,28 +231,7 @@ def test_replication_and_transaction_markers_over_sasl_ssl(tmp_path: Path) -> No
         for i in range(30):
             producer.produce("secure-txn", f"t{i}".encode(), partition=i % 3)
         producer.commit_transaction(30)
-        consumer = Consumer(
-            secure.client_config(
-                **{
-                    "group.id": "unused",
-                    "isolation.level": "read_committed",
-                    "enable.auto.commit": False,
-                }
-            )
-        )
-        try:
-            consumer.assign([TopicPartition("secure-txn", p, 0) for p in range(3)])
-            seen: list[bytes] = []
-
-            def all_committed() -> bool:
-                msg = consumer.poll(0.5)
-                if msg is not None and msg.error() is None:
-                    seen.append(msg.value())
-                return len(seen) == 30
-
-            wait_until(all_committed, timeout=30, interval=0)
-        finally:
-            consumer.close()
+        seen = secure.read_committed("secure-txn", 3, 30)
         assert sorted(seen) == sorted(f"t{i}".encode() for i in range(30))
         wait_isr(secure, "secure-txn", {p: [1, 2, 3] for p in range(3)})
 
