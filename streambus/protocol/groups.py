@@ -41,12 +41,14 @@ from streambus.errors import (
     GroupAuthorizationFailedError,
     InvalidGroupIdError,
     InvalidRequestError,
+    KafkaStorageError,
     MemberIdRequiredError,
     NotCoordinatorError,
     NotEnoughReplicasAfterAppendError,
     NotEnoughReplicasError,
     NotLeaderOrFollowerError,
     OffsetMetadataTooLargeError,
+    RequestTimedOutError,
     StreamBusError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
@@ -321,12 +323,17 @@ OFFSETS_COMMIT_TIMEOUT_S = 5.0
 
 async def replicate_commit(services: BrokerServices, tp: TopicPartition, end: int) -> None:
     """A commit is answered once the ISR has it, as Kafka's coordinator writes with
-    acks=all; replication errors become the group errors Kafka answers with."""
+    acks=all; replication errors become the group errors Kafka's coordinator answers with
+    (a timeout too: clients before 3.9 do not retry REQUEST_TIMED_OUT on a commit)."""
     try:
         await services.partitions.wait_replicated(tp, end, OFFSETS_COMMIT_TIMEOUT_S)
-    except NotLeaderOrFollowerError as exc:
+    except (NotLeaderOrFollowerError, KafkaStorageError) as exc:
         raise NotCoordinatorError(str(exc)) from exc
-    except (NotEnoughReplicasError, NotEnoughReplicasAfterAppendError) as exc:
+    except (
+        NotEnoughReplicasError,
+        NotEnoughReplicasAfterAppendError,
+        RequestTimedOutError,
+    ) as exc:
         raise CoordinatorNotAvailableError(str(exc)) from exc
 
 
