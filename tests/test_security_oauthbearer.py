@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -345,6 +346,58 @@ def test_jwks_over_http_with_a_rotated_key(tmp_path: Path, keys: dict[str, RSAPr
             assert len(handler.gets) == 3
             samples = b.scrape()
             assert total(samples, FAILURES, mechanism=MECH, reason="unknown_key") == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _FailingFirstHandler(_JwksHandler):
+    def do_GET(self) -> None:
+        if not type(self).gets:
+            type(self).gets.append(self.path)
+            self.send_error(503)
+            return
+        super().do_GET()
+
+
+def test_a_failed_first_jwks_fetch_warns_once_and_is_retried_at_login(
+    tmp_path: Path, keys: dict[str, RSAPrivateKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = type(
+        "Handler", (_FailingFirstHandler,), {"document": {"keys": [jwk(keys["k1"], "k1")]}}
+    )
+    handler.gets = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "JWKS" in r.getMessage()
+        ]
+
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="streambus.security"),
+            BrokerThread(
+                tmp_path / "data",
+                listeners="SASL_PLAINTEXT://127.0.0.1:0",
+                sasl_enabled_mechanisms="OAUTHBEARER",
+                sasl_oauthbearer_jwks_endpoint_url=url,
+                connection_failed_authentication_delay_ms=1,
+            ) as b,
+        ):
+            wait_until(warnings, timeout=30)
+            assert len(handler.gets) == 1
+            reply, raw = raw_login(port_of(b), sign(keys["k1"], "k1", "alice"))
+            raw.close()
+            assert reply.error_code == 0
+            assert len(handler.gets) == 2
+            assert len(warnings()) == 1, warnings()
+            assert "503" in warnings()[0]
     finally:
         server.shutdown()
         server.server_close()
