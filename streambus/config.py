@@ -170,6 +170,7 @@ class BrokerConfig:
     sasl_oauthbearer_expected_audience: str | None = None
     sasl_oauthbearer_expected_issuer: str | None = None
     sasl_oauthbearer_sub_claim_name: str = "sub"
+    sasl_oauthbearer_scope_claim_name: str = "scope"
     topic_defaults: TopicConfig = dataclasses.field(default_factory=TopicConfig)
 
     @property
@@ -232,6 +233,8 @@ class BrokerConfig:
             self.sasl_oauthbearer_expected_audience,
             self.sasl_oauthbearer_expected_issuer,
             self.sasl_oauthbearer_sub_claim_name,
+            self.sasl_oauthbearer_scope_claim_name,
+            self.ssl_cafile,
         )
 
     def cluster(self) -> ClusterConfig:

@@ -266,6 +266,8 @@ class KafkaServer:
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._on_loop_error)
         self._ticker = asyncio.create_task(self._tick(), name="streambus-connections")
+        if self.oauth is not None:
+            self.oauth.jwks.prefetch()  # the JWKS in hand before the first login
         log.info(
             "listening for Kafka clients on %s (max.connections %d, per ip %d, "
             "connections.max.idle.ms %d, queued.max.request.bytes %d)",
@@ -443,6 +445,8 @@ class KafkaServer:
             return
         self._server = None
         servers, self._servers = list(self._servers.values()), {}
+        if self.oauth is not None:
+            await self.oauth.jwks.close()
         self._accepting = False
         for server in servers:
             server.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -193,6 +194,9 @@ def test_produce_and_consume_as_the_token_subject(
         ("foreign_key", "invalid_token"),
         ("alg_none", "unsupported_algorithm"),
         ("hs256", "unsupported_algorithm"),
+        ("scope_number", "malformed"),
+        ("scope_object", "malformed"),
+        ("scope_list_of_numbers", "malformed"),
     ],
 )
 def test_bad_tokens_are_refused_and_counted(
@@ -205,6 +209,9 @@ def test_bad_tokens_are_refused_and_counted(
         "foreign_key": lambda: sign(keys["foreign"], "k1", "alice"),
         "alg_none": lambda: unsigned("k1", "alice"),
         "hs256": lambda: sign("a-shared-secret-of-32-bytes-long!", "k1", "alice", alg="HS256"),
+        "scope_number": lambda: sign(k1, "k1", "alice", scope=42),
+        "scope_object": lambda: sign(k1, "k1", "alice", scope={"read": True}),
+        "scope_list_of_numbers": lambda: sign(k1, "k1", "alice", scope=["read", 7]),
     }
     before = total(broker.scrape(), FAILURES, mechanism=MECH, reason=reason)
     message = refused(port_of(broker), tokens[case]())
@@ -247,6 +254,27 @@ def test_malformed_response_and_authzid(
     with raw:
         assert reply.error_code == 0
         assert bytes(reply.auth_bytes) == b""
+
+
+@pytest.mark.parametrize("scope", ["read write", ["read", "write"], ""])
+def test_a_scope_claim_string_or_list_is_accepted(
+    broker: BrokerThread, keys: dict[str, RSAPrivateKey], scope: Any
+) -> None:
+    reply, raw = raw_login(port_of(broker), sign(keys["k1"], "k1", "alice", scope=scope))
+    with raw:
+        assert (reply.error_code, bytes(reply.auth_bytes)) == (0, b"")
+
+
+def test_parse_scopes_as_kafka_reads_the_claim() -> None:
+    from streambus.security.oauthbearer import TokenRejectedError, parse_scopes
+
+    assert parse_scopes(None) == ()
+    assert parse_scopes(" read  write ") == ("read", "write")
+    assert parse_scopes(["read", "write"]) == ("read", "write")
+    for bad in (42, 1.5, True, {"read": 1}, ["read", None], ["read", " "]):
+        with pytest.raises(TokenRejectedError) as refused_:
+            parse_scopes(bad)
+        assert refused_.value.reason == "malformed"
 
 
 def test_token_exp_bounds_the_session(broker: BrokerThread, keys: dict[str, RSAPrivateKey]) -> None:
@@ -301,6 +329,8 @@ def test_jwks_over_http_with_a_rotated_key(tmp_path: Path, keys: dict[str, RSAPr
             connection_failed_authentication_delay_ms=1,
         ) as b:
             port = port_of(b)
+            # fetched when the broker started, before any login asked for a key
+            wait_until(lambda: handler.gets == ["/.well-known/jwks.json"], timeout=30)
             reply, raw = raw_login(port, sign(keys["k1"], "k1", "alice"))
             raw.close()
             assert reply.error_code == 0
@@ -316,6 +346,87 @@ def test_jwks_over_http_with_a_rotated_key(tmp_path: Path, keys: dict[str, RSAPr
             assert len(handler.gets) == 3
             samples = b.scrape()
             assert total(samples, FAILURES, mechanism=MECH, reason="unknown_key") == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _FailingFirstHandler(_JwksHandler):
+    def do_GET(self) -> None:
+        if not type(self).gets:
+            type(self).gets.append(self.path)
+            self.send_error(503)
+            return
+        super().do_GET()
+
+
+def test_a_failed_first_jwks_fetch_warns_once_and_is_retried_at_login(
+    tmp_path: Path, keys: dict[str, RSAPrivateKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = type(
+        "Handler", (_FailingFirstHandler,), {"document": {"keys": [jwk(keys["k1"], "k1")]}}
+    )
+    handler.gets = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "JWKS" in r.getMessage()
+        ]
+
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="streambus.security"),
+            BrokerThread(
+                tmp_path / "data",
+                listeners="SASL_PLAINTEXT://127.0.0.1:0",
+                sasl_enabled_mechanisms="OAUTHBEARER",
+                sasl_oauthbearer_jwks_endpoint_url=url,
+                connection_failed_authentication_delay_ms=1,
+            ) as b,
+        ):
+            wait_until(warnings, timeout=30)
+            assert len(handler.gets) == 1
+            reply, raw = raw_login(port_of(b), sign(keys["k1"], "k1", "alice"))
+            raw.close()
+            assert reply.error_code == 0
+            assert len(handler.gets) == 2
+            assert len(warnings()) == 1, warnings()
+            assert "503" in warnings()[0]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_jwks_is_verified_against_the_configured_ca(
+    tmp_path: Path, keys: dict[str, RSAPrivateKey]
+) -> None:
+    import ssl
+    import urllib.error
+
+    from streambus.security.oauthbearer import _load, parse_jwks
+    from tests.security_certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    handler = type("Handler", (_JwksHandler,), {"document": {"keys": [jwk(keys["k1"], "k1")]}})
+    handler.gets = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/jwks.json"
+    try:
+        assert set(parse_jwks(_load(url, certs.ca))) == {"k1"}
+        # the system's CAs do not vouch for the test CA
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _load(url)
     finally:
         server.shutdown()
         server.server_close()

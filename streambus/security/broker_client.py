@@ -10,7 +10,10 @@ This module is the one place a broker connects to another:
    ``ssl.cafile`` (the system's CAs without one) and its name checked, unless
    ``ssl.endpoint.identification.algorithm`` is empty (Kafka's switch); the broker's
    own certificate is presented when the listeners require client certificates
-   (``ssl.client.auth=required``), as Kafka's brokers use one keystore both ways;
+   (``ssl.client.auth=required``), as Kafka's brokers use one keystore both ways.
+   The context is rebuilt when those files change (checked at dial time, at most once
+   a second), as the listeners reload theirs: renewed certificates need no restart, and
+   a file caught half-written keeps the old context (one ERROR line per change);
 3. on SASL_PLAINTEXT and SASL_SSL, SaslHandshake v1 and SaslAuthenticate v1 with
    ``sasl.mechanism.inter.broker.protocol``: PLAIN, or SCRAM-SHA-256/512 with the
    ``scramp`` library's client (its PBKDF2 runs in a worker thread).
@@ -43,7 +46,7 @@ from scramp import ScramClient, ScramException
 
 from streambus.errors import InvalidConfigError, SaslAuthenticationFailedError, error_name
 from streambus.security.listeners import MECHANISMS, PLAIN, Listener, SecurityProtocol
-from streambus.security.tls import ClientAuth
+from streambus.security.tls import ClientAuth, file_stamps
 
 log = logging.getLogger("streambus.security")
 
@@ -54,6 +57,7 @@ AUTHENTICATE_VERSION = 1  # the first with session_lifetime_ms
 REAUTH_MARGIN_S = 1.0
 DECODE_IN_THREAD_OVER = 256 * 1024  # bytes of a response frame decoded in a worker thread
 AUTHENTICATION_FAILURES = (SaslAuthenticationFailedError, ssl.SSLError)
+TLS_RELOAD_CHECK_S = 1.0  # how often a dial looks at the TLS files' stamps
 
 
 class SecurityConfig(Protocol):
@@ -103,6 +107,58 @@ def client_tls_context(
     return context
 
 
+class ClientTls:
+    """The client TLS context, rebuilt (in a worker thread) when its files change."""
+
+    def __init__(
+        self,
+        cafile: Path | None,
+        certfile: Path | None,
+        keyfile: Path | None,
+        *,
+        present_certificate: bool,
+        check_hostname: bool,
+    ) -> None:
+        self._cafile, self._certfile, self._keyfile = cafile, certfile, keyfile
+        self._present = present_certificate
+        self._check_hostname = check_hostname
+        files = (cafile, certfile, keyfile) if present_certificate else (cafile,)
+        self.files = tuple(p for p in files if p is not None)
+        self._stamp = file_stamps(self.files)
+        self._checked = time.monotonic()
+        self.context = self._build()  # at startup: an unreadable file refuses to start
+
+    def _build(self) -> ssl.SSLContext:
+        return client_tls_context(
+            self._cafile,
+            self._certfile,
+            self._keyfile,
+            present_certificate=self._present,
+            check_hostname=self._check_hostname,
+        )
+
+    async def current(self) -> ssl.SSLContext:
+        """The context to dial with, rebuilt first if a file changed since the last look."""
+        now = time.monotonic()
+        if now - self._checked < TLS_RELOAD_CHECK_S:
+            return self.context
+        self._checked = now  # before the await: concurrent dials look once
+        stamp = file_stamps(self.files)
+        if stamp == self._stamp:
+            return self.context
+        self._stamp = stamp  # a half-written file is tried again at its next change
+        try:
+            self.context = await asyncio.to_thread(self._build)
+        except InvalidConfigError as exc:
+            log.error(
+                "inter-broker TLS files changed but not reloaded (the old context stays): %s",
+                exc,
+            )
+        else:
+            log.info("inter-broker TLS context reloaded from %s", ", ".join(map(str, self.files)))
+        return self.context
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class InterBrokerSecurity:
     """What a broker's own connections to other brokers need."""
@@ -112,7 +168,7 @@ class InterBrokerSecurity:
     username: str = ""
     password: str | None = None
     password_file: Path | None = None  # read at each login, so a new secret needs no restart
-    tls: ssl.SSLContext | None = None
+    tls: ClientTls | None = None
 
     @classmethod
     def from_config(cls, config: SecurityConfig) -> InterBrokerSecurity:
@@ -158,7 +214,7 @@ class InterBrokerSecurity:
                 raise InvalidConfigError(
                     f"ssl.endpoint.identification.algorithm is 'https' or empty, not {algorithm!r}"
                 )
-            context = client_tls_context(
+            context = ClientTls(
                 config.ssl_cafile,
                 config.ssl_certfile,
                 config.ssl_keyfile,
@@ -232,11 +288,9 @@ class BrokerDialer:
         security = self.security
         try:
             async with asyncio.timeout(timeout_s):
+                tls = await security.tls.current() if security.tls is not None else None
                 reader, writer = await asyncio.open_connection(
-                    host,
-                    port,
-                    ssl=security.tls,
-                    server_hostname=host if security.tls is not None else None,
+                    host, port, ssl=tls, server_hostname=host if tls is not None else None
                 )
                 conn = BrokerConnection(reader, writer)
                 try:

@@ -72,6 +72,8 @@ _SECURITY_FLAGS = {
     "(default: not checked)",
     "sasl_oauthbearer_sub_claim_name": "Kafka's sasl.oauthbearer.sub.claim.name: the claim "
     "that names the principal (default sub)",
+    "sasl_oauthbearer_scope_claim_name": "Kafka's sasl.oauthbearer.scope.claim.name: the "
+    "claim holding a token's scopes, a string or a list (default scope)",
 }
 _INT_FLAGS = {
     "connection_failed_authentication_delay_ms": "Kafka's "

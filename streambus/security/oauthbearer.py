@@ -9,10 +9,16 @@ and only with asymmetric algorithms (RS*, PS*, ES*): never ``none`` or HS*, whos
 validator requires them), ``exp``/``nbf``/``iat`` allow
 ``sasl.oauthbearer.clock.skew.seconds``, audience and issuer are checked when
 configured, and the principal is ``User:`` + the ``sasl.oauthbearer.sub.claim.name``
-claim. Extensions are parsed and ignored, as Kafka's default validator does.
+claim. Extensions are parsed and ignored, as Kafka's default validator does. The
+``sasl.oauthbearer.scope.claim.name`` claim (default ``scope``) is parsed as Kafka's
+validator parses it, a space-separated string or a list of strings; a token whose scope
+claim is anything else is refused as ``malformed``. Nothing in the broker grants by scope.
 
 The JWKS is fetched in a worker thread (a file read or an HTTP GET never holds the
-loop), shared by every connection, refreshed in the background once older than
+loop) when the broker starts, so the first login does not wait for it (a failed first
+fetch logs a WARNING and is tried again at the first login), shared by every connection;
+an ``https://`` endpoint is verified against ``ssl.cafile`` when set, else the system's
+CAs. The keys are refreshed in the background once older than
 ``sasl.oauthbearer.jwks.endpoint.refresh.ms``, and fetched again at once when a token
 names a ``kid`` it does not hold (a key the issuer just rotated in) — at most once per
 ``sasl.oauthbearer.jwks.endpoint.retry.backoff.ms``, so tokens with made-up kids cannot
@@ -22,13 +28,16 @@ turn the broker into a flood against the issuer. A failed fetch keeps the keys i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import ssl
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -91,6 +100,7 @@ class SigningKey:
 class ValidatedToken:
     principal: str  # User:<sub>
     expires_at: float  # the token's exp, seconds since the epoch
+    scopes: tuple[str, ...] = ()  # the scope claim's values (granting nothing by themselves)
 
 
 def parse_initial_response(data: bytes) -> InitialResponse:
@@ -114,11 +124,19 @@ def error_challenge(status: str = "invalid_token") -> bytes:
     return json.dumps({"status": status}, separators=(",", ":")).encode()
 
 
-def _load(url: str) -> bytes:
-    """The JWKS document (blocking: run in a worker thread)."""
+def _load(url: str, cafile: Path | None = None) -> bytes:
+    """The JWKS document (blocking: run in a worker thread). An https endpoint's
+    certificate is checked against ``cafile`` (read at each fetch, so a renewed CA needs
+    no restart), else the system's CAs."""
     # file, http or https only: check_url refused any other scheme at startup
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=JWKS_FETCH_TIMEOUT_S) as response:  # noqa: S310
+    context = None
+    if url.lower().startswith("https:"):
+        context = ssl.create_default_context(cafile=cafile)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    with urllib.request.urlopen(  # noqa: S310
+        request, timeout=JWKS_FETCH_TIMEOUT_S, context=context
+    ) as response:
         body: bytes = response.read(JWKS_MAX_BYTES + 1)
     if len(body) > JWKS_MAX_BYTES:
         raise ValueError(f"JWKS larger than {JWKS_MAX_BYTES} bytes")
@@ -157,9 +175,12 @@ def check_url(url: str) -> None:
 class JwksCache:
     """One broker's keys from the JWKS endpoint, fetched off the loop and shared."""
 
-    def __init__(self, url: str, refresh_ms: int, backoff_ms: int) -> None:
+    def __init__(
+        self, url: str, refresh_ms: int, backoff_ms: int, cafile: Path | None = None
+    ) -> None:
         check_url(url)
         self.url = url
+        self._cafile = cafile
         self._refresh_s = refresh_ms / 1000
         self._backoff_s = backoff_ms / 1000
         self._keys: dict[str | None, SigningKey] = {}
@@ -167,6 +188,18 @@ class JwksCache:
         self._tried = float("-inf")  # monotonic time the last fetch started
         self._fetching: asyncio.Task[None] | None = None
         self.fetches = 0  # successful ones
+
+    def prefetch(self) -> None:
+        """Start the first fetch in the background (at the broker's start), so the first
+        login finds the keys in hand; a login arriving meanwhile waits for this fetch."""
+        self._start_refresh()
+
+    async def close(self) -> None:
+        """Cancel a fetch in flight (its worker thread ends with its timeout)."""
+        if self._fetching is not None and not self._fetching.done():
+            self._fetching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fetching
 
     async def key(self, kid: str | None) -> SigningKey | None:
         now = time.monotonic()
@@ -198,8 +231,8 @@ class JwksCache:
     async def _fetch(self) -> None:
         self._tried = time.monotonic()
         try:
-            keys = parse_jwks(await asyncio.to_thread(_load, self.url))
-        except (OSError, ValueError) as exc:
+            keys = parse_jwks(await asyncio.to_thread(_load, self.url, self._cafile))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.warning(
                 "fetching the JWKS from %s failed (keeping %d keys): %s",
                 self.url,
@@ -224,12 +257,14 @@ class OAuthBearerValidator:
         audience: tuple[str, ...] = (),
         issuer: str | None = None,
         sub_claim: str = "sub",
+        scope_claim: str = "scope",
     ) -> None:
         self.jwks = jwks
         self._skew = clock_skew_s
         self._audience = audience
         self._issuer = issuer
         self._sub_claim = sub_claim
+        self._scope_claim = scope_claim
 
     async def validate(self, response: InitialResponse) -> ValidatedToken:
         """The token's principal and expiry (raises TokenRejectedError)."""
@@ -257,7 +292,8 @@ class OAuthBearerValidator:
             raise TokenRejectedError("missing_claim")
         if response.authzid and response.authzid != subject:
             raise TokenRejectedError("authzid_mismatch")
-        return ValidatedToken("User:" + subject, float(claims["exp"]))
+        scopes = parse_scopes(claims.get(self._scope_claim))
+        return ValidatedToken("User:" + subject, float(claims["exp"]), scopes)
 
     def _decode(self, token: str, key: PyJWK, alg: str) -> dict[str, Any]:
         try:
@@ -288,6 +324,19 @@ class OAuthBearerValidator:
         return claims
 
 
+def parse_scopes(claim: object) -> tuple[str, ...]:
+    """The scope claim as Kafka's validator reads it: absent is no scope, a string is
+    space-separated scopes, a list holds one scope per string; anything else (a number,
+    an object, a list with a non-string or blank item) raises TokenRejectedError("malformed")."""
+    if claim is None:
+        return ()
+    if isinstance(claim, str):
+        return tuple(claim.split())
+    if isinstance(claim, list) and all(isinstance(s, str) and s.strip() for s in claim):
+        return tuple(s.strip() for s in claim)
+    raise TokenRejectedError("malformed")
+
+
 def validator_from(  # noqa: PLR0917 - the settings as the config names them
     url: str | None,
     refresh_ms: int,
@@ -296,6 +345,8 @@ def validator_from(  # noqa: PLR0917 - the settings as the config names them
     audience: str | None,
     issuer: str | None,
     sub_claim: str,
+    scope_claim: str = "scope",
+    cafile: Path | None = None,
 ) -> OAuthBearerValidator:
     """The validator for these settings (raises InvalidConfigError)."""
     if not url:
@@ -303,16 +354,17 @@ def validator_from(  # noqa: PLR0917 - the settings as the config names them
             "sasl.enabled.mechanisms has OAUTHBEARER: sasl.oauthbearer.jwks.endpoint.url "
             "must name the issuer's JWKS"
         )
-    if refresh_ms < 1 or backoff_ms < 0 or clock_skew_s < 0 or not sub_claim:
+    if refresh_ms < 1 or backoff_ms < 0 or clock_skew_s < 0 or not sub_claim or not scope_claim:
         raise InvalidConfigError(
             "sasl.oauthbearer.jwks.endpoint.refresh.ms must be >= 1, retry.backoff.ms and "
-            "clock.skew.seconds >= 0, and sub.claim.name not empty"
+            "clock.skew.seconds >= 0, and sub.claim.name and scope.claim.name not empty"
         )
     audiences = tuple(a.strip() for a in (audience or "").split(",") if a.strip())
     return OAuthBearerValidator(
-        JwksCache(url, refresh_ms, backoff_ms),
+        JwksCache(url, refresh_ms, backoff_ms, cafile),
         clock_skew_s=clock_skew_s,
         audience=audiences,
         issuer=issuer or None,
         sub_claim=sub_claim,
+        scope_claim=scope_claim,
     )
