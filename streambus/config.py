@@ -75,6 +75,10 @@ class BrokerConfig:
     # datadir.FD_RESERVE descriptors, so log segments, /metrics and telemetry export keep theirs.
     max_connections: int = 0
     max_connections_per_ip: int = 0  # Kafka's max.connections.per.ip; 0: max_connections
+    # Kafka's max.connection.creation.rate (KIP-612): new connections per second across
+    # every address; a connection over it is held unread up to one quota window, then
+    # closed. 0: unlimited (Kafka's default, Int.MaxValue).
+    max_connection_creation_rate: int = 0
     fetch_max_bytes: int = 55 * 1024 * 1024  # Kafka's fetch.max.bytes: caps every Fetch response
     maintenance_interval_ms: int = 30_000  # retention, compaction and flush.ms checks
     shutdown_timeout_s: float = 30.0
@@ -303,6 +307,11 @@ class BrokerConfig:
             raise InvalidConfigError(f"max partitions must be >= 1, got {self.max_partitions}")
         if self.broker_id < 0:
             raise InvalidConfigError(f"broker id must be >= 0, got {self.broker_id}")
+        if self.max_connection_creation_rate < 0:
+            raise InvalidConfigError(
+                "max.connection.creation.rate must be >= 0 (0: unlimited), "
+                f"got {self.max_connection_creation_rate}"
+            )
         for name in ("max_connections", "max_connections_per_ip"):
             if getattr(self, name) < 0:
                 raise InvalidConfigError(

@@ -101,6 +101,8 @@ ANONYMOUS = "ANONYMOUS"  # Kafka's principal for unauthenticated connections
 PRODUCE = "produce"
 FETCH = "fetch"
 CONNECTION = "connection"  # the throttle of a connection over its ip's creation rate
+# The sensor of the broker-wide max.connection.creation.rate (no ip is a tuple of one).
+BROKER_CONNECTIONS: tuple[object, ...] = ("broker-connections",)
 MUTATION = "controller_mutation"  # partitions created or deleted (KIP-599)
 REQUEST = "request"  # time spent handling requests (KIP-124)
 _KEYS = {
@@ -451,6 +453,20 @@ class QuotaManager:
         if throttle_s > 0:
             rate.record(-1, now, self.window_s, self.window_num)  # refused: not counted
         self._telemetry.throttle_time(CONNECTION, throttle_s)
+        return throttle_s
+
+    def broker_connection_throttle(self, rate: float) -> float:
+        """Count a new connection against the broker-wide ``max.connection.creation.rate``
+        (``rate`` per second, every address together; 0: unlimited); the seconds to hold it
+        unread before closing it when it goes over (0: accept it). A refused connection is
+        not counted, so the rate is of connections let in."""
+        if rate <= 0:
+            return 0.0
+        sensor, now = self._rate(BROKER_CONNECTIONS)
+        sensor.record(1, now, self.window_s, self.window_num)
+        throttle_s = min(self._over(sensor, rate, now), self.window_s)  # as per address
+        if throttle_s > 0:
+            sensor.record(-1, now, self.window_s, self.window_num)
         return throttle_s
 
     def request_quota(

@@ -329,19 +329,25 @@ class KafkaServer:
         """KIP-612: a connection taking ``ip`` over its ``connection_creation_rate`` is held
         unread for its throttle time, then closed unanswered, as Kafka's acceptor does (a
         delayed close, so a reconnecting client backs off). It stays counted against
-        max.connections meanwhile, which bounds the sockets held; nothing waits on the loop."""
-        delay = self._services.quotas.connection_throttle(ip)
+        max.connections meanwhile, which bounds the sockets held; nothing waits on the loop.
+        The broker-wide max.connection.creation.rate is checked first, the same way."""
+        quotas = self._services.quotas
+        reason, why = "max_connection_creation_rate", "the broker's max.connection.creation.rate"
+        delay = quotas.broker_connection_throttle(self._config.max_connection_creation_rate)
+        if not delay:
+            reason, why = "connection_creation_rate", "its ip's connection_creation_rate quota"
+            delay = quotas.connection_throttle(ip)
         if not delay:
             return False
-        self._services.telemetry.connection_rejected("connection_creation_rate")
+        self._services.telemetry.connection_rejected(reason)
         self._throttled.log(
-            "connection_creation_rate",
+            reason,
             logging.WARNING,
-            "connections closed for connection_creation_rate",
-            "closing connection from %s unanswered in %d ms: its ip is over its "
-            "connection_creation_rate quota",
+            "connections closed for " + reason,
+            "closing connection from %s unanswered in %d ms: over %s",
             peer,
             round(delay * 1000),
+            why,
         )
         transport.pause_reading()  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()

@@ -10,11 +10,14 @@ given to another member, and the group epoch does not move.
 from __future__ import annotations
 
 import signal
+import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests import consumer_groups
@@ -165,3 +168,108 @@ def test_left_member_and_deleted_group_stay_gone_after_restart(broker: BrokerPro
     broker.kill()
     broker.start()
     assert describe_group(broker.bootstrap, "raw-persisted").error_code == 69  # GROUP_ID_NOT_FOUND
+
+
+def _offsets_log(bootstrap: str) -> list[tuple[bytes, bytes | None]]:
+    """Every (key, value) of ``__consumer_offsets`` in log order, read by a consumer."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "offsets-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        partitions = consumer.list_topics("__consumer_offsets", timeout=15).topics
+        count = len(partitions["__consumer_offsets"].partitions)
+        consumer.assign([TopicPartition("__consumer_offsets", p, 0) for p in range(count)])
+        out: list[tuple[bytes, bytes | None]] = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(at_end) < count and time.monotonic() < deadline:
+            msg = consumer.poll(1)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition())
+                continue
+            out.append((msg.key(), msg.value()))
+        assert len(at_end) == count, "read every partition to its end"
+        return out
+    finally:
+        consumer.close()
+
+
+def _regex_records(bootstrap: str, group: str, regex: str) -> list[bytes | None]:
+    """The values of ``group``'s ConsumerGroupRegularExpression record for ``regex``, checking
+    the key is Kafka's: version 16, then GroupId and RegularExpression as int16-length strings."""
+    key = struct.pack(">hh", 16, len(group)) + group.encode()
+    key += struct.pack(">h", len(regex)) + regex.encode()
+    return [v for k, v in _offsets_log(bootstrap) if k == key]
+
+
+def _decode_regex_value(value: bytes) -> tuple[list[str], int, int]:
+    """Kafka's ConsumerGroupRegularExpressionValue v0 (flexible): compact array of compact
+    strings Topics, int64 Version, int64 Timestamp, empty tagged fields."""
+    assert struct.unpack_from(">h", value)[0] == 0, "value version 0"
+    pos = 2
+    count = value[pos] - 1  # small enough for a one-byte varint here
+    pos += 1
+    topics = []
+    for _ in range(count):
+        length = value[pos] - 1
+        topics.append(value[pos + 1 : pos + 1 + length].decode())
+        pos += 1 + length
+    version, timestamp = struct.unpack_from(">qq", value, pos)
+    pos += 16
+    assert value[pos:] == b"\x00", "no tagged fields, nothing after them"
+    return topics, version, timestamp
+
+
+def test_regex_resolution_is_persisted_as_kafka_record(broker: BrokerProcess) -> None:
+    group, regex = "raw-regex-persisted", "^pers.*"
+    started_ms = int(time.time() * 1000)
+
+    def beat(c: RawClient, epoch: int, **fields: Any) -> Any:
+        response = heartbeat(c, group_id=group, member_id="member-r", member_epoch=epoch, **fields)
+        assert response.error_code == 0, response.error_message
+        return response
+
+    with RawClient(broker.bootstrap) as c:
+        joined = beat(c, 0, subscribed_topic_names=[], subscribed_topic_regex=regex)
+        owned = joined.assignment.topic_partitions
+        assert sorted(p for tp in owned for p in tp.partitions) == list(range(PARTITIONS))
+        beat(c, joined.member_epoch, topic_partitions=owned)
+    before = describe_group(broker.bootstrap, group)
+    (value,) = _regex_records(broker.bootstrap, group, regex)
+    assert value is not None
+    topics, version, timestamp = _decode_regex_value(value)
+    assert topics == [TOPIC]
+    assert version <= before.group_epoch
+    assert started_ms <= timestamp <= int(time.time() * 1000)
+
+    broker.kill()
+    broker.start()
+    after = describe_group(broker.bootstrap, group)
+    assert after.group_epoch == before.group_epoch, "the loaded resolution moved no epoch"
+    assert after == before
+    with RawClient(broker.bootstrap) as c:
+        kept = beat(c, before.members[0].member_epoch, topic_partitions=owned)
+        assert kept.member_epoch == before.members[0].member_epoch
+        assert describe_group(broker.bootstrap, group).group_epoch == before.group_epoch
+        # Not written again by the load or the heartbeat: the same resolution, one record.
+        assert _regex_records(broker.bootstrap, group, regex) == [value]
+
+        # A new matching topic changes the resolution: a new record, a new group epoch.
+        create_topics(broker.bootstrap, {"persisted-more": 1})
+        wait_until(lambda: beat(c, kept.member_epoch).member_epoch > kept.member_epoch, timeout=30)
+        assert describe_group(broker.bootstrap, group).group_epoch > before.group_epoch
+        records = _regex_records(broker.bootstrap, group, regex)
+        assert len(records) == 2
+        assert records[-1] is not None
+        assert _decode_regex_value(records[-1])[0] == [TOPIC, "persisted-more"]
+
+        beat(c, -1)  # the last member with the regex leaves: its record is tombstoned
+    assert _regex_records(broker.bootstrap, group, regex)[-1] is None

@@ -53,14 +53,18 @@ def alter_from(
         assert client.request(request, 1).entries[0].error_code == 0
 
 
-def burst(bootstrap: str, count: int, source: str = "127.0.0.1") -> tuple[int, int, float]:
-    """Open ``count`` connections one after another, each asking ApiVersions, then read
-    every answer: (answered, closed unanswered, seconds the opening took)."""
+def burst(
+    bootstrap: str, count: int, source: str | tuple[str, ...] = "127.0.0.1"
+) -> tuple[int, int, float]:
+    """Open ``count`` connections one after another (from the addresses in turn), each
+    asking ApiVersions, then read every answer: (answered, closed unanswered, seconds the
+    opening took)."""
+    sources = (source,) if isinstance(source, str) else source
     clients: list[SourcedClient] = []
     start = time.monotonic()
     try:
-        for _ in range(count):
-            client = SourcedClient(bootstrap, source, timeout=30)
+        for i in range(count):
+            client = SourcedClient(bootstrap, sources[i % len(sources)], timeout=30)
             request = ApiVersionsRequest()
             request.with_header(correlation_id=1, client_id="burst")
             client.send_bytes(bytes(request.encode(version=0, header=True, framed=True)))
@@ -207,3 +211,20 @@ def _until_accepted(tools: Tools, *args: str) -> Any:
         if run.returncode == 0 or time.monotonic() > deadline:
             assert run.returncode == 0, run
             return run
+
+
+def test_broker_wide_connection_rate_spans_addresses(tmp_path: Path) -> None:
+    """``max.connection.creation.rate`` counts every address together: a burst from two
+    addresses in turn, neither with an ip quota, is held to the broker's one rate (per
+    address, twice as many would get in)."""
+    with BrokerThread(tmp_path / "data", max_connection_creation_rate=RATE, **WINDOW) as b:
+        answered, refused, took = burst(b.bootstrap, 30, source=("127.0.0.1", "127.0.0.2"))
+        assert answered + refused == 30
+        assert 1 <= answered <= RATE * (took + 2) + 1, (answered, refused, took)
+        assert refused >= 1
+        s = b.scrape()
+        rejected = total(
+            s, "streambus_connections_rejected_total", reason="max_connection_creation_rate"
+        )
+        assert rejected == refused  # each refused connection counted once, by its reason
+        assert _rejected(b) == 0  # no ip quota refused any

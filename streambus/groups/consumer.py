@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -143,9 +144,13 @@ class ConsumerGroup:
     rebalances: int = 0  # target assignments computed (each one a rebalance)
     dead: bool = False
     state_since_ms: int = 0  # wall clock it last became empty (offsets retention counts from it)
-    # The members' regexes resolved to topic names, valid for the topic set ``resolved_over``.
+    # The members' regexes resolved to topic names, valid for the topic set ``resolved_over``
+    # (None: unknown, as for resolutions loaded from the log, which are checked again).
     resolved: dict[str, frozenset[str]] = field(default_factory=dict)
-    resolved_over: frozenset[str] = frozenset()
+    resolved_over: frozenset[str] | None = frozenset()
+    # regex -> (version, wall-clock ms) of its resolution's last change: what its
+    # ConsumerGroupRegularExpression record carries. The version is the group epoch then.
+    resolved_at: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def protocol_type(self) -> str:
@@ -358,6 +363,10 @@ class ConsumerGroup:
             and self.static_members.get(member.instance_id) == member.member_id
         ):
             del self.static_members[member.instance_id]
+        if member.regex and all(m.regex != member.regex for m in self.members.values()):
+            # no member subscribes with it any more: its record is tombstoned
+            self.resolved.pop(member.regex, None)
+            self.resolved_at.pop(member.regex, None)
 
     def _bump(self, reason: str) -> None:
         self.group_epoch += 1
@@ -370,22 +379,32 @@ class ConsumerGroup:
 
     def resolve_regexes(self, topics: Mapping[str, int]) -> None:
         """Resolve the members' regexes against the existing topics, again only when the
-        set of topics changed (a topic created or deleted) or a regex is new."""
+        set of topics changed (a topic created or deleted) or a regex is new. A resolution
+        that comes out as before keeps its version and timestamp (its record is unchanged)."""
         names = frozenset(topics)
+        previous = self.resolved
         if names != self.resolved_over:
             self.resolved = {}
             self.resolved_over = names
         wanted = {m.regex for m in self.members.values() if m.regex}
+        now_ms = int(time.time() * 1000)
         for regex in wanted - self.resolved.keys():
             pattern = compile_regex(regex)
-            self.resolved[regex] = frozenset(t for t in names if pattern.fullmatch(t))
+            matched = frozenset(t for t in names if pattern.fullmatch(t))
+            self.resolved[regex] = matched
+            if previous.get(regex) != matched or regex not in self.resolved_at:
+                self.resolved_at[regex] = (self.group_epoch, now_ms)
         for regex in self.resolved.keys() - wanted:
             del self.resolved[regex]
+        for regex in self.resolved_at.keys() - self.resolved.keys():
+            del self.resolved_at[regex]
 
     def refresh_topics(self, topics: Mapping[str, int], *, bump: bool = True) -> None:
         """A subscribed topic created, deleted or grown, or one a regex now matches or no
         longer matches, changes the assignment's input. ``bump=False``: take the shape as
-        it is (a group loaded from the log; its assignment already reflects it)."""
+        it is (a group loaded from the log; its assignment already reflects it), unless a
+        regex now matches other topics than its loaded resolution did."""
+        earlier = dict(self.resolved)
         self.resolve_regexes(topics)
         wanted = {t for m in self.members.values() for t in self.topics_of(m)}
         shape = {t: topics[t] for t in sorted(wanted) if t in topics}
@@ -393,6 +412,10 @@ class ConsumerGroup:
             self.topic_shape = shape
             if bump:
                 self._bump("subscribed topics changed")
+        if not bump:
+            moved = sorted(r for r, ts in self.resolved.items() if earlier.get(r, ts) != ts)
+            if moved:
+                self._bump(f"regexes {moved} match other topics than when they were written")
 
     def select_assignor(self) -> str:
         """The assignor most members ask for (ties: by name), else the default."""

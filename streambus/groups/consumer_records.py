@@ -22,6 +22,11 @@ each struct. The records (type: key fields -> value fields):
 - 8 ConsumerGroupCurrentMemberAssignment: group, member -> member epoch int32, previous
   epoch int32, state int8 (0 stable, 1 unrevoked, 2 unreleased), assigned
   [topic id, [partition]], pending revocation [topic id, [partition]]
+- 16 ConsumerGroupRegularExpression: group, regex -> the topic names it resolved to
+  [string], version int64 (Kafka: the metadata image's; here the group epoch when the
+  resolution last changed), timestamp int64 (wall-clock ms of that resolution). Written
+  when a regex's resolution changes, tombstoned when no member subscribes with it; on
+  load a resolution that still matches the same topics moves no epoch.
 
 Assignments name topics by id, as Kafka's do: a topic deleted and recreated under the
 same name is another topic, and a partition of a deleted topic is dropped on load.
@@ -41,15 +46,23 @@ MEMBER_METADATA = 5
 TARGET_METADATA = 6
 TARGET_MEMBER = 7
 CURRENT_ASSIGNMENT = 8
+REGULAR_EXPRESSION = 16
 RECORD_TYPES = frozenset(
-    (GROUP_METADATA, MEMBER_METADATA, TARGET_METADATA, TARGET_MEMBER, CURRENT_ASSIGNMENT)
+    (
+        GROUP_METADATA,
+        MEMBER_METADATA,
+        TARGET_METADATA,
+        TARGET_MEMBER,
+        CURRENT_ASSIGNMENT,
+        REGULAR_EXPRESSION,
+    )
 )
-_GROUP_KEYS = (GROUP_METADATA, TARGET_METADATA)
-_MEMBER_KEYS = (MEMBER_METADATA, TARGET_MEMBER, CURRENT_ASSIGNMENT)
+GROUP_LEVEL = frozenset((GROUP_METADATA, TARGET_METADATA, REGULAR_EXPRESSION))
 
 _INT16 = struct.Struct(">h")
 _INT32 = struct.Struct(">i")
 _INT8 = struct.Struct(">b")
+_INT64 = struct.Struct(">q")
 VALUE_VERSION = 0
 _NO_TAGS = b"\x00"
 
@@ -108,12 +121,25 @@ def _value(*parts: bytes) -> bytes:
 
 
 def group_records(group: ConsumerGroup) -> dict[bytes, bytes]:
-    """The group-wide records: its epoch and its target assignment's epoch."""
+    """The group-wide records: its epoch, its target assignment's epoch and its members'
+    regexes with the topics each resolved to."""
     gid = group.group_id
-    return {
+    out = {
         group_key(GROUP_METADATA, gid): _value(_INT32.pack(group.group_epoch)),
         group_key(TARGET_METADATA, gid): _value(_INT32.pack(group.assignment_epoch)),
     }
+    for regex, topics in sorted(group.resolved.items()):
+        version, timestamp_ms = group.resolved_at.get(regex, (group.group_epoch, 0))
+        names = [_varint(len(topics) + 1)]
+        names.extend(_compact_string(t) for t in sorted(topics))
+        value = _value(*names, _INT64.pack(version), _INT64.pack(timestamp_ms))
+        out[member_key(REGULAR_EXPRESSION, gid, regex)] = value
+    return out
+
+
+def record_kind(key: bytes) -> int:
+    """The record type a key of ``__consumer_offsets`` starts with."""
+    return int(_INT16.unpack_from(key)[0])
 
 
 def member_records(
@@ -212,14 +238,15 @@ class _Reader:
 
 
 def parse_key(key: bytes) -> tuple[int, str, str | None] | None:
-    """(record type, group, member or None) of a consumer group record; None for others."""
+    """(record type, group, member or regex or None) of a consumer group record; None for
+    others."""
     reader = _Reader(key)
     kind = reader.unpack(_INT16)
     if kind not in RECORD_TYPES:
         return None
     group_id = reader.key_string()
-    member_id = reader.key_string() if kind in _MEMBER_KEYS else None
-    return kind, group_id, member_id
+    second = reader.key_string() if kind not in (GROUP_METADATA, TARGET_METADATA) else None
+    return kind, group_id, second
 
 
 @dataclass
@@ -229,6 +256,7 @@ class _Loaded:
     metadata: dict[str, bytes] = field(default_factory=dict)
     target: dict[str, bytes] = field(default_factory=dict)
     current: dict[str, bytes] = field(default_factory=dict)
+    regexes: dict[str, bytes] = field(default_factory=dict)
 
 
 def rebuild(
@@ -254,6 +282,8 @@ def rebuild(
             entry.epoch = reader.unpack(_INT32)
         elif kind == TARGET_METADATA:
             entry.assignment_epoch = reader.unpack(_INT32)
+        elif kind == REGULAR_EXPRESSION and mid is not None:
+            entry.regexes[mid] = value
         elif mid is not None:
             {
                 MEMBER_METADATA: entry.metadata,
@@ -282,6 +312,14 @@ def rebuild(
             if target is not None:
                 reader = _Reader(target, _INT16.size)
                 group.target[mid] = reader.partitions(names)
+        if entry.regexes:
+            group.resolved_over = None  # checked against the topics as they are now
+        for regex, raw in entry.regexes.items():
+            r = _Reader(raw, _INT16.size)
+            group.resolved[regex] = frozenset(
+                r.compact_string() or "" for _ in range(r.varint() - 1)
+            )
+            group.resolved_at[regex] = (r.unpack(_INT64), r.unpack(_INT64))
         groups[gid] = group
     return groups
 

@@ -139,13 +139,16 @@ class GroupCoordinator:
             log.warning("skipping unreadable consumer group records in %s: %s", OFFSETS_TOPIC, exc)
             return
         for group_id, group in groups.items():
+            # What the log holds, as this group writes it; only what the refresh below
+            # changes (a regex matching other topics now) is written again.
+            self._persisted[group_id] = consumer_records.all_records(group, ids)
+            self._persisted_members[group_id] = frozenset(group.members)
             # The loaded assignment already reflects the topics as they were: take their
             # shape as it is, so loading alone moves no epoch.
             group.refresh_topics(counts, bump=False)
             self._groups.pop(group_id, None)
             self._consumer_groups[group_id] = group
-            self._persisted[group_id] = consumer_records.all_records(group, ids)
-            self._persisted_members[group_id] = frozenset(group.members)
+            self._persist(group)
             log.info(
                 "loaded consumer group %r: epoch %d, %d members",
                 group_id,
@@ -163,8 +166,12 @@ class GroupCoordinator:
         before = self._persisted.get(group.group_id, {})
         _, ids = self._topic_ids()
         group_part = consumer_records.group_records(group)
-        same_group = all(before.get(k) == v for k, v in group_part.items()) and (
-            group.members.keys() == self._persisted_members.get(group.group_id, frozenset())
+        same_group = (
+            all(before.get(k) == v for k, v in group_part.items())
+            and group.members.keys() == self._persisted_members.get(group.group_id, frozenset())
+            # a regex no member subscribes with any more is tombstoned by the full pass
+            and sum(consumer_records.record_kind(k) in consumer_records.GROUP_LEVEL for k in before)
+            == len(group_part)
         )
         if member is not None and same_group:
             now = consumer_records.member_records(group, member, ids)
