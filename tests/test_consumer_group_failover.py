@@ -44,6 +44,7 @@ from tests.consumer_groups import (
 )
 from tests.harness import ClusterProcesses, RawClient, wait_until
 from tests.test_cluster import wait_cluster_size
+from tests.test_group_protocol import commit
 from tests.test_replication import REPL_ENV, create_replicated, stopped, wait_in_sync
 
 pytestmark = pytest.mark.slow
@@ -230,11 +231,21 @@ def test_heartbeat_waits_for_the_isr_and_times_out_retriably(cluster3: ClusterPr
     assert first.error_code == 0, first.error_message
     wait_in_sync(cluster, "__consumer_offsets", OFFSETS_PARTITIONS)
     followers = [b for n, b in cluster.brokers.items() if n != node]
+    # A group of plain offset commits (no members) that the same broker coordinates.
+    bootstraps = [b.bootstrap for b in cluster.brokers.values()]
+    committer = next(
+        g for g in (f"committer-{i}" for i in range(1000)) if coordinator_of(bootstraps, g) == node
+    )
 
     with stopped(followers[0]), stopped(followers[1]):
         began = time.monotonic()
         refused = join(coordinator.bootstrap, group, "member-b")
         waited = time.monotonic() - began
+        # An offset commit the ISR cannot take is refused retriably too, as Kafka's
+        # coordinator answers it (not REQUEST_TIMED_OUT, which older clients do not retry).
+        with RawClient(coordinator.bootstrap, timeout=30) as client:
+            commit_error = commit(client, -1, "", 5, TOPIC, group=committer)
+    assert commit_error == COORDINATOR_NOT_AVAILABLE, commit_error
     print(
         f"\nheartbeat answered {refused.error_code} after {waited * 1000:.0f} ms "
         "with both followers stopped",
