@@ -206,6 +206,15 @@ def evenly_assigned(members: Sequence[GroupConsumer], partitions: int, described
     )
 
 
+def settled(state: RawState) -> bool:
+    """Reconciled: every member at the group's epoch, which the assignment has too, so no
+    heartbeat still due moves an epoch (snapshots taken apart in time compare equal)."""
+    group_epoch, assignment_epoch, described = state
+    return group_epoch == assignment_epoch and all(
+        epoch == group_epoch for epoch, _ in described.values()
+    )
+
+
 def heartbeat(client: RawClient, version: int = 1, **fields: Any) -> Any:
     """One raw ConsumerGroupHeartbeat; by default a member joining (epoch 0, 30 s rebalance
     timeout)."""

@@ -41,6 +41,7 @@ from tests.consumer_groups import (
     evenly_assigned,
     group_state,
     heartbeat,
+    settled,
 )
 from tests.harness import ClusterProcesses, RawClient, wait_until
 from tests.test_cluster import wait_cluster_size
@@ -131,7 +132,7 @@ def stable(cluster: ClusterProcesses, members: list[Member]) -> bool:
     state = None if node is None else raw_state(cluster.brokers[node].bootstrap)
     if state is None:
         return False
-    return evenly_assigned(members, PARTITIONS, len(state[2]))
+    return settled(state) and evenly_assigned(members, PARTITIONS, len(state[2]))
 
 
 @pytest.mark.timeout(300)

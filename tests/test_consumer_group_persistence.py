@@ -31,6 +31,7 @@ from tests.consumer_groups import (
     evenly_assigned,
     group_state,
     heartbeat,
+    settled,
 )
 from tests.harness import BrokerProcess, RawClient, total, wait_until
 
@@ -75,10 +76,10 @@ def admin_view(bootstrap: str) -> AdminView:
 
 def stable(bootstrap: str, members: list[Member]) -> bool:
     try:
-        _, _, described = raw_state(bootstrap)
+        state = raw_state(bootstrap)
     except (AssertionError, OSError):
         return False
-    return evenly_assigned(members, PARTITIONS, len(described))
+    return settled(state) and evenly_assigned(members, PARTITIONS, len(state[2]))
 
 
 def heartbeats(broker: BrokerProcess) -> float:
