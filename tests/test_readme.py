@@ -139,3 +139,22 @@ def test_every_make_target_exists() -> None:
     named |= set(re.findall(r"`make ([\w-]+)", README))
     assert {"demo", "test", "otelcol", "kafka-tools"} <= named
     assert named <= targets, named - targets
+
+
+def test_the_protocol_table_lists_every_api_served() -> None:
+    """Each API the broker serves is a row of *Kafka protocol support* with the versions
+    it serves, and the table names nothing it does not serve."""
+    from streambus.app import APIS
+
+    documented: dict[str, tuple[int, int]] = {}
+    for row in re.findall(r"^\| (.+?) \| (.+?) \|$", section("Kafka protocol support"), re.M):
+        names, versions = row
+        if names in ("API", "---"):
+            continue
+        ranges = versions.split(" (")[0].split(", ")
+        assert len(ranges) == len(names.split(", ")), row
+        for name, span in zip(names.split(", "), ranges, strict=True):
+            low, _, high = span.partition("\N{EN DASH}")
+            documented[name] = (int(low), int(high or low))
+    served = {spec.name: (spec.min_version, spec.max_version) for spec in APIS.values()}
+    assert documented == served
