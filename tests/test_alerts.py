@@ -392,35 +392,61 @@ def fast_rules(workdir: Path) -> Path:
     return path
 
 
+def live_alert_test(test: Any) -> Any:
+    """A test that sends an alert through a real Prometheus and Alertmanager."""
+    needs_prometheus = pytest.mark.skipif(
+        PROMETHEUS is None, reason="prometheus comes with `make install`"
+    )
+    needs_alertmanager = pytest.mark.skipif(
+        ALERTMANAGER is None, reason="needs the prometheus-alertmanager package"
+    )
+    return pytest.mark.slow(needs_prometheus(needs_alertmanager(test)))
+
+
+class AlertPipeline:
+    """Alertmanager posting to a webhook; ``scrape`` adds the Prometheus that scrapes a
+    broker with the shipped rules (``for:`` shortened) and sends Alertmanager its alerts.
+    Everything it starts is stopped by ``stack``."""
+
+    def __init__(self, stack: contextlib.ExitStack, workdir: Path) -> None:
+        self.workdir = workdir
+        self._stack = stack
+        self.webhook = Webhook()
+        stack.callback(self.webhook.stop)
+        self.alertmanager = AlertmanagerServer(workdir / "am", self.webhook.url)
+        stack.callback(self.alertmanager.stop)
+
+    def scrape(self, broker: BrokerThread) -> PrometheusServer:
+        target = broker.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        prom = PrometheusServer(
+            self.workdir / "prom",
+            target,
+            rule_files=[fast_rules(self.workdir)],
+            alertmanagers=[self.alertmanager.address],
+            extra_args=["--rules.alert.resend-delay=1s"],
+        )
+        self._stack.callback(prom.stop)
+        return prom
+
+    def delivered(self, alertname: str) -> list[dict[str, Any]]:
+        return [a for a in self.webhook.alerts() if a["labels"]["alertname"] == alertname]
+
+
 LAG_TOPIC = "lagging"
 LAG_GROUP = "lagging-readers"
 PRODUCED = 1200
 COMMITTED = 10  # lag = 1200 - 10 = 1190, past HighConsumerLag's 1000
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
-@pytest.mark.skipif(ALERTMANAGER is None, reason="needs the prometheus-alertmanager package")
+@live_alert_test
 def test_high_consumer_lag_reaches_alertmanager_webhook(tmp_path: Path) -> None:
     from confluent_kafka import Consumer, Producer, TopicPartition
 
-    webhook = Webhook()
-    stack = contextlib.ExitStack()
-    stack.callback(webhook.stop)
-    with stack:
-        alertmanager = AlertmanagerServer(tmp_path / "am", webhook.url)
-        stack.callback(alertmanager.stop)
+    with contextlib.ExitStack() as stack:
+        alerting = AlertPipeline(stack, tmp_path)
         b = stack.enter_context(BrokerThread(tmp_path / "data"))
         b.run(b.broker.create_topic, LAG_TOPIC, 1, {})
-        target = b.metrics_url.removeprefix("http://").removesuffix("/metrics")
-        prom = PrometheusServer(
-            tmp_path / "prom",
-            target,
-            rule_files=[fast_rules(tmp_path)],
-            alertmanagers=[alertmanager.address],
-            extra_args=["--rules.alert.resend-delay=1s"],
-        )
-        stack.callback(prom.stop)
+        prom = alerting.scrape(b)
 
         producer = Producer({"bootstrap.servers": b.bootstrap, "linger.ms": 20})
         for i in range(PRODUCED):
@@ -448,9 +474,7 @@ def test_high_consumer_lag_reaches_alertmanager_webhook(tmp_path: Path) -> None:
         deadline = time.monotonic() + 45
         delivered: list[dict[str, Any]] = []
         while not delivered and time.monotonic() < deadline:
-            delivered = [
-                a for a in webhook.alerts() if a["labels"]["alertname"] == "HighConsumerLag"
-            ]
+            delivered = alerting.delivered("HighConsumerLag")
             time.sleep(0.5)
         assert delivered, (
             "no HighConsumerLag at the webhook; Prometheus saw "

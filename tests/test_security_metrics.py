@@ -27,7 +27,7 @@ from telemetry import (
 )
 from tests.harness import BrokerProcess, BrokerThread, RawClient, wait_until
 from tests.security_certs import make_certs
-from tests.test_alerts import ALERTMANAGER, AlertmanagerServer, Webhook, fast_rules
+from tests.test_alerts import AlertPipeline, live_alert_test
 from tests.test_prometheus_server import PROMETHEUS, PrometheusServer
 from tests.test_security_auth import WRONG, add_user, plain_login
 
@@ -143,16 +143,10 @@ FLOOD_THREADS = 6
 # several clients, until the alert arrives (or the deadline passes).
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus comes with `make install`")
-@pytest.mark.skipif(ALERTMANAGER is None, reason="needs the prometheus-alertmanager package")
+@live_alert_test
 def test_high_authentication_failures_reaches_alertmanager_webhook(tmp_path: Path) -> None:
-    webhook = Webhook()
-    stack = contextlib.ExitStack()
-    stack.callback(webhook.stop)
-    with stack:
-        alertmanager = AlertmanagerServer(tmp_path / "am", webhook.url)
-        stack.callback(alertmanager.stop)
+    with contextlib.ExitStack() as stack:
+        alerting = AlertPipeline(stack, tmp_path)
         b = stack.enter_context(
             BrokerThread(
                 tmp_path / "data",
@@ -161,15 +155,7 @@ def test_high_authentication_failures_reaches_alertmanager_webhook(tmp_path: Pat
             )
         )
         add_user(b, "alice", "correct-horse-battery")
-        target = b.metrics_url.removeprefix("http://").removesuffix("/metrics")
-        prom = PrometheusServer(
-            tmp_path / "prom",
-            target,
-            rule_files=[fast_rules(tmp_path)],
-            alertmanagers=[alertmanager.address],
-            extra_args=["--rules.alert.resend-delay=1s"],
-        )
-        stack.callback(prom.stop)
+        prom = alerting.scrape(b)
 
         address = f"127.0.0.1:{b.broker.listener_port('SASL_PLAINTEXT')}"
         refused: list[int] = []
@@ -189,11 +175,7 @@ def test_high_authentication_failures_reaches_alertmanager_webhook(tmp_path: Pat
         delivered: list[dict[str, Any]] = []
         try:
             while not delivered and time.monotonic() < deadline:
-                delivered = [
-                    a
-                    for a in webhook.alerts()
-                    if a["labels"]["alertname"] == "HighAuthenticationFailures"
-                ]
+                delivered = alerting.delivered("HighAuthenticationFailures")
                 time.sleep(0.5)
         finally:
             flooding.clear()
